@@ -1,0 +1,36 @@
+# The README's commands. `make demo` installs what is needed, builds, and runs the main job
+# on a single machine; `make test` installs, builds (release and sanitizer trees) and runs
+# every test.
+JOBS ?= $(shell nproc)
+BUILD ?= build/release
+ASAN_BUILD ?= build/asan
+
+.PHONY: all deps build build-asan demo test test-release test-asan clean
+
+all: build
+
+deps:
+	@scripts/install-deps
+
+build: deps
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS)
+
+# clang, so that the libFuzzer targets can be built beside the ASan/UBSan build.
+build-asan: deps
+	@CC=clang cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DCKPT_SANITIZE=ON -DCKPT_FUZZ=ON -DCKPT_CUDA=OFF >/dev/null
+	@cmake --build $(ASAN_BUILD) -j $(JOBS)
+
+demo: build
+	@scripts/demo $(BUILD)
+
+test: test-release test-asan
+
+test-release: build
+	@cd $(BUILD) && ctest --output-on-failure -j 2
+
+test-asan: build-asan
+	@cd $(ASAN_BUILD) && ctest --output-on-failure -j 2 -E '^python$$'
+
+clean:
+	rm -rf build

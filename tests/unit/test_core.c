@@ -1,0 +1,95 @@
+/* Core: status texts, last-error detail, dtypes, shapes, metas, checksums, alloc hook. */
+#include "core/internal.h"
+#include "core/testing.h"
+#include "test.h"
+
+static void test_status_texts(void)
+{
+    CHECK_STR(ckpt_strerror(CKPT_OK), "success");
+    CHECK_STR(ckpt_strerror(CKPT_EINVAL), "invalid argument");
+    CHECK_STR(ckpt_status_name(CKPT_ETIMEDOUT), "CKPT_ETIMEDOUT");
+    CHECK_STR(ckpt_strerror(-9999), "unknown status");
+}
+
+static void test_last_error(void)
+{
+    CHECK_RC(ckpt__error(CKPT_EIO, "file %s offset %d", "a.st", 42), CKPT_EIO);
+    CHECK_STR(ckpt_last_error(), "file a.st offset 42");
+    CHECK_RC(ckpt__error_prefix(CKPT_EIO, "registering 'x': "), CKPT_EIO);
+    CHECK_STR(ckpt_last_error(), "registering 'x': file a.st offset 42");
+}
+
+static void test_dtypes(void)
+{
+    static const struct { const char *name; size_t size; } want[] = {
+        {"BOOL", 1}, {"U8", 1}, {"I8", 1}, {"U16", 2}, {"I16", 2}, {"F16", 2}, {"BF16", 2},
+        {"U32", 4}, {"I32", 4}, {"F32", 4}, {"U64", 8}, {"I64", 8}, {"F64", 8},
+        {"F8_E4M3", 1}, {"F8_E5M2", 1}, {"F8_E8M0", 1}, {"C64", 8},
+    };
+    for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+        int dt = ckpt_dtype_from_name(want[i].name);
+        CHECK(dt != CKPT_DTYPE_INVALID);
+        CHECK(ckpt_dtype_size(dt) == want[i].size);
+        CHECK_STR(ckpt_dtype_name(dt), want[i].name);
+    }
+    CHECK(ckpt_dtype_from_name("F128") == CKPT_DTYPE_INVALID);
+    CHECK(ckpt_dtype_from_name("bf16") == CKPT_DTYPE_INVALID); /* names are case-sensitive */
+    CHECK(ckpt_dtype_size(0) == 0);
+}
+
+static void test_shapes_and_metas(void)
+{
+    uint64_t n = 0;
+    int64_t s[] = {3, 4, 5};
+    CHECK_OK(ckpt_shape_numel(s, 3, &n));
+    CHECK(n == 60);
+    CHECK_OK(ckpt_shape_numel(NULL, 0, &n));
+    CHECK(n == 1); /* a scalar */
+    int64_t big[] = {1ll << 40, 1ll << 40};
+    CHECK_RC(ckpt_shape_numel(big, 2, &n), CKPT_ETOOBIG);
+    int64_t neg[] = {2, -1};
+    CHECK_RC(ckpt_shape_numel(neg, 2, &n), CKPT_EINVAL);
+
+    ckpt_tensor_meta_t m;
+    CHECK_OK(ckpt_tensor_meta_init(&m, "w", CKPT_DTYPE_BF16, s, 3));
+    CHECK(m.nbytes == 120);
+    CHECK(ckpt_aligned_size(m.nbytes) == 256);
+    CHECK(ckpt_aligned_size(0) == 0);
+    CHECK(ckpt_aligned_size(256) == 256);
+    int64_t ovf[] = {1ll << 62};
+    CHECK_RC(ckpt_tensor_meta_init(&m, "huge", CKPT_DTYPE_F64, ovf, 1), CKPT_ETOOBIG);
+    CHECK_ERR_HAS("huge");
+    char longname[CKPT_NAME_MAX + 10];
+    memset(longname, 'a', sizeof(longname) - 1);
+    longname[sizeof(longname) - 1] = '\0';
+    CHECK_RC(ckpt_tensor_meta_init(&m, longname, CKPT_DTYPE_U8, s, 1), CKPT_ETOOBIG);
+}
+
+static void test_checksum(void)
+{
+    const char a[] = "hello", b[] = "hellp";
+    CHECK(ckpt_checksum(a, 5) == ckpt_checksum(a, 5));
+    CHECK(ckpt_checksum(a, 5) != ckpt_checksum(b, 5));
+}
+
+static void test_alloc_hook(void)
+{
+    ckpt_testing_fail_alloc_after(1);
+    void *p = ckpt__malloc(10);
+    void *q = ckpt__malloc(10);
+    ckpt_testing_fail_alloc_after(-1);
+    CHECK(p != NULL);
+    CHECK(q == NULL);
+    ckpt__free(p);
+}
+
+int main(void)
+{
+    RUN_TEST(test_status_texts);
+    RUN_TEST(test_last_error);
+    RUN_TEST(test_dtypes);
+    RUN_TEST(test_shapes_and_metas);
+    RUN_TEST(test_checksum);
+    RUN_TEST(test_alloc_hook);
+    TEST_EXIT();
+}

@@ -1,0 +1,9 @@
+/* Placeholder until the subcommand lands. */
+#include <stdio.h>
+#include "commands.h"
+int cmd_gen(int argc, char **argv)
+{
+    (void)argc; (void)argv;
+    fprintf(stderr, "ckpt-engine gen: not built yet\n");
+    return 1;
+}
