@@ -1,0 +1,107 @@
+/*
+ * Receiver API: what an inference worker (vLLM / SGLang worker, ckpt-worker) needs to take
+ * a weight update from its local engine rank. Plain C types, opaque handle, arrays of plain
+ * structs: callable from Python through ctypes. Protocol details: docs/PROTOCOL.md.
+ *
+ *     ckpt_receiver_connect(path, timeout_ms, &r);
+ *     for (;;) {
+ *         ckpt_receiver_wait_update(r, -1, &info);            // BEGIN: buffers mapped
+ *         for (;;) {
+ *             ckpt_receiver_next(r, t, &ev, &bucket, &views, &n);
+ *             if (ev == CKPT_RECV_BUCKET) {                   // views[i].data: zero copy
+ *                 ... copy what you need (ckpt_receiver_verify if info.verify) ...
+ *                 ckpt_receiver_ack(r);                        // or ckpt_receiver_fail(r, "why")
+ *             } else if (ev == CKPT_RECV_FINISH) {            // every rank succeeded
+ *                 ... post-processing ...
+ *                 ckpt_receiver_finish_reply(r, 1, NULL);      // the update is now complete
+ *                 break;
+ *             } else break;                                    // CKPT_RECV_ABORT: incomplete
+ *         }
+ *     }
+ *
+ * Any call may return CKPT_EPEER (the engine went away; the update in progress, if any, is
+ * incomplete; close and reconnect) or CKPT_ETIMEDOUT (nothing arrived in time; the state is
+ * unchanged and the call may be repeated). The handle is not thread-safe.
+ */
+#ifndef CKPT_RECEIVER_H
+#define CKPT_RECEIVER_H
+
+#include "ckpt/ckpt.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ckpt_receiver ckpt_receiver_t;
+
+/* Connects to the engine rank's socket, retrying until timeout_ms while it does not exist
+ * yet or refuses (the engine may start after the worker). */
+CKPT_API int ckpt_receiver_connect(const char *socket_path, int timeout_ms,
+                                   ckpt_receiver_t **out);
+/* Closes the connection and unmaps the buffers. NULL is a no-op. */
+CKPT_API void ckpt_receiver_close(ckpt_receiver_t *r);
+
+typedef struct {
+    uint64_t update_id;
+    uint64_t version;
+    char name[CKPT_NAME_MAX]; /* checkpoint name */
+    uint32_t nbuckets;
+    int32_t verify;           /* the engine asks the worker to verify checksums */
+} ckpt_update_info_t;
+
+/* Waits (timeout_ms < 0: forever) for the engine to begin an update, maps its buffers
+ * read-only and answers READY. A refusal by the engine (another worker holds the socket,
+ * wrong uid) is CKPT_EBUSY with the engine's text. */
+CKPT_API int ckpt_receiver_wait_update(ckpt_receiver_t *r, int timeout_ms,
+                                       ckpt_update_info_t *info_out);
+
+/* One tensor of a bucket. `data` points into the engine's shared buffer (zero copy), valid
+ * until ckpt_receiver_ack / ckpt_receiver_fail; meta.offset is its offset in that buffer. */
+typedef struct {
+    ckpt_tensor_meta_t meta;
+    const void *data;
+} ckpt_tensor_view_t;
+
+/* Events of ckpt_receiver_next. */
+#define CKPT_RECV_BUCKET 1 /* answer with ckpt_receiver_ack or ckpt_receiver_fail */
+#define CKPT_RECV_FINISH 2 /* run the post-hook, answer with ckpt_receiver_finish_reply */
+#define CKPT_RECV_ABORT 3  /* already answered; reason: ckpt_receiver_reason() */
+
+/* Next event of the update in progress. For CKPT_RECV_BUCKET: *bucket_out, *views_out and
+ * *count_out describe the bucket (the array is owned by the receiver, valid until the
+ * answer). For FINISH and ABORT they are set to 0 / NULL / 0. A malformed BUCKET (a tensor
+ * outside the buffer, bad dtype) is answered with an error by the receiver itself and
+ * returned as CKPT_EPROTO. */
+CKPT_API int ckpt_receiver_next(ckpt_receiver_t *r, int timeout_ms, int *event_out,
+                                uint32_t *bucket_out, const ckpt_tensor_view_t **views_out,
+                                size_t *count_out);
+/* XXH3-64 of view->data against view->meta.checksum: CKPT_ECHECKSUM naming the tensor when
+ * they differ (a checksum of 0 means "not computed" and passes). */
+CKPT_API int ckpt_receiver_verify(const ckpt_tensor_view_t *view);
+/* Answers the current bucket: OK. */
+CKPT_API int ckpt_receiver_ack(ckpt_receiver_t *r);
+/* Answers the current bucket with an error; `message` names the cause (the engine reports
+ * it). The engine then aborts the update. */
+CKPT_API int ckpt_receiver_fail(ckpt_receiver_t *r, const char *message);
+/* Same with the status the engine should see (e.g. CKPT_ECHECKSUM); fail() sends CKPT_EIO. */
+CKPT_API int ckpt_receiver_fail_status(ckpt_receiver_t *r, int status, const char *message);
+/* Answers FINISH after the post-hook: ok = 1 completes the update, ok = 0 reports
+ * `message` to the engine and leaves the update incomplete. */
+CKPT_API int ckpt_receiver_finish_reply(ckpt_receiver_t *r, int ok, const char *message);
+
+/* The last update this receiver saw (in progress, or the one before): *completed_out is 1
+ * only when FINISH was answered ok; 0 while it runs, after an ABORT, a failure or a lost
+ * engine. CKPT_ENOENT before the first update. */
+CKPT_API int ckpt_receiver_last_update(ckpt_receiver_t *r, ckpt_update_info_t *info_out,
+                                       int *completed_out);
+/* Why the last update is incomplete ("" when complete or still running); valid until the
+ * next call on r. */
+CKPT_API const char *ckpt_receiver_reason(ckpt_receiver_t *r);
+/* The connection's fd, for the worker's own poll loop (readable = a message is coming). */
+CKPT_API int ckpt_receiver_fd(ckpt_receiver_t *r);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CKPT_RECEIVER_H */

@@ -1,0 +1,392 @@
+/* Worker side of the engine <-> worker protocol (include/ckpt/receiver.h). The receiver
+ * maps the engine's IPC buffers once per update and hands out views into them, so a bucket
+ * costs one message read and no copy or allocation beyond what the worker does itself. */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ckpt/receiver.h"
+#include "ipc/conn.h"
+
+typedef enum {
+    R_IDLE,   /* connected, between updates */
+    R_UPDATE, /* READY sent, waiting for the next BUCKET / FINISH / ABORT */
+    R_BUCKET, /* a bucket was handed out and is not answered yet */
+    R_FINISH, /* FINISH handed out, waiting for finish_reply */
+    R_DEAD,   /* engine gone or protocol broken: close and reconnect */
+} rstate_t;
+
+struct ckpt_receiver {
+    ckpt__ipc_conn_t conn;
+    rstate_t state;
+    int reply_timeout_ms;  /* for our own small answers */
+    ckpt_update_info_t info;
+    int have_update;
+    int completed;
+    char reason[CKPT_IPC_MAX_TEXT + 64];
+    uint32_t bucket;
+    int nbuffers;
+    const uint8_t *base[CKPT_IPC_MAX_BUFFERS];
+    size_t size[CKPT_IPC_MAX_BUFFERS];
+    ckpt_tensor_view_t *views; /* sized at BEGIN from max_tensors, grown rarely */
+    size_t views_cap;
+};
+
+static void unmap_buffers(ckpt_receiver_t *r)
+{
+    for (int i = 0; i < r->nbuffers; i++)
+        if (r->base[i]) munmap((void *)r->base[i], r->size[i]);
+    memset(r->base, 0, sizeof(r->base));
+    r->nbuffers = 0;
+}
+
+/* The update in progress ends without completing. */
+static void end_incomplete(ckpt_receiver_t *r, const char *fmt, const char *detail)
+{
+    if (r->state == R_UPDATE || r->state == R_BUCKET || r->state == R_FINISH) {
+        snprintf(r->reason, sizeof(r->reason), fmt, detail);
+        r->completed = 0;
+        ckpt_warn("ipc: update %llu of '%s' incomplete: %s",
+                  (unsigned long long)r->info.update_id, r->info.name, r->reason);
+    }
+    unmap_buffers(r);
+}
+
+/* Classifies a transport failure: EPEER and protocol errors end the connection (and the
+ * update in it); a timeout changes nothing. */
+static int io_fail(ckpt_receiver_t *r, int rc)
+{
+    if (rc == CKPT_ETIMEDOUT) return rc;
+    end_incomplete(r, "connection to the engine lost: %s", ckpt_last_error());
+    r->state = R_DEAD;
+    return rc;
+}
+
+int ckpt_receiver_connect(const char *socket_path, int timeout_ms, ckpt_receiver_t **out)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    uint64_t deadline = ckpt__ipc_deadline(timeout_ms);
+    ckpt_receiver_t *r;
+    char peer[320];
+    int fd = -1, err;
+    if (socket_path == NULL || out == NULL)
+        return ckpt__error(CKPT_EINVAL, "receiver connect: NULL argument");
+    if (ckpt__strlcpy(addr.sun_path, socket_path, sizeof(addr.sun_path)) != CKPT_OK)
+        return ckpt__error(CKPT_EINVAL, "receiver: socket path '%s' too long", socket_path);
+    /* The engine may not be up yet: ENOENT / ECONNREFUSED are retried until the deadline. */
+    for (;;) {
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+            return ckpt__error(CKPT_EIO, "receiver: socket: %s", strerror(errno));
+        if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) == 0) break;
+        err = errno;
+        close(fd);
+        if (err != ENOENT && err != ECONNREFUSED && err != EAGAIN && err != EINTR)
+            return ckpt__error(err == EACCES ? CKPT_EPERM : CKPT_EIO,
+                               "receiver: connect to engine at %s: %s", socket_path,
+                               strerror(err));
+        if (ckpt__ipc_ms_left(deadline) == 0)
+            return ckpt__error(CKPT_ETIMEDOUT, "receiver: no engine at %s within %d ms (%s)",
+                               socket_path, timeout_ms, strerror(err));
+        struct timespec ts = {0, 20 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) != 0) {
+        err = errno;
+        close(fd);
+        return ckpt__error(CKPT_EIO, "receiver: %s: O_NONBLOCK: %s", socket_path, strerror(err));
+    }
+    r = ckpt__calloc(1, sizeof(*r));
+    if (r == NULL) {
+        close(fd);
+        return ckpt__error(CKPT_ENOMEM, "receiver for %s", socket_path);
+    }
+    snprintf(peer, sizeof(peer), "engine at %s", socket_path);
+    ckpt__ipc_conn_init(&r->conn, fd, peer);
+    r->state = R_IDLE;
+    r->reply_timeout_ms = 10000;
+    *out = r;
+    return CKPT_OK;
+}
+
+void ckpt_receiver_close(ckpt_receiver_t *r)
+{
+    if (r == NULL) return;
+    unmap_buffers(r);
+    ckpt__ipc_conn_destroy(&r->conn);
+    ckpt__free(r->views);
+    ckpt__free(r);
+}
+
+int ckpt_receiver_fd(ckpt_receiver_t *r) { return r ? r->conn.fd : -1; }
+
+static int send_reply(ckpt_receiver_t *r, uint32_t type, int32_t status, const char *text)
+{
+    int rc = ckpt__ipc_conn_send_text(&r->conn, type, status, text, r->reply_timeout_ms);
+    return rc ? io_fail(r, rc == CKPT_ETIMEDOUT ? CKPT_EPEER : rc) : CKPT_OK;
+}
+
+/* REFUSE: the engine will close; report its reason as the status it chose. */
+static int refused(ckpt_receiver_t *r)
+{
+    int32_t status;
+    char text[CKPT_IPC_MAX_TEXT + 1];
+    int rc = ckpt__ipc_text_decode(r->conn.rx_buf, r->conn.rx_hdr.length, &status, text,
+                                   sizeof(text));
+    r->state = R_DEAD;
+    if (rc) return rc;
+    if (status >= 0 || status < CKPT_ECANCELED) status = CKPT_EBUSY;
+    return ckpt__error(status, "%s refused this worker: %s", r->conn.peer, text);
+}
+
+static int bad_message(ckpt_receiver_t *r, uint32_t type, const char *when)
+{
+    return io_fail(r, ckpt__error(CKPT_EPROTO, "%s: unexpected %s %s", r->conn.peer,
+                                  ckpt__ipc_msg_name(type), when));
+}
+
+static int grow_views(ckpt_receiver_t *r, size_t n)
+{
+    if (n <= r->views_cap) return CKPT_OK;
+    size_t cap = r->views_cap ? r->views_cap : 64;
+    while (cap < n) cap *= 2;
+    ckpt_tensor_view_t *v = ckpt__realloc(r->views, cap * sizeof(*v));
+    if (v == NULL) return ckpt__error(CKPT_ENOMEM, "receiver: %zu tensor views", cap);
+    r->views = v;
+    r->views_cap = cap;
+    return CKPT_OK;
+}
+
+/* Maps the fds of BEGIN read-only; they are closed either way (the mapping keeps the memory). */
+static int map_buffers(ckpt_receiver_t *r, const ckpt__ipc_begin_msg_t *m)
+{
+    ckpt__ipc_conn_t *c = &r->conn;
+    int rc = CKPT_OK;
+    if ((uint32_t)c->rx_nfds != m->nbuffers) {
+        rc = ckpt__error(CKPT_EPROTO, "BEGIN of update %llu: %u buffers announced, %d fds came",
+                         (unsigned long long)m->update_id, m->nbuffers, c->rx_nfds);
+        goto out;
+    }
+    for (uint32_t i = 0; i < m->nbuffers; i++) {
+        struct stat st;
+        if (fstat(c->rx_fds[i], &st) != 0 || (uint64_t)st.st_size < m->buffer_sizes[i]) {
+            rc = ckpt__error(CKPT_EPROTO, "BEGIN: buffer %u is smaller than its %llu bytes", i,
+                             (unsigned long long)m->buffer_sizes[i]);
+            goto out;
+        }
+        void *p = mmap(NULL, (size_t)m->buffer_sizes[i], PROT_READ, MAP_SHARED, c->rx_fds[i], 0);
+        if (p == MAP_FAILED) {
+            rc = ckpt__error(CKPT_EIO, "BEGIN: mapping buffer %u (%llu bytes): %s", i,
+                             (unsigned long long)m->buffer_sizes[i], strerror(errno));
+            goto out;
+        }
+        r->base[i] = p;
+        r->size[i] = (size_t)m->buffer_sizes[i];
+        r->nbuffers = (int)i + 1;
+    }
+out:
+    ckpt__ipc_conn_drop_fds(c);
+    if (rc) unmap_buffers(r);
+    return rc;
+}
+
+int ckpt_receiver_wait_update(ckpt_receiver_t *r, int timeout_ms, ckpt_update_info_t *info_out)
+{
+    ckpt__ipc_hdr_t hdr;
+    ckpt__ipc_begin_msg_t m;
+    int rc;
+    if (r == NULL || info_out == NULL)
+        return ckpt__error(CKPT_EINVAL, "receiver wait_update: NULL argument");
+    if (r->state == R_DEAD)
+        return ckpt__error(CKPT_EPEER, "%s: connection closed; reconnect", r->conn.peer);
+    if (r->state != R_IDLE)
+        return ckpt__error(CKPT_ESTATE, "%s: update %llu still in progress", r->conn.peer,
+                           (unsigned long long)r->info.update_id);
+    rc = ckpt__ipc_conn_recv(&r->conn, timeout_ms, NULL, &hdr);
+    if (rc) return io_fail(r, rc);
+    if (hdr.type == CKPT_IPC_MSG_REFUSE) return refused(r);
+    if (hdr.type != CKPT_IPC_MSG_BEGIN) return bad_message(r, hdr.type, "between updates");
+    rc = ckpt__ipc_begin_decode(r->conn.rx_buf, hdr.length, &m);
+    if (rc) {
+        ckpt__ipc_conn_drop_fds(&r->conn);
+        return io_fail(r, ckpt__error_prefix(rc, "%s: ", r->conn.peer));
+    }
+    rc = map_buffers(r, &m);
+    if (rc == CKPT_OK) rc = grow_views(r, m.max_tensors);
+    if (rc) { /* tell the engine why, then report it here too */
+        int src = send_reply(r, CKPT_IPC_MSG_ERR, rc, ckpt_last_error());
+        return src ? src : rc;
+    }
+    memset(&r->info, 0, sizeof(r->info));
+    r->info.update_id = m.update_id;
+    r->info.version = m.version;
+    memcpy(r->info.name, m.name, sizeof(m.name));
+    r->info.nbuckets = m.nbuckets;
+    r->info.verify = (m.flags & CKPT_IPC_BEGIN_VERIFY) != 0;
+    r->have_update = 1;
+    r->completed = 0;
+    r->reason[0] = '\0';
+    r->state = R_UPDATE;
+    rc = send_reply(r, CKPT_IPC_MSG_READY, 0, NULL);
+    if (rc) return rc;
+    ckpt_debug("ipc: update %llu of '%s' version %llu: %u buckets, %d buffers",
+               (unsigned long long)m.update_id, m.name, (unsigned long long)m.version,
+               m.nbuckets, r->nbuffers);
+    *info_out = r->info;
+    return CKPT_OK;
+}
+
+/* Decodes a BUCKET into r->views. A bad record is answered with ERR right here (the
+ * engine aborts) and reported as CKPT_EPROTO; the stream itself stays in step. */
+static int take_bucket(ckpt_receiver_t *r, size_t len)
+{
+    ckpt__ipc_bucket_hdr_t h;
+    ckpt__ipc_reader_t rd;
+    int rc = ckpt__ipc_bucket_decode_hdr(r->conn.rx_buf, len, &h, &rd);
+    if (rc == CKPT_OK && (int)h.buffer >= r->nbuffers)
+        rc = ckpt__error(CKPT_EPROTO, "BUCKET %u: buffer %u of %d", h.bucket, h.buffer,
+                         r->nbuffers);
+    if (rc == CKPT_OK) rc = grow_views(r, h.count);
+    for (uint32_t i = 0; rc == CKPT_OK && i < h.count; i++) {
+        ckpt_tensor_view_t *v = &r->views[i];
+        rc = ckpt__ipc_tensor_decode(&rd, r->size[h.buffer], &v->meta);
+        if (rc == CKPT_OK) v->data = r->base[h.buffer] + v->meta.offset;
+    }
+    if (rc == CKPT_OK) rc = ckpt__ipc_reader_done(&rd, "BUCKET");
+    if (rc) {
+        char text[CKPT_IPC_MAX_TEXT];
+        snprintf(text, sizeof(text), "%s", ckpt_last_error());
+        int src = send_reply(r, CKPT_IPC_MSG_ERR, rc, text);
+        return src ? src : ckpt__error(rc, "%s: %s", r->conn.peer, text);
+    }
+    r->bucket = h.bucket;
+    r->state = R_BUCKET;
+    return (int)h.count; /* >= 0 */
+}
+
+int ckpt_receiver_next(ckpt_receiver_t *r, int timeout_ms, int *event_out, uint32_t *bucket_out,
+                       const ckpt_tensor_view_t **views_out, size_t *count_out)
+{
+    ckpt__ipc_hdr_t hdr;
+    int rc;
+    if (r == NULL || event_out == NULL || bucket_out == NULL || views_out == NULL ||
+        count_out == NULL)
+        return ckpt__error(CKPT_EINVAL, "receiver next: NULL argument");
+    if (r->state == R_DEAD)
+        return ckpt__error(CKPT_EPEER, "%s: connection closed; reconnect", r->conn.peer);
+    if (r->state == R_BUCKET)
+        return ckpt__error(CKPT_ESTATE, "bucket %u: ack or fail it first", r->bucket);
+    if (r->state != R_UPDATE)
+        return ckpt__error(CKPT_ESTATE, "%s: no update in progress", r->conn.peer);
+    rc = ckpt__ipc_conn_recv(&r->conn, timeout_ms, NULL, &hdr);
+    if (rc) return io_fail(r, rc);
+    switch (hdr.type) {
+    case CKPT_IPC_MSG_BUCKET:
+        rc = take_bucket(r, hdr.length);
+        if (rc < 0) return rc;
+        *event_out = CKPT_RECV_BUCKET;
+        *bucket_out = r->bucket;
+        *views_out = r->views;
+        *count_out = (size_t)rc;
+        return CKPT_OK;
+    case CKPT_IPC_MSG_FINISH:
+        r->state = R_FINISH;
+        *event_out = CKPT_RECV_FINISH;
+        break;
+    case CKPT_IPC_MSG_ABORT: {
+        int32_t status;
+        char text[CKPT_IPC_MAX_TEXT + 1];
+        rc = ckpt__ipc_text_decode(r->conn.rx_buf, hdr.length, &status, text, sizeof(text));
+        if (rc) return io_fail(r, rc);
+        end_incomplete(r, "aborted by the engine: %s", text);
+        r->state = R_IDLE;
+        rc = send_reply(r, CKPT_IPC_MSG_OK, 0, NULL);
+        if (rc) return rc;
+        *event_out = CKPT_RECV_ABORT;
+        break;
+    }
+    case CKPT_IPC_MSG_REFUSE:
+        end_incomplete(r, "%s", "refused by the engine");
+        return refused(r);
+    default:
+        return bad_message(r, hdr.type, "during an update");
+    }
+    *bucket_out = 0;
+    *views_out = NULL;
+    *count_out = 0;
+    return CKPT_OK;
+}
+
+int ckpt_receiver_verify(const ckpt_tensor_view_t *view)
+{
+    if (view == NULL) return ckpt__error(CKPT_EINVAL, "receiver verify: NULL view");
+    if (view->meta.checksum == 0) return CKPT_OK;
+    uint64_t got = ckpt_checksum(view->data, (size_t)view->meta.nbytes);
+    if (got != view->meta.checksum)
+        return ckpt__error(CKPT_ECHECKSUM,
+                           "tensor '%s': checksum %016llx, expected %016llx (%llu bytes)",
+                           view->meta.name, (unsigned long long)got,
+                           (unsigned long long)view->meta.checksum,
+                           (unsigned long long)view->meta.nbytes);
+    return CKPT_OK;
+}
+
+static int answer_bucket(ckpt_receiver_t *r, uint32_t type, int status, const char *message)
+{
+    if (r == NULL) return ckpt__error(CKPT_EINVAL, "receiver: NULL handle");
+    if (r->state != R_BUCKET)
+        return ckpt__error(CKPT_ESTATE, "%s: no bucket to answer", r->conn.peer);
+    r->state = R_UPDATE;
+    return send_reply(r, type, status, message);
+}
+
+int ckpt_receiver_ack(ckpt_receiver_t *r) { return answer_bucket(r, CKPT_IPC_MSG_OK, 0, NULL); }
+
+int ckpt_receiver_fail_status(ckpt_receiver_t *r, int status, const char *message)
+{
+    if (status >= 0) status = CKPT_EIO;
+    return answer_bucket(r, CKPT_IPC_MSG_ERR, status, message ? message : "worker failed");
+}
+
+int ckpt_receiver_fail(ckpt_receiver_t *r, const char *message)
+{
+    return ckpt_receiver_fail_status(r, CKPT_EIO, message);
+}
+
+int ckpt_receiver_finish_reply(ckpt_receiver_t *r, int ok, const char *message)
+{
+    if (r == NULL) return ckpt__error(CKPT_EINVAL, "receiver: NULL handle");
+    if (r->state != R_FINISH)
+        return ckpt__error(CKPT_ESTATE, "%s: no FINISH to answer", r->conn.peer);
+    if (ok) {
+        r->completed = 1;
+        r->reason[0] = '\0';
+        unmap_buffers(r);
+    } else {
+        end_incomplete(r, "post-hook failed: %s", message ? message : "");
+    }
+    r->state = R_IDLE;
+    return send_reply(r, ok ? CKPT_IPC_MSG_OK : CKPT_IPC_MSG_ERR, ok ? 0 : CKPT_EIO,
+                      message ? message : "post-hook failed");
+}
+
+int ckpt_receiver_last_update(ckpt_receiver_t *r, ckpt_update_info_t *info_out,
+                              int *completed_out)
+{
+    if (r == NULL || info_out == NULL || completed_out == NULL)
+        return ckpt__error(CKPT_EINVAL, "receiver last_update: NULL argument");
+    if (!r->have_update) return ckpt__error(CKPT_ENOENT, "%s: no update yet", r->conn.peer);
+    *info_out = r->info;
+    *completed_out = r->completed;
+    return CKPT_OK;
+}
+
+const char *ckpt_receiver_reason(ckpt_receiver_t *r) { return r ? r->reason : ""; }

@@ -1,0 +1,94 @@
+/*
+ * Engine side of the engine <-> worker protocol (docs/PROTOCOL.md). One engine rank serves
+ * one inference worker over a Unix socket. Internal to the engine: not exported by
+ * libckpt.so; engine code links the static archive.
+ *
+ * An update, as the engine drives it:
+ *     ckpt_ipc_server_wait_worker(srv, t)          a worker is connected (accepts one if not)
+ *     ckpt_ipc_begin(srv, &begin, t)               BEGIN + buffer fds, waits READY
+ *     for each bucket b:
+ *         (fill buffer b % nbuffers)
+ *         ckpt_ipc_send_bucket(srv, b, b % 2, metas, n)   returns once sent
+ *         (fill the other buffer with b + 1 while the worker reloads b)
+ *         ckpt_ipc_wait_ack(srv, t)                0, or the worker's error / EPEER / ETIMEDOUT
+ *     ckpt_ipc_finish(srv, commit, reason, t)      FINISH (all ranks succeeded) or ABORT
+ *
+ * At most one bucket is outstanding. Errors: CKPT_EPEER (worker gone; the connection is
+ * dropped), CKPT_ETIMEDOUT (see wait_ack), CKPT_EPROTO (garbage from the worker; dropped),
+ * or the worker's own status with its text in ckpt_last_error(). After any failure the
+ * engine calls ckpt_ipc_finish(srv, 0, reason, t) (or ckpt_ipc_server_drop_worker); either
+ * leaves the server ready for the next update: ckpt_ipc_server_wait_worker accepts the
+ * reconnecting worker.
+ */
+#ifndef CKPT_IPC_SENDER_H
+#define CKPT_IPC_SENDER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ckpt/ckpt.h"
+
+#pragma GCC visibility push(hidden)
+
+typedef struct ckpt_ipc_server ckpt_ipc_server_t;
+
+/* Creates the socket at `socket_path` (mode 0600; a stale socket file is replaced, any
+ * other existing file is CKPT_EEXIST) and listens. Connections from another uid are
+ * refused (SO_PEERCRED) with an error log naming the uid. */
+int ckpt_ipc_server_open(const char *socket_path, ckpt_ipc_server_t **out);
+/* Closes the worker connection and the socket, and unlinks the path. NULL is a no-op. */
+void ckpt_ipc_server_close(ckpt_ipc_server_t *srv);
+/* 0 when a live worker is connected: accepts one (waiting up to timeout_ms, < 0 = forever)
+ * if none is. A connection found dead (EOF) or left in the middle of an update is dropped
+ * first. CKPT_ETIMEDOUT when no worker came. */
+int ckpt_ipc_server_wait_worker(ckpt_ipc_server_t *srv, int timeout_ms);
+/* 1 when a worker connection is open (not probed for liveness), else 0. */
+int ckpt_ipc_server_has_worker(ckpt_ipc_server_t *srv);
+/* pid of the connected worker (SO_PEERCRED), -1 when none. */
+int ckpt_ipc_server_worker_pid(ckpt_ipc_server_t *srv);
+/* The fd to poll for the engine's own loop: the worker connection when one is open (readable
+ * = a reply or EOF is waiting), else the listening socket (readable = a worker is
+ * connecting). Changes after wait_worker, finish and drops. */
+int ckpt_ipc_server_fd(ckpt_ipc_server_t *srv);
+/* Closes the worker connection (the worker sees EOF and marks its update incomplete). */
+void ckpt_ipc_server_drop_worker(ckpt_ipc_server_t *srv, const char *reason);
+/* How long ckpt_ipc_send_bucket may block when the worker stops reading its socket
+ * (default 10000 ms). A BUCKET message is sent whole or the connection is dropped. */
+void ckpt_ipc_server_set_send_timeout(ckpt_ipc_server_t *srv, int timeout_ms);
+
+typedef struct {
+    uint64_t update_id;
+    uint64_t version;
+    const char *name;       /* checkpoint name, < CKPT_NAME_MAX bytes */
+    uint32_t nbuckets;
+    int verify;             /* ask the worker to verify checksums */
+    int nbuffers;           /* 1 or 2 */
+    int buffer_fds[2];      /* memfd or /dev/shm fds; the caller keeps them open */
+    uint64_t buffer_sizes[2];
+    uint32_t max_tensors;   /* optional: most tensors in one bucket (0 = unknown); lets
+                               both sides size their per-bucket arrays once */
+} ckpt_ipc_begin_t;
+
+/* Sends BEGIN with the buffer fds (SCM_RIGHTS) and waits for READY. Needs a connected
+ * worker with no update in progress (CKPT_ESTATE otherwise). A worker ERR reply returns
+ * its status with the text in ckpt_last_error() and keeps the connection. */
+int ckpt_ipc_begin(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int timeout_ms);
+/* Sends BUCKET `bucket` for buffer `buffer`: tensors[i].offset is the offset in that
+ * buffer. Returns as soon as the message is in the socket; the worker's answer is collected
+ * by ckpt_ipc_wait_ack. CKPT_ESTATE if an ack is still outstanding. */
+int ckpt_ipc_send_bucket(ckpt_ipc_server_t *srv, uint32_t bucket, int buffer,
+                         const ckpt_tensor_meta_t *tensors, size_t count);
+/* Waits for the answer to the last bucket: 0 = OK; the worker's status (e.g.
+ * CKPT_ECHECKSUM) with "worker ...: bucket 3: <its text>" in ckpt_last_error(); CKPT_EPEER
+ * (dropped); CKPT_ETIMEDOUT when no answer came within timeout_ms: the ack stays
+ * outstanding (call again to keep waiting, or give up with finish/drop). */
+int ckpt_ipc_wait_ack(ckpt_ipc_server_t *srv, int timeout_ms);
+/* Ends the update. commit = 1: FINISH (every rank succeeded; needs every ack collected,
+ * CKPT_ESTATE otherwise), waits for the worker's post-hook answer. commit = 0: ABORT with
+ * `reason`; an outstanding ack is collected (and ignored) first. Whatever happens the
+ * update is over afterwards; a worker that timed out or failed the protocol is dropped. */
+int ckpt_ipc_finish(ckpt_ipc_server_t *srv, int commit, const char *reason, int timeout_ms);
+
+#pragma GCC visibility pop
+
+#endif /* CKPT_IPC_SENDER_H */

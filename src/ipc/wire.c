@@ -1,0 +1,323 @@
+/* Codecs of the engine <-> worker protocol. Decoders treat the payload as hostile: every
+ * read is bounds-checked, every count is checked against the bytes that could hold it, and
+ * every failure says which field of which message was wrong. */
+#include <string.h>
+
+#include "ipc/wire.h"
+
+/* ---- little-endian primitives ---- */
+
+static void put_u16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
+static void put_u32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void put_u64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint16_t get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+static uint32_t get_u32(const uint8_t *p)
+{
+    uint32_t v = 0;
+    for (int i = 3; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+static uint64_t get_u64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+/* Reader helpers return 0 when the field is present, -1 when the payload is too short. */
+static int rd_take(ckpt__ipc_reader_t *rd, size_t n, const uint8_t **out)
+{
+    if (rd->len - rd->pos < n) return -1;
+    *out = rd->p + rd->pos;
+    rd->pos += n;
+    return 0;
+}
+
+static int rd_u16(ckpt__ipc_reader_t *rd, uint16_t *v)
+{
+    const uint8_t *p;
+    if (rd_take(rd, 2, &p)) return -1;
+    *v = get_u16(p);
+    return 0;
+}
+
+static int rd_u32(ckpt__ipc_reader_t *rd, uint32_t *v)
+{
+    const uint8_t *p;
+    if (rd_take(rd, 4, &p)) return -1;
+    *v = get_u32(p);
+    return 0;
+}
+
+static int rd_u64(ckpt__ipc_reader_t *rd, uint64_t *v)
+{
+    const uint8_t *p;
+    if (rd_take(rd, 8, &p)) return -1;
+    *v = get_u64(p);
+    return 0;
+}
+
+/* A name on the wire: u16 length (1 .. CKPT_NAME_MAX-1) then the bytes, no NUL inside. */
+static int rd_name(ckpt__ipc_reader_t *rd, char *out, const char *what)
+{
+    uint16_t n;
+    const uint8_t *p;
+    if (rd_u16(rd, &n) || rd_take(rd, n, &p))
+        return ckpt__error(CKPT_EPROTO, "%s: truncated name", what);
+    if (n == 0 || n >= CKPT_NAME_MAX)
+        return ckpt__error(CKPT_EPROTO, "%s: name length %u outside 1..%d", what, n,
+                           CKPT_NAME_MAX - 1);
+    if (memchr(p, '\0', n) != NULL)
+        return ckpt__error(CKPT_EPROTO, "%s: name contains a NUL byte", what);
+    memcpy(out, p, n);
+    out[n] = '\0';
+    return CKPT_OK;
+}
+
+static size_t put_name(uint8_t *p, const char *name)
+{
+    size_t n = strlen(name);
+    put_u16(p, (uint16_t)n);
+    memcpy(p + 2, name, n);
+    return 2 + n;
+}
+
+/* ---- header ---- */
+
+const char *ckpt__ipc_msg_name(uint32_t type)
+{
+    static const char *names[] = {"?", "BEGIN", "READY", "BUCKET", "OK",
+                                  "ERR", "FINISH", "ABORT", "REFUSE"};
+    return type < CKPT_ARRAY_SIZE(names) ? names[type] : "?";
+}
+
+void ckpt__ipc_hdr_encode(uint8_t *out, uint32_t type, uint32_t length)
+{
+    put_u32(out, CKPT_IPC_MAGIC);
+    put_u16(out + 4, (uint16_t)CKPT_IPC_VERSION);
+    put_u16(out + 6, (uint16_t)type);
+    put_u32(out + 8, length);
+}
+
+int ckpt__ipc_hdr_decode(const uint8_t *in, const char *peer, ckpt__ipc_hdr_t *out)
+{
+    uint32_t magic = get_u32(in), length = get_u32(in + 8);
+    uint16_t version = get_u16(in + 4), type = get_u16(in + 6);
+    if (magic != CKPT_IPC_MAGIC)
+        return ckpt__error(CKPT_EPROTO,
+                           "%s: bad magic 0x%08x (not a ckpt-engine protocol peer?)", peer,
+                           magic);
+    if (version != CKPT_IPC_VERSION)
+        return ckpt__error(CKPT_EPROTO, "%s: protocol version %u, this side speaks %u", peer,
+                           version, CKPT_IPC_VERSION);
+    if (type < CKPT_IPC_MSG_BEGIN || type > CKPT_IPC_MSG_REFUSE)
+        return ckpt__error(CKPT_EPROTO, "%s: unknown message type %u", peer, type);
+    if (length > CKPT_IPC_MAX_PAYLOAD)
+        return ckpt__error(CKPT_ETOOBIG, "%s: %s payload of %u bytes exceeds the %u limit",
+                           peer, ckpt__ipc_msg_name(type), length, CKPT_IPC_MAX_PAYLOAD);
+    out->type = type;
+    out->length = length;
+    return CKPT_OK;
+}
+
+/* ---- BEGIN: u64 update_id, u64 version, u32 nbuckets, u32 flags, u32 nbuffers,
+ *             u32 max_tensors, u64 sizes[2], name ---- */
+
+size_t ckpt__ipc_begin_size(const ckpt__ipc_begin_msg_t *m)
+{
+    return 8 + 8 + 4 * 4 + 8 * CKPT_IPC_MAX_BUFFERS + 2 + strlen(m->name);
+}
+
+void ckpt__ipc_begin_encode(const ckpt__ipc_begin_msg_t *m, uint8_t *out)
+{
+    put_u64(out, m->update_id);
+    put_u64(out + 8, m->version);
+    put_u32(out + 16, m->nbuckets);
+    put_u32(out + 20, m->flags);
+    put_u32(out + 24, m->nbuffers);
+    put_u32(out + 28, m->max_tensors);
+    put_u64(out + 32, m->buffer_sizes[0]);
+    put_u64(out + 40, m->buffer_sizes[1]);
+    put_name(out + 48, m->name);
+}
+
+int ckpt__ipc_begin_decode(const uint8_t *p, size_t len, ckpt__ipc_begin_msg_t *out)
+{
+    ckpt__ipc_reader_t rd = {p, len, 0};
+    ckpt__ipc_begin_msg_t m;
+    memset(&m, 0, sizeof(m));
+    if (rd_u64(&rd, &m.update_id) || rd_u64(&rd, &m.version) || rd_u32(&rd, &m.nbuckets) ||
+        rd_u32(&rd, &m.flags) || rd_u32(&rd, &m.nbuffers) || rd_u32(&rd, &m.max_tensors) ||
+        rd_u64(&rd, &m.buffer_sizes[0]) || rd_u64(&rd, &m.buffer_sizes[1]))
+        return ckpt__error(CKPT_EPROTO, "BEGIN: truncated payload (%zu bytes)", len);
+    int rc = rd_name(&rd, m.name, "BEGIN");
+    if (rc) return rc;
+    if (m.nbuffers < 1 || m.nbuffers > CKPT_IPC_MAX_BUFFERS)
+        return ckpt__error(CKPT_EPROTO, "BEGIN: %u buffers, want 1 or 2", m.nbuffers);
+    for (uint32_t i = 0; i < m.nbuffers; i++)
+        if (m.buffer_sizes[i] == 0 || m.buffer_sizes[i] > (uint64_t)SIZE_MAX / 2)
+            return ckpt__error(CKPT_EPROTO, "BEGIN: buffer %u has size %llu", i,
+                               (unsigned long long)m.buffer_sizes[i]);
+    rc = ckpt__ipc_reader_done(&rd, "BEGIN");
+    if (rc) return rc;
+    *out = m;
+    return CKPT_OK;
+}
+
+/* ---- BUCKET: u32 bucket, u32 buffer, u32 count, then count records of
+ *      name, i32 dtype, u32 ndim, i64 shape[ndim], u64 offset, u64 nbytes, u64 checksum ---- */
+
+#define TENSOR_FIXED (4 + 4 + 8 + 8 + 8)
+#define TENSOR_MIN (2 + 1 + TENSOR_FIXED) /* shortest record: 1-byte name, 0 dims */
+
+size_t ckpt__ipc_tensor_size(const ckpt_tensor_meta_t *m)
+{
+    int ndim = m->ndim < 0 ? 0 : CKPT_MIN(m->ndim, CKPT_MAX_DIMS);
+    return 2 + strnlen(m->name, CKPT_NAME_MAX - 1) + TENSOR_FIXED + 8 * (size_t)ndim;
+}
+
+size_t ckpt__ipc_bucket_encode_hdr(const ckpt__ipc_bucket_hdr_t *h, uint8_t *out)
+{
+    put_u32(out, h->bucket);
+    put_u32(out + 4, h->buffer);
+    put_u32(out + 8, h->count);
+    return 12;
+}
+
+size_t ckpt__ipc_tensor_encode(const ckpt_tensor_meta_t *m, uint8_t *out)
+{
+    int ndim = m->ndim < 0 ? 0 : CKPT_MIN(m->ndim, CKPT_MAX_DIMS);
+    size_t n = strnlen(m->name, CKPT_NAME_MAX - 1);
+    uint8_t *p = out;
+    put_u16(p, (uint16_t)n);
+    memcpy(p + 2, m->name, n);
+    p += 2 + n;
+    put_u32(p, (uint32_t)m->dtype);
+    put_u32(p + 4, (uint32_t)ndim);
+    p += 8;
+    for (int d = 0; d < ndim; d++, p += 8) put_u64(p, (uint64_t)m->shape[d]);
+    put_u64(p, m->offset);
+    put_u64(p + 8, m->nbytes);
+    put_u64(p + 16, m->checksum);
+    return (size_t)(p + 24 - out);
+}
+
+int ckpt__ipc_bucket_decode_hdr(const uint8_t *p, size_t len, ckpt__ipc_bucket_hdr_t *out,
+                                ckpt__ipc_reader_t *rd)
+{
+    ckpt__ipc_reader_t r = {p, len, 0};
+    ckpt__ipc_bucket_hdr_t h;
+    if (rd_u32(&r, &h.bucket) || rd_u32(&r, &h.buffer) || rd_u32(&r, &h.count))
+        return ckpt__error(CKPT_EPROTO, "BUCKET: truncated header (%zu bytes)", len);
+    if (h.buffer >= CKPT_IPC_MAX_BUFFERS)
+        return ckpt__error(CKPT_EPROTO, "BUCKET %u: buffer index %u", h.bucket, h.buffer);
+    /* Bound count by what the payload could hold before anyone sizes an array from it. */
+    if ((uint64_t)h.count * TENSOR_MIN > len - r.pos)
+        return ckpt__error(CKPT_EPROTO, "BUCKET %u: %u tensors cannot fit in %zu bytes",
+                           h.bucket, h.count, len);
+    *out = h;
+    *rd = r;
+    return CKPT_OK;
+}
+
+int ckpt__ipc_tensor_decode(ckpt__ipc_reader_t *rd, uint64_t buffer_size,
+                            ckpt_tensor_meta_t *meta)
+{
+    uint32_t dtype, ndim;
+    uint64_t numel, expect;
+    int rc = rd_name(rd, meta->name, "BUCKET tensor");
+    if (rc) return rc;
+    if (rd_u32(rd, &dtype) || rd_u32(rd, &ndim))
+        return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': truncated record", meta->name);
+    if (ckpt_dtype_size((int)dtype) == 0)
+        return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': unknown dtype %u", meta->name,
+                           dtype);
+    if (ndim > CKPT_MAX_DIMS)
+        return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': %u dims (max %d)", meta->name,
+                           ndim, CKPT_MAX_DIMS);
+    meta->dtype = (int32_t)dtype;
+    meta->ndim = (int32_t)ndim;
+    memset(meta->shape, 0, sizeof(meta->shape));
+    for (uint32_t d = 0; d < ndim; d++) {
+        uint64_t v;
+        if (rd_u64(rd, &v))
+            return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': truncated shape", meta->name);
+        if (v > (uint64_t)INT64_MAX)
+            return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': negative dim %u", meta->name,
+                               d);
+        meta->shape[d] = (int64_t)v;
+    }
+    if (rd_u64(rd, &meta->offset) || rd_u64(rd, &meta->nbytes) || rd_u64(rd, &meta->checksum))
+        return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': truncated record", meta->name);
+    if (ckpt_shape_numel(meta->shape, meta->ndim, &numel) != CKPT_OK ||
+        numel > UINT64_MAX / ckpt_dtype_size(meta->dtype))
+        return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': shape overflows", meta->name);
+    expect = numel * ckpt_dtype_size(meta->dtype);
+    if (meta->nbytes != expect)
+        return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': nbytes %llu, shape says %llu",
+                           meta->name, (unsigned long long)meta->nbytes,
+                           (unsigned long long)expect);
+    if (meta->offset > buffer_size || meta->nbytes > buffer_size - meta->offset)
+        return ckpt__error(CKPT_EPROTO,
+                           "BUCKET tensor '%s': bytes [%llu, +%llu) outside the %llu-byte buffer",
+                           meta->name, (unsigned long long)meta->offset,
+                           (unsigned long long)meta->nbytes, (unsigned long long)buffer_size);
+    meta->owner = -1;
+    meta->reserved = 0;
+    return CKPT_OK;
+}
+
+int ckpt__ipc_reader_done(const ckpt__ipc_reader_t *rd, const char *what)
+{
+    if (rd->pos != rd->len)
+        return ckpt__error(CKPT_EPROTO, "%s: %zu trailing bytes", what, rd->len - rd->pos);
+    return CKPT_OK;
+}
+
+/* ---- status + text: i32 status, u32 length, bytes ---- */
+
+size_t ckpt__ipc_text_size(const char *text)
+{
+    return 8 + strnlen(text ? text : "", CKPT_IPC_MAX_TEXT);
+}
+
+void ckpt__ipc_text_encode(int32_t status, const char *text, uint8_t *out)
+{
+    size_t n = strnlen(text ? text : "", CKPT_IPC_MAX_TEXT);
+    put_u32(out, (uint32_t)status);
+    put_u32(out + 4, (uint32_t)n);
+    if (n) memcpy(out + 8, text, n);
+}
+
+int ckpt__ipc_text_decode(const uint8_t *p, size_t len, int32_t *status_out, char *text,
+                          size_t cap)
+{
+    ckpt__ipc_reader_t rd = {p, len, 0};
+    uint32_t status, n;
+    const uint8_t *s;
+    if (rd_u32(&rd, &status) || rd_u32(&rd, &n) || rd_take(&rd, n, &s))
+        return ckpt__error(CKPT_EPROTO, "status message: truncated (%zu bytes)", len);
+    size_t keep = CKPT_MIN((size_t)n, cap - 1);
+    memcpy(text, s, keep);
+    text[keep] = '\0';
+    /* A NUL inside would silently hide the rest of the message: show it as '?'. */
+    for (size_t i = 0; i < keep; i++)
+        if (text[i] == '\0') text[i] = '?';
+    *status_out = (int32_t)status;
+    return ckpt__ipc_reader_done(&rd, "status message");
+}

@@ -1,0 +1,101 @@
+/* Wire format of the engine <-> worker protocol (docs/PROTOCOL.md): the frame header and
+ * the payload codecs. Pure functions over byte arrays, no I/O, so the fuzzer can drive the
+ * decoders directly. Every integer is little-endian on the wire. */
+#ifndef CKPT_IPC_WIRE_H
+#define CKPT_IPC_WIRE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ckpt/ckpt.h"
+#include "core/internal.h"
+
+/* Everything below is internal to libckpt (and tests linking the static archive). */
+#pragma GCC visibility push(hidden)
+
+#define CKPT_IPC_MAGIC 0x54504b43u /* "CKPT" as bytes on the wire */
+#define CKPT_IPC_VERSION 1u
+#define CKPT_IPC_HDR_SIZE 12u
+/* Largest payload either side accepts. A BUCKET record is at most ~330 bytes, so this
+ * allows ~200k tensors per bucket while bounding what a broken peer can make us allocate. */
+#define CKPT_IPC_MAX_PAYLOAD (64u << 20)
+#define CKPT_IPC_MAX_TEXT 1024u /* error / abort texts are cut to this */
+#define CKPT_IPC_MAX_BUFFERS 2
+
+typedef enum {
+    CKPT_IPC_MSG_BEGIN = 1,  /* engine -> worker, carries the buffer fds */
+    CKPT_IPC_MSG_READY = 2,  /* worker -> engine: buffers mapped */
+    CKPT_IPC_MSG_BUCKET = 3, /* engine -> worker */
+    CKPT_IPC_MSG_OK = 4,     /* worker -> engine: bucket / finish / abort done */
+    CKPT_IPC_MSG_ERR = 5,    /* worker -> engine: status + text */
+    CKPT_IPC_MSG_FINISH = 6, /* engine -> worker: commit */
+    CKPT_IPC_MSG_ABORT = 7,  /* engine -> worker: text = reason */
+    CKPT_IPC_MSG_REFUSE = 8, /* engine -> worker: status + text, then the engine closes */
+} ckpt__ipc_msg_type_t;
+
+#define CKPT_IPC_BEGIN_VERIFY 1u /* BEGIN flags */
+
+typedef struct {
+    uint32_t type;
+    uint32_t length; /* payload bytes */
+} ckpt__ipc_hdr_t;
+
+typedef struct {
+    uint64_t update_id;
+    uint64_t version;
+    uint32_t nbuckets;
+    uint32_t flags;
+    uint32_t nbuffers;
+    uint32_t max_tensors; /* most tensors in one bucket; 0 = unknown (receiver grows) */
+    uint64_t buffer_sizes[CKPT_IPC_MAX_BUFFERS];
+    char name[CKPT_NAME_MAX];
+} ckpt__ipc_begin_msg_t;
+
+typedef struct {
+    uint32_t bucket;
+    uint32_t buffer;
+    uint32_t count;
+} ckpt__ipc_bucket_hdr_t;
+
+/* Cursor over a payload; decoders check `pos` against `len` before every read. */
+typedef struct {
+    const uint8_t *p;
+    size_t len;
+    size_t pos;
+} ckpt__ipc_reader_t;
+
+/* Writes the 12-byte header into out. */
+void ckpt__ipc_hdr_encode(uint8_t *out, uint32_t type, uint32_t length);
+/* Validates magic, version, type and length; the error names `peer`. */
+int ckpt__ipc_hdr_decode(const uint8_t *in, const char *peer, ckpt__ipc_hdr_t *out);
+const char *ckpt__ipc_msg_name(uint32_t type);
+
+size_t ckpt__ipc_begin_size(const ckpt__ipc_begin_msg_t *m);
+void ckpt__ipc_begin_encode(const ckpt__ipc_begin_msg_t *m, uint8_t *out);
+int ckpt__ipc_begin_decode(const uint8_t *p, size_t len, ckpt__ipc_begin_msg_t *out);
+
+/* Bytes one tensor record takes; the BUCKET payload is 12 + the sum of these. */
+size_t ckpt__ipc_tensor_size(const ckpt_tensor_meta_t *m);
+size_t ckpt__ipc_bucket_encode_hdr(const ckpt__ipc_bucket_hdr_t *h, uint8_t *out);
+size_t ckpt__ipc_tensor_encode(const ckpt_tensor_meta_t *m, uint8_t *out);
+/* Reads the bucket header and sets up `rd` at the first record. Checks `count` against
+ * the bytes present, so callers may size arrays from it without trusting the peer. */
+int ckpt__ipc_bucket_decode_hdr(const uint8_t *p, size_t len, ckpt__ipc_bucket_hdr_t *out,
+                                ckpt__ipc_reader_t *rd);
+/* Decodes and validates one record into `meta` (name, dtype, shape, nbytes consistent;
+ * offset + nbytes <= buffer_size). owner is set to -1. */
+int ckpt__ipc_tensor_decode(ckpt__ipc_reader_t *rd, uint64_t buffer_size,
+                            ckpt_tensor_meta_t *meta);
+/* Says whether the reader consumed the payload exactly. */
+int ckpt__ipc_reader_done(const ckpt__ipc_reader_t *rd, const char *what);
+
+/* Status payloads (ERR, REFUSE: status + text; ABORT: status 0 + reason). */
+size_t ckpt__ipc_text_size(const char *text);
+void ckpt__ipc_text_encode(int32_t status, const char *text, uint8_t *out);
+/* Copies the text (cut to cap-1 bytes, NUL-terminated) into `text`. */
+int ckpt__ipc_text_decode(const uint8_t *p, size_t len, int32_t *status_out, char *text,
+                          size_t cap);
+
+#pragma GCC visibility pop
+
+#endif /* CKPT_IPC_WIRE_H */

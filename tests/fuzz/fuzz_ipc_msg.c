@@ -1,0 +1,52 @@
+/* libFuzzer target: the worker protocol decoders (frame header, BEGIN, BUCKET, status text)
+ * over arbitrary bytes. Byte 0 picks the decoder; the rest is the frame or payload. The
+ * decoders must reject garbage with a status, never crash, read out of bounds or leak. */
+#include <stdint.h>
+#include <string.h>
+
+#include "ipc/wire.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (size < 1) return 0;
+    const uint8_t *p = data + 1;
+    size_t len = size - 1;
+    switch (data[0] % 4) {
+    case 0: {
+        ckpt__ipc_hdr_t h;
+        if (len >= CKPT_IPC_HDR_SIZE) ckpt__ipc_hdr_decode(p, "fuzz", &h);
+        break;
+    }
+    case 1: {
+        ckpt__ipc_begin_msg_t m;
+        if (ckpt__ipc_begin_decode(p, len, &m) == CKPT_OK && strlen(m.name) >= CKPT_NAME_MAX)
+            __builtin_trap();
+        break;
+    }
+    case 2: {
+        /* Like the receiver: decode records against a buffer of a size taken from the
+         * input, and check every accepted tensor really lies inside it. */
+        ckpt__ipc_bucket_hdr_t h;
+        ckpt__ipc_reader_t rd;
+        ckpt_tensor_meta_t meta;
+        uint64_t bufsize = 1u << 20;
+        if (ckpt__ipc_bucket_decode_hdr(p, len, &h, &rd) != CKPT_OK) break;
+        for (uint32_t i = 0; i < h.count; i++) {
+            if (ckpt__ipc_tensor_decode(&rd, bufsize, &meta) != CKPT_OK) break;
+            if (meta.offset + meta.nbytes > bufsize || meta.ndim > CKPT_MAX_DIMS)
+                __builtin_trap();
+        }
+        ckpt__ipc_reader_done(&rd, "fuzz");
+        break;
+    }
+    default: {
+        int32_t status;
+        char text[64];
+        if (ckpt__ipc_text_decode(p, len, &status, text, sizeof(text)) == CKPT_OK &&
+            strlen(text) >= sizeof(text))
+            __builtin_trap();
+        break;
+    }
+    }
+    return 0;
+}
