@@ -29,6 +29,7 @@ struct ckpt_ipc_server {
     ckpt__ipc_conn_t conn;
     int worker_pid;
     uint32_t bucket;   /* the outstanding (or last) bucket */
+    int ack_late;      /* wait_ack already timed out on the outstanding bucket */
     uint64_t update_id;
     int nbuffers;
     int send_timeout_ms;
@@ -345,6 +346,7 @@ int ckpt_ipc_send_bucket(ckpt_ipc_server_t *srv, uint32_t bucket, int buffer,
     if (rc) return fail_drop(srv, ckpt__error_prefix(rc, "bucket %u: ", bucket));
     srv->state = ST_BUCKET;
     srv->bucket = bucket;
+    srv->ack_late = 0;
     return CKPT_OK;
 }
 
@@ -359,9 +361,11 @@ int ckpt_ipc_wait_ack(ckpt_ipc_server_t *srv, int timeout_ms)
         return ckpt__error(CKPT_ESTATE, "%s: no bucket outstanding", srv->conn.peer);
     snprintf(what, sizeof(what), "bucket %u", srv->bucket);
     int rc = recv_reply(srv, timeout_ms, &hdr);
-    if (rc == CKPT_ETIMEDOUT) /* keep the connection: the engine decides to wait or abort */
+    if (rc == CKPT_ETIMEDOUT) { /* keep the connection: the engine decides to wait or abort */
+        srv->ack_late = 1;
         return ckpt__error(CKPT_ETIMEDOUT, "%s: no answer to %s within %d ms", srv->conn.peer,
                            what, timeout_ms);
+    }
     if (rc) return fail_drop(srv, ckpt__error_prefix(rc, "%s: ", what));
     if (hdr.type != CKPT_IPC_MSG_OK && hdr.type != CKPT_IPC_MSG_ERR)
         return unexpected(srv, &hdr, what);
@@ -384,7 +388,15 @@ int ckpt_ipc_finish(ckpt_ipc_server_t *srv, int commit, const char *reason, int 
         if (commit)
             return ckpt__error(CKPT_ESTATE, "%s: FINISH while the ack of bucket %u is outstanding",
                                srv->conn.peer, srv->bucket);
-        /* The worker answers in order: its bucket answer comes before it reads ABORT. */
+        /* A worker that already missed its ack deadline had its chance: waiting again would
+         * double the time a stalled worker holds every rank, so it is dropped (it sees EOF
+         * and marks the update incomplete). Otherwise its bucket answer comes before it
+         * reads ABORT, so collect it first. */
+        if (srv->ack_late) {
+            ckpt_ipc_server_drop_worker(srv, "no answer to the last bucket before ABORT");
+            return ckpt__error(CKPT_ETIMEDOUT, "ipc %s: ABORT: worker dropped, it did not "
+                               "answer bucket %u in time", srv->path, srv->bucket);
+        }
         rc = ckpt_ipc_wait_ack(srv, ckpt__ipc_ms_left(deadline));
         if (rc == CKPT_ETIMEDOUT || rc == CKPT_EPEER || rc == CKPT_EPROTO)
             return fail_drop(srv, rc);

@@ -85,7 +85,9 @@ int ckpt_ipc_send_bucket(ckpt_ipc_server_t *srv, uint32_t bucket, int buffer,
 int ckpt_ipc_wait_ack(ckpt_ipc_server_t *srv, int timeout_ms);
 /* Ends the update. commit = 1: FINISH (every rank succeeded; needs every ack collected,
  * CKPT_ESTATE otherwise), waits for the worker's post-hook answer. commit = 0: ABORT with
- * `reason`; an outstanding ack is collected (and ignored) first. Whatever happens the
+ * `reason`; an outstanding ack is collected (and ignored) first, unless wait_ack already
+ * timed out on it: then the worker is dropped at once (CKPT_ETIMEDOUT) instead of being
+ * waited for a second time. Whatever happens the
  * update is over afterwards; a worker that timed out or failed the protocol is dropped. */
 int ckpt_ipc_finish(ckpt_ipc_server_t *srv, int commit, const char *reason, int timeout_ms);
 
