@@ -7,6 +7,7 @@
  * that it finished reading that buffer. With one buffer (memory short) the loop
  * degenerates to stage, reload, agree in sequence. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "engine/engine_internal.h"
@@ -22,6 +23,7 @@ typedef struct update_ctx {
     const void **local_data; /* per store index: address of a local tensor's bytes */
     int worker_begun;
     double sent_at;
+    long corrupt_bucket; /* fault injection for tests: CKPT_FAULT_CORRUPT_BUCKET=b */
 } update_ctx_t;
 
 static int fail_result(update_ctx_t *u, int rc, int failed_rank, const char *reason)
@@ -171,6 +173,12 @@ static int prepare_bucket(update_ctx_t *u, size_t b)
             memcpy(buf + t->offset, u->local_data[t->reserved], t->nbytes);
         }
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_STAGE, t0);
+        if ((long)b == u->corrupt_bucket && bk->count > 0) {
+            /* Flips one byte after staging, as a bad DIMM or a stray write would; the
+             * workers' checksum verification must catch it. */
+            buf[u->plan.tensors[bk->first].offset] ^= 0x5a;
+            ckpt_warn("fault injection: corrupted one byte of bucket %zu", b);
+        }
     }
     int rc = CKPT_OK;
     if (e->ngroups > 1 && e->leaders != MPI_COMM_NULL) {
@@ -243,6 +251,8 @@ int ckpt__update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace
     res->version = cmd->version;
     res->update_id = cmd->update_id;
     ckpt__strlcpy(res->name, cmd->name, sizeof(res->name));
+    const char *fault = getenv("CKPT_FAULT_CORRUPT_BUCKET");
+    u.corrupt_bucket = fault ? strtol(fault, NULL, 10) : -1;
 
     /* A common start so that every rank's timeline shares one origin. */
     if (ckpt__barrier(e, e->world, cmd->timeout_ms, "update start") < 0)
