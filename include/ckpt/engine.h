@@ -99,6 +99,20 @@ CKPT_API int ckpt_engine_update(ckpt_engine_t *engine, const char *name,
 CKPT_API int ckpt_engine_floors(ckpt_engine_t *engine, ckpt_floors_t *floors);
 CKPT_API int ckpt_engine_shutdown(ckpt_engine_t *engine);
 
+/* Progress of the running (or last) update. Safe to call from any thread while rank 0's
+ * main thread runs ckpt_engine_update (an HTTP thread, a progress bar). */
+typedef struct ckpt_update_progress {
+    uint64_t update_id;     /* 0: no update yet */
+    int running;            /* 1 while the update runs */
+    uint32_t buckets_done;
+    uint32_t nbuckets;      /* 0 until the plan is made */
+    uint64_t bytes_done;
+    uint64_t bytes_total;
+    double elapsed_s;
+} ckpt_update_progress_t;
+
+CKPT_API int ckpt_engine_progress(const ckpt_engine_t *engine, ckpt_update_progress_t *out);
+
 /* Checkpoints registered (as seen by rank 0): count, and the i-th name, version, total
  * bytes and tensor count. */
 CKPT_API size_t ckpt_engine_checkpoint_count(const ckpt_engine_t *engine);

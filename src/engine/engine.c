@@ -218,3 +218,21 @@ int ckpt_engine_checkpoint_info(const ckpt_engine_t *e, size_t index, const char
     if (version_out) *version_out = e->checkpoints[index].version;
     return CKPT_OK;
 }
+
+int ckpt_engine_progress(const ckpt_engine_t *e, ckpt_update_progress_t *out)
+{
+    /* The fields are read one by one: a reader may see bucket k of N with the bytes of
+     * bucket k+1, which is fine for a progress display. */
+    ckpt_engine_t *m = (ckpt_engine_t *)e;
+    memset(out, 0, sizeof(*out));
+    out->update_id = atomic_load(&m->progress.update_id);
+    out->running = atomic_load(&m->progress.running);
+    out->buckets_done = atomic_load(&m->progress.buckets_done);
+    out->nbuckets = atomic_load(&m->progress.nbuckets);
+    out->bytes_done = atomic_load(&m->progress.bytes_done);
+    out->bytes_total = atomic_load(&m->progress.bytes_total);
+    uint64_t start = atomic_load(&m->progress.start_ns);
+    uint64_t end = out->running ? ckpt__now_ns() : atomic_load(&m->progress.end_ns);
+    out->elapsed_s = start && end > start ? (double)(end - start) * 1e-9 : 0;
+    return CKPT_OK;
+}

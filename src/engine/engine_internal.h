@@ -3,6 +3,7 @@
 #define CKPT_ENGINE_INTERNAL_H
 
 #include <mpi.h>
+#include <stdatomic.h>
 
 #include "ckpt/engine.h"
 #include "ckpt/store.h"
@@ -66,6 +67,14 @@ struct ckpt_engine {
     uint64_t next_version;
     uint64_t next_update_id;
     int broken; /* a collective timed out: MPI state is unknown, only exit is safe */
+    /* Progress, written by the update and read by other threads (ckpt_engine_progress). */
+    struct {
+        _Atomic uint64_t update_id;
+        atomic_int running;
+        _Atomic uint32_t buckets_done, nbuckets;
+        _Atomic uint64_t bytes_done, bytes_total;
+        _Atomic uint64_t start_ns, end_ns;
+    } progress;
 };
 
 /* ---- timed collectives (coll.c) ---- */

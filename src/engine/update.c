@@ -131,6 +131,8 @@ static int plan_update(update_ctx_t *u, const ckpt_tensor_meta_t *all, size_t co
     u->res->nbuckets = (uint32_t)u->plan.nbuckets;
     u->res->ntensors = (uint32_t)u->plan.ntensors;
     u->res->bytes = u->plan.total_bytes;
+    atomic_store(&e->progress.nbuckets, (uint32_t)u->plan.nbuckets);
+    atomic_store(&e->progress.bytes_total, u->plan.total_bytes);
     return ckpt__timeline_init(&u->tl, u->plan.nbuckets * CKPT__EV_KINDS + 1);
 }
 
@@ -219,7 +221,14 @@ static int complete_bucket(update_ctx_t *u, size_t b, int send_rc)
     snprintf(what, sizeof(what), "worker, bucket %zu", b);
     rc = agree(u, rc, what);
     ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_AGREE, t0);
+    if (rc == CKPT_OK) progress_bucket_done(u, b);
     return rc;
+}
+
+static void progress_bucket_done(update_ctx_t *u, size_t b)
+{
+    atomic_fetch_add(&u->e->progress.buckets_done, 1);
+    atomic_fetch_add(&u->e->progress.bytes_done, u->plan.buckets[b].bytes);
 }
 
 static int run_pipeline(update_ctx_t *u)
@@ -251,6 +260,13 @@ int ckpt__update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace
     res->version = cmd->version;
     res->update_id = cmd->update_id;
     ckpt__strlcpy(res->name, cmd->name, sizeof(res->name));
+    atomic_store(&e->progress.update_id, cmd->update_id);
+    atomic_store(&e->progress.buckets_done, 0);
+    atomic_store(&e->progress.nbuckets, 0);
+    atomic_store(&e->progress.bytes_done, 0);
+    atomic_store(&e->progress.bytes_total, 0);
+    atomic_store(&e->progress.start_ns, ckpt__now_ns());
+    atomic_store(&e->progress.running, 1);
     const char *fault = getenv("CKPT_FAULT_CORRUPT_BUCKET");
     u.corrupt_bucket = fault ? strtol(fault, NULL, 10) : -1;
 
@@ -298,6 +314,8 @@ finish:
 out:
     res->total_s = ckpt__now_s() - t_start;
     res->status = rc;
+    atomic_store(&e->progress.end_ns, ckpt__now_ns());
+    atomic_store(&e->progress.running, 0);
     if (rc < 0 && res->reason[0] == '\0')
         snprintf(res->reason, sizeof(res->reason), "%s", ckpt_last_error());
     ckpt__timeline_free(&u.tl);
