@@ -209,6 +209,12 @@ static int send_bucket(update_ctx_t *u, size_t b)
                                 &u->plan.tensors[bk->first], bk->count);
 }
 
+static void progress_bucket_done(update_ctx_t *u, size_t b)
+{
+    atomic_fetch_add(&u->e->progress.buckets_done, 1);
+    atomic_fetch_add(&u->e->progress.bytes_done, u->plan.buckets[b].bytes);
+}
+
 /* Waits for the worker's ack of bucket b and agrees on it across ranks. */
 static int complete_bucket(update_ctx_t *u, size_t b, int send_rc)
 {
@@ -223,12 +229,6 @@ static int complete_bucket(update_ctx_t *u, size_t b, int send_rc)
     ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_AGREE, t0);
     if (rc == CKPT_OK) progress_bucket_done(u, b);
     return rc;
-}
-
-static void progress_bucket_done(update_ctx_t *u, size_t b)
-{
-    atomic_fetch_add(&u->e->progress.buckets_done, 1);
-    atomic_fetch_add(&u->e->progress.bytes_done, u->plan.buckets[b].bytes);
 }
 
 static int run_pipeline(update_ctx_t *u)
