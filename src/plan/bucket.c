@@ -1,0 +1,143 @@
+/* Bucket planner (see bucket.h). Pure: no I/O, no global state. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "plan/bucket.h"
+
+typedef struct {
+    const ckpt_tensor_meta_t *meta;
+} plan_item_t;
+
+static int item_cmp(const void *a, const void *b)
+{
+    const ckpt_tensor_meta_t *x = ((const plan_item_t *)a)->meta;
+    const ckpt_tensor_meta_t *y = ((const plan_item_t *)b)->meta;
+    if (x->owner != y->owner) return x->owner < y->owner ? -1 : 1;
+    return strcmp(x->name, y->name);
+}
+
+static int name_cmp(const void *a, const void *b)
+{
+    return strcmp(((const plan_item_t *)a)->meta->name, ((const plan_item_t *)b)->meta->name);
+}
+
+uint64_t ckpt__plan_min_bucket(const ckpt_tensor_meta_t *metas, size_t count)
+{
+    uint64_t largest = 0;
+    for (size_t i = 0; i < count; i++)
+        largest = CKPT_MAX(largest, ckpt_aligned_size(metas[i].nbytes));
+    return largest;
+}
+
+int ckpt__plan_bucket_size(uint64_t largest_tensor, uint64_t bucket_max, uint64_t avail_bytes,
+                           uint64_t *bucket_size_out, int *nbuffers_out)
+{
+    largest_tensor = ckpt_aligned_size(largest_tensor);
+    if (largest_tensor == 0) largest_tensor = CKPT_ALIGN;
+    if (avail_bytes < largest_tensor)
+        return ckpt__error(CKPT_ENOMEM,
+                           "the largest tensor needs a bucket of %llu bytes but only %llu bytes "
+                           "of memory are available for buckets (free memory, or lower the "
+                           "model's largest tensor)",
+                           (unsigned long long)largest_tensor, (unsigned long long)avail_bytes);
+    /* Two buffers when both fit, so the broadcast of b+1 overlaps the reload of b. */
+    int nbuffers = avail_bytes >= 2 * largest_tensor ? 2 : 1;
+    uint64_t size = CKPT_MIN(bucket_max, avail_bytes / (uint64_t)nbuffers);
+    size = CKPT_MAX(size, largest_tensor);
+    size = CKPT_ALIGN_UP(size, (uint64_t)CKPT_ALIGN);
+    if (nbuffers == 2 && size * 2 > avail_bytes) nbuffers = 1;
+    *bucket_size_out = size;
+    *nbuffers_out = nbuffers;
+    return CKPT_OK;
+}
+
+int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
+                       uint64_t bucket_size, ckpt_bucket_plan_t *plan_out)
+{
+    int rc = CKPT_OK;
+    plan_item_t *items = NULL;
+    ckpt_bucket_plan_t plan;
+    memset(&plan, 0, sizeof(plan));
+    plan.bucket_size = bucket_size;
+
+    if (bucket_size == 0 || bucket_size % CKPT_ALIGN != 0)
+        return ckpt__error(CKPT_EINVAL, "bucket size %llu is not a positive multiple of %d",
+                           (unsigned long long)bucket_size, CKPT_ALIGN);
+    items = ckpt__calloc(count, sizeof(*items));
+    plan.tensors = ckpt__calloc(count, sizeof(*plan.tensors));
+    plan.src_offsets = ckpt__calloc(count, sizeof(*plan.src_offsets));
+    /* At most one bucket per tensor, plus one so an empty plan allocates something. */
+    plan.buckets = ckpt__calloc(count + 1, sizeof(*plan.buckets));
+    if (!items || !plan.tensors || !plan.src_offsets || !plan.buckets) {
+        rc = ckpt__error(CKPT_ENOMEM, "planning %zu tensors: out of memory", count);
+        goto fail;
+    }
+    for (size_t i = 0; i < count; i++) {
+        const ckpt_tensor_meta_t *m = &metas[i];
+        if (m->owner < 0 || m->owner >= nranks) {
+            rc = ckpt__error(CKPT_EINVAL, "tensor '%s' has owner rank %d outside [0, %d)",
+                             m->name, m->owner, nranks);
+            goto fail;
+        }
+        if (ckpt_aligned_size(m->nbytes) > bucket_size) {
+            rc = ckpt__error(CKPT_ETOOBIG,
+                             "tensor '%s' (%llu bytes) does not fit in a bucket of %llu bytes; "
+                             "raise the bucket size to at least %llu",
+                             m->name, (unsigned long long)m->nbytes,
+                             (unsigned long long)bucket_size,
+                             (unsigned long long)ckpt_aligned_size(m->nbytes));
+            goto fail;
+        }
+        items[i].meta = m;
+    }
+    qsort(items, count, sizeof(*items), item_cmp);
+
+    ckpt_bucket_t *cur = NULL;
+    for (size_t i = 0; i < count; i++) {
+        const ckpt_tensor_meta_t *m = items[i].meta;
+        uint64_t need = ckpt_aligned_size(m->nbytes);
+        if (cur == NULL || cur->owner != m->owner || cur->bytes + need > bucket_size) {
+            cur = &plan.buckets[plan.nbuckets++];
+            cur->owner = m->owner;
+            cur->first = (uint32_t)i;
+            cur->count = 0;
+            cur->bytes = 0;
+        }
+        plan.tensors[i] = *m;
+        plan.src_offsets[i] = m->offset;
+        plan.tensors[i].offset = cur->bytes;
+        cur->bytes += need;
+        cur->count++;
+        plan.total_bytes += m->nbytes;
+        plan.largest_bucket = CKPT_MAX(plan.largest_bucket, cur->bytes);
+    }
+    /* Names must be unique across owners too; sort by name alone to find repeats. */
+    for (size_t i = 0; i < count; i++) items[i].meta = &plan.tensors[i];
+    qsort(items, count, sizeof(*items), name_cmp);
+    for (size_t i = 1; i < count; i++) {
+        if (strcmp(items[i - 1].meta->name, items[i].meta->name) == 0) {
+            rc = ckpt__error(CKPT_EINVAL, "tensor '%s' is held by ranks %d and %d",
+                             items[i].meta->name, items[i - 1].meta->owner,
+                             items[i].meta->owner);
+            goto fail;
+        }
+    }
+    plan.ntensors = count;
+    ckpt__free(items);
+    *plan_out = plan;
+    return CKPT_OK;
+
+fail:
+    ckpt__free(items);
+    ckpt__plan_free(&plan);
+    return rc;
+}
+
+void ckpt__plan_free(ckpt_bucket_plan_t *plan)
+{
+    if (plan == NULL) return;
+    ckpt__free(plan->tensors);
+    ckpt__free(plan->src_offsets);
+    ckpt__free(plan->buckets);
+    memset(plan, 0, sizeof(*plan));
+}

@@ -1,0 +1,44 @@
+/* Bucket planning for the broadcast update: a pure, deterministic function of the tensor
+ * metas, so every rank computes the same plan from the same allgathered input. */
+#ifndef CKPT_PLAN_BUCKET_H
+#define CKPT_PLAN_BUCKET_H
+
+#include "core/internal.h"
+
+typedef struct ckpt_bucket {
+    int32_t owner;     /* rank whose pool holds every tensor of the bucket */
+    uint32_t first;    /* index of its first tensor in the plan's tensor array */
+    uint32_t count;    /* number of tensors */
+    uint64_t bytes;    /* bytes used in the bucket buffer (aligned layout) */
+} ckpt_bucket_t;
+
+typedef struct ckpt_bucket_plan {
+    ckpt_tensor_meta_t *tensors; /* ordered bucket by bucket; offset = offset in the bucket */
+    uint64_t *src_offsets;       /* per tensor: offset in the owner's pool (input offset) */
+    size_t ntensors;
+    ckpt_bucket_t *buckets;
+    size_t nbuckets;
+    uint64_t bucket_size;        /* the limit used */
+    uint64_t largest_bucket;     /* bytes of the fullest bucket */
+    uint64_t total_bytes;        /* sum of tensor nbytes */
+} ckpt_bucket_plan_t;
+
+/* Plans buckets: tensors grouped by owner (owners in ascending order), inside an owner by
+ * name; each tensor starts on a CKPT_ALIGN boundary; a bucket never exceeds bucket_size and
+ * a tensor is never split. Fails with CKPT_ETOOBIG naming the tensor when one does not
+ * fit in bucket_size, and CKPT_EINVAL on a duplicate name or an owner outside [0, nranks). */
+int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
+                       uint64_t bucket_size, ckpt_bucket_plan_t *plan_out);
+void ckpt__plan_free(ckpt_bucket_plan_t *plan);
+
+/* Largest aligned tensor size in metas (the smallest workable bucket). */
+uint64_t ckpt__plan_min_bucket(const ckpt_tensor_meta_t *metas, size_t count);
+
+/* Chooses the bucket size: at most `bucket_max`, at most `avail_bytes / reserve_divisor`
+ * per buffer, never below the largest tensor. Sets *nbuffers_out to 2 when two buffers fit
+ * in the available memory, 1 when only one does (the pipeline then runs without overlap),
+ * and fails with CKPT_ENOMEM naming the largest tensor when not even one fits. */
+int ckpt__plan_bucket_size(uint64_t largest_tensor, uint64_t bucket_max, uint64_t avail_bytes,
+                           uint64_t *bucket_size_out, int *nbuffers_out);
+
+#endif

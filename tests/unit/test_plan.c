@@ -1,0 +1,112 @@
+/* Bucket planner: limits, alignment, determinism, errors. */
+#include "plan/bucket.h"
+#include "test.h"
+
+static void make(ckpt_tensor_meta_t *m, const char *name, uint64_t nbytes, int owner)
+{
+    int64_t shape[1] = {(int64_t)nbytes};
+    CHECK_OK(ckpt_tensor_meta_init(m, name, CKPT_DTYPE_U8, shape, 1));
+    m->owner = owner;
+    m->offset = 1000 + nbytes; /* an arbitrary pool offset, carried through */
+}
+
+static void check_plan(const ckpt_tensor_meta_t *metas, size_t n, int nranks, uint64_t bsize)
+{
+    ckpt_bucket_plan_t plan;
+    CHECK_OK(ckpt__plan_buckets(metas, n, nranks, bsize, &plan));
+    CHECK(plan.ntensors == n);
+    uint64_t total = 0;
+    size_t seen = 0;
+    for (size_t b = 0; b < plan.nbuckets; b++) {
+        const ckpt_bucket_t *bk = &plan.buckets[b];
+        CHECK(bk->bytes <= bsize);
+        CHECK(bk->count > 0);
+        CHECK(bk->first == seen);
+        uint64_t end = 0;
+        for (uint32_t i = bk->first; i < bk->first + bk->count; i++) {
+            const ckpt_tensor_meta_t *t = &plan.tensors[i];
+            CHECK(t->owner == bk->owner);
+            CHECK(t->offset % CKPT_ALIGN == 0);
+            CHECK(t->offset >= end); /* no overlap inside the bucket */
+            end = t->offset + t->nbytes;
+            CHECK(end <= bk->bytes);
+            CHECK(plan.src_offsets[i] == 1000 + t->nbytes);
+            total += t->nbytes;
+        }
+        seen += bk->count;
+        if (b > 0) CHECK(plan.buckets[b - 1].owner <= bk->owner);
+    }
+    CHECK(seen == n);
+    CHECK(total == plan.total_bytes);
+    /* Deterministic: the same input in another order gives the same plan. */
+    ckpt_tensor_meta_t *rev = calloc(n, sizeof(*rev));
+    for (size_t i = 0; i < n; i++) rev[i] = metas[n - 1 - i];
+    ckpt_bucket_plan_t plan2;
+    CHECK_OK(ckpt__plan_buckets(rev, n, nranks, bsize, &plan2));
+    CHECK(plan2.nbuckets == plan.nbuckets);
+    for (size_t i = 0; i < n; i++) {
+        CHECK_STR(plan2.tensors[i].name, plan.tensors[i].name);
+        CHECK(plan2.tensors[i].offset == plan.tensors[i].offset);
+    }
+    ckpt__plan_free(&plan2);
+    free(rev);
+    ckpt__plan_free(&plan);
+}
+
+static void test_sizes(void)
+{
+    ckpt_tensor_meta_t m[40];
+    char name[32];
+    for (int i = 0; i < 40; i++) {
+        snprintf(name, sizeof(name), "layer.%02d.w", i);
+        make(&m[i], name, (uint64_t)(i * 977 % 5000 + 1), i % 3);
+    }
+    uint64_t largest = ckpt__plan_min_bucket(m, 40);
+    CHECK(largest == ckpt_aligned_size(4977 + 1) || largest >= 4096);
+    check_plan(m, 40, 3, largest);            /* exactly the largest tensor */
+    check_plan(m, 40, 3, largest + 256);
+    check_plan(m, 40, 3, 64 * 1024);
+    check_plan(m, 40, 3, 1 << 30);            /* one bucket per owner */
+    ckpt_bucket_plan_t plan;
+    CHECK_OK(ckpt__plan_buckets(m, 40, 3, 1 << 30, &plan));
+    CHECK(plan.nbuckets == 3);
+    ckpt__plan_free(&plan);
+    check_plan(m, 0, 1, 256);                 /* nothing to send */
+}
+
+static void test_errors(void)
+{
+    ckpt_tensor_meta_t m[3];
+    ckpt_bucket_plan_t plan;
+    make(&m[0], "a", 1000, 0);
+    make(&m[1], "big", 5000, 1);
+    make(&m[2], "a", 10, 1);
+    CHECK_RC(ckpt__plan_buckets(m, 2, 2, 4096, &plan), CKPT_ETOOBIG);
+    CHECK_ERR_HAS("'big'");
+    CHECK_RC(ckpt__plan_buckets(m, 3, 2, 8192, &plan), CKPT_EINVAL);
+    CHECK_ERR_HAS("'a'");
+    CHECK_RC(ckpt__plan_buckets(m, 2, 1, 8192, &plan), CKPT_EINVAL); /* owner 1 of 1 rank */
+    CHECK_RC(ckpt__plan_buckets(m, 2, 2, 1000, &plan), CKPT_EINVAL); /* not aligned */
+}
+
+static void test_bucket_size(void)
+{
+    uint64_t size;
+    int nbuf;
+    CHECK_OK(ckpt__plan_bucket_size(1000, 64 << 20, 1ull << 34, &size, &nbuf));
+    CHECK(size == 64 << 20 && nbuf == 2);
+    CHECK_OK(ckpt__plan_bucket_size(100 << 20, 64 << 20, 1ull << 34, &size, &nbuf));
+    CHECK(size == 100 << 20 && nbuf == 2); /* never below the largest tensor */
+    CHECK_OK(ckpt__plan_bucket_size(100 << 20, 64 << 20, 150 << 20, &size, &nbuf));
+    CHECK(size == 100 << 20 && nbuf == 1); /* short memory: one buffer, no overlap */
+    CHECK_RC(ckpt__plan_bucket_size(100 << 20, 64 << 20, 50 << 20, &size, &nbuf), CKPT_ENOMEM);
+    CHECK_ERR_HAS("largest tensor");
+}
+
+int main(void)
+{
+    RUN_TEST(test_sizes);
+    RUN_TEST(test_errors);
+    RUN_TEST(test_bucket_size);
+    TEST_EXIT();
+}
