@@ -270,7 +270,7 @@ int cmd_gen(int argc, char **argv)
     uint64_t size = 1ull << 30, seed = 0;
     long layers = 8, shards = 1;
     int wdt = CKPT_DTYPE_BF16, ndt = CKPT_DTYPE_F32;
-    for (int i = 1; i < argc; i++) {
+    for (int i = 1; i < argc; i += 2) { /* every option takes one value */
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         char *end = NULL;
         int bad = 0;
@@ -295,7 +295,6 @@ int cmd_gen(int argc, char **argv)
             usage(stderr);
             return 2;
         }
-        i++;
     }
     if (!out) {
         fprintf(stderr, "ckpt-engine gen: --out DIR is required\n");
