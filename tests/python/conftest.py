@@ -43,3 +43,8 @@ def run_tool(ckpt_engine):
                                  f"{proc.returncode}:\n{proc.stderr}")
         return proc
     return run
+
+
+def pytest_report_header(config):
+    kind = "ASan/UBSan" if SANITIZED else "plain"
+    return f"ckpt-engine build under test: {BUILD_DIR} ({kind} binaries)"

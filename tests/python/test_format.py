@@ -269,3 +269,13 @@ def test_table_output(run_tool, tmp_path):
     assert "model-00001-of-00002.safetensors" in text
     assert "files: 2" in text
     assert "BF16" in text and "F32" in text
+
+
+def test_same_tensor_in_two_shards(run_tool, tmp_path):
+    d = tmp_path / "dup"
+    d.mkdir()
+    save_file({"x": np.zeros(2, np.float32)}, str(d / "a.safetensors"))
+    save_file({"x": np.ones(2, np.float32)}, str(d / "b.safetensors"))
+    proc = run_tool("inspect", d, check=False)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
+    assert "'x' appears in both" in proc.stderr

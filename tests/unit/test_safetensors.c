@@ -331,6 +331,50 @@ static void test_alloc_failures(void)
     }
 }
 
+static int failing_fill(void *user, size_t index, uint64_t offset, void *buf, size_t len)
+{
+    (void)user, (void)index, (void)offset;
+    memset(buf, 0, len);
+    return CKPT_EIO;
+}
+
+static void test_write_failures_leave_nothing(void)
+{
+    ckpt_tensor_meta_t m;
+    int64_t s = 16;
+    CHECK_OK(ckpt_tensor_meta_init(&m, "w", CKPT_DTYPE_F32, &s, 1));
+    const char *p = tpath("fail.safetensors");
+    CHECK_RC(ckpt_st_write_fill(p, &m, 1, NULL, NULL, 0, failing_fill, NULL), CKPT_EIO);
+    CHECK_ERR_HAS("tensor 'w'");
+    CHECK(access(p, F_OK) != 0);
+    CHECK(access(tpath("fail.safetensors.tmp"), F_OK) != 0);
+    CHECK_RC(ckpt_st_write(tpath("no/such/dir.safetensors"), &m, NULL, 1, NULL, NULL, 0),
+             CKPT_EINVAL);
+    float data[16] = {0};
+    const void *d[1] = {data};
+    CHECK_RC(ckpt_st_write(tpath("no/such/dir.safetensors"), &m, d, 1, NULL, NULL, 0),
+             CKPT_ENOENT);
+    CHECK_ERR_HAS("no/such/dir.safetensors.tmp");
+    /* Every allocation failure inside the writer is a clean ENOMEM. */
+    int ok = 0;
+    for (long n = 0; n < 100 && !ok; n++) {
+        ckpt_testing_fail_alloc_after(n);
+        int rc = ckpt_st_write(p, &m, d, 1, NULL, NULL, 0);
+        ckpt_testing_fail_alloc_after(-1);
+        if (rc == CKPT_OK) ok = 1;
+        else CHECK_RC(rc, CKPT_ENOMEM);
+    }
+    CHECK(ok);
+
+    /* A header parsed from memory validates but has no bytes behind it. */
+    ckpt_st_file_t *f = NULL;
+    const char *h = "{\"w\":{\"dtype\":\"U8\",\"shape\":[3],\"data_offsets\":[0,3]}}";
+    CHECK_OK(ckpt_st_parse_header("mem", h, strlen(h), 8 + strlen(h) + 3, &f));
+    char buf[3];
+    if (f) CHECK_RC(ckpt_st_read_tensor(f, 0, buf, 3), CKPT_ESTATE);
+    ckpt_st_close(f);
+}
+
 int main(void)
 {
     snprintf(dir, sizeof(dir), "/tmp/ckpt_test_st_XXXXXX");
@@ -340,6 +384,7 @@ int main(void)
     RUN_TEST(test_malformed_corpus);
     RUN_TEST(test_list_files);
     RUN_TEST(test_alloc_failures);
+    RUN_TEST(test_write_failures_leave_nothing);
     char cmd[128];
     snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
     if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", dir);
