@@ -14,6 +14,7 @@ static const struct {
     {"serve", cmd_serve, "run an engine rank (all ranks of a deployment form one MPI job)"},
     {"bench", cmd_bench, "measure a part against its physical floor (bench load, ...)"},
     {"gen", cmd_gen, "generate a synthetic checkpoint with transformer-like shapes"},
+    {"verify", cmd_verify, "compare two checkpoints tensor by tensor, byte for byte"},
 };
 
 static void usage(FILE *out)

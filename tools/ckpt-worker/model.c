@@ -13,18 +13,6 @@
 
 #include "model.h"
 
-/* The safetensors reader/writer lives on another branch until it is merged into main.
- * Weak references keep this tool linking without it; --layout and --dump report "not
- * supported in this build" until then. Once format/ is on main, delete these pragmas
- * (a weak reference does not pull an archive member in, so they must not stay). */
-#pragma weak ckpt_st_list_files
-#pragma weak ckpt_st_paths_free
-#pragma weak ckpt_st_open
-#pragma weak ckpt_st_close
-#pragma weak ckpt_st_num_tensors
-#pragma weak ckpt_st_tensor
-#pragma weak ckpt_st_write
-
 static uint64_t name_hash(const char *s)
 {
     uint64_t h = 1469598103934665603ull; /* FNV-1a */
@@ -117,10 +105,6 @@ int wk_model_load_layout(wk_model_t *m, const char *path)
     char **paths = NULL;
     size_t npaths = 0;
     int rc;
-    if (ckpt_st_list_files == NULL || ckpt_st_open == NULL) {
-        fprintf(stderr, "ckpt-worker: --layout needs the safetensors reader, not in this build\n");
-        return CKPT_EUNSUPPORTED;
-    }
     rc = ckpt_st_list_files(path, &paths, &npaths);
     for (size_t f = 0; rc == CKPT_OK && f < npaths; f++) {
         ckpt_st_file_t *file = NULL;
@@ -228,10 +212,6 @@ int wk_model_dump(const wk_model_t *m, const char *dir, const ckpt_update_info_t
     const char *keys[3] = {"ckpt_name", "ckpt_update_id", "ckpt_version"};
     const char *vals[3] = {info->name, id, ver};
     int rc = CKPT_ENOMEM;
-    if (ckpt_st_write == NULL) {
-        fprintf(stderr, "ckpt-worker: --dump needs the safetensors writer, not in this build\n");
-        return CKPT_EUNSUPPORTED;
-    }
     if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
         fprintf(stderr, "ckpt-worker: mkdir %s: %s\n", dir, strerror(errno));
         return CKPT_EIO;
