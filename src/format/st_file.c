@@ -35,7 +35,7 @@ int ckpt_st_open(const char *path, ckpt_st_file_t **file_out)
     int rc = CKPT_OK;
     char *header = NULL;
     ckpt_st_file_t *f = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not hang us */
     if (fd < 0)
         return ckpt__error(errno == ENOENT ? CKPT_ENOENT : errno == EACCES ? CKPT_EPERM
                                                                            : CKPT_EIO,

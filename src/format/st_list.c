@@ -71,7 +71,7 @@ int ckpt__st_read_small_file(const char *path, size_t max, char **buf_out, size_
 {
     int rc = CKPT_OK;
     char *buf = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not hang us */
     if (fd < 0)
         return ckpt__error(errno == ENOENT ? CKPT_ENOENT : CKPT_EIO, "%s: cannot open: %s", path,
                            strerror(errno));

@@ -279,3 +279,11 @@ def test_same_tensor_in_two_shards(run_tool, tmp_path):
     proc = run_tool("inspect", d, check=False)
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
     assert "'x' appears in both" in proc.stderr
+
+
+def test_error_stays_on_one_line(run_tool, tmp_path):
+    path = tmp_path / "ctl.safetensors"
+    path.write_bytes(st_file({"a\nb": t("F32", [2, 2], 0, 12)}, b"\0" * 12))
+    proc = run_tool("inspect", path, check=False)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "a?b" in proc.stderr

@@ -42,9 +42,13 @@ static void usage(FILE *out)
             "Exit status: 0 ok, 1 bad or unreadable checkpoint, 2 usage error.\n");
 }
 
+/* One line on stderr, always: tensor names in the text may hold control characters. */
 static int fail(const char *what)
 {
-    fprintf(stderr, "ckpt-engine inspect: %s\n", what);
+    fputs("ckpt-engine inspect: ", stderr);
+    for (const unsigned char *p = (const unsigned char *)what; *p; p++)
+        fputc(*p < 0x20 || *p == 0x7f ? '?' : *p, stderr);
+    fputc('\n', stderr);
     return 1;
 }
 
