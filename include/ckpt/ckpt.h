@@ -141,6 +141,12 @@ CKPT_API int ckpt_tensor_meta_init(ckpt_tensor_meta_t *meta, const char *name, i
 /* XXH3-64 of a byte range: the checksum that registration stores and receivers verify. */
 CKPT_API uint64_t ckpt_checksum(const void *data, size_t len);
 
+/* Parses a byte size: a number with an optional suffix B, K/KB/KiB, M/MB/MiB, G/GB/GiB,
+ * T/TB/TiB (all powers of 1024; "1.5GiB" allowed). CKPT_EINVAL names the bad text. */
+CKPT_API int ckpt_parse_size(const char *text, uint64_t *bytes_out);
+/* Formats bytes as "1.50 GiB" into buf. Returns buf. */
+CKPT_API const char *ckpt_format_size(uint64_t bytes, char *buf, size_t cap);
+
 /* ---- logging -------------------------------------------------------------------------- */
 
 typedef enum {

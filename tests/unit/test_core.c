@@ -83,8 +83,29 @@ static void test_alloc_hook(void)
     ckpt__free(p);
 }
 
+static void test_sizes(void)
+{
+    uint64_t v = 0;
+    char buf[32];
+    CHECK_OK(ckpt_parse_size("1048576", &v));
+    CHECK(v == 1048576);
+    CHECK_OK(ckpt_parse_size("2GiB", &v));
+    CHECK(v == 2ull << 30);
+    CHECK_OK(ckpt_parse_size("1.5k", &v));
+    CHECK(v == 1536);
+    CHECK_OK(ckpt_parse_size("64MB", &v));
+    CHECK(v == 64ull << 20);
+    CHECK_RC(ckpt_parse_size("12 parsecs", &v), CKPT_EINVAL);
+    CHECK_ERR_HAS("unknown unit");
+    CHECK_RC(ckpt_parse_size("-5", &v), CKPT_EINVAL);
+    CHECK_RC(ckpt_parse_size("99999999TiB", &v), CKPT_ETOOBIG);
+    CHECK_STR(ckpt_format_size(1536, buf, sizeof(buf)), "1.50 KiB");
+    CHECK_STR(ckpt_format_size(100, buf, sizeof(buf)), "100 B");
+}
+
 int main(void)
 {
+    RUN_TEST(test_sizes);
     RUN_TEST(test_status_texts);
     RUN_TEST(test_last_error);
     RUN_TEST(test_dtypes);

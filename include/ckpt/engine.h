@@ -1,0 +1,126 @@
+/*
+ * The engine: one rank per inference worker, all ranks of a deployment in one MPI job.
+ *
+ * Rank 0 leads: a call of ckpt_engine_register/update/unregister/shutdown on rank 0 sends
+ * the command to every rank, and every other rank executes the command stream inside
+ * ckpt_engine_follow(). So all ranks always agree on what is being done. Results are
+ * complete on rank 0 (other ranks get the status).
+ *
+ * MPI must be initialised by the caller (MPI_Init) before ckpt_engine_create.
+ */
+#ifndef CKPT_ENGINE_H
+#define CKPT_ENGINE_H
+
+#include "ckpt/ckpt.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ckpt_engine ckpt_engine_t;
+
+/* How the ranks on one host share IPC buffers. */
+typedef enum {
+    /* One pair of IPC buffers per host, shared by all ranks and workers of that host: the
+     * owner stages into it and only host leaders broadcast between hosts (default). */
+    CKPT_SHARE_NODE = 0,
+    /* One pair per rank: every rank receives its own copy over MPI (the classic layout;
+     * useful to measure MPI_Bcast and for hosts that must not share memory). */
+    CKPT_SHARE_RANK = 1,
+} ckpt_share_mode_t;
+
+typedef struct ckpt_engine_options {
+    uint64_t field_mask;     /* reserved for growth; set 0 */
+    const char *socket_dir;  /* worker sockets DIR/rank-<r>.sock; NULL: ranks have no worker */
+    uint64_t bucket_max;     /* upper limit of a bucket in bytes (default 256 MiB) */
+    int timeout_ms;          /* bound of every wait of an update (default 30000) */
+    int verify;              /* ask workers to verify checksums of what they copy */
+    int share_mode;          /* ckpt_share_mode_t */
+    uint64_t memory_limit;   /* bytes the IPC buffers may use; 0: derived from free memory */
+} ckpt_engine_options_t;
+
+#define CKPT_ENGINE_OPTIONS_INIT {0, NULL, 256ull << 20, 30000, 0, CKPT_SHARE_NODE, 0}
+
+/* Result of an update, filled on rank 0 (status on every rank). */
+typedef struct ckpt_update_result {
+    int status;               /* 0 or the failing status */
+    int failed_rank;          /* -1 when none */
+    char reason[512];         /* names the failing rank, worker, tensor */
+    char name[CKPT_NAME_MAX]; /* checkpoint */
+    uint64_t version;
+    uint64_t update_id;
+    uint64_t bytes;           /* bytes of the checkpoint delivered to each worker */
+    uint32_t ntensors;
+    uint32_t nbuckets;
+    uint64_t bucket_size;
+    int nbuffers;             /* 2: pipelined; 1: memory was short */
+    int nranks;
+    double gather_s;          /* allgather of metas */
+    double plan_s;            /* bucket plan and IPC buffer setup */
+    double begin_s;           /* workers attached and ready */
+    double pipeline_s;        /* stage, broadcast, reload and agree of all buckets */
+    double finish_s;          /* workers' post-hooks */
+    double total_s;
+} ckpt_update_result_t;
+
+typedef struct ckpt_update_options {
+    uint64_t field_mask;      /* reserved; set 0 */
+    uint64_t bucket_max;      /* 0: the engine's option */
+    int timeout_ms;           /* 0: the engine's option */
+    int verify;               /* -1: the engine's option, 0 off, 1 on */
+    const char *trace_path;   /* write the Chrome trace JSON here (rank 0); NULL: don't */
+} ckpt_update_options_t;
+
+#define CKPT_UPDATE_OPTIONS_INIT {0, 0, 0, -1, NULL}
+
+/* Physical floors measured in this run: single-core memcpy on rank 0, MPI_Bcast on all. */
+typedef struct ckpt_floors {
+    double memcpy_gbps;
+    double bcast_gbps;
+    uint64_t bcast_bytes;
+} ckpt_floors_t;
+
+/* Collective over MPI_COMM_WORLD: every rank calls it. */
+CKPT_API int ckpt_engine_create(const ckpt_engine_options_t *opts, ckpt_engine_t **engine_out);
+/* Releases the store, buffers and sockets. Call after shutdown/follow returned. */
+CKPT_API void ckpt_engine_destroy(ckpt_engine_t *engine);
+CKPT_API int ckpt_engine_rank(const ckpt_engine_t *engine);
+CKPT_API int ckpt_engine_size(const ckpt_engine_t *engine);
+
+/* Followers (rank != 0): execute commands until rank 0 calls shutdown. Returns 0 then, or
+ * a negative status if the deployment broke (a rank stopped answering). */
+CKPT_API int ckpt_engine_follow(ckpt_engine_t *engine);
+
+/* Leader (rank 0) commands; each runs on every rank. */
+CKPT_API int ckpt_engine_register(ckpt_engine_t *engine, const char *name, const char *path);
+CKPT_API int ckpt_engine_unregister(ckpt_engine_t *engine, const char *name);
+CKPT_API int ckpt_engine_update(ckpt_engine_t *engine, const char *name,
+                                const ckpt_update_options_t *opts, ckpt_update_result_t *result);
+CKPT_API int ckpt_engine_floors(ckpt_engine_t *engine, ckpt_floors_t *floors);
+CKPT_API int ckpt_engine_shutdown(ckpt_engine_t *engine);
+
+/* Progress of the running (or last) update. Safe to call from any thread while rank 0's
+ * main thread runs ckpt_engine_update (an HTTP thread, a progress bar). */
+typedef struct ckpt_update_progress {
+    uint64_t update_id;     /* 0: no update yet */
+    int running;            /* 1 while the update runs */
+    uint32_t buckets_done;
+    uint32_t nbuckets;      /* 0 until the plan is made */
+    uint64_t bytes_done;
+    uint64_t bytes_total;
+    double elapsed_s;
+} ckpt_update_progress_t;
+
+CKPT_API int ckpt_engine_progress(const ckpt_engine_t *engine, ckpt_update_progress_t *out);
+
+/* Checkpoints registered (as seen by rank 0): count, and the i-th name, version, total
+ * bytes and tensor count. */
+CKPT_API size_t ckpt_engine_checkpoint_count(const ckpt_engine_t *engine);
+CKPT_API int ckpt_engine_checkpoint_info(const ckpt_engine_t *engine, size_t index,
+                                         const char **name_out, uint64_t *version_out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

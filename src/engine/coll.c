@@ -1,0 +1,109 @@
+/* Timed collectives: MPI has no timeouts, so every collective is started non-blocking and
+ * tested with a deadline. Between tests the rank sleeps with a growing back-off: an idle
+ * rank must not spin a core at 100 % (it would steal the core a worker copies on). */
+#include <limits.h>
+#include <sched.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine/engine_internal.h"
+
+int ckpt__mpi_wait(ckpt_engine_t *e, MPI_Request *req, int timeout_ms, int max_sleep_us,
+                   const char *what)
+{
+    uint64_t start = ckpt__now_ns();
+    uint64_t limit = timeout_ms < 0 ? UINT64_MAX : (uint64_t)timeout_ms * 1000000ull;
+    long sleep_ns = 2000;
+    for (int iter = 0;; iter++) {
+        int done = 0;
+        int rc = MPI_Test(req, &done, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS)
+            return ckpt__error(CKPT_ECOMM, "rank %d: MPI error %d during %s", e->rank, rc, what);
+        if (done) return CKPT_OK;
+        if (ckpt__now_ns() - start > limit) {
+            e->broken = 1;
+            return ckpt__error(CKPT_ETIMEDOUT,
+                               "rank %d: no answer from the other ranks within %d ms during %s "
+                               "(a rank died or stalled)",
+                               e->rank, timeout_ms, what);
+        }
+        if (iter < 16) {
+            sched_yield(); /* the common case completes within microseconds */
+            continue;
+        }
+        struct timespec ts = {0, sleep_ns};
+        nanosleep(&ts, NULL);
+        if (sleep_ns < (long)max_sleep_us * 1000) sleep_ns = sleep_ns * 2;
+        if (sleep_ns > (long)max_sleep_us * 1000) sleep_ns = (long)max_sleep_us * 1000;
+    }
+}
+
+typedef struct {
+    int32_t status;
+    char reason[CKPT__REASON_MAX];
+} agree_msg_t;
+
+int ckpt__agree(ckpt_engine_t *e, int local_rc, const char *local_reason, int timeout_ms,
+                int *failed_rank_out, char *reason, size_t reason_cap)
+{
+    /* Cheap in the common case: one integer allreduce. Only on failure does the lowest
+     * failing rank broadcast its status and text. */
+    int mine = local_rc < 0 ? e->rank : INT_MAX;
+    int lowest = INT_MAX;
+    MPI_Request req;
+    MPI_Iallreduce(&mine, &lowest, 1, MPI_INT, MPI_MIN, e->world, &req);
+    int rc = ckpt__mpi_wait(e, &req, timeout_ms, 500, "agreement");
+    if (rc < 0) return rc;
+    if (lowest == INT_MAX) {
+        if (failed_rank_out) *failed_rank_out = -1;
+        return CKPT_OK;
+    }
+    agree_msg_t msg;
+    memset(&msg, 0, sizeof(msg));
+    if (e->rank == lowest) {
+        msg.status = local_rc;
+        snprintf(msg.reason, sizeof(msg.reason), "rank %d: %s", e->rank,
+                 local_reason ? local_reason : ckpt_strerror(local_rc));
+    }
+    MPI_Ibcast(&msg, (int)sizeof(msg), MPI_BYTE, lowest, e->world, &req);
+    rc = ckpt__mpi_wait(e, &req, timeout_ms, 500, "failure report");
+    if (rc < 0) return rc;
+    if (failed_rank_out) *failed_rank_out = lowest;
+    if (reason && reason_cap) snprintf(reason, reason_cap, "%s", msg.reason);
+    return msg.status < 0 ? msg.status : CKPT_EPEER;
+}
+
+int ckpt__bcast_bytes(ckpt_engine_t *e, void *buf, uint64_t count, int root, MPI_Comm comm,
+                      int timeout_ms, const char *what)
+{
+    const uint64_t chunk = 1ull << 30; /* MPI counts are int */
+    for (uint64_t off = 0; off < count; off += chunk) {
+        int n = (int)CKPT_MIN(chunk, count - off);
+        MPI_Request req;
+        MPI_Ibcast((char *)buf + off, n, MPI_BYTE, root, comm, &req);
+        int rc = ckpt__mpi_wait(e, &req, timeout_ms, 200, what);
+        if (rc < 0) return rc;
+    }
+    return CKPT_OK;
+}
+
+int ckpt__barrier(ckpt_engine_t *e, MPI_Comm comm, int timeout_ms, const char *what)
+{
+    MPI_Request req;
+    MPI_Ibarrier(comm, &req);
+    return ckpt__mpi_wait(e, &req, timeout_ms, 200, what);
+}
+
+void ckpt__engine_fatal(ckpt_engine_t *e, const char *why)
+{
+    ckpt_error_log("%s; the deployment cannot continue, aborting the MPI job so it can be "
+                   "restarted (inference workers keep their current weights)",
+                   why);
+    if (e->ipc) ckpt_ipc_finish(e->ipc, 0, why, 1000);
+    fflush(stdout);
+    fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 3);
+    _exit(3);
+}

@@ -1,0 +1,91 @@
+/* The command stream: rank 0 broadcasts each command; followers wait for the next one
+ * without spinning (see coll.c) and execute it. */
+#include <string.h>
+
+#include "engine/engine_internal.h"
+
+int ckpt__cmd_send(ckpt_engine_t *e, ckpt__cmd_t *cmd)
+{
+    MPI_Request req;
+    MPI_Ibcast(cmd, (int)sizeof(*cmd), MPI_BYTE, 0, e->world, &req);
+    return ckpt__mpi_wait(e, &req, e->opts.timeout_ms, 1000, "command broadcast");
+}
+
+int ckpt__cmd_recv(ckpt_engine_t *e, ckpt__cmd_t *cmd)
+{
+    MPI_Request req;
+    memset(cmd, 0, sizeof(*cmd));
+    MPI_Ibcast(cmd, (int)sizeof(*cmd), MPI_BYTE, 0, e->world, &req);
+    /* Waiting for the next command is the idle state: no timeout, 20 ms naps at most. */
+    return ckpt__mpi_wait(e, &req, -1, 20000, "waiting for a command");
+}
+
+static int find_checkpoint(ckpt_engine_t *e, const char *name)
+{
+    for (size_t i = 0; i < e->ncheckpoints; i++)
+        if (strcmp(e->checkpoints[i].name, name) == 0) return (int)i;
+    return -1;
+}
+
+static int exec_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
+{
+    int rc;
+    char reason[CKPT__REASON_MAX];
+    int failed = -1;
+    if (find_checkpoint(e, cmd->name) >= 0)
+        return ckpt__error(CKPT_EEXIST, "checkpoint '%s' is already registered", cmd->name);
+    if (e->ncheckpoints == CKPT__MAX_CHECKPOINTS)
+        return ckpt__error(CKPT_EBUSY, "%d checkpoints are registered; unregister one first",
+                           CKPT__MAX_CHECKPOINTS);
+    int local = ckpt_store_register_files(e->store, cmd->name, cmd->path, e->rank, e->size);
+    rc = ckpt__agree(e, local, local < 0 ? ckpt_last_error() : NULL, cmd->timeout_ms, &failed,
+                     reason, sizeof(reason));
+    if (rc == CKPT_ETIMEDOUT && e->broken) return rc;
+    if (rc < 0) {
+        /* Nobody keeps a share of a checkpoint that failed on some rank. */
+        if (local == CKPT_OK) ckpt_store_unregister(e->store, cmd->name);
+        return ckpt__error(rc, "registering '%s' failed on %s", cmd->name, reason);
+    }
+    ckpt__checkpoint_entry_t *c = &e->checkpoints[e->ncheckpoints++];
+    ckpt__strlcpy(c->name, cmd->name, sizeof(c->name));
+    c->version = cmd->version;
+    return CKPT_OK;
+}
+
+static int exec_unregister(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
+{
+    int idx = find_checkpoint(e, cmd->name);
+    if (idx < 0) return ckpt__error(CKPT_ENOENT, "checkpoint '%s' is not registered", cmd->name);
+    ckpt_store_unregister(e->store, cmd->name);
+    e->checkpoints[idx] = e->checkpoints[--e->ncheckpoints];
+    return CKPT_OK;
+}
+
+int ckpt__cmd_execute(ckpt_engine_t *e, const ckpt__cmd_t *cmd, ckpt_update_result_t *result,
+                      const ckpt_update_options_t *uopts, ckpt_floors_t *floors)
+{
+    switch (cmd->op) {
+    case CKPT__CMD_REGISTER: return exec_register(e, cmd);
+    case CKPT__CMD_UNREGISTER: return exec_unregister(e, cmd);
+    case CKPT__CMD_UPDATE: {
+        ckpt_update_result_t local;
+        if (find_checkpoint(e, cmd->name) < 0)
+            return ckpt__error(CKPT_ENOENT, "checkpoint '%s' is not registered", cmd->name);
+        return ckpt__update_run(e, cmd, uopts ? uopts->trace_path : NULL,
+                                result ? result : &local);
+    }
+    case CKPT__CMD_FLOORS: {
+        ckpt_floors_t local;
+        return ckpt__floors_run(e, floors ? floors : &local);
+    }
+    case CKPT__CMD_SHUTDOWN: return CKPT_OK;
+    default: return ckpt__error(CKPT_EPROTO, "unknown command %d from rank 0", cmd->op);
+    }
+}
+
+uint64_t ckpt__engine_version_of(const ckpt_engine_t *e, const char *name)
+{
+    for (size_t i = 0; i < e->ncheckpoints; i++)
+        if (strcmp(e->checkpoints[i].name, name) == 0) return e->checkpoints[i].version;
+    return 0;
+}

@@ -1,0 +1,124 @@
+/* Internals of the engine: the rank's state, the command stream, timed collectives. */
+#ifndef CKPT_ENGINE_INTERNAL_H
+#define CKPT_ENGINE_INTERNAL_H
+
+#include <mpi.h>
+#include <stdatomic.h>
+
+#include "ckpt/engine.h"
+#include "ckpt/store.h"
+#include "core/internal.h"
+#include "ipc/sender.h"
+
+#define CKPT__PATH_MAX 4096
+#define CKPT__REASON_MAX 512
+#define CKPT__MAX_CHECKPOINTS 64
+
+typedef enum {
+    CKPT__CMD_NONE = 0,
+    CKPT__CMD_REGISTER,
+    CKPT__CMD_UNREGISTER,
+    CKPT__CMD_UPDATE,
+    CKPT__CMD_FLOORS,
+    CKPT__CMD_SHUTDOWN,
+} ckpt__cmd_op_t;
+
+/* One command of the stream, broadcast as plain bytes from rank 0. */
+typedef struct ckpt__cmd {
+    int32_t op;
+    int32_t timeout_ms;
+    int32_t verify;
+    int32_t reserved;
+    uint64_t version;
+    uint64_t update_id;
+    uint64_t bucket_max;
+    char name[CKPT_NAME_MAX];
+    char path[CKPT__PATH_MAX];
+} ckpt__cmd_t;
+
+/* IPC buffers of this rank's group (the ranks sharing them: a host, or the rank alone). */
+typedef struct ckpt__buffers {
+    int nbuffers;
+    uint64_t size;
+    int fds[2];
+    void *ptr[2];
+} ckpt__buffers_t;
+
+typedef struct ckpt__checkpoint_entry {
+    char name[CKPT_NAME_MAX];
+    uint64_t version;
+} ckpt__checkpoint_entry_t;
+
+struct ckpt_engine {
+    ckpt_engine_options_t opts;
+    char socket_dir[CKPT__PATH_MAX];
+    int rank, size;
+    MPI_Comm world;   /* dup of MPI_COMM_WORLD: our traffic never mixes with the caller's */
+    MPI_Comm group;   /* ranks sharing IPC buffers */
+    MPI_Comm leaders; /* one rank per group (MPI_COMM_NULL on the others) */
+    int group_rank, group_size;
+    int ngroups;
+    int *group_of_rank;  /* world rank -> index of its group among the leaders */
+    ckpt_store_t *store;
+    ckpt_ipc_server_t *ipc; /* NULL when the rank has no worker */
+    ckpt__buffers_t buffers;
+    ckpt__checkpoint_entry_t checkpoints[CKPT__MAX_CHECKPOINTS];
+    size_t ncheckpoints;
+    uint64_t next_version;
+    uint64_t next_update_id;
+    int broken; /* a collective timed out: MPI state is unknown, only exit is safe */
+    /* Progress, written by the update and read by other threads (ckpt_engine_progress). */
+    struct {
+        _Atomic uint64_t update_id;
+        atomic_int running;
+        _Atomic uint32_t buckets_done, nbuckets;
+        _Atomic uint64_t bytes_done, bytes_total;
+        _Atomic uint64_t start_ns, end_ns;
+    } progress;
+};
+
+/* ---- timed collectives (coll.c) ---- */
+
+/* Waits for req, sleeping between tests so an idle rank does not spin a core. Returns
+ * CKPT_ETIMEDOUT naming `what` after timeout_ms (< 0: wait forever). max_sleep_us caps
+ * the back-off: small on the data path, larger for idle command waits. */
+int ckpt__mpi_wait(ckpt_engine_t *e, MPI_Request *req, int timeout_ms, int max_sleep_us,
+                   const char *what);
+/* Every rank learns whether all succeeded. On failure *failed_rank_out is the lowest
+ * failing rank and `reason` its text (prefixed "rank N: "). Returns 0 when all succeeded,
+ * the failing rank's status otherwise, CKPT_ETIMEDOUT if the ranks could not agree. */
+int ckpt__agree(ckpt_engine_t *e, int local_rc, const char *local_reason, int timeout_ms,
+                int *failed_rank_out, char *reason, size_t reason_cap);
+/* Timed broadcast of count bytes from root over comm (chunks above 1 GiB). */
+int ckpt__bcast_bytes(ckpt_engine_t *e, void *buf, uint64_t count, int root, MPI_Comm comm,
+                      int timeout_ms, const char *what);
+int ckpt__barrier(ckpt_engine_t *e, MPI_Comm comm, int timeout_ms, const char *what);
+/* Fatal: the deployment can no longer agree; log, tell the worker, abort the MPI job so
+ * that it can be restarted as a whole. */
+void ckpt__engine_fatal(ckpt_engine_t *e, const char *why) __attribute__((noreturn));
+
+/* ---- command stream (command.c) ---- */
+int ckpt__cmd_send(ckpt_engine_t *e, ckpt__cmd_t *cmd);
+int ckpt__cmd_recv(ckpt_engine_t *e, ckpt__cmd_t *cmd);
+int ckpt__cmd_execute(ckpt_engine_t *e, const ckpt__cmd_t *cmd, ckpt_update_result_t *result,
+                      const ckpt_update_options_t *uopts, ckpt_floors_t *floors);
+
+/* Version of a registered checkpoint (fixed by rank 0, carried in the register command so
+ * every rank agrees); 0 when not registered. */
+uint64_t ckpt__engine_version_of(const ckpt_engine_t *e, const char *name);
+
+/* ---- IPC buffers (buffers.c) ---- */
+/* Collective over the world: makes sure the group's buffers are `nbuffers` x `size`. */
+int ckpt__buffers_ensure(ckpt_engine_t *e, uint64_t size, int nbuffers, int timeout_ms);
+void ckpt__buffers_release(ckpt_engine_t *e);
+/* Bytes available for IPC buffers on this host (MemAvailable, /dev/shm free). */
+uint64_t ckpt__host_available_bytes(void);
+
+/* ---- the broadcast update (update.c) ---- */
+int ckpt__update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace_path,
+                     ckpt_update_result_t *result);
+
+/* ---- floors (floors.c) ---- */
+int ckpt__floors_run(ckpt_engine_t *e, ckpt_floors_t *floors);
+
+#endif

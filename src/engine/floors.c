@@ -1,0 +1,60 @@
+/* Physical floors measured in the same run as the update they are compared with:
+ * single-core memcpy bandwidth (rank 0 alone, large buffers, so it measures memory, not
+ * cache) and MPI_Bcast bandwidth over all ranks. */
+#include <string.h>
+
+#include "engine/engine_internal.h"
+
+#define FLOOR_BYTES (256ull << 20)
+#define FLOOR_REPS 5
+
+static double memcpy_gbps(void)
+{
+    char *a = ckpt__malloc(FLOOR_BYTES), *b = ckpt__malloc(FLOOR_BYTES);
+    double best = 0;
+    if (a && b) {
+        memset(a, 1, FLOOR_BYTES);
+        memset(b, 2, FLOOR_BYTES); /* fault the pages in before timing */
+        for (int i = 0; i < FLOOR_REPS; i++) {
+            double t = ckpt__now_s();
+            memcpy(i % 2 ? a : b, i % 2 ? b : a, FLOOR_BYTES);
+            double dt = ckpt__now_s() - t;
+            double gbps = (double)FLOOR_BYTES / dt / 1e9;
+            if (gbps > best) best = gbps;
+        }
+    }
+    ckpt__free(a);
+    ckpt__free(b);
+    return best;
+}
+
+int ckpt__floors_run(ckpt_engine_t *e, ckpt_floors_t *floors)
+{
+    memset(floors, 0, sizeof(*floors));
+    if (e->rank == 0) floors->memcpy_gbps = memcpy_gbps();
+    const uint64_t bytes = 64ull << 20;
+    char *buf = ckpt__malloc(bytes);
+    int ok = buf != NULL, all_ok = 0;
+    MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, e->world);
+    if (!all_ok) {
+        ckpt__free(buf);
+        return ckpt__error(CKPT_ENOMEM, "rank %d: no memory for the MPI_Bcast floor", e->rank);
+    }
+    memset(buf, e->rank, bytes);
+    double best = 0;
+    for (int i = 0; i < FLOOR_REPS; i++) {
+        int rc = ckpt__barrier(e, e->world, e->opts.timeout_ms, "floor barrier");
+        if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
+        double t = ckpt__now_s();
+        /* A plain blocking MPI_Bcast: the floor is what MPI itself achieves. */
+        MPI_Bcast(buf, (int)bytes, MPI_BYTE, i % e->size, e->world);
+        double dt = ckpt__now_s() - t, slowest = 0;
+        MPI_Allreduce(&dt, &slowest, 1, MPI_DOUBLE, MPI_MAX, e->world);
+        double gbps = (double)bytes / slowest / 1e9;
+        if (gbps > best) best = gbps;
+    }
+    ckpt__free(buf);
+    floors->bcast_gbps = best;
+    floors->bcast_bytes = bytes;
+    return CKPT_OK;
+}

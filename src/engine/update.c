@@ -1,0 +1,326 @@
+/* The broadcast update: gather metas, plan buckets, then per bucket stage -> broadcast ->
+ * reload -> agree, pipelined over two IPC buffers so that the broadcast of bucket b+1
+ * runs while the workers reload bucket b.
+ *
+ * Invariant that makes the overlap safe: bucket b is written into buffer b % nbuffers only
+ * after every rank agreed on bucket b - nbuffers, i.e. after every worker acknowledged
+ * that it finished reading that buffer. With one buffer (memory short) the loop
+ * degenerates to stage, reload, agree in sequence. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/engine_internal.h"
+#include "engine/timeline.h"
+#include "plan/bucket.h"
+
+typedef struct update_ctx {
+    ckpt_engine_t *e;
+    const ckpt__cmd_t *cmd;
+    ckpt_update_result_t *res;
+    ckpt_bucket_plan_t plan;
+    ckpt__timeline_t tl;
+    const void **local_data; /* per store index: address of a local tensor's bytes */
+    int worker_begun;
+    double sent_at;
+    long corrupt_bucket; /* fault injection for tests: CKPT_FAULT_CORRUPT_BUCKET=b */
+} update_ctx_t;
+
+static int fail_result(update_ctx_t *u, int rc, int failed_rank, const char *reason)
+{
+    u->res->status = rc;
+    u->res->failed_rank = failed_rank;
+    snprintf(u->res->reason, sizeof(u->res->reason), "%s", reason);
+    return rc;
+}
+
+/* Agreement with the result recorded; a broken deployment is fatal. */
+static int agree(update_ctx_t *u, int local_rc, const char *what)
+{
+    char reason[CKPT__REASON_MAX];
+    char local_reason[CKPT__REASON_MAX];
+    int failed = -1;
+    snprintf(local_reason, sizeof(local_reason), "%s: %s", what, ckpt_last_error());
+    int rc = ckpt__agree(u->e, local_rc, local_rc < 0 ? local_reason : NULL, u->cmd->timeout_ms,
+                         &failed, reason, sizeof(reason));
+    if (rc == CKPT_OK) return CKPT_OK;
+    if (u->e->broken) ckpt__engine_fatal(u->e, ckpt_last_error());
+    return fail_result(u, rc, failed, reason);
+}
+
+/* Allgather of every rank's local tensor metas. meta.reserved carries the owner's store
+ * index so the owner finds the bytes again without a lookup by name. */
+static int gather_metas(update_ctx_t *u, ckpt_tensor_meta_t **all_out, size_t *count_out)
+{
+    ckpt_engine_t *e = u->e;
+    const ckpt_tensor_meta_t *metas = NULL;
+    size_t count = 0, nlocal = 0;
+    int rc = ckpt_store_tensors(e->store, u->cmd->name, &metas, &count);
+    ckpt_tensor_meta_t *local = NULL, *all = NULL;
+    int *counts = NULL, *displs = NULL;
+    if (rc == CKPT_OK) {
+        local = ckpt__calloc(count + 1, sizeof(*local));
+        u->local_data = ckpt__calloc(count + 1, sizeof(*u->local_data));
+        if (!local || !u->local_data) rc = ckpt__error(CKPT_ENOMEM, "gathering metas");
+    }
+    for (size_t i = 0; rc == CKPT_OK && i < count; i++) {
+        const void *data = NULL;
+        if (ckpt_store_tensor_data(e->store, u->cmd->name, i, &data) != CKPT_OK) continue;
+        u->local_data[i] = data;
+        local[nlocal] = metas[i];
+        local[nlocal].owner = e->rank;
+        local[nlocal].reserved = (int32_t)i;
+        nlocal++;
+    }
+    ckpt__error_clear();
+    rc = agree(u, rc, "reading local metas");
+    if (rc < 0) goto out;
+
+    counts = ckpt__calloc((size_t)e->size, sizeof(int));
+    displs = ckpt__calloc((size_t)e->size, sizeof(int));
+    int mine = (int)(nlocal * sizeof(ckpt_tensor_meta_t));
+    MPI_Request req;
+    MPI_Iallgather(&mine, 1, MPI_INT, counts, 1, MPI_INT, e->world, &req);
+    rc = ckpt__mpi_wait(e, &req, u->cmd->timeout_ms, 200, "allgather of metas");
+    if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
+    uint64_t total = 0;
+    for (int r = 0; r < e->size; r++) {
+        displs[r] = (int)total;
+        total += (uint64_t)counts[r];
+    }
+    all = ckpt__calloc(total / sizeof(ckpt_tensor_meta_t) + 1, sizeof(*all));
+    MPI_Iallgatherv(local, mine, MPI_BYTE, all, counts, displs, MPI_BYTE, e->world, &req);
+    rc = ckpt__mpi_wait(e, &req, u->cmd->timeout_ms, 200, "allgather of metas");
+    if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
+    *all_out = all;
+    *count_out = total / sizeof(ckpt_tensor_meta_t);
+    all = NULL;
+out:
+    ckpt__free(local);
+    ckpt__free(all);
+    ckpt__free(counts);
+    ckpt__free(displs);
+    return rc;
+}
+
+static int plan_update(update_ctx_t *u, const ckpt_tensor_meta_t *all, size_t count)
+{
+    ckpt_engine_t *e = u->e;
+    /* Every rank must plan from the same numbers: take the smallest free memory. */
+    uint64_t avail = e->opts.memory_limit ? e->opts.memory_limit
+                                          : ckpt__host_available_bytes() / 2;
+    uint64_t min_avail = avail;
+    MPI_Request req;
+    MPI_Iallreduce(&avail, &min_avail, 1, MPI_UINT64_T, MPI_MIN, e->world, &req);
+    int rc = ckpt__mpi_wait(e, &req, u->cmd->timeout_ms, 200, "memory agreement");
+    if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
+
+    uint64_t bucket_size = 0;
+    int nbuffers = 0;
+    uint64_t largest = ckpt__plan_min_bucket(all, count);
+    rc = ckpt__plan_bucket_size(largest, u->cmd->bucket_max, min_avail, &bucket_size, &nbuffers);
+    if (rc == CKPT_OK) rc = ckpt__plan_buckets(all, count, e->size, bucket_size, &u->plan);
+    /* The plan is a pure function of agreed input: it fails the same way on every rank. */
+    if (rc < 0) return fail_result(u, rc, -1, ckpt_last_error());
+    rc = ckpt__buffers_ensure(e, bucket_size, nbuffers, u->cmd->timeout_ms);
+    if (rc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());
+    rc = agree(u, rc, "IPC buffers");
+    if (rc < 0) return rc;
+    u->res->bucket_size = bucket_size;
+    u->res->nbuffers = nbuffers;
+    u->res->nbuckets = (uint32_t)u->plan.nbuckets;
+    u->res->ntensors = (uint32_t)u->plan.ntensors;
+    u->res->bytes = u->plan.total_bytes;
+    atomic_store(&e->progress.nbuckets, (uint32_t)u->plan.nbuckets);
+    atomic_store(&e->progress.bytes_total, u->plan.total_bytes);
+    return ckpt__timeline_init(&u->tl, u->plan.nbuckets * CKPT__EV_KINDS + 1);
+}
+
+static int begin_workers(update_ctx_t *u)
+{
+    ckpt_engine_t *e = u->e;
+    int rc = CKPT_OK;
+    if (e->ipc) {
+        rc = ckpt_ipc_server_wait_worker(e->ipc, u->cmd->timeout_ms);
+        if (rc == CKPT_OK) {
+            ckpt_ipc_begin_t begin;
+            memset(&begin, 0, sizeof(begin));
+            begin.update_id = u->cmd->update_id;
+            begin.version = u->cmd->version;
+            begin.name = u->cmd->name;
+            begin.nbuckets = (uint32_t)u->plan.nbuckets;
+            begin.verify = u->cmd->verify;
+            begin.nbuffers = e->buffers.nbuffers;
+            for (int i = 0; i < e->buffers.nbuffers; i++) {
+                begin.buffer_fds[i] = e->buffers.fds[i];
+                begin.buffer_sizes[i] = e->buffers.size;
+            }
+            rc = ckpt_ipc_begin(e->ipc, &begin, u->cmd->timeout_ms);
+            u->worker_begun = rc == CKPT_OK;
+        }
+    }
+    return agree(u, rc, "worker");
+}
+
+/* stage + broadcast + group barrier of bucket b into buffer b % nbuffers. */
+static int prepare_bucket(update_ctx_t *u, size_t b)
+{
+    ckpt_engine_t *e = u->e;
+    const ckpt_bucket_t *bk = &u->plan.buckets[b];
+    char *buf = e->buffers.ptr[b % (size_t)e->buffers.nbuffers];
+    double t0 = ckpt__now_s();
+    if (bk->owner == e->rank) {
+        for (uint32_t i = bk->first; i < bk->first + bk->count; i++) {
+            const ckpt_tensor_meta_t *t = &u->plan.tensors[i];
+            memcpy(buf + t->offset, u->local_data[t->reserved], t->nbytes);
+        }
+        ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_STAGE, t0);
+        if ((long)b == u->corrupt_bucket && bk->count > 0) {
+            /* Flips one byte after staging, as a bad DIMM or a stray write would; the
+             * workers' checksum verification must catch it. */
+            buf[u->plan.tensors[bk->first].offset] ^= 0x5a;
+            ckpt_warn("fault injection: corrupted one byte of bucket %zu", b);
+        }
+    }
+    int rc = CKPT_OK;
+    if (e->ngroups > 1 && e->leaders != MPI_COMM_NULL) {
+        t0 = ckpt__now_s();
+        rc = ckpt__bcast_bytes(e, buf, bk->bytes, e->group_of_rank[bk->owner], e->leaders,
+                               u->cmd->timeout_ms, "bucket broadcast");
+        if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
+        ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_BCAST, t0);
+    }
+    if (e->group_size > 1) {
+        t0 = ckpt__now_s();
+        rc = ckpt__barrier(e, e->group, u->cmd->timeout_ms, "bucket ready");
+        if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
+        ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_READY, t0);
+    }
+    return rc;
+}
+
+static int send_bucket(update_ctx_t *u, size_t b)
+{
+    ckpt_engine_t *e = u->e;
+    const ckpt_bucket_t *bk = &u->plan.buckets[b];
+    u->sent_at = ckpt__now_s();
+    if (!e->ipc) return CKPT_OK;
+    return ckpt_ipc_send_bucket(e->ipc, (uint32_t)b, (int)(b % (size_t)e->buffers.nbuffers),
+                                &u->plan.tensors[bk->first], bk->count);
+}
+
+static void progress_bucket_done(update_ctx_t *u, size_t b)
+{
+    atomic_fetch_add(&u->e->progress.buckets_done, 1);
+    atomic_fetch_add(&u->e->progress.bytes_done, u->plan.buckets[b].bytes);
+}
+
+/* Waits for the worker's ack of bucket b and agrees on it across ranks. */
+static int complete_bucket(update_ctx_t *u, size_t b, int send_rc)
+{
+    ckpt_engine_t *e = u->e;
+    int rc = send_rc;
+    if (rc == CKPT_OK && e->ipc) rc = ckpt_ipc_wait_ack(e->ipc, u->cmd->timeout_ms);
+    ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_RELOAD, u->sent_at);
+    double t0 = ckpt__now_s();
+    char what[64];
+    snprintf(what, sizeof(what), "worker, bucket %zu", b);
+    rc = agree(u, rc, what);
+    ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_AGREE, t0);
+    if (rc == CKPT_OK) progress_bucket_done(u, b);
+    return rc;
+}
+
+static int run_pipeline(update_ctx_t *u)
+{
+    size_t nb = u->plan.nbuckets;
+    int two = u->e->buffers.nbuffers == 2;
+    int send_rc = CKPT_OK, rc = CKPT_OK;
+    for (size_t b = 0; b < nb; b++) {
+        if (!two && b > 0 && (rc = complete_bucket(u, b - 1, send_rc)) < 0) return rc;
+        prepare_bucket(u, b);
+        if (two && b > 0 && (rc = complete_bucket(u, b - 1, send_rc)) < 0) return rc;
+        send_rc = send_bucket(u, b);
+    }
+    if (nb > 0) rc = complete_bucket(u, nb - 1, send_rc);
+    return rc;
+}
+
+int ckpt__update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace_path,
+                     ckpt_update_result_t *res)
+{
+    update_ctx_t u;
+    memset(&u, 0, sizeof(u));
+    u.e = e;
+    u.cmd = cmd;
+    u.res = res;
+    memset(res, 0, sizeof(*res));
+    res->failed_rank = -1;
+    res->nranks = e->size;
+    res->version = cmd->version;
+    res->update_id = cmd->update_id;
+    ckpt__strlcpy(res->name, cmd->name, sizeof(res->name));
+    atomic_store(&e->progress.update_id, cmd->update_id);
+    atomic_store(&e->progress.buckets_done, 0);
+    atomic_store(&e->progress.nbuckets, 0);
+    atomic_store(&e->progress.bytes_done, 0);
+    atomic_store(&e->progress.bytes_total, 0);
+    atomic_store(&e->progress.start_ns, ckpt__now_ns());
+    atomic_store(&e->progress.running, 1);
+    const char *fault = getenv("CKPT_FAULT_CORRUPT_BUCKET");
+    u.corrupt_bucket = fault ? strtol(fault, NULL, 10) : -1;
+
+    /* A common start so that every rank's timeline shares one origin. */
+    if (ckpt__barrier(e, e->world, cmd->timeout_ms, "update start") < 0)
+        ckpt__engine_fatal(e, ckpt_last_error());
+    double t_start = ckpt__now_s(), t = t_start;
+    ckpt_tensor_meta_t *all = NULL;
+    size_t count = 0;
+    int rc = gather_metas(&u, &all, &count);
+    res->gather_s = ckpt__now_s() - t;
+    if (rc < 0) goto out;
+    t = ckpt__now_s();
+    rc = plan_update(&u, all, count);
+    res->plan_s = ckpt__now_s() - t;
+    if (rc < 0) goto out;
+    t = ckpt__now_s();
+    rc = begin_workers(&u);
+    res->begin_s = ckpt__now_s() - t;
+    if (rc < 0) goto finish;
+    t = ckpt__now_s();
+    rc = run_pipeline(&u);
+    res->pipeline_s = ckpt__now_s() - t;
+
+finish:
+    t = ckpt__now_s();
+    if (u.worker_begun) {
+        /* Commit only when every rank agreed on every bucket; otherwise the worker learns
+         * that the update is incomplete and why. */
+        int frc = ckpt_ipc_finish(e->ipc, rc == CKPT_OK, rc == CKPT_OK ? NULL : res->reason,
+                                  cmd->timeout_ms);
+        if (rc == CKPT_OK) rc = frc;
+        else ckpt__error_clear();
+    }
+    if (res->status == CKPT_OK) rc = agree(&u, rc, "worker post-hook");
+    res->finish_s = ckpt__now_s() - t;
+    if (u.tl.events) {
+        char label[CKPT_NAME_MAX + 32];
+        snprintf(label, sizeof(label), "%s #%llu", cmd->name,
+                 (unsigned long long)cmd->update_id);
+        int trc = ckpt__timeline_write(e, &u.tl, trace_path, label, cmd->timeout_ms);
+        if (trc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());
+        if (trc < 0) ckpt_warn("%s", ckpt_last_error());
+    }
+out:
+    res->total_s = ckpt__now_s() - t_start;
+    res->status = rc;
+    atomic_store(&e->progress.end_ns, ckpt__now_ns());
+    atomic_store(&e->progress.running, 0);
+    if (rc < 0 && res->reason[0] == '\0')
+        snprintf(res->reason, sizeof(res->reason), "%s", ckpt_last_error());
+    ckpt__timeline_free(&u.tl);
+    ckpt__plan_free(&u.plan);
+    ckpt__free(u.local_data);
+    ckpt__free(all);
+    return rc;
+}

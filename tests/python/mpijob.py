@@ -1,0 +1,156 @@
+"""Helpers for multi-process tests: real ckpt-engine ranks under mpirun and real
+ckpt-worker processes, on this machine."""
+import json
+import os
+import signal
+import struct
+import subprocess
+import time
+
+BUILD = os.environ.get("CKPT_BUILD_DIR", os.path.join(os.path.dirname(__file__), "../../build/release"))
+ENGINE = os.path.join(BUILD, "tools", "ckpt-engine")
+WORKER = os.path.join(BUILD, "tools", "ckpt-worker")
+
+MPI_ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1")
+
+
+def read_safetensors(path):
+    """Minimal reader for test assertions: {name: (dtype, shape, bytes)}."""
+    with open(path, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        b, e = t["data_offsets"]
+        out[name] = (t["dtype"], tuple(t["shape"]), data[8 + n + b:8 + n + e])
+    return out
+
+
+def read_checkpoint(path):
+    """All tensors of a file or a directory of .safetensors files."""
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    out = {}
+    for f in files:
+        out.update(read_safetensors(f))
+    return out
+
+
+def gen(tmp_path, size="8MiB", layers=2, shards=2, name="model"):
+    out = os.path.join(str(tmp_path), name)
+    subprocess.run([ENGINE, "gen", "--out", out, "--size", size, "--layers", str(layers),
+                    "--shards", str(shards)], check=True, capture_output=True)
+    return out
+
+
+class Deployment:
+    """N workers + an N-rank serve job fed by a command file."""
+
+    def __init__(self, tmp_path, nranks, worker_args=None, serve_args=None):
+        self.tmp = str(tmp_path)
+        self.n = nranks
+        self.sock = os.path.join(self.tmp, "sock")
+        os.makedirs(self.sock, exist_ok=True)
+        self.worker_args = worker_args or (lambda r: [])
+        self.serve_args = serve_args or []
+        self.workers = {}
+
+    def worker_dump(self, r):
+        return os.path.join(self.tmp, "worker-%d" % r)
+
+    def start_worker(self, r, extra=None, updates=None):
+        args = [WORKER, "--socket", os.path.join(self.sock, "rank-%d.sock" % r),
+                "--dump", self.worker_dump(r), "--timeout-ms", "60000"]
+        if updates is not None:
+            args += ["--updates", str(updates)]
+        args += self.worker_args(r) + (extra or [])
+        log = open(os.path.join(self.tmp, "worker-%d.log" % r), "ab")
+        self.workers[r] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        return self.workers[r]
+
+    def worker_log(self, r):
+        with open(os.path.join(self.tmp, "worker-%d.log" % r), "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def serve(self, commands, timeout=120, check=False):
+        cmdfile = os.path.join(self.tmp, "commands-%d" % time.monotonic_ns())
+        with open(cmdfile, "w") as f:
+            f.write("\n".join(commands + ["quit"]) + "\n")
+        args = ["mpirun", "-np", str(self.n), "--bind-to", "none", ENGINE, "serve",
+                "--socket-dir", self.sock, "--commands", cmdfile, "--json"] + self.serve_args
+        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=MPI_ENV)
+        results = []
+        for line in p.stdout.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                results.append(json.loads(line))
+        if check:
+            assert p.returncode == 0, p.stdout + p.stderr
+        return p, results
+
+    def stop(self):
+        for p in self.workers.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def wait_workers(self, timeout=60):
+        for r, p in self.workers.items():
+            p.wait(timeout=timeout)
+
+
+class InteractiveServe:
+    """A serve job reading commands from a FIFO, so a test can act between commands."""
+
+    def __init__(self, dep, extra_args=None, nranks=None):
+        self.fifo = os.path.join(dep.tmp, "cmd-fifo-%d" % time.monotonic_ns())
+        os.mkfifo(self.fifo)
+        args = ["mpirun", "-np", str(nranks or dep.n), "--bind-to", "none", ENGINE, "serve",
+                "--socket-dir", dep.sock, "--commands", self.fifo, "--json"] + (extra_args or [])
+        self.proc = subprocess.Popen(args, env=MPI_ENV, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.w = open(self.fifo, "w")
+
+    def send(self, line):
+        self.w.write(line + "\n")
+        self.w.flush()
+
+    def result(self, timeout=60):
+        """The next JSON result line from rank 0."""
+        import select
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if r:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise AssertionError("serve exited: " + self.proc.stderr.read())
+                if line.startswith("{"):
+                    return json.loads(line)
+        raise AssertionError("no result within %s s" % timeout)
+
+    def command(self, line, timeout=60):
+        self.send(line)
+        return self.result(timeout)
+
+    def rank_pids(self):
+        out = subprocess.run(["pgrep", "-f", "ckpt-engine serve .*--commands " + self.fifo],
+                             capture_output=True, text=True).stdout.split()
+        return sorted(int(x) for x in out if int(x) != self.proc.pid)
+
+    def close(self, timeout=30):
+        try:
+            self.send("quit")
+            self.w.close()
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.returncode

@@ -1,0 +1,142 @@
+"""Failures during a broadcast update: every one ends the update on every rank within the
+timeout with a message naming the rank and the reason; surviving ranks stay up and the
+next update works; workers always know whether their update completed."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from mpijob import ENGINE, MPI_ENV, WORKER, Deployment, InteractiveServe, gen, read_checkpoint
+
+pytestmark = pytest.mark.skipif(not os.path.exists(WORKER), reason="ckpt-worker not built")
+
+
+def assert_same(dep, r, model):
+    got, want = read_checkpoint(dep.worker_dump(r)), read_checkpoint(model)
+    for name, (_, _, data) in want.items():
+        assert got[name][2] == data, "worker %d: %s" % (r, name)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = gen(tmp_path, size="4MiB", layers=2, shards=2)
+    dep = Deployment(tmp_path, 2)
+    yield model, dep
+    dep.stop()
+
+
+def test_worker_error_then_next_update_works(setup):
+    model, dep = setup
+    dep.start_worker(0, ["--layout", model])
+    dep.start_worker(1, ["--layout", model, "--fail-on-bucket", "1"])
+    srv = InteractiveServe(dep)
+    try:
+        assert srv.command("register m %s" % model)["ok"]
+        res = srv.command("update m bucket=512KiB timeout=10000")
+        assert not res["ok"] and res["failed_rank"] == 1, res
+        assert "rank 1" in res["reason"] and "injected" in res["reason"], res
+        dep.workers[1].kill()
+        dep.workers[1].wait()
+        dep.start_worker(1, ["--layout", model])
+        res = srv.command("update m bucket=512KiB timeout=10000")
+        assert res["ok"], res
+    finally:
+        assert srv.close() == 1  # one command failed
+    time.sleep(0.5)
+    assert "aborted" in dep.worker_log(0)  # worker 0 knows update 1 did not complete
+    assert "complete" in dep.worker_log(0)
+
+
+def test_worker_killed_mid_update(setup):
+    model, dep = setup
+    dep.start_worker(0, ["--layout", model])
+    dep.start_worker(1, ["--layout", model, "--stall-on-bucket", "1"])
+    srv = InteractiveServe(dep)
+    try:
+        assert srv.command("register m %s" % model)["ok"]
+        srv.send("update m bucket=512KiB timeout=20000")
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        dep.workers[1].send_signal(signal.SIGKILL)
+        res = srv.result(timeout=30)
+        assert not res["ok"] and res["failed_rank"] == 1, res
+        assert time.monotonic() - t0 < 10, "a dead worker is seen at once, not at the timeout"
+        dep.start_worker(1, ["--layout", model])
+        assert srv.command("update m bucket=512KiB timeout=10000")["ok"]
+    finally:
+        srv.close()
+
+
+def test_worker_stall_times_out(setup):
+    model, dep = setup
+    dep.start_worker(0, ["--layout", model])
+    dep.start_worker(1, ["--layout", model, "--stall-on-bucket", "1"])
+    srv = InteractiveServe(dep)
+    try:
+        assert srv.command("register m %s" % model)["ok"]
+        t0 = time.monotonic()
+        res = srv.command("update m bucket=512KiB timeout=2000", timeout=30)
+        took = time.monotonic() - t0
+        assert not res["ok"] and res["failed_rank"] == 1, res
+        assert "timed out" in res["reason"] or "ETIMEDOUT" in res["status"], res
+        assert took < 15, took
+        dep.workers[1].kill()
+        dep.start_worker(1, ["--layout", model])
+        assert srv.command("update m bucket=512KiB timeout=10000")["ok"]
+    finally:
+        srv.close()
+
+
+def test_corrupted_ipc_buffer_is_detected(setup, monkeypatch):
+    model, dep = setup
+    dep.start_worker(0, ["--layout", model, "--verify"])
+    dep.start_worker(1, ["--layout", model, "--verify"])
+    monkeypatch.setenv("CKPT_FAULT_CORRUPT_BUCKET", "1")
+    import mpijob
+    monkeypatch.setattr(mpijob, "MPI_ENV", dict(mpijob.MPI_ENV, CKPT_FAULT_CORRUPT_BUCKET="1"))
+    srv = InteractiveServe(dep, extra_args=["--verify"])
+    try:
+        assert srv.command("register m %s" % model)["ok"]
+        res = srv.command("update m bucket=512KiB timeout=10000")
+        assert not res["ok"], res
+        assert "checksum" in res["reason"], res
+    finally:
+        srv.close()
+
+
+def test_unknown_tensor_reported(setup, tmp_path):
+    model, dep = setup
+    other = gen(tmp_path, size="2MiB", layers=1, shards=1, name="other")
+    dep.start_worker(0, ["--layout", other])
+    dep.start_worker(1, ["--layout", other])
+    p, res = dep.serve(["register m %s" % model, "update m timeout=10000"])
+    upd = [r for r in res if r["command"] == "update"][0]
+    assert not upd["ok"] and "unknown tensor" in upd["reason"], upd
+
+
+def test_engine_rank_killed_mid_update(setup):
+    model, dep = setup
+    dep.start_worker(0, ["--layout", model])
+    dep.start_worker(1, ["--layout", model, "--stall-on-bucket", "1"])
+    srv = InteractiveServe(dep)
+    try:
+        assert srv.command("register m %s" % model)["ok"]
+        srv.send("update m bucket=512KiB timeout=8000")
+        time.sleep(1.0)
+        pids = srv.rank_pids()
+        assert len(pids) == 2, pids
+        t0 = time.monotonic()
+        os.kill(pids[1], signal.SIGKILL)
+        rc = srv.proc.wait(timeout=30)
+        assert rc != 0
+        assert time.monotonic() - t0 < 20
+        err = srv.proc.stderr.read()
+        assert "signal 9" in err or "rank" in err, err
+    finally:
+        srv.close()
+    # Worker 0 learns its update did not complete (engine gone: connection closed).
+    time.sleep(1.0)
+    log = dep.worker_log(0)
+    assert "complete" not in log.replace("incomplete", "")
