@@ -70,6 +70,18 @@ CKPT_API int ckpt_st_write(const char *path, const ckpt_tensor_meta_t *metas,
                            const void *const *data, size_t count, const char *const *meta_keys,
                            const char *const *meta_values, size_t meta_count);
 
+/* Supplies bytes [offset, offset + len) of tensor `index` into buf; returns 0, or a negative
+ * CKPT_E* status that aborts the write (set ckpt_last_error's text through the caller). */
+typedef int (*ckpt_st_fill_fn)(void *user, size_t index, uint64_t offset, void *buf,
+                               size_t len);
+
+/* Like ckpt_st_write, but the data comes from `fill`, called in file order with chunks of
+ * at most a few MiB, so a checkpoint larger than memory can be written (ckpt-engine gen).
+ * The callback is optional machinery: ckpt_st_write needs none. */
+CKPT_API int ckpt_st_write_fill(const char *path, const ckpt_tensor_meta_t *metas, size_t count,
+                                const char *const *meta_keys, const char *const *meta_values,
+                                size_t meta_count, ckpt_st_fill_fn fill, void *user);
+
 #ifdef __cplusplus
 }
 #endif
