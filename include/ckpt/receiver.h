@@ -78,6 +78,14 @@ CKPT_API int ckpt_receiver_next(ckpt_receiver_t *r, int timeout_ms, int *event_o
 /* XXH3-64 of view->data against view->meta.checksum: CKPT_ECHECKSUM naming the tensor when
  * they differ (a checksum of 0 means "not computed" and passes). */
 CKPT_API int ckpt_receiver_verify(const ckpt_tensor_view_t *view);
+
+/* Copies bytes [offset, offset + len) of the tensor into dst (a tensor-parallel worker
+ * copies only its slice). With verify, it also checks the whole tensor's XXH3-64 against
+ * meta.checksum in the same pass: the copied range is hashed from dst while it is still
+ * in cache, so verification costs almost nothing beyond the copy. On CKPT_ECHECKSUM the
+ * copied bytes are already in dst: the update is incomplete and the worker must say so. */
+CKPT_API int ckpt_receiver_copy(const ckpt_tensor_view_t *view, uint64_t offset, void *dst,
+                                uint64_t len, int verify);
 /* Answers the current bucket: OK. */
 CKPT_API int ckpt_receiver_ack(ckpt_receiver_t *r);
 /* Answers the current bucket with an error; `message` names the cause (the engine reports

@@ -1,8 +1,6 @@
 /* dtypes of the safetensors format and tensor metadata helpers. */
 #include <string.h>
 
-#include <xxhash.h>
-
 #include "core/internal.h"
 
 size_t ckpt_dtype_size(int dtype)
@@ -80,4 +78,3 @@ int ckpt_tensor_meta_init(ckpt_tensor_meta_t *meta, const char *name, int dtype,
     return CKPT_OK;
 }
 
-uint64_t ckpt_checksum(const void *data, size_t len) { return XXH3_64bits(data, len); }

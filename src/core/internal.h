@@ -40,6 +40,14 @@ CKPT_HIDDEN void *ckpt__realloc(void *ptr, size_t size);
 CKPT_HIDDEN char *ckpt__strdup(const char *s);
 CKPT_HIDDEN void ckpt__free(void *ptr);
 
+/* Streaming XXH3-64, equal to ckpt_checksum over the concatenated input. The state can
+ * live on the stack (no allocation per tensor). */
+#define XXH_STATIC_LINKING_ONLY
+#include <xxhash.h>
+CKPT_HIDDEN void ckpt__checksum_reset(XXH3_state_t *state);
+CKPT_HIDDEN void ckpt__checksum_update(XXH3_state_t *state, const void *data, size_t len);
+CKPT_HIDDEN uint64_t ckpt__checksum_digest(const XXH3_state_t *state);
+
 /* Monotonic clock in nanoseconds and seconds. */
 CKPT_HIDDEN uint64_t ckpt__now_ns(void);
 CKPT_HIDDEN double ckpt__now_s(void);

@@ -78,8 +78,9 @@ static int open_one(ckpt_engine_t *e, int index, uint64_t size, int timeout_ms)
     if (brc < 0) rc = brc;
     if (e->group_rank == 0 && name[0] != '\0') shm_unlink(name);
     if (rc < 0) goto fail;
-    /* The leader pre-faults the pages so the first bucket does not pay for them. */
-    int flags = MAP_SHARED | (e->group_rank == 0 ? MAP_POPULATE : 0);
+    /* Pre-fault the pages (every rank maps its own page tables) so the first bucket does
+     * not pay one fault per 4 KiB. */
+    int flags = MAP_SHARED | MAP_POPULATE;
     void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, flags, fd, 0);
     if (p == MAP_FAILED) {
         rc = ckpt__error(CKPT_ENOMEM, "rank %d: mapping IPC buffer of %llu bytes: %m", e->rank,
@@ -97,7 +98,8 @@ fail:
 int ckpt__buffers_ensure(ckpt_engine_t *e, uint64_t size, int nbuffers, int timeout_ms)
 {
     ckpt__buffers_t *b = &e->buffers;
-    if (b->size == size && b->nbuffers == nbuffers) return CKPT_OK;
+    /* Larger buffers serve smaller buckets: re-made only when a bucket does not fit. */
+    if (b->size >= size && b->nbuffers == nbuffers) return CKPT_OK;
     ckpt__buffers_release(e);
     int rc = CKPT_OK;
     b->size = size;
@@ -109,4 +111,17 @@ int ckpt__buffers_ensure(ckpt_engine_t *e, uint64_t size, int nbuffers, int time
     b->nbuffers = nbuffers;
     ckpt_debug("IPC buffers: %d x %llu bytes", nbuffers, (unsigned long long)size);
     return CKPT_OK;
+}
+
+int ckpt__buffer_budget(ckpt_engine_t *e, int timeout_ms, uint64_t *budget_out)
+{
+    /* Half of what is free: the rest is for the pools, the workers and everything else. */
+    uint64_t avail = e->opts.memory_limit ? e->opts.memory_limit
+                                          : ckpt__host_available_bytes() / 2;
+    uint64_t min_avail = avail;
+    MPI_Request req;
+    MPI_Iallreduce(&avail, &min_avail, 1, MPI_UINT64_T, MPI_MIN, e->world, &req);
+    int rc = ckpt__mpi_wait(e, &req, timeout_ms, 200, "memory agreement");
+    if (rc == CKPT_OK) *budget_out = min_avail;
+    return rc;
 }

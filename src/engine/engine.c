@@ -5,6 +5,7 @@
 #include <time.h>
 
 #include "engine/engine_internal.h"
+#include "plan/bucket.h"
 
 static int make_groups(ckpt_engine_t *e)
 {
@@ -61,6 +62,17 @@ int ckpt_engine_create(const ckpt_engine_options_t *opts, ckpt_engine_t **engine
         mkdir(e->socket_dir, 0700);
         snprintf(path, sizeof(path), "%s/rank-%d.sock", e->socket_dir, e->rank);
         rc = ckpt_ipc_server_open(path, &e->ipc);
+    }
+    /* IPC buffers are made once, at start, sized by the bucket maximum and free memory, so
+     * that updates do not pay for allocating and faulting them in. An update whose largest
+     * tensor needs bigger buckets re-makes them. */
+    if (rc == CKPT_OK) {
+        uint64_t budget = 0, size = 0;
+        int nbuffers = 0;
+        rc = ckpt__buffer_budget(e, e->opts.timeout_ms, &budget);
+        if (rc == CKPT_OK)
+            rc = ckpt__plan_bucket_size(CKPT_ALIGN, e->opts.bucket_max, budget, &size, &nbuffers);
+        if (rc == CKPT_OK) rc = ckpt__buffers_ensure(e, size, nbuffers, e->opts.timeout_ms);
     }
     /* Creation is collective: fail everywhere if it failed anywhere. */
     int ok = rc == CKPT_OK, all_ok = 0;

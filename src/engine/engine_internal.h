@@ -108,11 +108,14 @@ int ckpt__cmd_execute(ckpt_engine_t *e, const ckpt__cmd_t *cmd, ckpt_update_resu
 uint64_t ckpt__engine_version_of(const ckpt_engine_t *e, const char *name);
 
 /* ---- IPC buffers (buffers.c) ---- */
-/* Collective over the world: makes sure the group's buffers are `nbuffers` x `size`. */
+/* Collective over the world: makes sure the group has `nbuffers` buffers of at least
+ * `size` bytes (existing larger ones are kept). */
 int ckpt__buffers_ensure(ckpt_engine_t *e, uint64_t size, int nbuffers, int timeout_ms);
 void ckpt__buffers_release(ckpt_engine_t *e);
 /* Bytes available for IPC buffers on this host (MemAvailable, /dev/shm free). */
 uint64_t ckpt__host_available_bytes(void);
+/* Memory every rank may use for IPC buffers: the smallest over all ranks (collective). */
+int ckpt__buffer_budget(ckpt_engine_t *e, int timeout_ms, uint64_t *budget_out);
 
 /* ---- the broadcast update (update.c) ---- */
 int ckpt__update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace_path,

@@ -106,15 +106,12 @@ out:
 static int plan_update(update_ctx_t *u, const ckpt_tensor_meta_t *all, size_t count)
 {
     ckpt_engine_t *e = u->e;
-    /* Every rank must plan from the same numbers: take the smallest free memory. */
-    uint64_t avail = e->opts.memory_limit ? e->opts.memory_limit
-                                          : ckpt__host_available_bytes() / 2;
-    uint64_t min_avail = avail;
-    MPI_Request req;
-    MPI_Iallreduce(&avail, &min_avail, 1, MPI_UINT64_T, MPI_MIN, e->world, &req);
-    int rc = ckpt__mpi_wait(e, &req, u->cmd->timeout_ms, 200, "memory agreement");
+    /* Every rank must plan from the same numbers: take the smallest free memory. The
+     * group's current buffers count as available: they are reused. */
+    uint64_t min_avail = 0;
+    int rc = ckpt__buffer_budget(e, u->cmd->timeout_ms, &min_avail);
     if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
-
+    min_avail += e->buffers.size * (uint64_t)e->buffers.nbuffers;
     uint64_t bucket_size = 0;
     int nbuffers = 0;
     uint64_t largest = ckpt__plan_min_bucket(all, count);

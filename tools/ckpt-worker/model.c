@@ -85,6 +85,9 @@ static wk_tensor_t *add(wk_model_t *m, const ckpt_tensor_meta_t *meta)
     }
     t->data = calloc(1, t->local.nbytes ? t->local.nbytes : 1);
     if (t->data == NULL) return NULL;
+    /* Touch every page now, as a serving engine's weights are resident: otherwise the first
+     * update would pay one page fault per 4 KiB of model and measure the kernel, not us. */
+    memset(t->data, 0, t->local.nbytes);
     m->n++;
     if (m->n * 2 > m->nslots) { /* keep the index at most half full; rebuilt rarely */
         if (reindex(m, m->nslots ? m->nslots * 2 : 128) != 0) {
@@ -132,7 +135,7 @@ static void shape_str(const ckpt_tensor_meta_t *t, char *out, size_t cap)
 int wk_model_apply(wk_model_t *m, const ckpt_tensor_view_t *v, size_t n, int verify,
                    char *why, size_t why_cap)
 {
-    /* Pass 1: check everything, so a bad bucket changes nothing. */
+    /* Pass 1: check names, dtypes and shapes, so a malformed bucket changes nothing. */
     for (size_t i = 0; i < n; i++) {
         const ckpt_tensor_meta_t *g = &v[i].meta;
         wk_tensor_t *t = find(m, g->name);
@@ -153,15 +156,15 @@ int wk_model_apply(wk_model_t *m, const ckpt_tensor_view_t *v, size_t n, int ver
                      got);
             return CKPT_EINVAL;
         }
-        if (verify && ckpt_receiver_verify(&v[i]) != CKPT_OK) {
+    }
+    /* Pass 2: copy this worker's slice of each tensor, verifying checksums in the same pass
+     * (a mismatch means corruption in transit: the update is reported incomplete). */
+    for (size_t i = 0; i < n; i++) {
+        wk_tensor_t *t = find(m, v[i].meta.name);
+        if (ckpt_receiver_copy(&v[i], t->src_off, t->data, t->local.nbytes, verify) != CKPT_OK) {
             snprintf(why, why_cap, "%s", ckpt_last_error());
             return CKPT_ECHECKSUM;
         }
-    }
-    /* Pass 2: copy this worker's slice of each tensor. */
-    for (size_t i = 0; i < n; i++) {
-        wk_tensor_t *t = find(m, v[i].meta.name);
-        memcpy(t->data, (const uint8_t *)v[i].data + t->src_off, t->local.nbytes);
     }
     return CKPT_OK;
 }
