@@ -337,3 +337,53 @@ def test_metrics(srv, model):
     assert s["ckpt_update_duration_seconds_count"] == 1
     assert s['ckpt_http_requests_total{code="404"}'] >= 1
     assert s['ckpt_http_requests_total{code="202"}'] == 2
+
+
+def cli(srv, *args, token_file=None):
+    cmd = [FAKE, "--client", *args, "--server", srv.url]
+    if token_file:
+        cmd += ["--token-file", token_file]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_cli(srv, model, tmp_path):
+    r = cli(srv, "register", "m", model, "--wait")
+    assert r.returncode == 0 and "'m' ready" in r.stdout, r.stderr
+    r = cli(srv, "list")
+    assert r.returncode == 0 and re.search(r"^m\s+ready", r.stdout, re.M)
+    r = cli(srv, "update", "m", "--bucket-max", "1MiB", "--timeout-ms", "5000", "--verify",
+            "--wait")
+    assert r.returncode == 0, r.stderr
+    assert "bucket 10/10" in r.stdout and "succeeded" in r.stdout
+    r = cli(srv, "status", "1")
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "succeeded"
+    out = tmp_path / "metas.bin"
+    r = cli(srv, "metas", "m", "-o", str(out))
+    assert r.returncode == 0 and out.read_bytes() == b"metas-of-m"
+    r = cli(srv, "update", "m", "--bucket-max", "huge")
+    assert r.returncode == 1 and "field 'bucket_max'" in r.stderr and "HTTP 400" in r.stderr
+    r = cli(srv, "register", "fail-update", model, "--wait")
+    r = cli(srv, "update", "fail-update", "--wait")
+    assert r.returncode == 1 and "failed on rank 1" in r.stderr
+    assert "worker disconnected" in r.stderr
+    r = cli(srv, "unregister", "m")
+    assert r.returncode == 0 and "unregistering" in r.stdout
+    r = cli(srv, "unregister", "nothing")
+    assert r.returncode == 1 and "no checkpoint named 'nothing'" in r.stderr
+
+
+def test_cli_token_and_unreachable(tmp_path):
+    s = Server("--token", "abc")
+    try:
+        r = cli(s, "list")
+        assert r.returncode == 1 and "HTTP 401" in r.stderr and "--token-file" in r.stderr
+        tf = tmp_path / "token"
+        tf.write_text("abc\n")
+        assert cli(s, "list", token_file=str(tf)).returncode == 0
+        url = s.url
+    finally:
+        s.stop()
+    r = subprocess.run([FAKE, "--client", "list", "--server", url], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "cannot reach " + url in r.stderr
+    assert "connection refused" in r.stderr and "ckpt-engine serve --http" in r.stderr

@@ -4,7 +4,8 @@
  * `test_http_server --serve [--token T] [--max-body N] [--update-ms MS]` is a fake rank 0
  * for tests/python/test_http.py: it starts the server on an ephemeral port, prints
  * "port N", and executes jobs with a fake engine (updates take MS milliseconds over 10
- * buckets, report progress, fire the trigger and write a trace) until SIGTERM. */
+ * buckets, report progress, fire the trigger and write a trace) until SIGTERM.
+ * `test_http_server --client CMD ARGS..` runs the CLI client (ckpt-engine CMD ARGS..). */
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -16,6 +17,10 @@
 
 #include "ckpt/server.h"
 #include "test.h"
+
+/* The CLI client, compiled in so `test_http_server --client CMD ...` runs it (the tool's
+ * main.c is not ours to hook). */
+#include "../../tools/ckpt-engine/cmd_client.c"
 
 /* ---- fake rank 0 ---------------------------------------------------------------------- */
 
@@ -37,12 +42,6 @@ static int pull_progress(void *ctx, ckpt_http_progress_t *out)
     *out = prog;
     pthread_mutex_unlock(&prog_mu);
     return 0;
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
 }
 
 static void fake_update(const ckpt_http_job_t *job, int update_ms, ckpt_http_job_result_t *res)
@@ -297,42 +296,21 @@ static void test_trigger_refused(void)
 
 typedef struct {
     char text[8192];
-    size_t len;
 } buf_t;
 
-static size_t collect(char *p, size_t s, size_t n, void *ud)
-{
-    buf_t *b = ud;
-    size_t room = sizeof b->text - 1 - b->len, k = s * n < room ? s * n : room;
-    memcpy(b->text + b->len, p, k);
-    b->len += k;
-    b->text[b->len] = '\0';
-    return s * n;
-}
-
+/* Requests go through the CLI's own call() (compiled in above). */
 static long http(int port, const char *method, const char *path, const char *body,
                  const char *token, buf_t *out)
 {
-    char url[256], auth[128];
-    snprintf(url, sizeof url, "http://127.0.0.1:%d%s", port, path);
-    memset(out, 0, sizeof *out);
-    CURL *h = curl_easy_init();
-    struct curl_slist *hdr = NULL;
-    if (token) {
-        snprintf(auth, sizeof auth, "Authorization: Bearer %s", token);
-        hdr = curl_slist_append(hdr, auth);
-    }
-    curl_easy_setopt(h, CURLOPT_URL, url);
-    curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
-    if (body) curl_easy_setopt(h, CURLOPT_POSTFIELDS, body);
-    curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdr);
-    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, collect);
-    curl_easy_setopt(h, CURLOPT_WRITEDATA, out);
-    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, 10000L);
-    long code = -1;
-    if (curl_easy_perform(h) == CURLE_OK) curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
-    curl_slist_free_all(hdr);
-    curl_easy_cleanup(h);
+    client_t c = {NULL, "", "test"};
+    char server[64];
+    snprintf(server, sizeof server, "http://127.0.0.1:%d", port);
+    c.server = server;
+    if (token) snprintf(c.token, sizeof c.token, "%s", token);
+    body_t b;
+    long code = call(&c, method, path, body, &b);
+    snprintf(out->text, sizeof out->text, "%s", b.data ? b.data : "");
+    free(b.data);
     return code;
 }
 
@@ -414,6 +392,7 @@ static void test_bad_start(void)
 int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "--serve") == 0) return serve(argc, argv);
+    if (argc > 2 && strcmp(argv[1], "--client") == 0) return cmd_client(argc - 2, argv + 2);
     curl_global_init(CURL_GLOBAL_DEFAULT);
     RUN_TEST(test_names);
     RUN_TEST(test_parse_register);
