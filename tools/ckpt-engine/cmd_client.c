@@ -151,7 +151,8 @@ static void show_progress(const cJSON *u, int tty, unsigned *last_done)
         printf("\r[%s] %-9s bucket %u/%u  %s / %s  %s/s  ETA %s   ", bar, str(u, "state"), done,
                nb, a, b, r, eta);
         fflush(stdout);
-    } else if (done != *last_done) {
+    } else if (done != *last_done && (nb || strcmp(str(u, "state"), "running") != 0)) {
+        /* Plain lines for logs: one per bucket change, none before the plan exists. */
         printf("%s bucket %u/%u %s / %s %s/s eta %s\n", str(u, "state"), done, nb, a, b, r, eta);
     }
     *last_done = done;
