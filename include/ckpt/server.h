@@ -1,0 +1,180 @@
+/*
+ * The HTTP control API of rank 0 (docs/HTTP.md), its Prometheus metrics and the trigger
+ * that tells an inference server to attach to an update.
+ *
+ * The engine is driven by rank 0's main thread only (every command is broadcast to all
+ * ranks over MPI), while the HTTP server answers on its own threads. So the server is a
+ * job queue: handlers validate a request and queue a job, or answer reads from the state
+ * the main thread published; the main thread takes jobs with ckpt_http_next_job, runs
+ * them against the engine and reports with ckpt_http_job_done. Nothing here knows the
+ * engine: jobs, states and results are plain structs.
+ */
+#ifndef CKPT_SERVER_H
+#define CKPT_SERVER_H
+
+#include "ckpt/ckpt.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ckpt_http_server ckpt_http_server_t;
+
+typedef struct ckpt_http_options {
+    uint64_t field_mask;   /* reserved for growth; set 0 */
+    const char *bind_addr; /* IPv4 or IPv6 literal; NULL: 127.0.0.1 (never all interfaces
+                            * unless asked: the API can replace a model's weights) */
+    int port;              /* 0: an ephemeral port (see ckpt_http_port) */
+    const char *token;     /* bearer token every request but /v1/healthz must carry; NULL
+                            * or "": no authentication */
+    size_t max_body;       /* largest request body in bytes; 0: 1 MiB */
+    const char *trace_dir; /* where update traces are written; NULL: a private temporary
+                            * directory, removed by ckpt_http_stop */
+} ckpt_http_options_t;
+
+#define CKPT_HTTP_OPTIONS_INIT {0, NULL, 0, NULL, 0, NULL}
+
+#define CKPT_HTTP_PATH_MAX 4096
+#define CKPT_HTTP_URL_MAX 1024
+#define CKPT_HTTP_MAX_RANKS 1024
+
+typedef enum {
+    CKPT_JOB_REGISTER = 1,   /* ckpt_engine_register(name, path) */
+    CKPT_JOB_UNREGISTER = 2, /* ckpt_engine_unregister(name) */
+    CKPT_JOB_UPDATE = 3,     /* ckpt_engine_update(name, options) */
+} ckpt_http_job_kind_t;
+
+/* One request for the engine, copied out to the main thread. */
+typedef struct ckpt_http_job {
+    int kind;                         /* ckpt_http_job_kind_t */
+    uint64_t id;                      /* update id for updates; a sequence number else */
+    char name[CKPT_NAME_MAX];         /* checkpoint */
+    char path[CKPT_HTTP_PATH_MAX];    /* register: file, directory or index */
+    /* update only: */
+    char mode[16];                    /* "broadcast" or "p2p" */
+    int nranks;                       /* 0: all ranks; else ranks[0..nranks) */
+    int32_t ranks[CKPT_HTTP_MAX_RANKS];
+    uint64_t bucket_max;              /* 0: the engine's option */
+    int timeout_ms;                   /* 0: the engine's option */
+    int verify;                       /* -1: the engine's option, 0 off, 1 on */
+    char update_url[CKPT_HTTP_URL_MAX];   /* "": no trigger; else ckpt_trigger_* it */
+    char trigger_method[128];             /* collective_rpc method the trigger names */
+    char trace_path[CKPT_HTTP_PATH_MAX];  /* pass as ckpt_update_options_t.trace_path */
+} ckpt_http_job_t;
+
+/* What the main thread reports for a job. Fields an engine call does not produce stay 0. */
+typedef struct ckpt_http_job_result {
+    int status;             /* 0 or the failing CKPT_E* status */
+    int failed_rank;        /* -1 when none */
+    char reason[512];       /* why it failed (ckpt_last_error() or the engine's reason) */
+    uint64_t version;       /* register/update: the checkpoint version */
+    uint64_t bytes;         /* register: bytes of the checkpoint; update: bytes delivered */
+    uint32_t ntensors;
+    uint32_t nbuckets;      /* update */
+    uint64_t bucket_size;
+    int nranks;
+    double gather_s, plan_s, begin_s, pipeline_s, finish_s, total_s; /* update phases */
+} ckpt_http_job_result_t;
+
+/* Progress of the running update (mirrors ckpt_update_progress_t). */
+typedef struct ckpt_http_progress {
+    uint32_t buckets_done;
+    uint32_t nbuckets; /* 0 until the plan is made */
+    uint64_t bytes_done;
+    uint64_t bytes_total;
+    double elapsed_s;
+} ckpt_http_progress_t;
+
+/* A checkpoint as GET /v1/checkpoints shows it. */
+typedef struct ckpt_http_checkpoint {
+    char name[CKPT_NAME_MAX];
+    uint64_t bytes;
+    uint32_t ntensors;
+    uint64_t version;
+} ckpt_http_checkpoint_t;
+
+/* Starts the server (its own threads). Fails with CKPT_EIO naming the address if it
+ * cannot listen, CKPT_EINVAL for a bad bind address. */
+CKPT_API int ckpt_http_start(const ckpt_http_options_t *opts, ckpt_http_server_t **out);
+/* The port it listens on (the chosen one when opts.port was 0). */
+CKPT_API int ckpt_http_port(const ckpt_http_server_t *srv);
+/* Stops answering, fails queued jobs, removes the private trace directory, frees. */
+CKPT_API void ckpt_http_stop(ckpt_http_server_t *srv);
+
+/* Main thread: waits up to timeout_ms (<0: forever) for the next job and copies it out.
+ * The job stays "running" until ckpt_http_job_done. CKPT_ETIMEDOUT when none came. */
+CKPT_API int ckpt_http_next_job(ckpt_http_server_t *srv, int timeout_ms,
+                                ckpt_http_job_t *job_out);
+/* Main thread: reports a job's outcome. Register success publishes the checkpoint as
+ * ready (failure: failed); unregister success removes it; updates record the result and
+ * the metrics. Every job taken must be reported exactly once. */
+CKPT_API int ckpt_http_job_done(ckpt_http_server_t *srv, const ckpt_http_job_t *job,
+                                const ckpt_http_job_result_t *result);
+
+/* Progress of the running update, pushed from any thread (e.g. the engine's progress). */
+CKPT_API void ckpt_http_report_progress(ckpt_http_server_t *srv, const ckpt_http_progress_t *p);
+/* Optional: a function the HTTP threads call to read progress while an update runs,
+ * instead of pushes (the main thread is busy inside the update). Must be thread-safe;
+ * returns 0 when it filled *out. NULL removes it. */
+typedef int (*ckpt_http_progress_fn)(void *ctx, ckpt_http_progress_t *out);
+CKPT_API void ckpt_http_set_progress_fn(ckpt_http_server_t *srv, ckpt_http_progress_fn fn,
+                                        void *ctx);
+
+/* Publishes a checkpoint registered outside the API (e.g. at start-up) as ready, or
+ * replaces its numbers; removes one. */
+CKPT_API int ckpt_http_set_checkpoint(ckpt_http_server_t *srv, const ckpt_http_checkpoint_t *c);
+CKPT_API int ckpt_http_remove_checkpoint(ckpt_http_server_t *srv, const char *name);
+/* The P2P metas export of a checkpoint (served by GET /v1/checkpoints/{name}/metas);
+ * copied. CKPT_ENOENT if the checkpoint is not known. */
+CKPT_API int ckpt_http_set_metas(ckpt_http_server_t *srv, const char *name, const void *bytes,
+                                 size_t len);
+
+/* ---- request bodies (also the fuzz target's entry) ----------------------------------- */
+
+/* Checkpoint names: 1..128 bytes of [A-Za-z0-9._-], not starting with '.' or '-'. */
+CKPT_API int ckpt_http_name_valid(const char *name);
+/* Parses and validates a request body into *job (kind and name set by the caller first).
+ * On failure returns CKPT_EINVAL (or CKPT_EFORMAT for malformed JSON, CKPT_ETOOBIG for
+ * an over-long string), writes the offending field name into field (cap bytes; "" when
+ * it is the whole body) and sets ckpt_last_error(). */
+CKPT_API int ckpt_http_parse_register(const char *body, size_t len, ckpt_http_job_t *job,
+                                      char *field, size_t cap);
+CKPT_API int ckpt_http_parse_update(const char *body, size_t len, ckpt_http_job_t *job,
+                                    char *field, size_t cap);
+
+/* ---- inference-server trigger (libcurl) --------------------------------------------- */
+
+/* What the inference server is told: the shape vLLM's POST /collective_rpc takes
+ * ({"method", "args", "kwargs", "timeout"}). kwargs carry socket_paths {"<rank>": path},
+ * update_id, name and version. */
+typedef struct ckpt_trigger_request {
+    uint64_t field_mask;              /* set 0 */
+    const char *method;               /* NULL: "update_weights_from_ckpt_engine" */
+    const char *name;
+    uint64_t version;
+    uint64_t update_id;
+    const char *const *socket_paths;  /* index = rank */
+    int nsockets;
+    double timeout_s;                 /* "timeout" for the RPC; <= 0: omitted (null) */
+} ckpt_trigger_request_t;
+
+/* Writes the JSON body into buf. CKPT_ETOOBIG if cap is too small. */
+CKPT_API int ckpt_trigger_body(const ckpt_trigger_request_t *req, char *buf, size_t cap);
+/* POSTs json_body to url, waiting at most timeout_ms in all. Non-2xx, refusal and
+ * timeouts fail (CKPT_EPEER, CKPT_ETIMEDOUT) with a text in err naming the URL and cause. */
+CKPT_API int ckpt_trigger_post(const char *url, const char *json_body, int timeout_ms,
+                               char *err, size_t errcap);
+
+/* The same on a thread of its own, so the main thread can run the update meanwhile (the
+ * inference workers attach to the update while it runs). */
+typedef struct ckpt_trigger ckpt_trigger_t;
+CKPT_API int ckpt_trigger_start(const char *url, const char *json_body, int timeout_ms,
+                                ckpt_trigger_t **out);
+/* Joins the thread, frees, returns the POST's status (err as in ckpt_trigger_post). */
+CKPT_API int ckpt_trigger_wait(ckpt_trigger_t *t, char *err, size_t errcap);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CKPT_SERVER_H */
