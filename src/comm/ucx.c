@@ -168,10 +168,12 @@ static void *progress_main(void *arg)
     ckpt__ucx_t *u = arg;
     struct pollfd pfd = {.fd = u->efd, .events = POLLIN};
 
+    int ticked = 0; /* the last poll ended by its timeout, not by an event */
     while (!atomic_load_explicit(&u->stop, memory_order_acquire)) {
         /* Poll while there is traffic, and a little longer: re-arming and sleeping between
-         * the chunks of one pull would add a wakeup latency to every chunk. */
-        uint64_t last = ckpt__now_ns();
+         * the chunks of one pull would add a wakeup latency to every chunk. After a bare
+         * timeout tick, spin only if progress finds work, so idle stays near 0 % CPU. */
+        uint64_t last = ckpt__now_ns() - (ticked ? u->spin_ns : 0);
         for (;;) {
             if (ucp_worker_progress(u->worker)) {
                 last = ckpt__now_ns();
@@ -182,8 +184,12 @@ static void *progress_main(void *arg)
         }
         ucs_status_t st = ucp_worker_arm(u->worker);
         if (st == UCS_ERR_BUSY) continue; /* events arrived while arming: progress again */
-        /* If arming is not supported, fall back to a 1 ms tick rather than spinning. */
-        int rc = poll(&pfd, 1, st == UCS_OK ? -1 : 1);
+        /* If arming is not supported, fall back to a 1 ms tick rather than spinning. The
+         * 10 ms bound otherwise is a safety net: with UCX 1.13's shared-memory transports
+         * we saw pulls stall for tens of ms per chunk, as if a wakeup were missed; a
+         * tick every 10 ms costs nothing measurable when idle. */
+        int rc = poll(&pfd, 1, st == UCS_OK ? 10 : 1);
+        ticked = rc == 0;
         if (rc < 0 && errno != EINTR) {
             ckpt_error_log("ucx progress thread: poll: %s", strerror(errno));
             poll(NULL, 0, 1);

@@ -35,7 +35,7 @@ typedef struct ckpt__ucx_options {
 
 #define CKPT__UCX_CHUNK_DEFAULT (8u << 20)
 #define CKPT__UCX_INFLIGHT_DEFAULT 8
-#define CKPT__UCX_SPIN_US_DEFAULT 200
+#define CKPT__UCX_SPIN_US_DEFAULT 2000
 #define CKPT__UCX_OPTIONS_INIT {0, 0, 0, 0}
 
 /* Creates the context (RMA, plus WAKEUP when serving) and its worker. Transports come from

@@ -32,6 +32,7 @@ int cmd_bench_ucx(int argc, char **argv)
 typedef struct bench_opts {
     uint64_t size, chunk;
     int inflight, repeat, perftest;
+    int reuse; /* read one chunk-sized range over and over, as ucx_perftest does */
     const char *tls;
 } bench_opts_t;
 
@@ -118,16 +119,24 @@ static int pull(const bench_opts_t *o, double *gbps_out)
         fprintf(stderr, "bench ucx-get: %s\n", ckpt_last_error());
         goto done;
     }
-    ckpt__ucx_get_t g = {peer, rkey, hdr[3], dst, o->size, local};
+    /* --reuse: size/chunk gets of the first chunk, so source and destination stay in the
+     * cache exactly as in ucx_perftest (one message buffer on each side); otherwise one
+     * get of the whole buffer, which streams from memory as a real pull does. */
+    size_t ngets = o->reuse ? (size_t)CKPT_MAX(o->size / o->chunk, 1) : 1;
+    ckpt__ucx_get_t *g = calloc(ngets, sizeof(*g));
+    for (size_t i = 0; i < ngets; i++)
+        g[i] = (ckpt__ucx_get_t){peer, rkey, hdr[3], dst, o->reuse ? o->chunk : o->size, local};
     for (int i = -1; i < o->repeat; i++) {
         uint64_t t0 = ckpt__now_ns();
-        if (ckpt__ucx_get_batch(u, &g, 1, o->inflight, 120000)) {
+        if (ckpt__ucx_get_batch(u, g, ngets, o->inflight, 120000)) {
             fprintf(stderr, "bench ucx-get: %s\n", ckpt_last_error());
+            free(g);
             goto done;
         }
-        if (i >= 0) gbps[i] = (double)o->size / (double)(ckpt__now_ns() - t0);
+        if (i >= 0) gbps[i] = (double)(ngets * g[0].len) / (double)(ckpt__now_ns() - t0);
     }
-    if (dst[0] != 0x5c || dst[o->size - 1] != 0x5c) {
+    free(g);
+    if (dst[0] != 0x5c || dst[(o->reuse ? CKPT_MIN(o->chunk, o->size) : o->size) - 1] != 0x5c) {
         fprintf(stderr, "bench ucx-get: pulled bytes are wrong\n");
         goto done;
     }
@@ -201,21 +210,24 @@ static void usage(void)
     fprintf(stderr,
             "usage: ckpt-engine bench ucx-get [--size BYTES] [--chunk BYTES] [--inflight N]\n"
             "                                 [--tls shm|tcp|UCX_TLS] [--repeat N] [--no-perftest]\n"
+            "                                 [--reuse]\n"
             "Pulls --size (default 1GiB) from a forked server with our batched UCX gets and\n"
-            "compares with `ucx_perftest -t ucp_get` on the same transport.\n");
+            "compares with `ucx_perftest -t ucp_get` on the same transport. --reuse reads one\n"
+            "chunk over and over, as ucx_perftest does (cache-resident, like for like).\n");
 }
 
 int cmd_bench_ucx(int argc, char **argv)
 {
-    bench_opts_t o = {1ull << 30, CKPT__UCX_CHUNK_DEFAULT, CKPT__UCX_INFLIGHT_DEFAULT, 5, 1, NULL};
+    bench_opts_t o = {1ull << 30, CKPT__UCX_CHUNK_DEFAULT, CKPT__UCX_INFLIGHT_DEFAULT, 5, 1, 0, NULL};
     static const struct option longopts[] = {
         {"size", required_argument, NULL, 's'},   {"chunk", required_argument, NULL, 'c'},
         {"inflight", required_argument, NULL, 'i'}, {"tls", required_argument, NULL, 't'},
         {"repeat", required_argument, NULL, 'r'}, {"no-perftest", no_argument, NULL, 'n'},
-        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0}};
+        {"reuse", no_argument, NULL, 'u'},        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "s:c:i:t:r:nh", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "s:c:i:t:r:nuh", longopts, NULL)) != -1) {
         switch (c) {
         case 's':
         case 'c':
@@ -228,6 +240,7 @@ int cmd_bench_ucx(int argc, char **argv)
         case 't': o.tls = optarg; break;
         case 'r': o.repeat = atoi(optarg); break;
         case 'n': o.perftest = 0; break;
+        case 'u': o.reuse = 1; break;
         default: usage(); return c == 'h' ? 0 : 2;
         }
     }
@@ -239,9 +252,9 @@ int cmd_bench_ucx(int argc, char **argv)
         setenv("UCX_TLS", !strcmp(o.tls, "shm") ? "shm,self" : !strcmp(o.tls, "tcp") ? "tcp,self" : o.tls, 1);
     const char *tls = getenv("UCX_TLS") ? getenv("UCX_TLS") : "(default)";
     char sz[32], ch[32];
-    printf("ucx-get: UCX_TLS=%s size %s chunk %s in-flight %d repeat %d\n", tls,
+    printf("ucx-get: UCX_TLS=%s size %s chunk %s in-flight %d repeat %d%s\n", tls,
            ckpt_format_size(o.size, sz, sizeof(sz)), ckpt_format_size(o.chunk, ch, sizeof(ch)),
-           o.inflight, o.repeat);
+           o.inflight, o.repeat, o.reuse ? " reuse" : "");
     double ours = 0;
     if (pull(&o, &ours)) return 1;
     printf("ours      %8.2f GB/s (median)\n", ours);
