@@ -1,0 +1,367 @@
+/* UCX context, worker, registrations, endpoints and the serving progress thread. The
+ * pulling data path (batched gets) is in ucx_get.c. */
+#include <poll.h>
+#include <stdatomic.h>
+
+#include <ucs/config/global_opts.h>
+
+#include "comm/ucx_impl.h"
+
+static int ucs_to_ckpt(ucs_status_t st)
+{
+    switch (st) {
+    case UCS_ERR_NO_MEMORY: return CKPT_ENOMEM;
+    case UCS_ERR_TIMED_OUT:
+    case UCS_ERR_ENDPOINT_TIMEOUT: return CKPT_ETIMEDOUT;
+    case UCS_ERR_UNREACHABLE:
+    case UCS_ERR_CONNECTION_RESET:
+    case UCS_ERR_REJECTED:
+    case UCS_ERR_CANCELED: return CKPT_EPEER;
+    case UCS_ERR_UNSUPPORTED:
+    case UCS_ERR_NO_DEVICE:
+    case UCS_ERR_NO_RESOURCE: return CKPT_EUNSUPPORTED;
+    default: return CKPT_ECOMM;
+    }
+}
+
+int ckpt__ucx_status(ucs_status_t st) { return ucs_to_ckpt(st); }
+
+int ckpt__ucx_create(const ckpt__ucx_options_t *opts, ckpt__ucx_t **out)
+{
+    ckpt__ucx_options_t o = CKPT__UCX_OPTIONS_INIT;
+    ucp_config_t *config = NULL;
+    ucs_status_t st;
+    int rc = CKPT_OK;
+
+    if (opts) o = *opts;
+    if (!out) return ckpt__error(CKPT_EINVAL, "ucx create: NULL output");
+    ckpt__ucx_t *u = ckpt__calloc(1, sizeof(*u));
+    if (!u) return ckpt__error(CKPT_ENOMEM, "ucx create: out of memory");
+    u->serving = o.progress_thread != 0;
+    u->chunk = o.chunk_size ? o.chunk_size : CKPT__UCX_CHUNK_DEFAULT;
+    u->spin_ns = o.spin_us < 0 ? 0 : (uint64_t)(o.spin_us ? o.spin_us : CKPT__UCX_SPIN_US_DEFAULT) * 1000u;
+
+    st = ucp_config_read(NULL, NULL, &config);
+    if (st != UCS_OK) {
+        rc = ckpt__error(ucs_to_ckpt(st), "ucx create: ucp_config_read: %s", ucs_status_string(st));
+        goto fail;
+    }
+    ucp_params_t params = {0};
+    params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
+    /* WAKEUP only where a progress thread sleeps on the worker fd: the pulling side polls. */
+    params.features = UCP_FEATURE_RMA | (u->serving ? UCP_FEATURE_WAKEUP : 0);
+    /* Registration (context) may run on the caller's thread while the progress thread
+     * drives the worker, so the context must lock. */
+    params.mt_workers_shared = u->serving;
+    st = ucp_init(&params, config, &u->context);
+    ucp_config_release(config);
+    if (st != UCS_OK) {
+        rc = ckpt__error(ucs_to_ckpt(st), "ucx create: ucp_init (UCX_TLS=%s): %s",
+                         getenv("UCX_TLS") ? getenv("UCX_TLS") : "default", ucs_status_string(st));
+        goto fail;
+    }
+    ucp_worker_params_t wp = {0};
+    wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    wp.thread_mode = u->serving ? UCS_THREAD_MODE_MULTI : UCS_THREAD_MODE_SINGLE;
+    st = ucp_worker_create(u->context, &wp, &u->worker);
+    if (st != UCS_OK) {
+        rc = ckpt__error(ucs_to_ckpt(st), "ucx create: ucp_worker_create: %s", ucs_status_string(st));
+        goto fail;
+    }
+    st = ucp_worker_get_address(u->worker, &u->address, &u->address_len);
+    if (st != UCS_OK) {
+        rc = ckpt__error(ucs_to_ckpt(st), "ucx create: ucp_worker_get_address: %s",
+                         ucs_status_string(st));
+        goto fail;
+    }
+    *out = u;
+    return CKPT_OK;
+fail:
+    ckpt__ucx_destroy(u);
+    return rc;
+}
+
+void ckpt__ucx_destroy(ckpt__ucx_t *u)
+{
+    if (!u) return;
+    ckpt__ucx_progress_stop(u);
+    while (u->peers) ckpt__ucx_disconnect(u->peers, 1000);
+    while (u->mems) ckpt__ucx_mem_unregister(u, u->mems);
+    if (u->address) ucp_worker_release_address(u->worker, u->address);
+    if (u->worker) ucp_worker_destroy(u->worker);
+    if (u->context) ucp_cleanup(u->context);
+    ckpt__free(u->slots);
+    ckpt__free(u);
+}
+
+int ckpt__ucx_address(ckpt__ucx_t *u, const void **addr_out, size_t *len_out)
+{
+    if (!u || !addr_out || !len_out) return ckpt__error(CKPT_EINVAL, "ucx address: NULL argument");
+    *addr_out = u->address;
+    *len_out = u->address_len;
+    return CKPT_OK;
+}
+
+/* ---- registrations ---------------------------------------------------------------------- */
+
+int ckpt__ucx_mem_register(ckpt__ucx_t *u, void *base, size_t len, ckpt__ucx_mem_t **mem_out)
+{
+    if (!u || !base || !len || !mem_out)
+        return ckpt__error(CKPT_EINVAL, "ucx mem register: NULL or empty range");
+    ckpt__ucx_mem_t *m = ckpt__calloc(1, sizeof(*m));
+    if (!m) return ckpt__error(CKPT_ENOMEM, "ucx mem register: out of memory");
+    ucp_mem_map_params_t mp = {0};
+    /* No ALLOCATE flag: the pool already exists (memfd-backed); we only register it. */
+    mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+    mp.address = base;
+    mp.length = len;
+    ucs_status_t st = ucp_mem_map(u->context, &mp, &m->memh);
+    if (st != UCS_OK) {
+        ckpt__free(m);
+        return ckpt__error(ucs_to_ckpt(st), "ucx mem register %p+%zu: ucp_mem_map: %s", base, len,
+                           ucs_status_string(st));
+    }
+    m->base = base;
+    m->len = len;
+    m->next = u->mems;
+    u->mems = m;
+    *mem_out = m;
+    return CKPT_OK;
+}
+
+void ckpt__ucx_mem_unregister(ckpt__ucx_t *u, ckpt__ucx_mem_t *m)
+{
+    if (!u || !m) return;
+    for (ckpt__ucx_mem_t **pp = &u->mems; *pp; pp = &(*pp)->next) {
+        if (*pp == m) {
+            *pp = m->next;
+            break;
+        }
+    }
+    ucp_mem_unmap(u->context, m->memh);
+    ckpt__free(m);
+}
+
+int ckpt__ucx_rkey_pack(ckpt__ucx_t *u, const ckpt__ucx_mem_t *m, void **buf_out, size_t *len_out)
+{
+    void *packed = NULL;
+    size_t len = 0;
+    if (!u || !m || !buf_out || !len_out) return ckpt__error(CKPT_EINVAL, "ucx rkey pack: NULL argument");
+    ucs_status_t st = ucp_rkey_pack(u->context, m->memh, &packed, &len);
+    if (st != UCS_OK)
+        return ckpt__error(ucs_to_ckpt(st), "ucx rkey pack %p+%zu: %s", m->base, m->len,
+                           ucs_status_string(st));
+    /* Copy into our allocator so callers free every buffer the same way. */
+    void *copy = ckpt__malloc(len);
+    if (copy) memcpy(copy, packed, len);
+    ucp_rkey_buffer_release(packed);
+    if (!copy) return ckpt__error(CKPT_ENOMEM, "ucx rkey pack: out of memory");
+    *buf_out = copy;
+    *len_out = len;
+    return CKPT_OK;
+}
+
+/* ---- progress thread ------------------------------------------------------------------- */
+
+static void *progress_main(void *arg)
+{
+    ckpt__ucx_t *u = arg;
+    struct pollfd pfd = {.fd = u->efd, .events = POLLIN};
+
+    int ticked = 0; /* the last poll ended by its timeout, not by an event */
+    while (!atomic_load_explicit(&u->stop, memory_order_acquire)) {
+        /* Poll while there is traffic, and a little longer: re-arming and sleeping between
+         * the chunks of one pull would add a wakeup latency to every chunk. After a bare
+         * timeout tick, spin only if progress finds work, so idle stays near 0 % CPU. */
+        uint64_t last = ckpt__now_ns() - (ticked ? u->spin_ns : 0);
+        for (;;) {
+            if (ucp_worker_progress(u->worker)) {
+                last = ckpt__now_ns();
+                continue;
+            }
+            if (atomic_load_explicit(&u->stop, memory_order_acquire)) return NULL;
+            if (ckpt__now_ns() - last >= u->spin_ns) break;
+        }
+        ucs_status_t st = ucp_worker_arm(u->worker);
+        if (st == UCS_ERR_BUSY) continue; /* events arrived while arming: progress again */
+        /* If arming is not supported, fall back to a 1 ms tick rather than spinning. The
+         * 10 ms bound otherwise is a safety net: with UCX 1.13's shared-memory transports
+         * we saw pulls stall for tens of ms per chunk, as if a wakeup were missed; a
+         * tick every 10 ms costs nothing measurable when idle. */
+        int rc = poll(&pfd, 1, st == UCS_OK ? 10 : 1);
+        ticked = rc == 0;
+        if (rc < 0 && errno != EINTR) {
+            ckpt_error_log("ucx progress thread: poll: %s", strerror(errno));
+            poll(NULL, 0, 1);
+        }
+    }
+    return NULL;
+}
+
+int ckpt__ucx_progress_start(ckpt__ucx_t *u)
+{
+    if (!u) return ckpt__error(CKPT_EINVAL, "ucx progress start: NULL");
+    if (!u->serving)
+        return ckpt__error(CKPT_ESTATE, "ucx progress start: created without progress_thread");
+    if (u->thread_running) return CKPT_OK;
+    ucs_status_t st = ucp_worker_get_efd(u->worker, &u->efd);
+    if (st != UCS_OK)
+        return ckpt__error(ucs_to_ckpt(st), "ucx progress start: ucp_worker_get_efd: %s",
+                           ucs_status_string(st));
+    atomic_store(&u->stop, 0);
+    int err = pthread_create(&u->thread, NULL, progress_main, u);
+    if (err) return ckpt__error(CKPT_ENOMEM, "ucx progress start: pthread_create: %s", strerror(err));
+    u->thread_running = 1;
+    return CKPT_OK;
+}
+
+void ckpt__ucx_progress_stop(ckpt__ucx_t *u)
+{
+    if (!u || !u->thread_running) return;
+    atomic_store_explicit(&u->stop, 1, memory_order_release);
+    ucp_worker_signal(u->worker); /* wakes the poll on the worker fd */
+    pthread_join(u->thread, NULL);
+    u->thread_running = 0;
+}
+
+/* ---- peers ------------------------------------------------------------------------------ */
+
+static void peer_failed_cb(void *arg, ucp_ep_h ep, ucs_status_t status)
+{
+    (void)ep;
+    ckpt__ucx_peer_t *p = arg;
+    /* Runs inside ucp_worker_progress; only record: outstanding requests on the endpoint
+     * complete with an error status on their own, and the endpoint is closed (forced)
+     * by ckpt__ucx_disconnect. */
+    if (p->fail_status == UCS_OK) p->fail_status = status;
+    ckpt_debug("ucx: peer rank %d failed: %s", p->rank, ucs_status_string(status));
+}
+
+int ckpt__ucx_connect(ckpt__ucx_t *u, const void *addr, size_t len, int rank,
+                      ckpt__ucx_peer_t **peer_out)
+{
+    if (!u || !addr || !len || !peer_out)
+        return ckpt__error(CKPT_EINVAL, "ucx connect rank %d: empty address", rank);
+    ckpt__ucx_peer_t *p = ckpt__calloc(1, sizeof(*p));
+    if (!p) return ckpt__error(CKPT_ENOMEM, "ucx connect rank %d: out of memory", rank);
+    p->ucx = u;
+    p->rank = rank;
+    p->fail_status = UCS_OK;
+    ucp_ep_params_t ep = {0};
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                    UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    ep.address = addr;
+    /* PEER mode: a dead owner fails our gets (keepalive, connection reset) instead of
+     * leaving them pending forever. */
+    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    ep.err_handler.cb = peer_failed_cb;
+    ep.err_handler.arg = p;
+    /* UCX 1.13's shared-memory transports cannot detect a dead peer, so with PEER mode
+     * the endpoint is unreachable over shm. Fall back to NONE there: the batch timeout
+     * then bounds a dead owner (CKPT_ETIMEDOUT instead of CKPT_EPEER). UCX logs the
+     * failed selection as an error; it is expected, so silence it for the attempt. */
+    ucs_log_level_t saved = ucs_global_opts.log_component.log_level;
+    ucs_global_opts.log_component.log_level = UCS_LOG_LEVEL_FATAL;
+    ucs_status_t st = ucp_ep_create(u->worker, &ep, &p->ep);
+    ucs_global_opts.log_component.log_level = saved;
+    if (st == UCS_ERR_UNREACHABLE) {
+        ep.field_mask &= ~(uint64_t)UCP_EP_PARAM_FIELD_ERR_HANDLER;
+        ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
+        st = ucp_ep_create(u->worker, &ep, &p->ep);
+        if (st == UCS_OK) {
+            p->no_peer_errors = 1;
+            ckpt_debug("ucx connect rank %d: transports lack peer failure detection; a dead "
+                       "peer shows as a timeout", rank);
+        }
+    }
+    if (st != UCS_OK) {
+        ckpt__free(p);
+        return ckpt__error(st == UCS_ERR_UNREACHABLE ? CKPT_EPEER : ucs_to_ckpt(st),
+                           "ucx connect rank %d: ucp_ep_create: %s", rank, ucs_status_string(st));
+    }
+    p->next = u->peers;
+    u->peers = p;
+    *peer_out = p;
+    return CKPT_OK;
+}
+
+int ckpt__ucx_peer_failed(const ckpt__ucx_peer_t *p)
+{
+    return p && (p->fail_status != UCS_OK || p->closing);
+}
+
+/* Starts closing the endpoint; forced means: don't flush, complete outstanding requests
+ * with an error now. Callers progress the worker until p->close_req is done. */
+void ckpt__ucx_peer_close_start(ckpt__ucx_peer_t *p, int force)
+{
+    if (p->closing) return;
+    p->closing = 1;
+    ucp_request_param_t rp = {0};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    rp.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+    void *req = ucp_ep_close_nbx(p->ep, &rp);
+    p->close_req = UCS_PTR_IS_PTR(req) ? req : NULL;
+}
+
+void ckpt__ucx_disconnect(ckpt__ucx_peer_t *p, int timeout_ms)
+{
+    if (!p) return;
+    ckpt__ucx_t *u = p->ucx;
+    while (p->rkeys) ckpt__ucx_rkey_destroy(p->rkeys);
+    ckpt__ucx_peer_close_start(p, p->fail_status != UCS_OK);
+    uint64_t deadline = ckpt__now_ns() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 5000) * 1000000u;
+    while (p->close_req) {
+        ucp_worker_progress(u->worker);
+        if (ucp_request_check_status(p->close_req) != UCS_INPROGRESS) {
+            ucp_request_free(p->close_req);
+            p->close_req = NULL;
+        } else if (ckpt__now_ns() > deadline) {
+            /* A flush that never ends (peer silent, no error yet): leave the request to the
+             * worker's destruction rather than blocking the caller forever. */
+            ckpt_warn("ucx: closing the endpoint of rank %d timed out", p->rank);
+            break;
+        }
+    }
+    for (ckpt__ucx_peer_t **pp = &u->peers; *pp; pp = &(*pp)->next) {
+        if (*pp == p) {
+            *pp = p->next;
+            break;
+        }
+    }
+    ckpt__free(p);
+}
+
+/* ---- remote keys ------------------------------------------------------------------------ */
+
+int ckpt__ucx_rkey_unpack(ckpt__ucx_peer_t *p, const void *packed, size_t len,
+                          ckpt__ucx_rkey_t **rkey_out)
+{
+    if (!p || !packed || !len || !rkey_out)
+        return ckpt__error(CKPT_EINVAL, "ucx rkey unpack: empty key");
+    ckpt__ucx_rkey_t *r = ckpt__calloc(1, sizeof(*r));
+    if (!r) return ckpt__error(CKPT_ENOMEM, "ucx rkey unpack rank %d: out of memory", p->rank);
+    ucs_status_t st = ucp_ep_rkey_unpack(p->ep, packed, &r->rkey);
+    if (st != UCS_OK) {
+        ckpt__free(r);
+        return ckpt__error(ucs_to_ckpt(st), "ucx rkey unpack rank %d (%zu bytes): %s", p->rank,
+                           len, ucs_status_string(st));
+    }
+    r->peer = p;
+    r->next = p->rkeys;
+    p->rkeys = r;
+    *rkey_out = r;
+    return CKPT_OK;
+}
+
+void ckpt__ucx_rkey_destroy(ckpt__ucx_rkey_t *r)
+{
+    if (!r) return;
+    for (ckpt__ucx_rkey_t **pp = &r->peer->rkeys; *pp; pp = &(*pp)->next) {
+        if (*pp == r) {
+            *pp = r->next;
+            break;
+        }
+    }
+    ucp_rkey_destroy(r->rkey);
+    ckpt__free(r);
+}

@@ -1,0 +1,100 @@
+/*
+ * UCX one-sided transfer layer for the P2P update (DESIGN.md §3).
+ *
+ * The serving side registers its host pool regions, publishes its worker address and the
+ * packed remote keys (see metas_file.h), and runs a progress thread so that transports
+ * which emulate RMA in software (TCP, shared memory without a registered segment) answer
+ * gets while its MPI ranks are busy elsewhere. The pulling side connects to each owner by
+ * worker address and reads ranges straight out of the owners' pools with ckpt__ucx_get_batch.
+ *
+ * Threading: a ckpt__ucx_t is driven by one thread at a time, except that with
+ * progress_thread set its worker is created in multi-thread mode and the progress thread
+ * runs alongside the caller. Everything returns 0 or a negative CKPT_E* status with the
+ * thread's last-error text naming the peer, range or call that failed.
+ */
+#ifndef CKPT_COMM_UCX_H
+#define CKPT_COMM_UCX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/internal.h"
+
+typedef struct ckpt__ucx ckpt__ucx_t;           /* a UCP context and one worker */
+typedef struct ckpt__ucx_mem ckpt__ucx_mem_t;   /* a registered memory range */
+typedef struct ckpt__ucx_peer ckpt__ucx_peer_t; /* an endpoint to a remote worker */
+typedef struct ckpt__ucx_rkey ckpt__ucx_rkey_t; /* a remote key unpacked for one peer */
+
+typedef struct ckpt__ucx_options {
+    uint64_t field_mask;  /* reserved for growth; set 0 */
+    int progress_thread;  /* 1: this side serves gets; enables wakeup and thread-safe worker */
+    size_t chunk_size;    /* gets larger than this are split (0: CKPT__UCX_CHUNK_DEFAULT) */
+    int spin_us;          /* progress thread polls this long after the last event before it
+                           * sleeps on the worker fd (0: CKPT__UCX_SPIN_US_DEFAULT, -1: none) */
+} ckpt__ucx_options_t;
+
+#define CKPT__UCX_CHUNK_DEFAULT (8u << 20)
+#define CKPT__UCX_INFLIGHT_DEFAULT 8
+#define CKPT__UCX_SPIN_US_DEFAULT 2000
+#define CKPT__UCX_OPTIONS_INIT {0, 0, 0, 0}
+
+/* Creates the context (RMA, plus WAKEUP when serving) and its worker. Transports come from
+ * the environment (UCX_TLS), read here, so set it before calling. opts may be NULL. */
+CKPT_HIDDEN int ckpt__ucx_create(const ckpt__ucx_options_t *opts, ckpt__ucx_t **out);
+/* Stops the progress thread, closes remaining peers, releases registrations and the
+ * context. NULL is ignored. */
+CKPT_HIDDEN void ckpt__ucx_destroy(ckpt__ucx_t *ucx);
+/* The worker address to publish; owned by ucx and valid until ckpt__ucx_destroy. */
+CKPT_HIDDEN int ckpt__ucx_address(ckpt__ucx_t *ucx, const void **addr_out, size_t *len_out);
+
+/* Registers existing memory [base, base+len) (no allocation, no copy) for remote access
+ * and as a zero-copy destination. Unregister before the memory goes away. */
+CKPT_HIDDEN int ckpt__ucx_mem_register(ckpt__ucx_t *ucx, void *base, size_t len,
+                                       ckpt__ucx_mem_t **mem_out);
+CKPT_HIDDEN void ckpt__ucx_mem_unregister(ckpt__ucx_t *ucx, ckpt__ucx_mem_t *mem);
+/* Packs the remote key of a registration; *buf_out is released with ckpt__free. */
+CKPT_HIDDEN int ckpt__ucx_rkey_pack(ckpt__ucx_t *ucx, const ckpt__ucx_mem_t *mem,
+                                    void **buf_out, size_t *len_out);
+
+/* Starts / stops the serving progress thread (requires options.progress_thread). The
+ * thread sleeps on the worker's event fd when idle (ucp_worker_arm), so an idle server
+ * costs no CPU. Stop is idempotent. */
+CKPT_HIDDEN int ckpt__ucx_progress_start(ckpt__ucx_t *ucx);
+CKPT_HIDDEN void ckpt__ucx_progress_stop(ckpt__ucx_t *ucx);
+
+/* Connects to a remote worker by its address with peer-failure handling, so a dead peer
+ * fails requests instead of hanging them. `rank` only names the peer in error texts. */
+CKPT_HIDDEN int ckpt__ucx_connect(ckpt__ucx_t *ucx, const void *addr, size_t len, int rank,
+                                  ckpt__ucx_peer_t **peer_out);
+/* Flushes and closes the endpoint (forcefully if the peer failed), bounded by timeout_ms
+ * (<= 0: 5 s). Releases the rkeys still unpacked for it. NULL is ignored. */
+CKPT_HIDDEN void ckpt__ucx_disconnect(ckpt__ucx_peer_t *peer, int timeout_ms);
+/* Nonzero once the peer failed (error handler ran or a forced close after a timeout). */
+CKPT_HIDDEN int ckpt__ucx_peer_failed(const ckpt__ucx_peer_t *peer);
+
+/* Unpacks a packed remote key for use with this peer's endpoint. */
+CKPT_HIDDEN int ckpt__ucx_rkey_unpack(ckpt__ucx_peer_t *peer, const void *packed, size_t len,
+                                      ckpt__ucx_rkey_t **rkey_out);
+CKPT_HIDDEN void ckpt__ucx_rkey_destroy(ckpt__ucx_rkey_t *rkey);
+
+/* One range to read: len bytes at remote_addr (covered by rkey on peer) into dst. local is
+ * the registration covering dst, or NULL (UCX then registers or bounces as it sees fit). */
+typedef struct ckpt__ucx_get {
+    ckpt__ucx_peer_t *peer;
+    ckpt__ucx_rkey_t *rkey;
+    uint64_t remote_addr;
+    void *dst;
+    size_t len;
+    ckpt__ucx_mem_t *local;
+} ckpt__ucx_get_t;
+
+/* Reads every range, split into chunks of options.chunk_size, keeping at most
+ * max_in_flight chunks outstanding (<= 0: CKPT__UCX_INFLIGHT_DEFAULT) over all peers, so
+ * ranges of different peers proceed concurrently. Completion is driven by polling this
+ * worker; the whole batch is bounded by timeout_ms (<= 0: no bound). On a failure every
+ * outstanding chunk is completed or aborted before return (dst may then be partly
+ * written): CKPT_EPEER names the failed rank, CKPT_ETIMEDOUT the rank still pending. */
+CKPT_HIDDEN int ckpt__ucx_get_batch(ckpt__ucx_t *ucx, const ckpt__ucx_get_t *gets, size_t n,
+                                    int max_in_flight, int timeout_ms);
+
+#endif /* CKPT_COMM_UCX_H */

@@ -1,0 +1,311 @@
+/* UCX one-sided layer with real processes: forked servers register and serve a buffer,
+ * this process pulls it with batched gets, over shared memory and over TCP. */
+#if __has_include("ipc/sender.h") && __has_include("ckpt/store.h")
+#define HAVE_ENGINE 1
+#endif
+
+#include "test.h"
+
+#ifndef HAVE_ENGINE
+int main(void)
+{
+    (void)test__failures;
+    fprintf(stderr, "skip: ckpt_engine (UCX layer) is not built in this tree\n");
+    return 77;
+}
+#else
+
+#include <pthread.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "comm/ucx.h"
+
+typedef struct server {
+    pid_t pid;
+    int fd;
+    void *addr;
+    size_t addr_len;
+    void *rkey;
+    size_t rkey_len;
+    uint64_t base;
+    uint64_t size;
+} server_t;
+
+static int write_all(int fd, const void *p, size_t n)
+{
+    for (const char *c = p; n;) {
+        ssize_t w = write(fd, c, n);
+        if (w <= 0) return -1;
+        c += w, n -= (size_t)w;
+    }
+    return 0;
+}
+
+static int read_all(int fd, void *p, size_t n)
+{
+    for (char *c = p; n;) {
+        ssize_t r = read(fd, c, n);
+        if (r <= 0) return -1;
+        c += r, n -= (size_t)r;
+    }
+    return 0;
+}
+
+static uint8_t pattern(uint64_t i, int seed) { return (uint8_t)((i * 2654435761u) >> 13) ^ (uint8_t)seed; }
+
+/* Server process: fill, register, publish, serve until told to quit. */
+static int server_main(int fd, size_t size, int seed)
+{
+    ckpt__ucx_options_t o = CKPT__UCX_OPTIONS_INIT;
+    o.progress_thread = 1;
+    ckpt__ucx_t *u = NULL;
+    ckpt__ucx_mem_t *mem = NULL;
+    const void *addr;
+    size_t addr_len, rkey_len;
+    void *rkey = NULL;
+    uint8_t *buf = malloc(size);
+    if (!buf) return 1;
+    for (size_t i = 0; i < size; i++) buf[i] = pattern(i, seed);
+    int rc = ckpt__ucx_create(&o, &u);
+    if (!rc) rc = ckpt__ucx_mem_register(u, buf, size, &mem);
+    if (!rc) rc = ckpt__ucx_rkey_pack(u, mem, &rkey, &rkey_len);
+    if (!rc) rc = ckpt__ucx_address(u, &addr, &addr_len);
+    if (!rc) rc = ckpt__ucx_progress_start(u);
+    int32_t status = rc;
+    write_all(fd, &status, sizeof(status));
+    if (rc) {
+        fprintf(stderr, "server: %s\n", ckpt_last_error());
+        return 1;
+    }
+    uint64_t hdr[4] = {addr_len, rkey_len, (uint64_t)(uintptr_t)buf, size};
+    write_all(fd, hdr, sizeof(hdr));
+    write_all(fd, addr, addr_len);
+    write_all(fd, rkey, rkey_len);
+    for (;;) {
+        char cmd;
+        if (read_all(fd, &cmd, 1)) break;
+        if (cmd == 'I') { /* CPU seconds all our threads use over one idle second */
+            struct rusage a, b;
+            getrusage(RUSAGE_SELF, &a);
+            struct timespec ts = {1, 0};
+            nanosleep(&ts, NULL);
+            getrusage(RUSAGE_SELF, &b);
+            double cpu = (double)(b.ru_utime.tv_sec - a.ru_utime.tv_sec) +
+                         (double)(b.ru_stime.tv_sec - a.ru_stime.tv_sec) +
+                         (double)(b.ru_utime.tv_usec - a.ru_utime.tv_usec) / 1e6 +
+                         (double)(b.ru_stime.tv_usec - a.ru_stime.tv_usec) / 1e6;
+            write_all(fd, &cpu, sizeof(cpu));
+        } else {
+            break;
+        }
+    }
+    ckpt__free(rkey);
+    ckpt__ucx_destroy(u);
+    free(buf);
+    return 0;
+}
+
+static int server_start(server_t *s, size_t size, int seed)
+{
+    int sv[2];
+    memset(s, 0, sizeof(*s));
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv)) return -1;
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        close(sv[0]);
+        _exit(server_main(sv[1], size, seed));
+    }
+    close(sv[1]);
+    s->pid = pid;
+    s->fd = sv[0];
+    int32_t status;
+    uint64_t hdr[4];
+    if (read_all(s->fd, &status, sizeof(status)) || status) return status ? status : -1;
+    if (read_all(s->fd, hdr, sizeof(hdr))) return -1;
+    s->addr_len = hdr[0], s->rkey_len = hdr[1], s->base = hdr[2], s->size = hdr[3];
+    s->addr = malloc(s->addr_len);
+    s->rkey = malloc(s->rkey_len);
+    if (read_all(s->fd, s->addr, s->addr_len) || read_all(s->fd, s->rkey, s->rkey_len)) return -1;
+    return 0;
+}
+
+static void server_stop(server_t *s)
+{
+    if (s->pid > 0) {
+        write_all(s->fd, "Q", 1);
+        int st;
+        waitpid(s->pid, &st, 0);
+    }
+    if (s->fd > 0) close(s->fd);
+    free(s->addr);
+    free(s->rkey);
+    memset(s, 0, sizeof(*s));
+}
+
+/* Two servers, three ranges each (odd sizes and offsets), small chunks so that ranges
+ * split and chunks of both peers are in flight together. */
+static void test_pull_two_peers(void)
+{
+    enum { NPEER = 2 };
+    server_t s[NPEER];
+    ckpt__ucx_t *u = NULL;
+    ckpt__ucx_peer_t *peer[NPEER] = {0};
+    ckpt__ucx_rkey_t *rkey[NPEER] = {0};
+    ckpt__ucx_mem_t *local = NULL;
+    const size_t size = (24u << 20) + 4099;
+    for (int i = 0; i < NPEER; i++) CHECK(server_start(&s[i], size, 17 + i) == 0);
+    ckpt__ucx_options_t o = CKPT__UCX_OPTIONS_INIT;
+    o.chunk_size = 1u << 20;
+    CHECK_OK(ckpt__ucx_create(&o, &u));
+    uint8_t *dst = calloc(NPEER, size);
+    CHECK_OK(ckpt__ucx_mem_register(u, dst, NPEER * size, &local));
+    ckpt__ucx_get_t gets[NPEER * 3];
+    size_t cut[4] = {0, 1000, (9u << 20) + 7, size};
+    for (int i = 0; i < NPEER; i++) {
+        CHECK_OK(ckpt__ucx_connect(u, s[i].addr, s[i].addr_len, i, &peer[i]));
+        CHECK_OK(ckpt__ucx_rkey_unpack(peer[i], s[i].rkey, s[i].rkey_len, &rkey[i]));
+        for (int k = 0; k < 3; k++) {
+            /* interleave peers: get order 0,1,0,1,... */
+            ckpt__ucx_get_t *g = &gets[k * NPEER + i];
+            g->peer = peer[i];
+            g->rkey = rkey[i];
+            g->remote_addr = s[i].base + cut[k];
+            g->dst = dst + (size_t)i * size + cut[k];
+            g->len = cut[k + 1] - cut[k];
+            g->local = local;
+        }
+    }
+    CHECK_OK(ckpt__ucx_get_batch(u, gets, NPEER * 3, 6, 20000));
+    for (int i = 0; i < NPEER; i++) {
+        size_t bad = size;
+        for (size_t b = 0; b < size; b++)
+            if (dst[(size_t)i * size + b] != pattern(b, 17 + i)) {
+                bad = b;
+                break;
+            }
+        if (bad != size) fprintf(stderr, "peer %d: first wrong byte at %zu\n", i, bad);
+        CHECK(bad == size);
+    }
+    /* A mismatched rkey is refused before anything is posted. */
+    ckpt__ucx_get_t wrong = gets[0];
+    wrong.rkey = rkey[1];
+    CHECK_RC(ckpt__ucx_get_batch(u, &wrong, 1, 4, 1000), CKPT_EINVAL);
+    CHECK_ERR_HAS("rank 1");
+
+    /* The serving progress thread sleeps when idle. */
+    double cpu = 1;
+    write_all(s[0].fd, "I", 1);
+    CHECK(read_all(s[0].fd, &cpu, sizeof(cpu)) == 0);
+    fprintf(stderr, "  idle server used %.3f CPU s over 1 s\n", cpu);
+    CHECK(cpu < 0.1);
+
+    for (int i = 0; i < NPEER; i++) ckpt__ucx_disconnect(peer[i], 2000);
+    ckpt__ucx_mem_unregister(u, local);
+    ckpt__ucx_destroy(u);
+    for (int i = 0; i < NPEER; i++) server_stop(&s[i]);
+    free(dst);
+}
+
+typedef struct killer {
+    pid_t pid;
+    int delay_ms;
+} killer_t;
+
+static void *killer_main(void *arg)
+{
+    killer_t *k = arg;
+    struct timespec ts = {0, (long)k->delay_ms * 1000000L};
+    nanosleep(&ts, NULL);
+    kill(k->pid, SIGKILL);
+    return NULL;
+}
+
+/* The server dies mid-transfer: the batch fails with EPEER (or ETIMEDOUT), bounded. */
+static void test_peer_killed(void)
+{
+    server_t s;
+    ckpt__ucx_t *u = NULL;
+    ckpt__ucx_peer_t *peer = NULL;
+    ckpt__ucx_rkey_t *rkey = NULL;
+    const size_t size = 32u << 20;
+    CHECK(server_start(&s, size, 3) == 0);
+    ckpt__ucx_options_t o = CKPT__UCX_OPTIONS_INIT;
+    o.chunk_size = 256u << 10;
+    CHECK_OK(ckpt__ucx_create(&o, &u));
+    CHECK_OK(ckpt__ucx_connect(u, s.addr, s.addr_len, 5, &peer));
+    CHECK_OK(ckpt__ucx_rkey_unpack(peer, s.rkey, s.rkey_len, &rkey));
+    uint8_t *dst = malloc(size);
+    /* Far more bytes than can move before the kill: the same range, many times. */
+    enum { REPEAT = 512 };
+    static ckpt__ucx_get_t gets[REPEAT];
+    for (int i = 0; i < REPEAT; i++)
+        gets[i] = (ckpt__ucx_get_t){peer, rkey, s.base, dst, size, NULL};
+    killer_t k = {s.pid, 50};
+    pthread_t th;
+    pthread_create(&th, NULL, killer_main, &k);
+    const int timeout_ms = 3000;
+    uint64_t t0 = ckpt__now_ns();
+    int rc = ckpt__ucx_get_batch(u, gets, REPEAT, 8, timeout_ms);
+    double took = (double)(ckpt__now_ns() - t0) / 1e9;
+    pthread_join(th, NULL);
+    fprintf(stderr, "  killed peer: %s after %.2f s: %s\n", ckpt_status_name(rc), took,
+            ckpt_last_error());
+    CHECK(rc == CKPT_EPEER || rc == CKPT_ETIMEDOUT);
+    CHECK_ERR_HAS("rank 5");
+    CHECK(took < timeout_ms / 1000.0 + 3);
+    CHECK(ckpt__ucx_peer_failed(peer));
+    /* Later batches on the dead peer fail at once. */
+    CHECK_RC(ckpt__ucx_get_batch(u, gets, 1, 8, timeout_ms), CKPT_EPEER);
+    ckpt__ucx_disconnect(peer, 1000);
+    ckpt__ucx_destroy(u);
+    int st;
+    waitpid(s.pid, &st, 0);
+    s.pid = 0;
+    server_stop(&s);
+    free(dst);
+}
+
+/* Runs the tests for one transport selection in a child, so UCX_TLS is read fresh by
+ * every ucp_init. Returns 0 pass, 1 fail, 77 skip. */
+static int run_for_tls(const char *label, const char *tls)
+{
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        setenv("UCX_TLS", tls, 1);
+        /* Let a dead shared-memory peer be noticed in about a second, not the default 20. */
+        setenv("UCX_KEEPALIVE_INTERVAL", "200ms", 0);
+        ckpt__ucx_t *probe = NULL;
+        if (ckpt__ucx_create(NULL, &probe)) {
+            fprintf(stderr, "skip %s (UCX_TLS=%s): %s\n", label, tls, ckpt_last_error());
+            _exit(77);
+        }
+        ckpt__ucx_destroy(probe);
+        fprintf(stderr, "== %s (UCX_TLS=%s)\n", label, tls);
+        RUN_TEST(test_pull_two_peers);
+        RUN_TEST(test_peer_killed);
+        _exit(test__failures ? 1 : 0);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    if (!WIFEXITED(st)) return 1;
+    return WEXITSTATUS(st);
+}
+
+int main(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    int shm = run_for_tls("shared memory", "shm,self");
+    int tcp = run_for_tls("tcp", "tcp,self");
+    if (shm == 1 || tcp == 1) return 1;
+    if (shm == 77 && tcp == 77) return 77;
+    return 0;
+}
+#endif
