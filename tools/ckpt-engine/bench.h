@@ -4,5 +4,6 @@
 
 /* Same conventions as the subcommands: argv[0] is the part name; 0/1/2 exit status. */
 int bench_load(int argc, char **argv);
+int bench_ucx_get(int argc, char **argv);
 
 #endif

@@ -1,22 +1,9 @@
 /* ckpt-engine bench ucx-get: the P2P pull phase against its floor, ucx_perftest's ucp_get
  * bandwidth on the same transport, measured in the same run (a forked server serves a
  * registered buffer; this process pulls it with ckpt__ucx_get_batch). */
-#if __has_include("ipc/sender.h") && __has_include("ckpt/store.h")
-#define HAVE_ENGINE 1
-#endif
-
 #include <stdio.h>
 
-int cmd_bench_ucx(int argc, char **argv);
-
-#ifndef HAVE_ENGINE
-int cmd_bench_ucx(int argc, char **argv)
-{
-    (void)argc, (void)argv;
-    fprintf(stderr, "ckpt-engine bench ucx-get: built without the engine library (UCX)\n");
-    return 1;
-}
-#else
+#include "bench.h"
 
 #include <getopt.h>
 #include <netinet/in.h>
@@ -216,7 +203,7 @@ static void usage(void)
             "chunk over and over, as ucx_perftest does (cache-resident, like for like).\n");
 }
 
-int cmd_bench_ucx(int argc, char **argv)
+int bench_ucx_get(int argc, char **argv)
 {
     bench_opts_t o = {1ull << 30, CKPT__UCX_CHUNK_DEFAULT, CKPT__UCX_INFLIGHT_DEFAULT, 5, 1, 0, NULL};
     static const struct option longopts[] = {
@@ -274,4 +261,3 @@ int cmd_bench_ucx(int argc, char **argv)
     printf("ratio     %8.2f\n", ours / floor);
     return 0;
 }
-#endif

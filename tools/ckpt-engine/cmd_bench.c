@@ -12,6 +12,7 @@ static const struct {
     const char *summary;
 } benches[] = {
     {"load", bench_load, "registration from files vs a raw sequential read of the same bytes"},
+    {"ucx-get", bench_ucx_get, "UCX one-sided pull (P2P) vs ucx_perftest -t ucp_get"},
 };
 
 static void usage(FILE *out)

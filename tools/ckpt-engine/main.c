@@ -15,6 +15,12 @@ static const struct {
     {"bench", cmd_bench, "measure a part against its physical floor (bench load, ...)"},
     {"gen", cmd_gen, "generate a synthetic checkpoint with transformer-like shapes"},
     {"verify", cmd_verify, "compare two checkpoints tensor by tensor, byte for byte"},
+    {"register", cmd_client, "client: register a checkpoint on a running server (--server URL)"},
+    {"update", cmd_client, "client: start an update (--wait shows progress)"},
+    {"status", cmd_client, "client: state of an update, or of the server"},
+    {"unregister", cmd_client, "client: free a checkpoint on every rank"},
+    {"list", cmd_client, "client: registered checkpoints"},
+    {"metas", cmd_client, "client: the P2P metas of a checkpoint"},
 };
 
 static void usage(FILE *out)
