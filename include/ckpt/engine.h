@@ -37,9 +37,12 @@ typedef struct ckpt_engine_options {
     int verify;              /* ask workers to verify checksums of what they copy */
     int share_mode;          /* ckpt_share_mode_t */
     uint64_t memory_limit;   /* bytes the IPC buffers may use; 0: derived from free memory */
+    /* -1 (auto): when every rank is on one host, workers read tensors straight out of the
+     * owners' pools (no staging, no broadcast); 0: always stage through IPC buffers. */
+    int direct;
 } ckpt_engine_options_t;
 
-#define CKPT_ENGINE_OPTIONS_INIT {0, NULL, 256ull << 20, 30000, 0, CKPT_SHARE_NODE, 0}
+#define CKPT_ENGINE_OPTIONS_INIT {0, NULL, 256ull << 20, 30000, 0, CKPT_SHARE_NODE, 0, -1}
 
 /* Result of an update, filled on rank 0 (status on every rank). */
 typedef struct ckpt_update_result {
@@ -61,6 +64,7 @@ typedef struct ckpt_update_result {
     double pipeline_s;        /* stage, broadcast, reload and agree of all buckets */
     double finish_s;          /* workers' post-hooks */
     double total_s;
+    int direct;               /* 1: workers read the owners' pools (no staging) */
 } ckpt_update_result_t;
 
 typedef struct ckpt_update_options {
@@ -69,9 +73,10 @@ typedef struct ckpt_update_options {
     int timeout_ms;           /* 0: the engine's option */
     int verify;               /* -1: the engine's option, 0 off, 1 on */
     const char *trace_path;   /* write the Chrome trace JSON here (rank 0); NULL: don't */
+    int direct;               /* -1: the engine's option, 0: stage, 1: direct when possible */
 } ckpt_update_options_t;
 
-#define CKPT_UPDATE_OPTIONS_INIT {0, 0, 0, -1, NULL}
+#define CKPT_UPDATE_OPTIONS_INIT {0, 0, 0, -1, NULL, -1}
 
 /* Physical floors measured in this run: single-core memcpy on rank 0, MPI_Bcast on all. */
 typedef struct ckpt_floors {

@@ -115,7 +115,9 @@ int ckpt__buffers_ensure(ckpt_engine_t *e, uint64_t size, int nbuffers, int time
 
 int ckpt__buffer_budget(ckpt_engine_t *e, int timeout_ms, uint64_t *budget_out)
 {
-    /* Half of what is free: the rest is for the pools, the workers and everything else. */
+    /* A configured limit is the total the buffers may use. Otherwise half of what is free
+     * (the rest is for the pools, the workers and everything else), on top of the buffers
+     * already held. */
     uint64_t avail = e->opts.memory_limit ? e->opts.memory_limit
                                           : ckpt__host_available_bytes() / 2;
     uint64_t min_avail = avail;

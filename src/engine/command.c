@@ -1,5 +1,6 @@
 /* The command stream: rank 0 broadcasts each command; followers wait for the next one
  * without spinning (see coll.c) and execute it. */
+#include <stdint.h>
 #include <string.h>
 
 #include "engine/engine_internal.h"
@@ -38,8 +39,11 @@ static int exec_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
         return ckpt__error(CKPT_EBUSY, "%d checkpoints are registered; unregister one first",
                            CKPT__MAX_CHECKPOINTS);
     int local = ckpt_store_register_files(e->store, cmd->name, cmd->path, e->rank, e->size);
-    rc = ckpt__agree(e, local, local < 0 ? ckpt_last_error() : NULL, cmd->timeout_ms, &failed,
-                     reason, sizeof(reason));
+    /* Ranks wait for each other while the slowest reads its share from disk: the bound is
+     * generous (10 minutes on top of the timeout), but there is one. */
+    int wait_ms = cmd->timeout_ms > INT32_MAX - 600000 ? INT32_MAX : cmd->timeout_ms + 600000;
+    rc = ckpt__agree(e, local, local < 0 ? ckpt_last_error() : NULL, wait_ms, &failed, reason,
+                     sizeof(reason));
     if (rc == CKPT_ETIMEDOUT && e->broken) return rc;
     if (rc < 0) {
         /* Nobody keeps a share of a checkpoint that failed on some rank. */

@@ -192,6 +192,7 @@ int ckpt_engine_update(ckpt_engine_t *e, const char *name, const ckpt_update_opt
     cmd.bucket_max = opts->bucket_max ? opts->bucket_max : e->opts.bucket_max;
     cmd.timeout_ms = opts->timeout_ms > 0 ? opts->timeout_ms : e->opts.timeout_ms;
     cmd.verify = opts->verify >= 0 ? opts->verify : e->opts.verify;
+    cmd.direct = opts->direct >= 0 ? opts->direct : e->opts.direct != 0;
     ckpt_update_result_t local;
     rc = leader_run(e, &cmd, result ? result : &local, opts, NULL);
     if (rc < 0 && result && result->reason[0])

@@ -28,7 +28,7 @@ typedef struct ckpt__cmd {
     int32_t op;
     int32_t timeout_ms;
     int32_t verify;
-    int32_t reserved;
+    int32_t direct; /* 1: workers read the owners' pools when all ranks share one host */
     uint64_t version;
     uint64_t update_id;
     uint64_t bucket_max;

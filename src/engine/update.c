@@ -6,11 +6,14 @@
  * after every rank agreed on bucket b - nbuffers, i.e. after every worker acknowledged
  * that it finished reading that buffer. With one buffer (memory short) the loop
  * degenerates to stage, reload, agree in sequence. */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "engine/engine_internal.h"
+#include "engine/sources.h"
+#include "ipc/wire.h"
 #include "engine/timeline.h"
 #include "plan/bucket.h"
 
@@ -24,6 +27,13 @@ typedef struct update_ctx {
     int worker_begun;
     double sent_at;
     long corrupt_bucket; /* fault injection for tests: CKPT_FAULT_CORRUPT_BUCKET=b */
+    int direct;              /* workers read the owners' pools: no stage, no broadcast */
+    /* Bound of waits for other ranks. A rank may legitimately spend a full timeout waiting
+     * for its worker (and another one aborting it) before it joins a collective, so ranks
+     * wait for each other longer than any rank waits for its worker: a worker's stall is
+     * then always reported as the worker's, never mistaken for a dead rank. */
+    int coll_ms;
+    ckpt__sources_t sources; /* direct: every pool region of this host, opened */
 } update_ctx_t;
 
 static int fail_result(update_ctx_t *u, int rc, int failed_rank, const char *reason)
@@ -41,7 +51,7 @@ static int agree(update_ctx_t *u, int local_rc, const char *what)
     char local_reason[CKPT__REASON_MAX];
     int failed = -1;
     snprintf(local_reason, sizeof(local_reason), "%s: %s", what, ckpt_last_error());
-    int rc = ckpt__agree(u->e, local_rc, local_rc < 0 ? local_reason : NULL, u->cmd->timeout_ms,
+    int rc = ckpt__agree(u->e, local_rc, local_rc < 0 ? local_reason : NULL, u->coll_ms,
                          &failed, reason, sizeof(reason));
     if (rc == CKPT_OK) return CKPT_OK;
     if (u->e->broken) ckpt__engine_fatal(u->e, ckpt_last_error());
@@ -81,7 +91,7 @@ static int gather_metas(update_ctx_t *u, ckpt_tensor_meta_t **all_out, size_t *c
     int mine = (int)(nlocal * sizeof(ckpt_tensor_meta_t));
     MPI_Request req;
     MPI_Iallgather(&mine, 1, MPI_INT, counts, 1, MPI_INT, e->world, &req);
-    rc = ckpt__mpi_wait(e, &req, u->cmd->timeout_ms, 200, "allgather of metas");
+    rc = ckpt__mpi_wait(e, &req, u->coll_ms, 200, "allgather of metas");
     if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
     uint64_t total = 0;
     for (int r = 0; r < e->size; r++) {
@@ -90,7 +100,7 @@ static int gather_metas(update_ctx_t *u, ckpt_tensor_meta_t **all_out, size_t *c
     }
     all = ckpt__calloc(total / sizeof(ckpt_tensor_meta_t) + 1, sizeof(*all));
     MPI_Iallgatherv(local, mine, MPI_BYTE, all, counts, displs, MPI_BYTE, e->world, &req);
-    rc = ckpt__mpi_wait(e, &req, u->cmd->timeout_ms, 200, "allgather of metas");
+    rc = ckpt__mpi_wait(e, &req, u->coll_ms, 200, "allgather of metas");
     if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
     *all_out = all;
     *count_out = total / sizeof(ckpt_tensor_meta_t);
@@ -103,26 +113,52 @@ out:
     return rc;
 }
 
-static int plan_update(update_ctx_t *u, const ckpt_tensor_meta_t *all, size_t count)
+static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
 {
     ckpt_engine_t *e = u->e;
     /* Every rank must plan from the same numbers: take the smallest free memory. The
      * group's current buffers count as available: they are reused. */
     uint64_t min_avail = 0;
-    int rc = ckpt__buffer_budget(e, u->cmd->timeout_ms, &min_avail);
+    int rc = ckpt__buffer_budget(e, u->coll_ms, &min_avail);
     if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
-    min_avail += e->buffers.size * (uint64_t)e->buffers.nbuffers;
+    if (e->opts.memory_limit == 0) min_avail += e->buffers.size * (uint64_t)e->buffers.nbuffers;
     uint64_t bucket_size = 0;
     int nbuffers = 0;
-    uint64_t largest = ckpt__plan_min_bucket(all, count);
-    rc = ckpt__plan_bucket_size(largest, u->cmd->bucket_max, min_avail, &bucket_size, &nbuffers);
-    if (rc == CKPT_OK) rc = ckpt__plan_buckets(all, count, e->size, bucket_size, &u->plan);
-    /* The plan is a pure function of agreed input: it fails the same way on every rank. */
-    if (rc < 0) return fail_result(u, rc, -1, ckpt_last_error());
-    rc = ckpt__buffers_ensure(e, bucket_size, nbuffers, u->cmd->timeout_ms);
-    if (rc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());
-    rc = agree(u, rc, "IPC buffers");
-    if (rc < 0) return rc;
+    if (u->direct) {
+        /* No buffers: windows of the owners' pools, each at most bucket_max (a larger
+         * tensor is a window of its own). */
+        rc = ckpt__sources_open(e, u->cmd->name, u->coll_ms, &u->sources);
+        if (rc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());
+        rc = agree(u, rc, "direct sources");
+        if (rc < 0) return rc;
+        /* Every rank sees the same count (one allgather), so all fall back together. */
+        if (u->sources.count > CKPT_IPC_MAX_BUFFERS) {
+            ckpt_info("%zu pool regions exceed the %d buffers a worker can map: staging",
+                      u->sources.count, CKPT_IPC_MAX_BUFFERS);
+            ckpt__sources_close(&u->sources);
+            u->direct = 0;
+            return plan_update(u, all, count);
+        }
+        ckpt_tensor_meta_t *located = (ckpt_tensor_meta_t *)all;
+        for (size_t i = 0; rc == CKPT_OK && i < count; i++)
+            rc = ckpt__sources_locate(&u->sources, &located[i]);
+        bucket_size = CKPT_ALIGN_UP(u->cmd->bucket_max, (uint64_t)CKPT_ALIGN);
+        if (rc == CKPT_OK) rc = ckpt__plan_windows(all, count, bucket_size, &u->plan);
+        /* Pure function of agreed input: fails the same way everywhere. */
+        if (rc < 0) return fail_result(u, rc, -1, ckpt_last_error());
+    } else {
+        uint64_t largest = ckpt__plan_min_bucket(all, count);
+        rc = ckpt__plan_bucket_size(largest, u->cmd->bucket_max, min_avail, &bucket_size,
+                                    &nbuffers);
+        if (rc == CKPT_OK) rc = ckpt__plan_buckets(all, count, e->size, bucket_size, &u->plan);
+        /* The plan is a pure function of agreed input: it fails the same way on every rank. */
+        if (rc < 0) return fail_result(u, rc, -1, ckpt_last_error());
+        rc = ckpt__buffers_ensure(e, bucket_size, nbuffers, u->coll_ms);
+        if (rc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());
+        rc = agree(u, rc, "IPC buffers");
+        if (rc < 0) return rc;
+    }
+    u->res->direct = u->direct;
     u->res->bucket_size = bucket_size;
     u->res->nbuffers = nbuffers;
     u->res->nbuckets = (uint32_t)u->plan.nbuckets;
@@ -147,10 +183,18 @@ static int begin_workers(update_ctx_t *u)
             begin.name = u->cmd->name;
             begin.nbuckets = (uint32_t)u->plan.nbuckets;
             begin.verify = u->cmd->verify;
-            begin.nbuffers = e->buffers.nbuffers;
-            for (int i = 0; i < e->buffers.nbuffers; i++) {
-                begin.buffer_fds[i] = e->buffers.fds[i];
-                begin.buffer_sizes[i] = e->buffers.size;
+            if (u->direct) {
+                begin.nbuffers = (int)u->sources.count;
+                for (size_t i = 0; i < u->sources.count; i++) {
+                    begin.buffer_fds[i] = u->sources.fds[i];
+                    begin.buffer_sizes[i] = ckpt__sources_size(&u->sources, i);
+                }
+            } else {
+                begin.nbuffers = e->buffers.nbuffers;
+                for (int i = 0; i < e->buffers.nbuffers; i++) {
+                    begin.buffer_fds[i] = e->buffers.fds[i];
+                    begin.buffer_sizes[i] = e->buffers.size;
+                }
             }
             rc = ckpt_ipc_begin(e->ipc, &begin, u->cmd->timeout_ms);
             u->worker_begun = rc == CKPT_OK;
@@ -183,13 +227,13 @@ static int prepare_bucket(update_ctx_t *u, size_t b)
     if (e->ngroups > 1 && e->leaders != MPI_COMM_NULL) {
         t0 = ckpt__now_s();
         rc = ckpt__bcast_bytes(e, buf, bk->bytes, e->group_of_rank[bk->owner], e->leaders,
-                               u->cmd->timeout_ms, "bucket broadcast");
+                               u->coll_ms, "bucket broadcast");
         if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_BCAST, t0);
     }
     if (e->group_size > 1) {
         t0 = ckpt__now_s();
-        rc = ckpt__barrier(e, e->group, u->cmd->timeout_ms, "bucket ready");
+        rc = ckpt__barrier(e, e->group, u->coll_ms, "bucket ready");
         if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_READY, t0);
     }
@@ -202,8 +246,9 @@ static int send_bucket(update_ctx_t *u, size_t b)
     const ckpt_bucket_t *bk = &u->plan.buckets[b];
     u->sent_at = ckpt__now_s();
     if (!e->ipc) return CKPT_OK;
-    return ckpt_ipc_send_bucket(e->ipc, (uint32_t)b, (int)(b % (size_t)e->buffers.nbuffers),
-                                &u->plan.tensors[bk->first], bk->count);
+    int buffer = u->direct ? bk->source : (int)(b % (size_t)e->buffers.nbuffers);
+    return ckpt_ipc_send_bucket(e->ipc, (uint32_t)b, buffer, &u->plan.tensors[bk->first],
+                                bk->count);
 }
 
 static void progress_bucket_done(update_ctx_t *u, size_t b)
@@ -233,6 +278,12 @@ static int run_pipeline(update_ctx_t *u)
     size_t nb = u->plan.nbuckets;
     int two = u->e->buffers.nbuffers == 2;
     int send_rc = CKPT_OK, rc = CKPT_OK;
+    if (u->direct) {
+        /* Nothing to prepare: every window is already in a pool the workers have mapped. */
+        for (size_t b = 0; b < nb; b++)
+            if ((rc = complete_bucket(u, b, send_bucket(u, b))) < 0) return rc;
+        return CKPT_OK;
+    }
     for (size_t b = 0; b < nb; b++) {
         if (!two && b > 0 && (rc = complete_bucket(u, b - 1, send_rc)) < 0) return rc;
         prepare_bucket(u, b);
@@ -251,6 +302,7 @@ int ckpt__update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace
     u.e = e;
     u.cmd = cmd;
     u.res = res;
+    u.coll_ms = cmd->timeout_ms > (INT32_MAX - 5000) / 3 ? INT32_MAX : cmd->timeout_ms * 3 + 5000;
     memset(res, 0, sizeof(*res));
     res->failed_rank = -1;
     res->nranks = e->size;
@@ -266,9 +318,12 @@ int ckpt__update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace
     atomic_store(&e->progress.running, 1);
     const char *fault = getenv("CKPT_FAULT_CORRUPT_BUCKET");
     u.corrupt_bucket = fault ? strtol(fault, NULL, 10) : -1;
+    /* Direct reads need every rank on one host (one group) sharing memory. */
+    u.direct = cmd->direct && e->ngroups == 1 && e->group_size == e->size &&
+               e->opts.share_mode == CKPT_SHARE_NODE && u.corrupt_bucket < 0;
 
     /* A common start so that every rank's timeline shares one origin. */
-    if (ckpt__barrier(e, e->world, cmd->timeout_ms, "update start") < 0)
+    if (ckpt__barrier(e, e->world, u.coll_ms, "update start") < 0)
         ckpt__engine_fatal(e, ckpt_last_error());
     double t_start = ckpt__now_s(), t = t_start;
     ckpt_tensor_meta_t *all = NULL;
@@ -304,7 +359,7 @@ finish:
         char label[CKPT_NAME_MAX + 32];
         snprintf(label, sizeof(label), "%s #%llu", cmd->name,
                  (unsigned long long)cmd->update_id);
-        int trc = ckpt__timeline_write(e, &u.tl, trace_path, label, cmd->timeout_ms);
+        int trc = ckpt__timeline_write(e, &u.tl, trace_path, label, u.coll_ms);
         if (trc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());
         if (trc < 0) ckpt_warn("%s", ckpt_last_error());
     }
@@ -316,6 +371,7 @@ out:
     if (rc < 0 && res->reason[0] == '\0')
         snprintf(res->reason, sizeof(res->reason), "%s", ckpt_last_error());
     ckpt__timeline_free(&u.tl);
+    ckpt__sources_close(&u.sources);
     ckpt__plan_free(&u.plan);
     ckpt__free(u.local_data);
     ckpt__free(all);

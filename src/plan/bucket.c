@@ -102,6 +102,7 @@ int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks
             cur->first = (uint32_t)i;
             cur->count = 0;
             cur->bytes = 0;
+            cur->source = -1;
         }
         plan.tensors[i] = *m;
         plan.src_offsets[i] = m->offset;
@@ -140,4 +141,80 @@ void ckpt__plan_free(ckpt_bucket_plan_t *plan)
     ckpt__free(plan->src_offsets);
     ckpt__free(plan->buckets);
     memset(plan, 0, sizeof(*plan));
+}
+
+static int window_cmp(const void *a, const void *b)
+{
+    const ckpt_tensor_meta_t *x = ((const plan_item_t *)a)->meta;
+    const ckpt_tensor_meta_t *y = ((const plan_item_t *)b)->meta;
+    if (x->reserved != y->reserved) return x->reserved < y->reserved ? -1 : 1;
+    if (x->offset != y->offset) return x->offset < y->offset ? -1 : 1;
+    return strcmp(x->name, y->name);
+}
+
+int ckpt__plan_windows(const ckpt_tensor_meta_t *metas, size_t count, uint64_t bucket_size,
+                       ckpt_bucket_plan_t *plan_out)
+{
+    int rc = CKPT_OK;
+    ckpt_bucket_plan_t plan;
+    memset(&plan, 0, sizeof(plan));
+    plan.bucket_size = bucket_size;
+    plan_item_t *items = ckpt__calloc(count, sizeof(*items));
+    plan.tensors = ckpt__calloc(count, sizeof(*plan.tensors));
+    plan.src_offsets = ckpt__calloc(count, sizeof(*plan.src_offsets));
+    plan.buckets = ckpt__calloc(count + 1, sizeof(*plan.buckets));
+    if (!items || !plan.tensors || !plan.src_offsets || !plan.buckets) {
+        rc = ckpt__error(CKPT_ENOMEM, "planning %zu tensors: out of memory", count);
+        goto fail;
+    }
+    for (size_t i = 0; i < count; i++) items[i].meta = &metas[i];
+    qsort(items, count, sizeof(*items), window_cmp);
+    ckpt_bucket_t *cur = NULL;
+    uint64_t start = 0;
+    for (size_t i = 0; i < count; i++) {
+        const ckpt_tensor_meta_t *m = items[i].meta;
+        if (m->reserved < 0) {
+            rc = ckpt__error(CKPT_EINVAL, "tensor '%s' has no source", m->name);
+            goto fail;
+        }
+        if (cur && cur->source == m->reserved && m->offset < start + cur->bytes) {
+            rc = ckpt__error(CKPT_EINVAL, "tensors '%s' and '%s' overlap in source %d",
+                             plan.tensors[i - 1].name, m->name, m->reserved);
+            goto fail;
+        }
+        uint64_t end = m->offset + m->nbytes;
+        if (cur == NULL || cur->source != m->reserved || end - start > bucket_size) {
+            cur = &plan.buckets[plan.nbuckets++];
+            cur->owner = m->owner;
+            cur->source = m->reserved;
+            cur->first = (uint32_t)i;
+            cur->count = 0;
+            start = m->offset;
+        }
+        plan.tensors[i] = *m;
+        plan.src_offsets[i] = m->offset;
+        cur->bytes = end - start;
+        cur->count++;
+        plan.total_bytes += m->nbytes;
+        plan.largest_bucket = CKPT_MAX(plan.largest_bucket, cur->bytes);
+    }
+    /* Names must be unique (the same check as for staged plans). */
+    for (size_t i = 0; i < count; i++) items[i].meta = &plan.tensors[i];
+    qsort(items, count, sizeof(*items), name_cmp);
+    for (size_t i = 1; i < count; i++) {
+        if (strcmp(items[i - 1].meta->name, items[i].meta->name) == 0) {
+            rc = ckpt__error(CKPT_EINVAL, "tensor '%s' is held by ranks %d and %d",
+                             items[i].meta->name, items[i - 1].meta->owner,
+                             items[i].meta->owner);
+            goto fail;
+        }
+    }
+    plan.ntensors = count;
+    ckpt__free(items);
+    *plan_out = plan;
+    return CKPT_OK;
+fail:
+    ckpt__free(items);
+    ckpt__plan_free(&plan);
+    return rc;
 }

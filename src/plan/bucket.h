@@ -9,7 +9,11 @@ typedef struct ckpt_bucket {
     int32_t owner;     /* rank whose pool holds every tensor of the bucket */
     uint32_t first;    /* index of its first tensor in the plan's tensor array */
     uint32_t count;    /* number of tensors */
-    uint64_t bytes;    /* bytes used in the bucket buffer (aligned layout) */
+    uint64_t bytes;    /* bytes used in the bucket buffer (aligned layout); for a window,
+                        * the span from its first tensor's start to its last one's end */
+    int32_t source;    /* window plans: the source (pool region) the window lies in;
+                        * -1 in staged plans */
+    int32_t reserved;
 } ckpt_bucket_t;
 
 typedef struct ckpt_bucket_plan {
@@ -30,6 +34,14 @@ typedef struct ckpt_bucket_plan {
 int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
                        uint64_t bucket_size, ckpt_bucket_plan_t *plan_out);
 void ckpt__plan_free(ckpt_bucket_plan_t *plan);
+
+/* Plans windows for workers that read straight out of the owners' pools (no staging):
+ * each input meta gives in `reserved` its source (a pool region every worker has mapped)
+ * and in `offset` its offset inside that source. Tensors are taken in (source, offset)
+ * order; a window is a run of consecutive tensors of one source whose span is at most
+ * bucket_size (a larger tensor gets a window of its own). Offsets stay source offsets. */
+int ckpt__plan_windows(const ckpt_tensor_meta_t *metas, size_t count, uint64_t bucket_size,
+                       ckpt_bucket_plan_t *plan_out);
 
 /* Largest aligned tensor size in metas (the smallest workable bucket). */
 uint64_t ckpt__plan_min_bucket(const ckpt_tensor_meta_t *metas, size_t count);

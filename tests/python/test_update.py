@@ -34,13 +34,15 @@ def one_update(tmp_path, nranks, model, update_opts="", worker_extra=None, serve
     return dep, res
 
 
+@pytest.mark.parametrize("direct", [0, 1])
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])
-def test_update_every_rank_count(tmp_path, nranks):
+def test_update_every_rank_count(tmp_path, nranks, direct):
     model = gen(tmp_path, size="6MiB", layers=2, shards=3)
-    dep, res = one_update(tmp_path, nranks, model, "bucket=1MiB")
+    dep, res = one_update(tmp_path, nranks, model, "bucket=1MiB direct=%d" % direct)
     upd = [r for r in res if r["command"] == "update"][0]
     assert upd["ok"], upd
     assert upd["ranks"] == nranks and upd["buckets"] >= 2
+    assert upd["direct"] == direct  # all ranks share this host
     for r in range(nranks):
         assert_worker_equals(dep, r, model)
 
@@ -50,12 +52,13 @@ def largest_aligned(model):
     return max((len(d) + 255) // 256 * 256 for _, _, d in tensors.values())
 
 
+@pytest.mark.parametrize("direct", [0, 1])
 @pytest.mark.parametrize("which", ["largest", "largest+256", "64MiB"])
-def test_bucket_sizes(tmp_path, which):
+def test_bucket_sizes(tmp_path, which, direct):
     model = gen(tmp_path, size="4MiB", layers=2, shards=1)
     largest = largest_aligned(model)
     bucket = {"largest": str(largest), "largest+256": str(largest + 256), "64MiB": "64MiB"}[which]
-    dep, res = one_update(tmp_path, 2, model, "bucket=" + bucket)
+    dep, res = one_update(tmp_path, 2, model, "bucket=%s direct=%d" % (bucket, direct))
     upd = [r for r in res if r["command"] == "update"][0]
     assert upd["ok"], upd
     assert upd["bucket_size"] == (int(bucket) if bucket.isdigit() else 64 << 20)
@@ -80,11 +83,11 @@ def test_bucket_smaller_than_largest_tensor_is_refused(tmp_path):
         dep.start_worker(r, ["--layout", model])
     try:
         # The planner raises the bucket to the largest tensor rather than failing...
-        p, res = dep.serve(["register m %s" % model, "update m bucket=%d" % (largest // 2)])
+        p, res = dep.serve(["register m %s" % model, "update m direct=0 bucket=%d" % (largest // 2)])
         upd = [r for r in res if r["command"] == "update"][0]
         assert upd["ok"] and upd["bucket_size"] == largest
         # ...but memory that cannot hold the largest tensor is a clear error before anything moves.
-        dep.serve_args = ["--memory-limit", str(largest // 2)]
+        dep.serve_args = ["--memory-limit", str(largest // 2), "--direct", "off"]
         p, res = dep.serve(["register m %s" % model, "update m"])
         upd = [r for r in res if r["command"] == "update"][0]
         assert not upd["ok"] and "largest tensor" in upd["reason"]
@@ -148,7 +151,7 @@ def test_every_dtype(tmp_path):
 def test_trace_shows_overlap(tmp_path):
     model = gen(tmp_path, size="16MiB", layers=4, shards=2)
     trace = os.path.join(str(tmp_path), "trace.json")
-    dep, res = one_update(tmp_path, 2, model, "bucket=1MiB trace=" + trace,
+    dep, res = one_update(tmp_path, 2, model, "bucket=1MiB direct=0 trace=" + trace,
                           worker_extra=["--post-hook-sleep-ms", "0"])
     with open(trace) as f:
         events = json.load(f)["traceEvents"]

@@ -107,13 +107,20 @@ def test_corrupted_ipc_buffer_is_detected(setup, monkeypatch):
 
 
 def test_unknown_tensor_reported(setup, tmp_path):
+    """Workers whose model lacks the checkpoint's tensors fail naming one of them."""
+    import json, struct
     model, dep = setup
-    other = gen(tmp_path, size="2MiB", layers=1, shards=1, name="other")
+    header = json.dumps({"only.this": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
+    header = header.encode() + b" " * ((8 - len(header) % 8) % 8)
+    other = os.path.join(str(tmp_path), "other.safetensors")
+    with open(other, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + bytes(8))
     dep.start_worker(0, ["--layout", other])
     dep.start_worker(1, ["--layout", other])
     p, res = dep.serve(["register m %s" % model, "update m timeout=10000"])
     upd = [r for r in res if r["command"] == "update"][0]
-    assert not upd["ok"] and "unknown tensor" in upd["reason"], upd
+    assert not upd["ok"] and "unknown tensor '" in upd["reason"], upd
+    assert upd["failed_rank"] == 0, upd
 
 
 def test_engine_rank_killed_mid_update(setup):

@@ -103,8 +103,44 @@ static void test_bucket_size(void)
     CHECK_ERR_HAS("largest tensor");
 }
 
+static void test_windows(void)
+{
+    /* Two sources; tensors packed 256-aligned inside each, given out of order. */
+    ckpt_tensor_meta_t m[6];
+    const uint64_t sizes[6] = {1000, 300, 5000, 256, 700, 10};
+    uint64_t off[2] = {0, 0};
+    char name[16];
+    for (int i = 5; i >= 0; i--) {
+        snprintf(name, sizeof(name), "t%d", i);
+        make(&m[i], name, sizes[i], i % 2);
+        m[i].reserved = i % 2;
+        m[i].offset = off[i % 2];
+        off[i % 2] += ckpt_aligned_size(sizes[i]);
+    }
+    ckpt_bucket_plan_t plan;
+    CHECK_OK(ckpt__plan_windows(m, 6, 4096, &plan));
+    size_t seen = 0;
+    for (size_t b = 0; b < plan.nbuckets; b++) {
+        const ckpt_bucket_t *bk = &plan.buckets[b];
+        const ckpt_tensor_meta_t *first = &plan.tensors[bk->first];
+        const ckpt_tensor_meta_t *last = &plan.tensors[bk->first + bk->count - 1];
+        CHECK(bk->bytes == last->offset + last->nbytes - first->offset);
+        CHECK(bk->bytes <= 4096 || bk->count == 1); /* only a lone big tensor exceeds */
+        for (uint32_t i = bk->first; i < bk->first + bk->count; i++)
+            CHECK(plan.tensors[i].reserved == bk->source);
+        seen += bk->count;
+    }
+    CHECK(seen == 6);
+    CHECK(plan.total_bytes == 1000 + 300 + 5000 + 256 + 700 + 10);
+    ckpt__plan_free(&plan);
+    m[1].offset = m[3].offset + 100; /* overlaps t3 in source 1 */
+    CHECK_RC(ckpt__plan_windows(m, 6, 1 << 20, &plan), CKPT_EINVAL);
+    CHECK_ERR_HAS("overlap");
+}
+
 int main(void)
 {
+    RUN_TEST(test_windows);
     RUN_TEST(test_sizes);
     RUN_TEST(test_errors);
     RUN_TEST(test_bucket_size);

@@ -27,11 +27,14 @@ static void serve_usage(FILE *out)
         "  --verify             workers verify every tensor's XXH3-64 checksum\n"
         "  --share node|rank    node: ranks of a host share one pair of IPC buffers and only\n"
         "                       host leaders broadcast (default); rank: one pair per rank\n"
+        "  --direct auto|off    auto: when all ranks share one host, workers read tensors\n"
+        "                       straight out of the owners' pools (no staging copy, the\n"
+        "                       default); off: always stage through the IPC buffers\n"
         "  --json               print results as JSON lines instead of tables\n"
         "  -h, --help           this text\n\n"
         "commands (rank 0's input; '#' starts a comment):\n"
         "  register NAME PATH   each rank loads its share of PATH (file, directory or index)\n"
-        "  update NAME [bucket=SIZE] [timeout=MS] [verify=0|1] [trace=FILE]\n"
+        "  update NAME [bucket=SIZE] [timeout=MS] [verify=0|1] [direct=0|1] [trace=FILE]\n"
         "                       broadcast update of every worker; trace= writes the timeline\n"
         "                       as Chrome trace JSON (open it in ui.perfetto.dev)\n"
         "  unregister NAME      frees the checkpoint on every rank\n"
@@ -58,13 +61,13 @@ static void print_update(serve_state_t *st, const ckpt_update_result_t *r)
         printf("{\"command\":\"update\",\"name\":\"%s\",\"ok\":%s,\"status\":\"%s\","
                "\"failed_rank\":%d,\"reason\":\"%s\",\"version\":%llu,\"update_id\":%llu,"
                "\"ranks\":%d,\"bytes\":%llu,\"tensors\":%u,\"buckets\":%u,\"bucket_size\":%llu,"
-               "\"buffers\":%d,\"gather_s\":%.6f,\"plan_s\":%.6f,\"begin_s\":%.6f,"
+               "\"buffers\":%d,\"direct\":%d,\"gather_s\":%.6f,\"plan_s\":%.6f,\"begin_s\":%.6f,"
                "\"pipeline_s\":%.6f,\"finish_s\":%.6f,\"total_s\":%.6f,"
                "\"per_worker_gbps\":%.4f,\"memcpy_gbps\":%.4f,\"bcast_gbps\":%.4f}\n",
                r->name, r->status == 0 ? "true" : "false", ckpt_status_name(r->status),
                r->failed_rank, r->reason, (unsigned long long)r->version,
                (unsigned long long)r->update_id, r->nranks, (unsigned long long)r->bytes,
-               r->ntensors, r->nbuckets, (unsigned long long)r->bucket_size, r->nbuffers,
+               r->ntensors, r->nbuckets, (unsigned long long)r->bucket_size, r->nbuffers, r->direct,
                r->gather_s, r->plan_s, r->begin_s, r->pipeline_s, r->finish_s, r->total_s,
                per_worker, st->floors.memcpy_gbps, st->floors.bcast_gbps);
         return;
@@ -79,9 +82,13 @@ static void print_update(serve_state_t *st, const ckpt_update_result_t *r)
     printf("  %-28s %d\n", "ranks (workers)", r->nranks);
     printf("  %-28s %s in %u tensors\n", "checkpoint",
            ckpt_format_size(r->bytes, total, sizeof(total)), r->ntensors);
-    printf("  %-28s %u x <= %s, %d buffer%s\n", "buckets", r->nbuckets,
-           ckpt_format_size(r->bucket_size, bsize, sizeof(bsize)), r->nbuffers,
-           r->nbuffers == 1 ? " (memory short: no overlap)" : "s (pipelined)");
+    if (r->direct)
+        printf("  %-28s %u x <= %s, read in place from the owners' pools\n", "buckets",
+               r->nbuckets, ckpt_format_size(r->bucket_size, bsize, sizeof(bsize)));
+    else
+        printf("  %-28s %u x <= %s, %d buffer%s\n", "buckets", r->nbuckets,
+               ckpt_format_size(r->bucket_size, bsize, sizeof(bsize)), r->nbuffers,
+               r->nbuffers == 1 ? " (memory short: no overlap)" : "s (pipelined)");
     printf("  %-28s %8.3f s\n", "gather metas", r->gather_s);
     printf("  %-28s %8.3f s\n", "plan + buffers", r->plan_s);
     printf("  %-28s %8.3f s\n", "workers ready", r->begin_s);
@@ -174,10 +181,12 @@ static int run_line(ckpt_engine_t *engine, serve_state_t *st, char *line)
                 uo.timeout_ms = atoi(opt + 8);
             } else if (strncmp(opt, "verify=", 7) == 0) {
                 uo.verify = atoi(opt + 7) != 0;
+            } else if (strncmp(opt, "direct=", 7) == 0) {
+                uo.direct = atoi(opt + 7) != 0;
             } else if (strncmp(opt, "trace=", 6) == 0) {
                 uo.trace_path = opt + 6;
             } else {
-                printf("update '%s': unknown option '%s' (bucket=, timeout=, verify=, trace=)\n",
+                printf("update '%s': unknown option '%s' (bucket=, timeout=, verify=, direct=, trace=)\n",
                        name, opt);
                 return -1;
             }
@@ -206,6 +215,7 @@ int cmd_serve(int argc, char **argv)
         {"bucket-max", required_argument, NULL, 'b'}, {"memory-limit", required_argument, NULL, 'm'},
         {"timeout-ms", required_argument, NULL, 't'}, {"verify", no_argument, NULL, 'v'},
         {"share", required_argument, NULL, 'S'},      {"json", no_argument, NULL, 'j'},
+        {"direct", required_argument, NULL, 'D'},
         {"help", no_argument, NULL, 'h'},             {NULL, 0, NULL, 0}};
     int c;
     optind = 1;
@@ -231,6 +241,14 @@ int cmd_serve(int argc, char **argv)
             }
             break;
         case 'j': st.json = 1; break;
+        case 'D':
+            if (strcmp(optarg, "auto") == 0) opts.direct = -1;
+            else if (strcmp(optarg, "off") == 0) opts.direct = 0;
+            else {
+                fprintf(stderr, "ckpt-engine serve: --direct takes auto or off, not '%s'\n", optarg);
+                return 2;
+            }
+            break;
         case 'h': serve_usage(stdout); return 0;
         default: serve_usage(stderr); return 2;
         }
