@@ -99,8 +99,11 @@ static void print_update(serve_state_t *st, const ckpt_update_result_t *r)
     if (st->have_floors) {
         printf("  %-28s %8.2f GB/s   ratio %.2f\n", "memcpy, 1 core (floor)",
                st->floors.memcpy_gbps, per_worker / st->floors.memcpy_gbps);
-        printf("  %-28s %8.2f GB/s   ratio %.2f\n", "MPI_Bcast (floor)", st->floors.bcast_gbps,
-               per_worker / st->floors.bcast_gbps);
+        if (st->floors.bcast_gbps > 0)
+            printf("  %-28s %8.2f GB/s   ratio %.2f\n", "MPI_Bcast (floor)",
+                   st->floors.bcast_gbps, per_worker / st->floors.bcast_gbps);
+        else
+            printf("  %-28s      n/a (one rank)\n", "MPI_Bcast (floor)");
     }
 }
 

@@ -18,6 +18,7 @@ typedef struct {
     const char *socket, *layout, *checksum_out, *dump;
     int tp_rank, tp_size, verify, timeout_ms, post_hook_ms;
     long updates, fail_on, stall_on;
+    int dump_now; /* with --updates K, the dump is written after the last update only */
 } opts_t;
 
 /* Same format and level as the library's logger ([ckpt <level>] ...), from CKPT_LOG_LEVEL. */
@@ -50,7 +51,8 @@ static void usage(FILE *out)
         "                           engine asks for it)\n"
         "  --checksum-out FILE      after each completed update: JSON of name -> XXH3-64\n"
         "                           (hex) of the bytes this worker holds\n"
-        "  --dump DIR               after each completed update: DIR/model.safetensors\n"
+        "  --dump DIR               after each completed update (with --updates K: after the\n"
+        "                           last one): DIR/model.safetensors\n"
         "  --timeout-ms N           connect / reconnect and per-message wait (default 30000)\n"
         "  --updates K              exit after K updates (0 = never, the default); exit\n"
         "                           status 0 when every one completed, else 1\n"
@@ -149,7 +151,7 @@ static int run_update(ckpt_receiver_t *r, const ckpt_update_info_t *info, wk_mod
                    info->update_id, info->name, info->version);
             int wrc = 0;
             if (o->checksum_out) wrc |= wk_model_write_checksums(m, o->checksum_out, info);
-            if (o->dump) wrc |= wk_model_dump(m, o->dump, info);
+            if (o->dump && o->dump_now) wrc |= wk_model_dump(m, o->dump, info);
             return wrc ? 0 : 1;
         } else {
             printf("update %" PRIu64 " of '%s' version %" PRIu64 ": aborted (%s)\n",
@@ -194,6 +196,7 @@ int main(int argc, char **argv)
             r = NULL;
             continue;
         }
+        o.dump_now = o.updates == 0 || done + 1 == o.updates;
         int res = run_update(r, &info, &model, &o);
         done++;
         ok += res == 1;
