@@ -65,6 +65,9 @@ typedef struct ckpt_update_result {
     double finish_s;          /* workers' post-hooks */
     double total_s;
     int direct;               /* 1: workers read the owners' pools (no staging) */
+    int p2p;                  /* 1: pulled from a serving deployment over UCX */
+    double pull_s;            /* P2P: time the ranks spent pulling, summed over ranks */
+    uint64_t pull_bytes;      /* P2P: bytes pulled (each byte once) */
 } ckpt_update_result_t;
 
 typedef struct ckpt_update_options {
@@ -102,6 +105,17 @@ CKPT_API int ckpt_engine_unregister(ckpt_engine_t *engine, const char *name);
 CKPT_API int ckpt_engine_update(ckpt_engine_t *engine, const char *name,
                                 const ckpt_update_options_t *opts, ckpt_update_result_t *result);
 CKPT_API int ckpt_engine_floors(ckpt_engine_t *engine, ckpt_floors_t *floors);
+/* P2P, serving side: registers the checkpoint's pools with UCX (once) and returns, on rank
+ * 0, the metas a joining deployment needs (docs/METAS.md); free them with free(). */
+CKPT_API int ckpt_engine_export_metas(ckpt_engine_t *engine, const char *name,
+                                      char **metas_out, size_t *len_out);
+/* P2P, joining side: pulls the checkpoint described by `metas` straight out of the serving
+ * ranks' pools (one-sided UCX gets) and updates this deployment's workers through the
+ * ordinary pipeline. Stale metas (another version, or unregistered since) are refused
+ * before any byte reaches a worker. */
+CKPT_API int ckpt_engine_p2p_update(ckpt_engine_t *engine, const void *metas, size_t len,
+                                    const ckpt_update_options_t *opts,
+                                    ckpt_update_result_t *result);
 CKPT_API int ckpt_engine_shutdown(ckpt_engine_t *engine);
 
 /* Progress of the running (or last) update. Safe to call from any thread while rank 0's

@@ -21,6 +21,19 @@ int ckpt__cmd_recv(ckpt_engine_t *e, ckpt__cmd_t *cmd)
     return ckpt__mpi_wait(e, &req, -1, 20000, "waiting for a command");
 }
 
+int ckpt__cmd_payload(ckpt_engine_t *e, const ckpt__cmd_t *cmd, char **payload)
+{
+    /* Followers allocate what rank 0 announced in the command; rank 0 passes its bytes. */
+    if (e->rank != 0) {
+        *payload = ckpt__malloc(cmd->payload_len + 1);
+        if (*payload == NULL) ckpt__engine_fatal(e, "no memory for a command payload");
+    }
+    int rc = ckpt__bcast_bytes(e, *payload, cmd->payload_len, 0, e->world, cmd->timeout_ms,
+                               "command payload");
+    if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
+    return CKPT_OK;
+}
+
 static int find_checkpoint(ckpt_engine_t *e, const char *name)
 {
     for (size_t i = 0; i < e->ncheckpoints; i++)
@@ -51,8 +64,10 @@ static int exec_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
         return ckpt__error(rc, "registering '%s' failed on %s", cmd->name, reason);
     }
     ckpt__checkpoint_entry_t *c = &e->checkpoints[e->ncheckpoints++];
+    memset(c, 0, sizeof(*c));
     ckpt__strlcpy(c->name, cmd->name, sizeof(c->name));
     c->version = cmd->version;
+    c->guard_slot = -1;
     return CKPT_OK;
 }
 
@@ -60,6 +75,7 @@ static int exec_unregister(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
 {
     int idx = find_checkpoint(e, cmd->name);
     if (idx < 0) return ckpt__error(CKPT_ENOENT, "checkpoint '%s' is not registered", cmd->name);
+    ckpt__p2p_unexport(e, &e->checkpoints[idx]); /* joiners refuse it from now on */
     ckpt_store_unregister(e->store, cmd->name);
     e->checkpoints[idx] = e->checkpoints[--e->ncheckpoints];
     return CKPT_OK;
@@ -83,6 +99,24 @@ int ckpt__cmd_execute(ckpt_engine_t *e, const ckpt__cmd_t *cmd, ckpt_update_resu
         return ckpt__floors_run(e, floors ? floors : &local);
     }
     case CKPT__CMD_SHUTDOWN: return CKPT_OK;
+    case CKPT__CMD_EXPORT: {
+        /* A follower: its part of the metas goes to rank 0. */
+        char *bytes = NULL;
+        size_t len = 0;
+        int rc = ckpt__p2p_export(e, cmd, &bytes, &len);
+        ckpt__free(bytes);
+        return rc;
+    }
+    case CKPT__CMD_P2P_UPDATE: {
+        ckpt_update_result_t local;
+        char *metas = NULL;
+        int rc = ckpt__cmd_payload(e, cmd, &metas);
+        if (rc == CKPT_OK)
+            rc = ckpt__update_run_p2p(e, cmd, metas, cmd->payload_len, NULL,
+                                      result ? result : &local);
+        ckpt__free(metas);
+        return rc;
+    }
     default: return ckpt__error(CKPT_EPROTO, "unknown command %d from rank 0", cmd->op);
     }
 }

@@ -1,5 +1,6 @@
 /* Engine lifecycle and the leader's command entry points (see include/ckpt/engine.h). */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -91,6 +92,7 @@ int ckpt_engine_create(const ckpt_engine_options_t *opts, ckpt_engine_t **engine
 void ckpt_engine_destroy(ckpt_engine_t *e)
 {
     if (!e) return;
+    ckpt__p2p_shutdown(e);
     ckpt__buffers_release(e);
     if (e->ipc) ckpt_ipc_server_close(e->ipc);
     if (e->store) ckpt_store_destroy(e->store);
@@ -208,6 +210,62 @@ int ckpt_engine_floors(ckpt_engine_t *e, ckpt_floors_t *floors)
     if (rc < 0) return rc;
     cmd.op = CKPT__CMD_FLOORS;
     return leader_run(e, &cmd, NULL, NULL, floors);
+}
+
+int ckpt_engine_export_metas(ckpt_engine_t *e, const char *name, char **metas_out,
+                             size_t *len_out)
+{
+    ckpt__cmd_t cmd;
+    memset(&cmd, 0, sizeof(cmd));
+    int rc = leader_only(e, "export");
+    if (rc == CKPT_OK) rc = set_name(&cmd, name);
+    if (rc < 0) return rc;
+    if (ckpt__engine_version_of(e, name) == 0)
+        return ckpt__error(CKPT_ENOENT, "checkpoint '%s' is not registered", name);
+    cmd.op = CKPT__CMD_EXPORT;
+    cmd.timeout_ms = e->opts.timeout_ms;
+    if (ckpt__cmd_send(e, &cmd) < 0) ckpt__engine_fatal(e, ckpt_last_error());
+    char *bytes = NULL;
+    size_t len = 0;
+    rc = ckpt__p2p_export(e, &cmd, &bytes, &len);
+    if (rc < 0) return rc;
+    /* Handed out with malloc so the caller frees it with free(). */
+    *metas_out = malloc(len + 1);
+    if (*metas_out == NULL) {
+        ckpt__free(bytes);
+        return ckpt__error(CKPT_ENOMEM, "metas of '%s'", name);
+    }
+    memcpy(*metas_out, bytes, len);
+    (*metas_out)[len] = '\0';
+    *len_out = len;
+    ckpt__free(bytes);
+    return CKPT_OK;
+}
+
+int ckpt_engine_p2p_update(ckpt_engine_t *e, const void *metas, size_t len,
+                           const ckpt_update_options_t *opts, ckpt_update_result_t *result)
+{
+    ckpt_update_options_t defaults = CKPT_UPDATE_OPTIONS_INIT;
+    ckpt__cmd_t cmd;
+    memset(&cmd, 0, sizeof(cmd));
+    if (!opts) opts = &defaults;
+    int rc = leader_only(e, "p2p update");
+    if (rc < 0) return rc;
+    if (metas == NULL || len == 0) return ckpt__error(CKPT_EINVAL, "p2p update: no metas");
+    cmd.op = CKPT__CMD_P2P_UPDATE;
+    cmd.update_id = e->next_update_id++;
+    cmd.bucket_max = opts->bucket_max ? opts->bucket_max : e->opts.bucket_max;
+    cmd.timeout_ms = opts->timeout_ms > 0 ? opts->timeout_ms : e->opts.timeout_ms;
+    cmd.verify = opts->verify >= 0 ? opts->verify : e->opts.verify;
+    cmd.payload_len = len;
+    if (ckpt__cmd_send(e, &cmd) < 0) ckpt__engine_fatal(e, ckpt_last_error());
+    char *payload = (char *)metas;
+    ckpt__cmd_payload(e, &cmd, &payload);
+    ckpt_update_result_t local;
+    rc = ckpt__update_run_p2p(e, &cmd, metas, len, opts->trace_path, result ? result : &local);
+    if (rc < 0 && result && result->reason[0])
+        ckpt__error(rc, "p2p update failed: %s", result->reason);
+    return rc;
 }
 
 int ckpt_engine_shutdown(ckpt_engine_t *e)

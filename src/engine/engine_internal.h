@@ -21,6 +21,8 @@ typedef enum {
     CKPT__CMD_UPDATE,
     CKPT__CMD_FLOORS,
     CKPT__CMD_SHUTDOWN,
+    CKPT__CMD_EXPORT,     /* P2P: register pools with UCX, gather metas on rank 0 */
+    CKPT__CMD_P2P_UPDATE, /* P2P: pull from a serving deployment, then update workers */
 } ckpt__cmd_op_t;
 
 /* One command of the stream, broadcast as plain bytes from rank 0. */
@@ -32,6 +34,7 @@ typedef struct ckpt__cmd {
     uint64_t version;
     uint64_t update_id;
     uint64_t bucket_max;
+    uint64_t payload_len; /* bytes broadcast right after the command (P2P metas) */
     char name[CKPT_NAME_MAX];
     char path[CKPT__PATH_MAX];
 } ckpt__cmd_t;
@@ -47,7 +50,15 @@ typedef struct ckpt__buffers {
 typedef struct ckpt__checkpoint_entry {
     char name[CKPT_NAME_MAX];
     uint64_t version;
+    /* P2P export (p2p.c): the pool regions registered with UCX and this checkpoint's slot
+     * in the guard page; guard_slot < 0 while not exported. */
+    int guard_slot;
+    struct ckpt__ucx_mem **mems;
+    size_t nmems;
 } ckpt__checkpoint_entry_t;
+
+#define CKPT__GUARD_SLOTS 64
+#define CKPT__GUARD_SLOT_BYTES 64
 
 struct ckpt_engine {
     ckpt_engine_options_t opts;
@@ -67,6 +78,12 @@ struct ckpt_engine {
     uint64_t next_version;
     uint64_t next_update_id;
     int broken; /* a collective timed out: MPI state is unknown, only exit is safe */
+    /* UCX one-sided transfers (p2p.c), made on first use. The guard page holds, per
+     * exported checkpoint, its version (0 once unregistered); joiners read it before and
+     * after pulling so that stale metas are refused. */
+    struct ckpt__ucx *ucx;
+    uint64_t *guard;
+    struct ckpt__ucx_mem *guard_mem;
     /* Progress, written by the update and read by other threads (ckpt_engine_progress). */
     struct {
         _Atomic uint64_t update_id;
@@ -100,6 +117,9 @@ void ckpt__engine_fatal(ckpt_engine_t *e, const char *why) __attribute__((noretu
 /* ---- command stream (command.c) ---- */
 int ckpt__cmd_send(ckpt_engine_t *e, ckpt__cmd_t *cmd);
 int ckpt__cmd_recv(ckpt_engine_t *e, ckpt__cmd_t *cmd);
+/* The bytes that follow a command (cmd->payload_len): sent from *payload on rank 0,
+ * received into a new *payload elsewhere (ckpt__free it). */
+int ckpt__cmd_payload(ckpt_engine_t *e, const ckpt__cmd_t *cmd, char **payload);
 int ckpt__cmd_execute(ckpt_engine_t *e, const ckpt__cmd_t *cmd, ckpt_update_result_t *result,
                       const ckpt_update_options_t *uopts, ckpt_floors_t *floors);
 
@@ -120,6 +140,19 @@ int ckpt__buffer_budget(ckpt_engine_t *e, int timeout_ms, uint64_t *budget_out);
 /* ---- the broadcast update (update.c) ---- */
 int ckpt__update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace_path,
                      ckpt_update_result_t *result);
+
+/* ---- P2P (p2p.c) ---- */
+/* Collective: exports checkpoint `name`; rank 0 gets the metas bytes (ckpt__free them). */
+int ckpt__p2p_export(ckpt_engine_t *e, const ckpt__cmd_t *cmd, char **bytes_out,
+                     size_t *len_out);
+/* Drops the export of a checkpoint before it is unregistered (guard first). */
+void ckpt__p2p_unexport(ckpt_engine_t *e, ckpt__checkpoint_entry_t *c);
+void ckpt__p2p_shutdown(ckpt_engine_t *e);
+
+/* The pieces of an update that a P2P update reuses (update.c). */
+typedef struct ckpt__p2p_source ckpt__p2p_source_t;
+int ckpt__update_run_p2p(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const void *metas,
+                         size_t metas_len, const char *trace_path, ckpt_update_result_t *res);
 
 /* ---- floors (floors.c) ---- */
 int ckpt__floors_run(ckpt_engine_t *e, ckpt_floors_t *floors);

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "engine/engine_internal.h"
+#include "engine/p2p.h"
 #include "engine/sources.h"
 #include "ipc/wire.h"
 #include "engine/timeline.h"
@@ -34,6 +35,8 @@ typedef struct update_ctx {
      * then always reported as the worker's, never mistaken for a dead rank. */
     int coll_ms;
     ckpt__sources_t sources; /* direct: every pool region of this host, opened */
+    ckpt__p2p_t *p2p;        /* P2P: the serving deployment buckets are pulled from */
+    int32_t *src_owner;      /* P2P: per bucket, the serving rank that holds it */
 } update_ctx_t;
 
 static int fail_result(update_ctx_t *u, int rc, int failed_rank, const char *reason)
@@ -62,6 +65,8 @@ static int agree(update_ctx_t *u, int local_rc, const char *what)
  * index so the owner finds the bytes again without a lookup by name. */
 static int gather_metas(update_ctx_t *u, ckpt_tensor_meta_t **all_out, size_t *count_out)
 {
+    if (u->p2p) /* every rank decoded the same metas: nothing to gather */
+        return ckpt__p2p_tensors(u->p2p, all_out, count_out);
     ckpt_engine_t *e = u->e;
     const ckpt_tensor_meta_t *metas = NULL;
     size_t count = 0, nlocal = 0;
@@ -113,6 +118,44 @@ out:
     return rc;
 }
 
+/* P2P: each bucket is pulled by one rank of this deployment. Buckets go to the rank with
+ * the fewest bytes so far (ties: rotating with the serving rank), so receivers carry equal
+ * bytes and consecutive buckets of one sender go to different receivers. Then every rank
+ * checks the guards of the senders it pulls from: stale metas are refused (agreed by all)
+ * before any byte reaches a worker. */
+static int assign_receivers(update_ctx_t *u)
+{
+    ckpt_engine_t *e = u->e;
+    uint64_t *load = ckpt__calloc((size_t)e->size, sizeof(*load));
+    u->src_owner = ckpt__calloc(u->plan.nbuckets + 1, sizeof(*u->src_owner));
+    if (!load || !u->src_owner) {
+        ckpt__free(load);
+        return fail_result(u, CKPT_ENOMEM, e->rank, "p2p assignment: out of memory");
+    }
+    for (size_t b = 0; b < u->plan.nbuckets; b++) {
+        ckpt_bucket_t *bk = &u->plan.buckets[b];
+        int best = (int)((size_t)bk->owner + b) % e->size;
+        for (int r = 0; r < e->size; r++)
+            if (load[r] < load[best]) best = r;
+        u->src_owner[b] = bk->owner;
+        bk->owner = best;
+        load[best] += bk->bytes;
+    }
+    ckpt__free(load);
+    int rc = CKPT_OK;
+    uint32_t nsrc = u->p2p->metas.nranks;
+    for (uint32_t o = 0; rc == CKPT_OK && o < nsrc; o++) {
+        int mine = 0;
+        for (size_t b = 0; b < u->plan.nbuckets && !mine; b++)
+            mine = u->plan.buckets[b].owner == e->rank && u->src_owner[b] == (int32_t)o;
+        if (mine) rc = ckpt__p2p_check(e, u->p2p, (int)o, u->cmd->timeout_ms);
+    }
+    rc = agree(u, rc, "p2p metas");
+    if (rc < 0) return rc;
+    rc = ckpt__p2p_register_buffers(e, u->p2p);
+    return agree(u, rc, "p2p buffers");
+}
+
 static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
 {
     ckpt_engine_t *e = u->e;
@@ -150,9 +193,11 @@ static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
         uint64_t largest = ckpt__plan_min_bucket(all, count);
         rc = ckpt__plan_bucket_size(largest, u->cmd->bucket_max, min_avail, &bucket_size,
                                     &nbuffers);
-        if (rc == CKPT_OK) rc = ckpt__plan_buckets(all, count, e->size, bucket_size, &u->plan);
+        int owners = u->p2p ? (int)u->p2p->metas.nranks : e->size;
+        if (rc == CKPT_OK) rc = ckpt__plan_buckets(all, count, owners, bucket_size, &u->plan);
         /* The plan is a pure function of agreed input: it fails the same way on every rank. */
         if (rc < 0) return fail_result(u, rc, -1, ckpt_last_error());
+        if (u->p2p && (rc = assign_receivers(u)) < 0) return rc;
         rc = ckpt__buffers_ensure(e, bucket_size, nbuffers, u->coll_ms);
         if (rc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());
         rc = agree(u, rc, "IPC buffers");
@@ -210,7 +255,13 @@ static int prepare_bucket(update_ctx_t *u, size_t b)
     const ckpt_bucket_t *bk = &u->plan.buckets[b];
     char *buf = e->buffers.ptr[b % (size_t)e->buffers.nbuffers];
     double t0 = ckpt__now_s();
-    if (bk->owner == e->rank) {
+    int pull_rc = CKPT_OK;
+    if (bk->owner == e->rank && u->p2p) {
+        pull_rc = ckpt__p2p_pull(e, u->p2p, u->src_owner[b], &u->plan.tensors[bk->first],
+                                 &u->plan.src_offsets[bk->first], bk->count, buf,
+                                 u->cmd->timeout_ms);
+        ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_STAGE, t0);
+    } else if (bk->owner == e->rank) {
         for (uint32_t i = bk->first; i < bk->first + bk->count; i++) {
             const ckpt_tensor_meta_t *t = &u->plan.tensors[i];
             memcpy(buf + t->offset, u->local_data[t->reserved], t->nbytes);
@@ -231,7 +282,15 @@ static int prepare_bucket(update_ctx_t *u, size_t b)
         if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_BCAST, t0);
     }
-    if (e->group_size > 1) {
+    if (u->p2p) {
+        /* A pull can fail (a serving rank died, the checkpoint was unregistered): every
+         * rank learns it before any worker is handed the bucket. */
+        t0 = ckpt__now_s();
+        char what[64];
+        snprintf(what, sizeof(what), "pull of bucket %zu", b);
+        rc = agree(u, pull_rc, what);
+        ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_READY, t0);
+    } else if (e->group_size > 1) {
         t0 = ckpt__now_s();
         rc = ckpt__barrier(e, e->group, u->coll_ms, "bucket ready");
         if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
@@ -286,22 +345,73 @@ static int run_pipeline(update_ctx_t *u)
     }
     for (size_t b = 0; b < nb; b++) {
         if (!two && b > 0 && (rc = complete_bucket(u, b - 1, send_rc)) < 0) return rc;
-        prepare_bucket(u, b);
+        int prc = prepare_bucket(u, b);
         if (two && b > 0 && (rc = complete_bucket(u, b - 1, send_rc)) < 0) return rc;
+        if (prc < 0) return prc; /* agreed by every rank; bucket b never reached a worker */
         send_rc = send_bucket(u, b);
     }
     if (nb > 0) rc = complete_bucket(u, nb - 1, send_rc);
     return rc;
 }
 
+static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace_path,
+                      ckpt_update_result_t *res, ckpt__p2p_t *p2p);
+
 int ckpt__update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace_path,
                      ckpt_update_result_t *res)
+{
+    return update_run(e, cmd, trace_path, res, NULL);
+}
+
+int ckpt__update_run_p2p(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const void *metas,
+                         size_t metas_len, const char *trace_path, ckpt_update_result_t *res)
+{
+    ckpt__p2p_t *p2p = NULL;
+    int coll_ms = cmd->timeout_ms > (INT32_MAX - 5000) / 3 ? INT32_MAX : cmd->timeout_ms * 3 + 5000;
+    int rc = ckpt__p2p_open(e, metas, metas_len, &p2p);
+    char reason[CKPT__REASON_MAX];
+    int failed = -1;
+    rc = ckpt__agree(e, rc, rc < 0 ? ckpt_last_error() : NULL, coll_ms, &failed, reason,
+                     sizeof(reason));
+    if (rc < 0) {
+        if (e->broken) ckpt__engine_fatal(e, ckpt_last_error());
+        memset(res, 0, sizeof(*res));
+        res->status = rc;
+        res->failed_rank = failed;
+        res->p2p = 1;
+        res->update_id = cmd->update_id;
+        snprintf(res->reason, sizeof(res->reason), "%s", reason);
+        ckpt__p2p_close(e, p2p);
+        return rc;
+    }
+    /* Workers learn the serving checkpoint's name and version. */
+    ckpt__cmd_t c = *cmd;
+    ckpt__strlcpy(c.name, p2p->metas.name, sizeof(c.name));
+    c.version = p2p->metas.version;
+    c.direct = 0;
+    rc = update_run(e, &c, trace_path, res, p2p);
+    /* The pull phase over all ranks: bytes pulled over the time spent pulling. */
+    double pull[2] = {p2p->pull_s, (double)p2p->pull_bytes}, sum[2] = {0, 0};
+    MPI_Request req;
+    MPI_Iallreduce(pull, sum, 2, MPI_DOUBLE, MPI_SUM, e->world, &req);
+    if (ckpt__mpi_wait(e, &req, coll_ms, 200, "pull statistics") < 0)
+        ckpt__engine_fatal(e, ckpt_last_error());
+    res->p2p = 1;
+    res->pull_s = sum[0];
+    res->pull_bytes = (uint64_t)sum[1];
+    ckpt__p2p_close(e, p2p);
+    return rc;
+}
+
+static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace_path,
+                      ckpt_update_result_t *res, ckpt__p2p_t *p2p)
 {
     update_ctx_t u;
     memset(&u, 0, sizeof(u));
     u.e = e;
     u.cmd = cmd;
     u.res = res;
+    u.p2p = p2p;
     u.coll_ms = cmd->timeout_ms > (INT32_MAX - 5000) / 3 ? INT32_MAX : cmd->timeout_ms * 3 + 5000;
     memset(res, 0, sizeof(*res));
     res->failed_rank = -1;
@@ -319,7 +429,7 @@ int ckpt__update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace
     const char *fault = getenv("CKPT_FAULT_CORRUPT_BUCKET");
     u.corrupt_bucket = fault ? strtol(fault, NULL, 10) : -1;
     /* Direct reads need every rank on one host (one group) sharing memory. */
-    u.direct = cmd->direct && e->ngroups == 1 && e->group_size == e->size &&
+    u.direct = cmd->direct && !p2p && e->ngroups == 1 && e->group_size == e->size &&
                e->opts.share_mode == CKPT_SHARE_NODE && u.corrupt_bucket < 0;
 
     /* A common start so that every rank's timeline shares one origin. */
@@ -373,6 +483,7 @@ out:
     ckpt__timeline_free(&u.tl);
     ckpt__sources_close(&u.sources);
     ckpt__plan_free(&u.plan);
+    ckpt__free(u.src_owner);
     ckpt__free(u.local_data);
     ckpt__free(all);
     return rc;

@@ -38,6 +38,11 @@ static void serve_usage(FILE *out)
         "                       broadcast update of every worker; trace= writes the timeline\n"
         "                       as Chrome trace JSON (open it in ui.perfetto.dev)\n"
         "  unregister NAME      frees the checkpoint on every rank\n"
+        "  export NAME FILE     P2P: registers NAME's pools with UCX and writes the metas a\n"
+        "                       joining deployment needs to FILE (docs/METAS.md)\n"
+        "  p2p-update FILE [bucket=SIZE] [timeout=MS] [verify=0|1] [trace=FILE]\n"
+        "                       P2P: pulls the checkpoint FILE describes from the serving\n"
+        "                       ranks (one-sided UCX gets) and updates this deployment\n"
         "  floors               measures memcpy and MPI_Bcast bandwidth for comparison\n"
         "  list                 registered checkpoints\n"
         "  quit                 stops every rank\n\n"
@@ -63,13 +68,14 @@ static void print_update(serve_state_t *st, const ckpt_update_result_t *r)
                "\"ranks\":%d,\"bytes\":%llu,\"tensors\":%u,\"buckets\":%u,\"bucket_size\":%llu,"
                "\"buffers\":%d,\"direct\":%d,\"gather_s\":%.6f,\"plan_s\":%.6f,\"begin_s\":%.6f,"
                "\"pipeline_s\":%.6f,\"finish_s\":%.6f,\"total_s\":%.6f,"
-               "\"per_worker_gbps\":%.4f,\"memcpy_gbps\":%.4f,\"bcast_gbps\":%.4f}\n",
+               "\"p2p\":%d,\"pull_s\":%.6f,\"pull_bytes\":%llu,\"per_worker_gbps\":%.4f,\"memcpy_gbps\":%.4f,\"bcast_gbps\":%.4f}\n",
                r->name, r->status == 0 ? "true" : "false", ckpt_status_name(r->status),
                r->failed_rank, r->reason, (unsigned long long)r->version,
                (unsigned long long)r->update_id, r->nranks, (unsigned long long)r->bytes,
                r->ntensors, r->nbuckets, (unsigned long long)r->bucket_size, r->nbuffers, r->direct,
                r->gather_s, r->plan_s, r->begin_s, r->pipeline_s, r->finish_s, r->total_s,
-               per_worker, st->floors.memcpy_gbps, st->floors.bcast_gbps);
+               r->p2p, r->pull_s, (unsigned long long)r->pull_bytes, per_worker,
+               st->floors.memcpy_gbps, st->floors.bcast_gbps);
         return;
     }
     if (r->status != 0) {
@@ -96,6 +102,9 @@ static void print_update(serve_state_t *st, const ckpt_update_result_t *r)
     printf("  %-28s %8.3f s\n", "finish (post-hooks)", r->finish_s);
     printf("  %-28s %8.3f s\n", "update time", r->total_s);
     printf("  %-28s %8.2f GB/s\n", "delivered per worker", per_worker);
+    if (r->p2p)
+        printf("  %-28s %8.2f GB/s   (%.3f s pulling %llu bytes)\n", "P2P pull phase",
+               gbps(r->pull_bytes, r->pull_s), r->pull_s, (unsigned long long)r->pull_bytes);
     if (st->have_floors) {
         printf("  %-28s %8.2f GB/s   ratio %.2f\n", "memcpy, 1 core (floor)",
                st->floors.memcpy_gbps, per_worker / st->floors.memcpy_gbps);
@@ -122,6 +131,33 @@ static void print_simple(serve_state_t *st, const char *cmd, const char *name, i
 }
 
 static double now_s(void) { return MPI_Wtime(); }
+
+/* key=value options of update and p2p-update. */
+static int parse_update_opts(const char *name, char **save, ckpt_update_options_t *uo)
+{
+    char *opt;
+    while ((opt = strtok_r(NULL, " \t\r\n", save)) != NULL) {
+        if (strncmp(opt, "bucket=", 7) == 0) {
+            if (ckpt_parse_size(opt + 7, &uo->bucket_max) < 0) {
+                printf("update '%s': bucket=: %s\n", name, ckpt_last_error());
+                return -1;
+            }
+        } else if (strncmp(opt, "timeout=", 8) == 0) {
+            uo->timeout_ms = atoi(opt + 8);
+        } else if (strncmp(opt, "verify=", 7) == 0) {
+            uo->verify = atoi(opt + 7) != 0;
+        } else if (strncmp(opt, "direct=", 7) == 0) {
+            uo->direct = atoi(opt + 7) != 0;
+        } else if (strncmp(opt, "trace=", 6) == 0) {
+            uo->trace_path = opt + 6;
+        } else {
+            printf("update '%s': unknown option '%s' (bucket=, timeout=, verify=, direct=, "
+                   "trace=)\n", name, opt);
+            return -1;
+        }
+    }
+    return 0;
+}
 
 /* Executes one command line on rank 0. Returns 0/-1 for success/failure, 1 for quit. */
 static int run_line(ckpt_engine_t *engine, serve_state_t *st, char *line)
@@ -158,6 +194,49 @@ static int run_line(ckpt_engine_t *engine, serve_state_t *st, char *line)
         printf("%s: missing checkpoint name (see ckpt-engine serve --help)\n", cmd);
         return -1;
     }
+    if (strcmp(cmd, "export") == 0) {
+        char *file = strtok_r(NULL, " \t\r\n", &save);
+        char *metas = NULL;
+        size_t len = 0;
+        if (!file) {
+            printf("export '%s': missing FILE\n", name);
+            return -1;
+        }
+        rc = ckpt_engine_export_metas(engine, name, &metas, &len);
+        if (rc == 0) {
+            FILE *f = fopen(file, "w");
+            if (!f || fwrite(metas, 1, len, f) != len) rc = CKPT_EIO;
+            if (f && fclose(f) != 0) rc = CKPT_EIO;
+            if (rc) fprintf(stderr, "ckpt-engine serve: writing %s: %m\n", file);
+        }
+        free(metas);
+        print_simple(st, "export", name, rc, now_s() - t);
+        return rc == 0 ? 0 : -1;
+    }
+    if (strcmp(cmd, "p2p-update") == 0) {
+        /* `name` is the metas file here. */
+        ckpt_update_options_t uo = CKPT_UPDATE_OPTIONS_INIT;
+        ckpt_update_result_t res;
+        memset(&res, 0, sizeof(res));
+        if (parse_update_opts(name, &save, &uo) < 0) return -1;
+        FILE *f = fopen(name, "r");
+        char *metas = NULL;
+        long len = -1;
+        if (f && fseek(f, 0, SEEK_END) == 0 && (len = ftell(f)) > 0 && fseek(f, 0, SEEK_SET) == 0) {
+            metas = malloc((size_t)len);
+            if (!metas || fread(metas, 1, (size_t)len, f) != (size_t)len) len = -1;
+        }
+        if (f) fclose(f);
+        if (len <= 0) {
+            printf("p2p-update: cannot read metas file %s\n", name);
+            free(metas);
+            return -1;
+        }
+        rc = ckpt_engine_p2p_update(engine, metas, (size_t)len, &uo, &res);
+        free(metas);
+        print_update(st, &res);
+        return rc == 0 ? 0 : -1;
+    }
     if (strcmp(cmd, "register") == 0) {
         char *path = strtok_r(NULL, " \t\r\n", &save);
         if (!path) {
@@ -173,27 +252,7 @@ static int run_line(ckpt_engine_t *engine, serve_state_t *st, char *line)
         ckpt_update_options_t uo = CKPT_UPDATE_OPTIONS_INIT;
         ckpt_update_result_t res;
         memset(&res, 0, sizeof(res));
-        char *opt;
-        while ((opt = strtok_r(NULL, " \t\r\n", &save)) != NULL) {
-            if (strncmp(opt, "bucket=", 7) == 0) {
-                if (ckpt_parse_size(opt + 7, &uo.bucket_max) < 0) {
-                    printf("update '%s': bucket=: %s\n", name, ckpt_last_error());
-                    return -1;
-                }
-            } else if (strncmp(opt, "timeout=", 8) == 0) {
-                uo.timeout_ms = atoi(opt + 8);
-            } else if (strncmp(opt, "verify=", 7) == 0) {
-                uo.verify = atoi(opt + 7) != 0;
-            } else if (strncmp(opt, "direct=", 7) == 0) {
-                uo.direct = atoi(opt + 7) != 0;
-            } else if (strncmp(opt, "trace=", 6) == 0) {
-                uo.trace_path = opt + 6;
-            } else {
-                printf("update '%s': unknown option '%s' (bucket=, timeout=, verify=, direct=, trace=)\n",
-                       name, opt);
-                return -1;
-            }
-        }
+        if (parse_update_opts(name, &save, &uo) < 0) return -1;
         rc = ckpt_engine_update(engine, name, &uo, &res);
         if (rc < 0 && res.update_id == 0) {
             print_simple(st, "update", name, rc, now_s() - t);

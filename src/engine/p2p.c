@@ -1,0 +1,423 @@
+/* P2P: serving ranks export their pools over UCX; a new deployment pulls buckets straight
+ * out of them with one-sided gets and then updates its own workers through the ordinary
+ * pipeline. Serving workers never see a message: only the serving ranks' UCX progress
+ * thread is involved.
+ *
+ * Staleness: every serving rank has a guard page registered with UCX; an exported
+ * checkpoint owns one slot holding its version, zeroed before it is unregistered. A joiner
+ * reads the slot of every rank it pulls from before anything moves (metas of another
+ * version, or of a checkpoint unregistered since, are refused there) and again after each
+ * bucket (a checkpoint unregistered mid-transfer is never delivered). Region 0 of every
+ * rank in the metas is its guard slot (docs/METAS.md). */
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "engine/p2p.h"
+
+/* ---------------------------------------------------------------- serving side ---- */
+
+static int ensure_ucx(ckpt_engine_t *e)
+{
+    if (e->ucx) return CKPT_OK;
+    ckpt__ucx_options_t o = CKPT__UCX_OPTIONS_INIT;
+    o.progress_thread = 1; /* serve gets over transports that need target-side progress */
+    int rc = ckpt__ucx_create(&o, &e->ucx);
+    if (rc < 0) return rc;
+    e->guard = mmap(NULL, CKPT__GUARD_SLOTS * CKPT__GUARD_SLOT_BYTES, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (e->guard == MAP_FAILED) {
+        e->guard = NULL;
+        rc = ckpt__error(CKPT_ENOMEM, "rank %d: guard page", e->rank);
+    }
+    if (rc == CKPT_OK)
+        rc = ckpt__ucx_mem_register(e->ucx, e->guard, CKPT__GUARD_SLOTS * CKPT__GUARD_SLOT_BYTES,
+                                    &e->guard_mem);
+    if (rc == CKPT_OK) rc = ckpt__ucx_progress_start(e->ucx);
+    if (rc < 0) ckpt__p2p_shutdown(e);
+    return rc;
+}
+
+void ckpt__p2p_shutdown(ckpt_engine_t *e)
+{
+    if (!e->ucx) return;
+    for (size_t i = 0; i < e->ncheckpoints; i++) ckpt__p2p_unexport(e, &e->checkpoints[i]);
+    if (e->guard_mem) ckpt__ucx_mem_unregister(e->ucx, e->guard_mem);
+    ckpt__ucx_destroy(e->ucx);
+    if (e->guard) munmap(e->guard, CKPT__GUARD_SLOTS * CKPT__GUARD_SLOT_BYTES);
+    e->ucx = NULL;
+    e->guard = NULL;
+    e->guard_mem = NULL;
+}
+
+void ckpt__p2p_unexport(ckpt_engine_t *e, ckpt__checkpoint_entry_t *c)
+{
+    if (c->guard_slot < 0) return;
+    /* The guard first: from now on a joiner refuses what it would read. */
+    __atomic_store_n(&e->guard[c->guard_slot * (CKPT__GUARD_SLOT_BYTES / 8)], 0,
+                     __ATOMIC_SEQ_CST);
+    for (size_t i = 0; i < c->nmems; i++) ckpt__ucx_mem_unregister(e->ucx, c->mems[i]);
+    ckpt__free(c->mems);
+    c->mems = NULL;
+    c->nmems = 0;
+    c->guard_slot = -1;
+}
+
+/* What one rank contributes to the metas, as bytes: worker address, guard and pool
+ * regions (base, size, rkey), then its tensors (reserved = region index in the metas). */
+typedef struct {
+    char *buf;
+    size_t len, cap;
+} blob_t;
+
+static int blob_put(blob_t *b, const void *p, size_t n)
+{
+    if (b->len + n > b->cap) {
+        size_t cap = CKPT_MAX(b->cap * 2, b->len + n + 4096);
+        char *nb = ckpt__realloc(b->buf, cap);
+        if (!nb) return ckpt__error(CKPT_ENOMEM, "metas blob");
+        b->buf = nb;
+        b->cap = cap;
+    }
+    memcpy(b->buf + b->len, p, n);
+    b->len += n;
+    return CKPT_OK;
+}
+
+static int blob_region(ckpt_engine_t *e, blob_t *b, void *base, uint64_t size,
+                       ckpt__ucx_mem_t *mem)
+{
+    void *rkey = NULL;
+    size_t rlen = 0;
+    int rc = ckpt__ucx_rkey_pack(e->ucx, mem, &rkey, &rlen);
+    uint64_t addr = (uint64_t)(uintptr_t)base;
+    uint32_t l = (uint32_t)rlen;
+    if (rc == CKPT_OK) rc = blob_put(b, &addr, 8);
+    if (rc == CKPT_OK) rc = blob_put(b, &size, 8);
+    if (rc == CKPT_OK) rc = blob_put(b, &l, 4);
+    if (rc == CKPT_OK) rc = blob_put(b, rkey, rlen);
+    ckpt__free(rkey);
+    return rc;
+}
+
+static int export_local(ckpt_engine_t *e, ckpt__checkpoint_entry_t *c, blob_t *b)
+{
+    const ckpt_pool_region_t *regions = NULL;
+    size_t nregions = 0;
+    const ckpt_tensor_meta_t *metas = NULL;
+    size_t count = 0;
+    int rc = ensure_ucx(e);
+    if (rc == CKPT_OK) rc = ckpt_store_regions(e->store, c->name, &regions, &nregions);
+    if (rc == CKPT_OK) rc = ckpt_store_tensors(e->store, c->name, &metas, &count);
+    if (rc < 0) return rc;
+    if (c->guard_slot < 0) {
+        int slot = -1;
+        for (int s = 0; s < CKPT__GUARD_SLOTS && slot < 0; s++) {
+            int used = 0;
+            for (size_t i = 0; i < e->ncheckpoints; i++)
+                used |= e->checkpoints[i].guard_slot == s;
+            if (!used) slot = s;
+        }
+        if (slot < 0) return ckpt__error(CKPT_EBUSY, "%d checkpoints exported", CKPT__GUARD_SLOTS);
+        c->mems = ckpt__calloc(nregions + 1, sizeof(*c->mems));
+        if (!c->mems) return ckpt__error(CKPT_ENOMEM, "export of '%s'", c->name);
+        for (size_t i = 0; rc == CKPT_OK && i < nregions; i++) {
+            rc = ckpt__ucx_mem_register(e->ucx, regions[i].base, regions[i].size, &c->mems[i]);
+            if (rc == CKPT_OK) c->nmems++;
+        }
+        c->guard_slot = slot;
+        if (rc < 0) {
+            ckpt__p2p_unexport(e, c);
+            return rc;
+        }
+        __atomic_store_n(&e->guard[slot * (CKPT__GUARD_SLOT_BYTES / 8)], c->version,
+                         __ATOMIC_SEQ_CST);
+    }
+    const void *addr = NULL;
+    size_t alen = 0;
+    rc = ckpt__ucx_address(e->ucx, &addr, &alen);
+    uint32_t l = (uint32_t)alen, nreg = (uint32_t)nregions + 1;
+    if (rc == CKPT_OK) rc = blob_put(b, &l, 4);
+    if (rc == CKPT_OK) rc = blob_put(b, addr, alen);
+    if (rc == CKPT_OK) rc = blob_put(b, &nreg, 4);
+    if (rc == CKPT_OK)
+        rc = blob_region(e, b, &e->guard[c->guard_slot * (CKPT__GUARD_SLOT_BYTES / 8)],
+                         CKPT__GUARD_SLOT_BYTES, e->guard_mem);
+    for (size_t i = 0; rc == CKPT_OK && i < nregions; i++)
+        rc = blob_region(e, b, regions[i].base, regions[i].size, c->mems[i]);
+    /* Local tensors only, each with its region (guard is region 0) and offset inside it. */
+    for (size_t i = 0; rc == CKPT_OK && i < count; i++) {
+        const void *data;
+        if (ckpt_store_tensor_data(e->store, c->name, i, &data) != CKPT_OK) continue;
+        ckpt_tensor_meta_t m = metas[i];
+        m.owner = e->rank;
+        m.reserved = -1;
+        for (size_t g = 0; g < nregions; g++)
+            if (m.offset >= regions[g].offset && m.offset + m.nbytes <= regions[g].offset + regions[g].size) {
+                m.reserved = (int32_t)g + 1;
+                m.offset -= regions[g].offset;
+                break;
+            }
+        if (m.reserved < 0)
+            rc = ckpt__error(CKPT_EINVAL, "tensor '%s' lies in no pool region", m.name);
+        else
+            rc = blob_put(b, &m, sizeof(m));
+    }
+    return rc;
+}
+
+typedef struct {
+    const char *p;
+    size_t left;
+} reader_t;
+
+static int rd(reader_t *r, void *out, size_t n)
+{
+    if (n > r->left) return ckpt__error(CKPT_EPROTO, "short metas blob");
+    if (out) memcpy(out, r->p, n);
+    r->p += n;
+    r->left -= n;
+    return CKPT_OK;
+}
+
+static int decode_blob(const char *buf, size_t len, int rank, ckpt__metas_t *m,
+                       ckpt_tensor_meta_t **tensors, size_t *ntensors, size_t *cap)
+{
+    reader_t r = {buf, len};
+    ckpt__metas_rank_t *rk = &m->ranks[rank];
+    uint32_t l = 0;
+    int rc = rd(&r, &l, 4);
+    if (rc == CKPT_OK && (rk->address = ckpt__malloc(l + 1)) == NULL) rc = CKPT_ENOMEM;
+    if (rc == CKPT_OK) rc = rd(&r, rk->address, l);
+    rk->address_len = l;
+    if (rc == CKPT_OK) rc = rd(&r, &rk->nregions, 4);
+    if (rc == CKPT_OK && (rk->regions = ckpt__calloc(rk->nregions + 1, sizeof(*rk->regions))) == NULL)
+        rc = CKPT_ENOMEM;
+    for (uint32_t g = 0; rc == CKPT_OK && g < rk->nregions; g++) {
+        ckpt__metas_region_t *rg = &rk->regions[g];
+        rc = rd(&r, &rg->base, 8);
+        if (rc == CKPT_OK) rc = rd(&r, &rg->size, 8);
+        if (rc == CKPT_OK) rc = rd(&r, &l, 4);
+        if (rc == CKPT_OK && (rg->rkey = ckpt__malloc(l + 1)) == NULL) rc = CKPT_ENOMEM;
+        if (rc == CKPT_OK) rc = rd(&r, rg->rkey, l);
+        rg->rkey_len = l;
+    }
+    while (rc == CKPT_OK && r.left >= sizeof(ckpt_tensor_meta_t)) {
+        if (*ntensors == *cap) {
+            size_t ncap = *cap ? *cap * 2 : 256;
+            ckpt_tensor_meta_t *nt = ckpt__realloc(*tensors, ncap * sizeof(*nt));
+            if (!nt) return ckpt__error(CKPT_ENOMEM, "metas");
+            *tensors = nt;
+            *cap = ncap;
+        }
+        rc = rd(&r, &(*tensors)[(*ntensors)++], sizeof(ckpt_tensor_meta_t));
+    }
+    return rc < 0 ? ckpt__error(rc, "metas of rank %d: malformed", rank) : CKPT_OK;
+}
+
+int ckpt__p2p_export(ckpt_engine_t *e, const ckpt__cmd_t *cmd, char **bytes_out, size_t *len_out)
+{
+    blob_t b = {0};
+    ckpt__checkpoint_entry_t *c = NULL;
+    for (size_t i = 0; i < e->ncheckpoints; i++)
+        if (strcmp(e->checkpoints[i].name, cmd->name) == 0) c = &e->checkpoints[i];
+    int rc = c ? export_local(e, c, &b)
+               : ckpt__error(CKPT_ENOENT, "checkpoint '%s' is not registered", cmd->name);
+    char reason[CKPT__REASON_MAX];
+    int failed = -1;
+    rc = ckpt__agree(e, rc, rc < 0 ? ckpt_last_error() : NULL, cmd->timeout_ms, &failed, reason,
+                     sizeof(reason));
+    if (rc < 0) {
+        ckpt__free(b.buf);
+        if (e->broken) ckpt__engine_fatal(e, ckpt_last_error());
+        return ckpt__error(rc, "export of '%s' failed on %s", cmd->name, reason);
+    }
+    int mine = (int)b.len, *counts = NULL, *displs = NULL, total = 0;
+    char *all = NULL;
+    if (e->rank == 0) {
+        counts = ckpt__calloc((size_t)e->size, sizeof(int));
+        displs = ckpt__calloc((size_t)e->size, sizeof(int));
+    }
+    MPI_Request req;
+    MPI_Igather(&mine, 1, MPI_INT, counts, 1, MPI_INT, 0, e->world, &req);
+    if (ckpt__mpi_wait(e, &req, cmd->timeout_ms, 200, "metas gather") < 0)
+        ckpt__engine_fatal(e, ckpt_last_error());
+    if (e->rank == 0) {
+        for (int r = 0; r < e->size; r++) {
+            displs[r] = total;
+            total += counts[r];
+        }
+        all = ckpt__malloc((size_t)total + 1);
+    }
+    MPI_Igatherv(b.buf, mine, MPI_BYTE, all, counts, displs, MPI_BYTE, 0, e->world, &req);
+    if (ckpt__mpi_wait(e, &req, cmd->timeout_ms, 200, "metas gather") < 0)
+        ckpt__engine_fatal(e, ckpt_last_error());
+    ckpt__free(b.buf);
+    rc = CKPT_OK;
+    if (e->rank == 0) {
+        ckpt__metas_t m;
+        memset(&m, 0, sizeof(m));
+        ckpt__strlcpy(m.name, cmd->name, sizeof(m.name));
+        m.version = c->version;
+        m.nranks = (uint32_t)e->size;
+        m.ranks = ckpt__calloc((size_t)e->size, sizeof(*m.ranks));
+        ckpt_tensor_meta_t *tensors = NULL;
+        size_t ntensors = 0, cap = 0;
+        for (int r = 0; rc == CKPT_OK && r < e->size; r++)
+            rc = decode_blob(all + displs[r], (size_t)counts[r], r, &m, &tensors, &ntensors, &cap);
+        if (rc == CKPT_OK) {
+            m.ntensors = ntensors;
+            m.tensors = ckpt__calloc(ntensors + 1, sizeof(*m.tensors));
+            for (size_t i = 0; i < ntensors; i++) {
+                m.tensors[i].meta = tensors[i];
+                m.tensors[i].region = (uint32_t)tensors[i].reserved;
+                m.tensors[i].meta.reserved = 0;
+            }
+            rc = ckpt__metas_encode(&m, bytes_out, len_out);
+        }
+        ckpt__free(tensors);
+        ckpt__metas_free(&m);
+    }
+    ckpt__free(all);
+    ckpt__free(counts);
+    ckpt__free(displs);
+    return rc;
+}
+
+/* ---------------------------------------------------------------- pulling side ---- */
+
+int ckpt__p2p_open(ckpt_engine_t *e, const void *bytes, size_t len, ckpt__p2p_t **out)
+{
+    ckpt__p2p_t *p = ckpt__calloc(1, sizeof(*p));
+    if (!p) return ckpt__error(CKPT_ENOMEM, "p2p");
+    int rc = ckpt__metas_decode(bytes, len, &p->metas);
+    if (rc == CKPT_OK) {
+        for (uint32_t r = 0; r < p->metas.nranks && rc == CKPT_OK; r++)
+            if (p->metas.ranks[r].nregions < 1)
+                rc = ckpt__error(CKPT_EFORMAT, "metas: rank %u has no guard region", r);
+    }
+    if (rc == CKPT_OK) rc = ensure_ucx(e);
+    if (rc == CKPT_OK) {
+        p->peers = ckpt__calloc(p->metas.nranks, sizeof(*p->peers));
+        p->rkeys = ckpt__calloc(p->metas.nranks, sizeof(*p->rkeys));
+        if (!p->peers || !p->rkeys) rc = ckpt__error(CKPT_ENOMEM, "p2p peers");
+    }
+    if (rc < 0) {
+        ckpt__p2p_close(e, p);
+        return rc;
+    }
+    *out = p;
+    return CKPT_OK;
+}
+
+void ckpt__p2p_close(ckpt_engine_t *e, ckpt__p2p_t *p)
+{
+    if (!p) return;
+    for (int i = 0; i < p->nlocal; i++) ckpt__ucx_mem_unregister(e->ucx, p->local[i]);
+    for (uint32_t r = 0; p->peers && r < p->metas.nranks; r++) {
+        if (p->rkeys[r]) {
+            for (uint32_t g = 0; g < p->metas.ranks[r].nregions; g++)
+                if (p->rkeys[r][g]) ckpt__ucx_rkey_destroy(p->rkeys[r][g]);
+            ckpt__free(p->rkeys[r]);
+        }
+        if (p->peers[r]) ckpt__ucx_disconnect(p->peers[r], 1000);
+    }
+    ckpt__free(p->peers);
+    ckpt__free(p->rkeys);
+    ckpt__free(p->gets);
+    ckpt__metas_free(&p->metas);
+    ckpt__free(p);
+}
+
+int ckpt__p2p_tensors(const ckpt__p2p_t *p, ckpt_tensor_meta_t **out, size_t *count_out)
+{
+    ckpt_tensor_meta_t *t = ckpt__calloc(p->metas.ntensors + 1, sizeof(*t));
+    if (!t) return ckpt__error(CKPT_ENOMEM, "p2p tensors");
+    for (size_t i = 0; i < p->metas.ntensors; i++) {
+        t[i] = p->metas.tensors[i].meta;
+        t[i].reserved = (int32_t)p->metas.tensors[i].region;
+    }
+    *out = t;
+    *count_out = p->metas.ntensors;
+    return CKPT_OK;
+}
+
+static int connect_owner(ckpt_engine_t *e, ckpt__p2p_t *p, int owner)
+{
+    if (p->peers[owner]) return ckpt__ucx_peer_failed(p->peers[owner])
+                                   ? ckpt__error(CKPT_EPEER, "serving rank %d failed", owner)
+                                   : CKPT_OK;
+    const ckpt__metas_rank_t *rk = &p->metas.ranks[owner];
+    int rc = ckpt__ucx_connect(e->ucx, rk->address, rk->address_len, owner, &p->peers[owner]);
+    if (rc == CKPT_OK) {
+        p->rkeys[owner] = ckpt__calloc(rk->nregions, sizeof(*p->rkeys[owner]));
+        if (!p->rkeys[owner]) rc = ckpt__error(CKPT_ENOMEM, "rkeys");
+    }
+    for (uint32_t g = 0; rc == CKPT_OK && g < rk->nregions; g++)
+        rc = ckpt__ucx_rkey_unpack(p->peers[owner], rk->regions[g].rkey, rk->regions[g].rkey_len,
+                                   &p->rkeys[owner][g]);
+    if (rc < 0) return ckpt__error_prefix(rc, "connecting to serving rank %d: ", owner);
+    return CKPT_OK;
+}
+
+int ckpt__p2p_check(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, int timeout_ms)
+{
+    int rc = connect_owner(e, p, owner);
+    if (rc < 0) return rc;
+    uint64_t version = 0;
+    ckpt__ucx_get_t g = {p->peers[owner], p->rkeys[owner][0], p->metas.ranks[owner].regions[0].base,
+                         &version, sizeof(version), NULL};
+    rc = ckpt__ucx_get_batch(e->ucx, &g, 1, 1, timeout_ms);
+    if (rc < 0) return ckpt__error_prefix(rc, "checking serving rank %d: ", owner);
+    if (version != p->metas.version)
+        return ckpt__error(CKPT_ESTATE,
+                           "metas refused: serving rank %d no longer exports '%s' version %llu "
+                           "(%s); export the metas again",
+                           owner, p->metas.name, (unsigned long long)p->metas.version,
+                           version ? "it exports another version" : "it was unregistered");
+    return CKPT_OK;
+}
+
+int ckpt__p2p_register_buffers(ckpt_engine_t *e, ckpt__p2p_t *p)
+{
+    for (int i = 0; i < e->buffers.nbuffers; i++) {
+        int rc = ckpt__ucx_mem_register(e->ucx, e->buffers.ptr[i], e->buffers.size, &p->local[i]);
+        if (rc < 0) return rc;
+        p->nlocal++;
+    }
+    return CKPT_OK;
+}
+
+int ckpt__p2p_pull(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, const ckpt_tensor_meta_t *t,
+                   const uint64_t *src_offsets, size_t count, void *buf, int timeout_ms)
+{
+    double t0 = ckpt__now_s();
+    int rc = connect_owner(e, p, owner);
+    if (rc < 0) return rc;
+    if (count > p->gets_cap) {
+        ckpt__ucx_get_t *g = ckpt__realloc(p->gets, count * sizeof(*g));
+        if (!g) return ckpt__error(CKPT_ENOMEM, "p2p gets");
+        p->gets = g;
+        p->gets_cap = count;
+    }
+    ckpt__ucx_mem_t *local = NULL;
+    for (int i = 0; i < p->nlocal; i++)
+        if ((char *)buf == (char *)e->buffers.ptr[i]) local = p->local[i];
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < count; i++) {
+        const ckpt__metas_region_t *rg = &p->metas.ranks[owner].regions[t[i].reserved];
+        ckpt__ucx_get_t *g = &p->gets[i];
+        g->peer = p->peers[owner];
+        g->rkey = p->rkeys[owner][t[i].reserved];
+        g->remote_addr = rg->base + src_offsets[i];
+        g->dst = (char *)buf + t[i].offset;
+        g->len = t[i].nbytes;
+        g->local = local;
+        bytes += t[i].nbytes;
+    }
+    rc = ckpt__ucx_get_batch(e->ucx, p->gets, count, 0, timeout_ms);
+    if (rc < 0) return ckpt__error_prefix(rc, "pulling from serving rank %d: ", owner);
+    p->pull_s += ckpt__now_s() - t0;
+    p->pull_bytes += bytes;
+    return ckpt__p2p_check(e, p, owner, timeout_ms);
+}

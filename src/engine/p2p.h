@@ -1,0 +1,38 @@
+/* P2P update: the pulling side's view of a serving deployment (p2p.c). */
+#ifndef CKPT_ENGINE_P2P_H
+#define CKPT_ENGINE_P2P_H
+
+#include "comm/metas_file.h"
+#include "comm/ucx.h"
+#include "engine/engine_internal.h"
+
+typedef struct ckpt__p2p {
+    ckpt__metas_t metas;
+    ckpt__ucx_peer_t **peers;  /* per serving rank, connected on first use */
+    ckpt__ucx_rkey_t ***rkeys; /* per serving rank and region */
+    ckpt__ucx_get_t *gets;     /* scratch, sized for the largest bucket */
+    size_t gets_cap;
+    ckpt__ucx_mem_t *local[2]; /* the IPC buffers, registered for zero-copy gets */
+    int nlocal;
+    double pull_s;             /* time this rank spent pulling */
+    uint64_t pull_bytes;
+} ckpt__p2p_t;
+
+/* Decodes metas (fully validated) and prepares UCX. Local, not collective. */
+int ckpt__p2p_open(ckpt_engine_t *e, const void *bytes, size_t len, ckpt__p2p_t **out);
+void ckpt__p2p_close(ckpt_engine_t *e, ckpt__p2p_t *p);
+/* The serving deployment's tensors as metas: owner = serving rank, reserved = region,
+ * offset = offset inside that region. Caller frees with ckpt__free. */
+int ckpt__p2p_tensors(const ckpt__p2p_t *p, ckpt_tensor_meta_t **out, size_t *count_out);
+/* Connects to serving rank `owner` and checks that it still exports this name and version
+ * (its guard slot); CKPT_ESTATE names the mismatch. */
+int ckpt__p2p_check(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, int timeout_ms);
+/* Registers this rank's IPC buffers with UCX (done once per update). */
+int ckpt__p2p_register_buffers(ckpt_engine_t *e, ckpt__p2p_t *p);
+/* Pulls `count` tensors of serving rank `owner` (meta.offset = bucket offset, src_offsets
+ * = offset in region, reserved = region) into buf, then re-checks the guard so a
+ * checkpoint unregistered during the transfer is never delivered. */
+int ckpt__p2p_pull(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, const ckpt_tensor_meta_t *t,
+                   const uint64_t *src_offsets, size_t count, void *buf, int timeout_ms);
+
+#endif
