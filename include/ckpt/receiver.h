@@ -81,8 +81,9 @@ CKPT_API int ckpt_receiver_verify(const ckpt_tensor_view_t *view);
 
 /* Copies bytes [offset, offset + len) of the tensor into dst (a tensor-parallel worker
  * copies only its slice). With verify, it also checks the whole tensor's XXH3-64 against
- * meta.checksum in the same pass: the copied range is hashed from dst while it is still
- * in cache, so verification costs almost nothing beyond the copy. On CKPT_ECHECKSUM the
+ * meta.checksum in the same pass: each chunk of the range is hashed from the buffer (which
+ * brings it into cache) and then copied to dst with non-temporal stores, so verification
+ * adds little to the copy. dst needs no particular alignment. On CKPT_ECHECKSUM the
  * copied bytes are already in dst: the update is incomplete and the worker must say so. */
 CKPT_API int ckpt_receiver_copy(const ckpt_tensor_view_t *view, uint64_t offset, void *dst,
                                 uint64_t len, int verify);

@@ -9,6 +9,11 @@
 
 #include "ipc/conn.h"
 
+/* SCM_RIGHTS carries at most SCM_MAX_FD (253) fds per message on Linux; the control
+ * buffers below hold CKPT_IPC_MAX_BUFFERS of them (a few hundred bytes on the stack). */
+_Static_assert(CKPT_IPC_MAX_BUFFERS >= 1 && CKPT_IPC_MAX_BUFFERS <= 253,
+               "CKPT_IPC_MAX_BUFFERS must fit one SCM_RIGHTS message");
+
 uint64_t ckpt__ipc_deadline(int timeout_ms)
 {
     if (timeout_ms < 0) return 0;
@@ -103,6 +108,9 @@ int ckpt__ipc_conn_send(ckpt__ipc_conn_t *c, uint32_t type, size_t len, const in
 {
     if (c->fd < 0) return ckpt__error(CKPT_EPEER, "%s: not connected", c->peer);
     if (c->broken) return ckpt__error(CKPT_EPEER, "%s: connection broken", c->peer);
+    if (nfds < 0 || nfds > CKPT_IPC_MAX_BUFFERS)
+        return ckpt__error(CKPT_EINVAL, "%s: %d fds to attach, at most %d", c->peer, nfds,
+                           CKPT_IPC_MAX_BUFFERS);
     uint64_t deadline = ckpt__ipc_deadline(timeout_ms);
     size_t total = CKPT_IPC_HDR_SIZE + len, sent = 0;
     union {
@@ -161,8 +169,10 @@ int ckpt__ipc_conn_send_text(ckpt__ipc_conn_t *c, uint32_t type, int32_t status,
     return ckpt__ipc_conn_send(c, type, len, NULL, 0, timeout_ms);
 }
 
-/* Moves fds from a control message into c->rx_fds; any beyond the limit are closed and
- * make the frame a protocol error (a well-behaved engine never sends more than 2). */
+/* Moves fds from a control message into c->rx_fds; any beyond CKPT_IPC_MAX_BUFFERS are
+ * closed and make the frame a protocol error (a well-behaved engine never sends more). Fds
+ * that did not even fit the control buffer (MSG_CTRUNC) were closed by the kernel. Whether
+ * the count matches what the message announces is the caller's check (map_buffers). */
 static int take_fds(ckpt__ipc_conn_t *c, struct msghdr *mh)
 {
     int extra = 0;
@@ -180,7 +190,11 @@ static int take_fds(ckpt__ipc_conn_t *c, struct msghdr *mh)
             }
         }
     }
-    if (extra) return ckpt__error(CKPT_EPROTO, "%s: too many fds attached", c->peer);
+    if (extra) { /* the frame is garbage: keep none of its fds */
+        ckpt__ipc_conn_drop_fds(c);
+        return ckpt__error(CKPT_EPROTO, "%s: more than %d fds attached to one message",
+                           c->peer, CKPT_IPC_MAX_BUFFERS);
+    }
     return CKPT_OK;
 }
 

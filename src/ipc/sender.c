@@ -271,8 +271,9 @@ int ckpt_ipc_begin(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int ti
     int rc;
     if (srv == NULL || begin == NULL || begin->name == NULL)
         return ckpt__error(CKPT_EINVAL, "ipc begin: NULL argument");
-    if (begin->nbuffers < 1 || begin->nbuffers > 2)
-        return ckpt__error(CKPT_EINVAL, "ipc begin: %d buffers, want 1 or 2", begin->nbuffers);
+    if (begin->nbuffers < 1 || begin->nbuffers > CKPT_IPC_MAX_BUFFERS)
+        return ckpt__error(CKPT_EINVAL, "ipc begin: %d buffers, want 1..%d", begin->nbuffers,
+                           CKPT_IPC_MAX_BUFFERS);
     for (int i = 0; i < begin->nbuffers; i++)
         if (begin->buffer_fds[i] < 0 || begin->buffer_sizes[i] == 0)
             return ckpt__error(CKPT_EINVAL, "ipc begin: buffer %d has fd %d and size %llu", i,

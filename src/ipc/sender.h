@@ -7,8 +7,8 @@
  *     ckpt_ipc_server_wait_worker(srv, t)          a worker is connected (accepts one if not)
  *     ckpt_ipc_begin(srv, &begin, t)               BEGIN + buffer fds, waits READY
  *     for each bucket b:
- *         (fill buffer b % nbuffers)
- *         ckpt_ipc_send_bucket(srv, b, b % 2, metas, n)   returns once sent
+ *         (fill buffer b % 2, or point metas into a pool region)
+ *         ckpt_ipc_send_bucket(srv, b, buffer, metas, n)  returns once sent
  *         (fill the other buffer with b + 1 while the worker reloads b)
  *         ckpt_ipc_wait_ack(srv, t)                0, or the worker's error / EPEER / ETIMEDOUT
  *     ckpt_ipc_finish(srv, commit, reason, t)      FINISH (all ranks succeeded) or ABORT
@@ -27,6 +27,7 @@
 #include <stdint.h>
 
 #include "ckpt/ckpt.h"
+#include "ipc/wire.h" /* CKPT_IPC_MAX_BUFFERS */
 
 #pragma GCC visibility push(hidden)
 
@@ -62,9 +63,12 @@ typedef struct {
     const char *name;       /* checkpoint name, < CKPT_NAME_MAX bytes */
     uint32_t nbuckets;
     int verify;             /* ask the worker to verify checksums */
-    int nbuffers;           /* 1 or 2 */
-    int buffer_fds[2];      /* memfd or /dev/shm fds; the caller keeps them open */
-    uint64_t buffer_sizes[2];
+    int nbuffers;           /* 1 .. CKPT_IPC_MAX_BUFFERS: the IPC buffers and, on one host,
+                               the pool regions of the local ranks */
+    int buffer_fds[CKPT_IPC_MAX_BUFFERS]; /* memfd or /dev/shm fds, the first nbuffers used;
+                                             the caller keeps them open */
+    uint64_t buffer_sizes[CKPT_IPC_MAX_BUFFERS]; /* bytes the worker may read of each (> 0,
+                                                    any value; the file may be larger) */
     uint32_t max_tensors;   /* optional: most tensors in one bucket (0 = unknown); lets
                                both sides size their per-bucket arrays once */
 } ckpt_ipc_begin_t;
@@ -73,8 +77,8 @@ typedef struct {
  * worker with no update in progress (CKPT_ESTATE otherwise). A worker ERR reply returns
  * its status with the text in ckpt_last_error() and keeps the connection. */
 int ckpt_ipc_begin(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int timeout_ms);
-/* Sends BUCKET `bucket` for buffer `buffer`: tensors[i].offset is the offset in that
- * buffer. Returns as soon as the message is in the socket; the worker's answer is collected
+/* Sends BUCKET `bucket` for buffer `buffer` (< the update's nbuffers, CKPT_EINVAL
+ * otherwise): tensors[i].offset is the offset in that buffer. Returns as soon as the message is in the socket; the worker's answer is collected
  * by ckpt_ipc_wait_ack. CKPT_ESTATE if an ack is still outstanding. */
 int ckpt_ipc_send_bucket(ckpt_ipc_server_t *srv, uint32_t bucket, int buffer,
                          const ckpt_tensor_meta_t *tensors, size_t count);

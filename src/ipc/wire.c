@@ -136,24 +136,28 @@ int ckpt__ipc_hdr_decode(const uint8_t *in, const char *peer, ckpt__ipc_hdr_t *o
 }
 
 /* ---- BEGIN: u64 update_id, u64 version, u32 nbuckets, u32 flags, u32 nbuffers,
- *             u32 max_tensors, u64 sizes[2], name ---- */
+ *             u32 max_tensors, u64 sizes[nbuffers], name ---- */
+
+#define BEGIN_FIXED (8 + 8 + 4 * 4)
 
 size_t ckpt__ipc_begin_size(const ckpt__ipc_begin_msg_t *m)
 {
-    return 8 + 8 + 4 * 4 + 8 * CKPT_IPC_MAX_BUFFERS + 2 + strlen(m->name);
+    uint32_t n = CKPT_MIN(m->nbuffers, (uint32_t)CKPT_IPC_MAX_BUFFERS);
+    return BEGIN_FIXED + 8 * (size_t)n + 2 + strlen(m->name);
 }
 
 void ckpt__ipc_begin_encode(const ckpt__ipc_begin_msg_t *m, uint8_t *out)
 {
+    uint32_t n = CKPT_MIN(m->nbuffers, (uint32_t)CKPT_IPC_MAX_BUFFERS);
     put_u64(out, m->update_id);
     put_u64(out + 8, m->version);
     put_u32(out + 16, m->nbuckets);
     put_u32(out + 20, m->flags);
-    put_u32(out + 24, m->nbuffers);
+    put_u32(out + 24, n);
     put_u32(out + 28, m->max_tensors);
-    put_u64(out + 32, m->buffer_sizes[0]);
-    put_u64(out + 40, m->buffer_sizes[1]);
-    put_name(out + 48, m->name);
+    out += BEGIN_FIXED;
+    for (uint32_t i = 0; i < n; i++, out += 8) put_u64(out, m->buffer_sizes[i]);
+    put_name(out, m->name);
 }
 
 int ckpt__ipc_begin_decode(const uint8_t *p, size_t len, ckpt__ipc_begin_msg_t *out)
@@ -162,17 +166,22 @@ int ckpt__ipc_begin_decode(const uint8_t *p, size_t len, ckpt__ipc_begin_msg_t *
     ckpt__ipc_begin_msg_t m;
     memset(&m, 0, sizeof(m));
     if (rd_u64(&rd, &m.update_id) || rd_u64(&rd, &m.version) || rd_u32(&rd, &m.nbuckets) ||
-        rd_u32(&rd, &m.flags) || rd_u32(&rd, &m.nbuffers) || rd_u32(&rd, &m.max_tensors) ||
-        rd_u64(&rd, &m.buffer_sizes[0]) || rd_u64(&rd, &m.buffer_sizes[1]))
+        rd_u32(&rd, &m.flags) || rd_u32(&rd, &m.nbuffers) || rd_u32(&rd, &m.max_tensors))
         return ckpt__error(CKPT_EPROTO, "BEGIN: truncated payload (%zu bytes)", len);
-    int rc = rd_name(&rd, m.name, "BEGIN");
-    if (rc) return rc;
+    /* Bound the count before reading the sizes it announces. */
     if (m.nbuffers < 1 || m.nbuffers > CKPT_IPC_MAX_BUFFERS)
-        return ckpt__error(CKPT_EPROTO, "BEGIN: %u buffers, want 1 or 2", m.nbuffers);
-    for (uint32_t i = 0; i < m.nbuffers; i++)
+        return ckpt__error(CKPT_EPROTO, "BEGIN: %u buffers, want 1..%d", m.nbuffers,
+                           CKPT_IPC_MAX_BUFFERS);
+    for (uint32_t i = 0; i < m.nbuffers; i++) {
+        if (rd_u64(&rd, &m.buffer_sizes[i]))
+            return ckpt__error(CKPT_EPROTO, "BEGIN: truncated payload (%zu bytes, %u buffers)",
+                               len, m.nbuffers);
         if (m.buffer_sizes[i] == 0 || m.buffer_sizes[i] > (uint64_t)SIZE_MAX / 2)
             return ckpt__error(CKPT_EPROTO, "BEGIN: buffer %u has size %llu", i,
                                (unsigned long long)m.buffer_sizes[i]);
+    }
+    int rc = rd_name(&rd, m.name, "BEGIN");
+    if (rc) return rc;
     rc = ckpt__ipc_reader_done(&rd, "BEGIN");
     if (rc) return rc;
     *out = m;

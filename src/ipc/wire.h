@@ -14,13 +14,16 @@
 #pragma GCC visibility push(hidden)
 
 #define CKPT_IPC_MAGIC 0x54504b43u /* "CKPT" as bytes on the wire */
-#define CKPT_IPC_VERSION 1u
+#define CKPT_IPC_VERSION 2u
 #define CKPT_IPC_HDR_SIZE 12u
 /* Largest payload either side accepts. A BUCKET record is at most ~330 bytes, so this
  * allows ~200k tensors per bucket while bounding what a broken peer can make us allocate. */
 #define CKPT_IPC_MAX_PAYLOAD (64u << 20)
 #define CKPT_IPC_MAX_TEXT 1024u /* error / abort texts are cut to this */
-#define CKPT_IPC_MAX_BUFFERS 2
+/* Buffers one BEGIN may carry: the engine's own IPC buffers plus, on a single host, the
+ * pool regions of every local engine rank (workers read tensors straight out of them).
+ * SCM_RIGHTS takes up to 253 fds per message; 64 keeps the control buffers small. */
+#define CKPT_IPC_MAX_BUFFERS 64
 
 typedef enum {
     CKPT_IPC_MSG_BEGIN = 1,  /* engine -> worker, carries the buffer fds */
@@ -45,9 +48,9 @@ typedef struct {
     uint64_t version;
     uint32_t nbuckets;
     uint32_t flags;
-    uint32_t nbuffers;
+    uint32_t nbuffers;    /* 1 .. CKPT_IPC_MAX_BUFFERS, = the fds attached */
     uint32_t max_tensors; /* most tensors in one bucket; 0 = unknown (receiver grows) */
-    uint64_t buffer_sizes[CKPT_IPC_MAX_BUFFERS];
+    uint64_t buffer_sizes[CKPT_IPC_MAX_BUFFERS]; /* the first nbuffers are on the wire */
     char name[CKPT_NAME_MAX];
 } ckpt__ipc_begin_msg_t;
 

@@ -18,9 +18,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         break;
     }
     case 1: {
+        /* An accepted BEGIN has a sane buffer count and re-encodes to the same bytes (the
+         * layout is canonical: nothing was skipped or read twice). */
+        static uint8_t again[CKPT_IPC_MAX_PAYLOAD / 1024];
         ckpt__ipc_begin_msg_t m;
-        if (ckpt__ipc_begin_decode(p, len, &m) == CKPT_OK && strlen(m.name) >= CKPT_NAME_MAX)
+        if (ckpt__ipc_begin_decode(p, len, &m) != CKPT_OK) break;
+        if (strlen(m.name) >= CKPT_NAME_MAX || m.nbuffers < 1 ||
+            m.nbuffers > CKPT_IPC_MAX_BUFFERS || ckpt__ipc_begin_size(&m) != len ||
+            len > sizeof(again))
             __builtin_trap();
+        ckpt__ipc_begin_encode(&m, again);
+        if (memcmp(again, p, len) != 0) __builtin_trap();
         break;
     }
     case 2: {

@@ -1,5 +1,6 @@
 /* Engine <-> worker protocol with real processes: the parent is the engine (sender API),
  * forked children are workers (receiver API); the IPC buffers are memfds the parent fills. */
+#include <dirent.h>
 #include <errno.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -296,6 +297,21 @@ static void raw_reply(const uint8_t *hdr, int want, const char *fragment)
     ckpt_ipc_server_close(srv);
 }
 
+/* A raw "engine": a plain listening socket the receiver `*r` connects to; returns the
+ * accepted end, on which the test writes whatever frames it likes. */
+static int raw_engine(int *lfd_out, ckpt_receiver_t **r)
+{
+    snprintf(sock_path, sizeof(sock_path), "/tmp/ckpt-test-ipc-%d-raw.sock", (int)getpid());
+    unlink(sock_path);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof(a.sun_path), "%s", sock_path);
+    int lfd = socket(AF_UNIX, SOCK_STREAM, 0);
+    CHECK(bind(lfd, (struct sockaddr *)&a, sizeof(a)) == 0 && listen(lfd, 1) == 0);
+    CHECK_OK(ckpt_receiver_connect(sock_path, 1000, r));
+    *lfd_out = lfd;
+    return accept(lfd, NULL, NULL);
+}
+
 static void test_raw_garbage_rejected(void)
 {
     uint8_t h[CKPT_IPC_HDR_SIZE];
@@ -311,16 +327,9 @@ static void test_raw_garbage_rejected(void)
     raw_reply(h, CKPT_EPROTO, "in answer to BEGIN");
 
     /* And the receiver side: an "engine" that speaks garbage. */
-    snprintf(sock_path, sizeof(sock_path), "/tmp/ckpt-test-ipc-%d-raw.sock", (int)getpid());
-    unlink(sock_path);
-    struct sockaddr_un a = {.sun_family = AF_UNIX};
-    snprintf(a.sun_path, sizeof(a.sun_path), "%s", sock_path);
-    int lfd = socket(AF_UNIX, SOCK_STREAM, 0);
-    CHECK(bind(lfd, (struct sockaddr *)&a, sizeof(a)) == 0 && listen(lfd, 1) == 0);
     ckpt_receiver_t *r = NULL;
     ckpt_update_info_t info;
-    CHECK_OK(ckpt_receiver_connect(sock_path, 1000, &r));
-    int cfd = accept(lfd, NULL, NULL);
+    int lfd, cfd = raw_engine(&lfd, &r);
     CHECK(write(cfd, "GET / HTTP/1.1\r\n", 16) == 16);
     CHECK_RC(ckpt_receiver_wait_update(r, 1000, &info), CKPT_EPROTO);
     CHECK_ERR_HAS("bad magic");
@@ -363,10 +372,240 @@ static void test_socket_in_use(void)
     ckpt_ipc_server_close(srv);
 }
 
+/* ---- many buffers: the IPC buffers plus, on one host, the pool regions of local ranks ---- */
+
+#define NMANY 5
+/* Announced sizes share no multiple; some files are larger than what is announced. */
+static const uint64_t many_size[NMANY] = {4096 * 3 + 17, 1001, 65536 + 5, 12345, 7};
+static const uint64_t many_file[NMANY] = {4096 * 4, 1001, 65536 + 4096, 12345, 4096};
+static int many_fd[NMANY];
+static uint8_t *many_map[NMANY];
+
+static void setup_many(void)
+{
+    for (int i = 0; i < NMANY; i++) {
+        many_fd[i] = memfd_create("ckpt-test-pool", MFD_CLOEXEC);
+        CHECK(many_fd[i] >= 0 && ftruncate(many_fd[i], (off_t)many_file[i]) == 0);
+        many_map[i] = mmap(NULL, many_file[i], PROT_READ | PROT_WRITE, MAP_SHARED,
+                           many_fd[i], 0);
+        CHECK(many_map[i] != MAP_FAILED);
+    }
+}
+
+/* Update 3 sends the same files in another order: index i is file (i + rot) % NMANY. */
+static uint32_t many_rot(uint64_t update_id) { return update_id == 3 ? 2 : 0; }
+static uint32_t many_file_of(uint64_t update_id, uint32_t bucket)
+{
+    return (bucket % NMANY + many_rot(update_id)) % NMANY;
+}
+
+static uint8_t many_byte(uint64_t update_id, uint32_t bucket, uint64_t k)
+{
+    return (uint8_t)(k * 131 + bucket * 29 + update_id * 7 + 1);
+}
+
+/* The worker: checks every byte of every bucket (through the verified copy) and that a file
+ * keeps its mapping across updates, at whatever index it comes. */
+static int worker_many(int updates)
+{
+    ckpt_receiver_t *r;
+    ckpt_update_info_t info;
+    const uint8_t *base_of[NMANY] = {0};
+    if (ckpt_receiver_connect(sock_path, 5000, &r) != 0) return 10;
+    for (int u = 0; u < updates; u++) {
+        if (ckpt_receiver_wait_update(r, 10000, &info) != 0) return 11;
+        for (;;) {
+            int ev;
+            uint32_t b;
+            const ckpt_tensor_view_t *v;
+            size_t n;
+            if (ckpt_receiver_next(r, 10000, &ev, &b, &v, &n) != 0) return 12;
+            if (ev != CKPT_RECV_BUCKET) {
+                if (ev != CKPT_RECV_FINISH || ckpt_receiver_finish_reply(r, 1, NULL)) return 13;
+                break;
+            }
+            uint8_t dst[65536 + 8];
+            const char *bad = NULL;
+            uint32_t f = many_file_of(info.update_id, b);
+            const uint8_t *base = (const uint8_t *)v[0].data - v[0].meta.offset;
+            if (n != 1 || v[0].meta.nbytes > sizeof(dst)) bad = "unexpected bucket";
+            else if (ckpt_receiver_copy(&v[0], 0, dst, v[0].meta.nbytes, 1) != 0)
+                bad = ckpt_last_error();
+            for (uint64_t k = 0; bad == NULL && k < v[0].meta.nbytes; k++)
+                if (dst[k] != many_byte(info.update_id, b, k)) bad = "wrong bytes";
+            if (bad == NULL && base_of[f] != NULL && base_of[f] != base)
+                bad = "file mapped again instead of reused";
+            base_of[f] = base;
+            if (bad) ckpt_receiver_fail(r, bad);
+            else ckpt_receiver_ack(r);
+        }
+    }
+    ckpt_receiver_close(r);
+    return 0;
+}
+
+/* Bucket b lives in buffer index b % NMANY: one U8 tensor from offset 3 (0 in a buffer of
+ * 3 bytes or less) to the announced end, so the bounds are exercised to the last byte. */
+static void many_fill(uint64_t update_id, uint32_t b, ckpt_tensor_meta_t *m)
+{
+    uint32_t f = many_file_of(update_id, b);
+    uint64_t off = many_size[f] > 3 ? 3 : 0;
+    int64_t shape[1] = {(int64_t)(many_size[f] - off)};
+    char name[64];
+    snprintf(name, sizeof(name), "pool.%u", b);
+    ckpt_tensor_meta_init(m, name, CKPT_DTYPE_U8, shape, 1);
+    m->offset = off;
+    for (uint64_t k = 0; k < m->nbytes; k++) many_map[f][off + k] = many_byte(update_id, b, k);
+    m->checksum = ckpt_checksum(many_map[f] + off, m->nbytes);
+}
+
+static void test_many_buffers(void)
+{
+    ckpt_ipc_server_t *srv = open_server();
+    ckpt_tensor_meta_t m;
+    fflush(stderr);
+    pid_t w = fork();
+    if (w == 0) _exit(worker_many(3));
+    for (uint64_t id = 1; id <= 3; id++) {
+        ckpt_ipc_begin_t begin = {.update_id = id, .version = id, .name = "pools",
+                                  .nbuckets = 2 * NMANY, .verify = 1, .nbuffers = NMANY,
+                                  .max_tensors = 1};
+        for (int i = 0; i < NMANY; i++) {
+            begin.buffer_fds[i] = many_fd[(i + many_rot(id)) % NMANY];
+            begin.buffer_sizes[i] = many_size[(i + many_rot(id)) % NMANY];
+        }
+        CHECK_OK(ckpt_ipc_server_wait_worker(srv, 5000));
+        CHECK_OK(ckpt_ipc_begin(srv, &begin, 5000));
+        many_fill(id, 0, &m);
+        CHECK_RC(ckpt_ipc_send_bucket(srv, 0, NMANY, &m, 1), CKPT_EINVAL);
+        CHECK_ERR_HAS("buffer 5 of 5");
+        for (uint32_t b = 0; b < 2 * NMANY; b++) {
+            many_fill(id, b, &m);
+            CHECK_OK(ckpt_ipc_send_bucket(srv, b, (int)(b % NMANY), &m, 1));
+            CHECK_OK(ckpt_ipc_wait_ack(srv, 5000));
+        }
+        CHECK_OK(ckpt_ipc_finish(srv, 1, NULL, 5000));
+    }
+    CHECK(reap(w) == 0);
+    ckpt_ipc_server_close(srv);
+}
+
+static int count_fds(void)
+{
+    int n = 0;
+    DIR *d = opendir("/proc/self/fd");
+    while (d && readdir(d)) n++;
+    if (d) closedir(d);
+    return n;
+}
+
+/* One frame with any number of fds attached (conn_send refuses more than the limit). */
+static void raw_send(int fd, uint32_t type, const uint8_t *payload, size_t len, int nfds)
+{
+    uint8_t frame[2048];
+    int fds[80];
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(fds))];
+    } ctl;
+    struct iovec iov = {frame, CKPT_IPC_HDR_SIZE + len};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+    ckpt__ipc_hdr_encode(frame, type, (uint32_t)len);
+    memcpy(frame + CKPT_IPC_HDR_SIZE, payload, len);
+    for (int i = 0; i < nfds; i++) fds[i] = many_fd[i % NMANY];
+    if (nfds > 0) {
+        memset(&ctl, 0, sizeof(ctl));
+        mh.msg_control = ctl.buf;
+        mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&mh);
+        cm->cmsg_level = SOL_SOCKET;
+        cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+        memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
+    }
+    CHECK(sendmsg(fd, &mh, 0) == (ssize_t)(CKPT_IPC_HDR_SIZE + len));
+}
+
+/* Reads one frame and returns its type. */
+static uint32_t raw_recv(int fd)
+{
+    uint8_t h[CKPT_IPC_HDR_SIZE], payload[CKPT_IPC_MAX_TEXT + 64];
+    ckpt__ipc_hdr_t hdr = {0, 0};
+    CHECK(recv(fd, h, sizeof(h), MSG_WAITALL) == (ssize_t)sizeof(h));
+    CHECK_OK(ckpt__ipc_hdr_decode(h, "raw", &hdr));
+    CHECK(hdr.length <= sizeof(payload));
+    if (hdr.length) CHECK(recv(fd, payload, hdr.length, MSG_WAITALL) == (ssize_t)hdr.length);
+    return hdr.type;
+}
+
+static void raw_begin(int cfd, uint32_t nbuffers, int nfds)
+{
+    ckpt__ipc_begin_msg_t m = {.update_id = 20, .version = 1, .nbuckets = 1,
+                               .nbuffers = nbuffers, .max_tensors = 1, .name = "raw"};
+    uint8_t p[1024];
+    for (uint32_t i = 0; i < nbuffers; i++) m.buffer_sizes[i] = many_size[i];
+    ckpt__ipc_begin_encode(&m, p);
+    raw_send(cfd, CKPT_IPC_MSG_BEGIN, p, ckpt__ipc_begin_size(&m), nfds);
+}
+
+/* A BEGIN whose fds do not match its count, and a BUCKET naming a buffer past the count:
+ * clean errors, no fd left open, and (but for too many fds) the stream stays in step. */
+static void test_buffer_count_mismatch(void)
+{
+    ckpt_receiver_t *r = NULL;
+    ckpt_update_info_t info;
+    int ev, lfd, cfd = raw_engine(&lfd, &r), before = count_fds();
+    uint32_t b;
+    const ckpt_tensor_view_t *v;
+    size_t n;
+    raw_begin(cfd, 3, 2);
+    CHECK_RC(ckpt_receiver_wait_update(r, 1000, &info), CKPT_EPROTO);
+    CHECK_ERR_HAS("3 buffers announced, 2 fds came");
+    CHECK(raw_recv(cfd) == CKPT_IPC_MSG_ERR);
+    CHECK(count_fds() == before);
+    raw_begin(cfd, 3, 4);
+    CHECK_RC(ckpt_receiver_wait_update(r, 1000, &info), CKPT_EPROTO);
+    CHECK_ERR_HAS("3 buffers announced, 4 fds came");
+    CHECK(raw_recv(cfd) == CKPT_IPC_MSG_ERR);
+    CHECK(count_fds() == before);
+
+    raw_begin(cfd, 3, 3);
+    CHECK_OK(ckpt_receiver_wait_update(r, 1000, &info));
+    CHECK(raw_recv(cfd) == CKPT_IPC_MSG_READY);
+    uint8_t p[512];
+    ckpt__ipc_bucket_hdr_t h = {0, 3, 1};
+    ckpt_tensor_meta_t m;
+    int64_t shape[1] = {4};
+    ckpt_tensor_meta_init(&m, "w", CKPT_DTYPE_U8, shape, 1);
+    size_t len = ckpt__ipc_bucket_encode_hdr(&h, p);
+    len += ckpt__ipc_tensor_encode(&m, p + len);
+    raw_send(cfd, CKPT_IPC_MSG_BUCKET, p, len, 0);
+    CHECK_RC(ckpt_receiver_next(r, 1000, &ev, &b, &v, &n), CKPT_EPROTO);
+    CHECK_ERR_HAS("buffer 3 of 3");
+    CHECK(raw_recv(cfd) == CKPT_IPC_MSG_ERR);
+    ckpt__ipc_text_encode(0, "raw says no", p);
+    raw_send(cfd, CKPT_IPC_MSG_ABORT, p, ckpt__ipc_text_size("raw says no"), 0);
+    CHECK_OK(ckpt_receiver_next(r, 1000, &ev, &b, &v, &n));
+    CHECK(ev == CKPT_RECV_ABORT);
+    CHECK(raw_recv(cfd) == CKPT_IPC_MSG_OK);
+
+    /* More fds than any BEGIN may carry: all closed, the connection is given up. */
+    raw_begin(cfd, 2, CKPT_IPC_MAX_BUFFERS + 1);
+    CHECK_RC(ckpt_receiver_wait_update(r, 1000, &info), CKPT_EPROTO);
+    CHECK_ERR_HAS("fds attached");
+    CHECK_RC(ckpt_receiver_wait_update(r, 1000, &info), CKPT_EPEER);
+    ckpt_receiver_close(r);
+    CHECK(count_fds() == before - 1);
+    close(cfd);
+    close(lfd);
+    unlink(sock_path);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_DFL); /* prove MSG_NOSIGNAL: a SIGPIPE would kill the test */
     setup_buffers();
+    setup_many();
     RUN_TEST(test_full_update_and_reconnect);
     RUN_TEST(test_worker_error_then_abort);
     RUN_TEST(test_worker_killed);
@@ -374,6 +613,8 @@ int main(void)
     RUN_TEST(test_checksum_mismatch_names_tensor);
     RUN_TEST(test_second_worker_refused);
     RUN_TEST(test_raw_garbage_rejected);
+    RUN_TEST(test_many_buffers);
+    RUN_TEST(test_buffer_count_mismatch);
     RUN_TEST(test_other_uid_refused);
     RUN_TEST(test_socket_in_use);
     TEST_EXIT();
