@@ -138,6 +138,12 @@ CKPT_API size_t ckpt_engine_checkpoint_count(const ckpt_engine_t *engine);
 CKPT_API int ckpt_engine_checkpoint_info(const ckpt_engine_t *engine, size_t index,
                                          const char **name_out, uint64_t *version_out);
 
+/* Total bytes and tensor count of registered checkpoint `name` (the whole checkpoint, every
+ * rank's share; any output may be NULL). CKPT_ENOENT if it is not registered. Call from
+ * the thread that drives the engine (the store is not shared with other threads). */
+CKPT_API int ckpt_engine_checkpoint_stats(const ckpt_engine_t *engine, const char *name,
+                                          uint64_t *bytes_out, size_t *tensors_out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -307,3 +307,22 @@ int ckpt_engine_progress(const ckpt_engine_t *e, ckpt_update_progress_t *out)
     out->elapsed_s = start && end > start ? (double)(end - start) * 1e-9 : 0;
     return CKPT_OK;
 }
+
+int ckpt_engine_checkpoint_stats(const ckpt_engine_t *e, const char *name, uint64_t *bytes_out,
+                                 size_t *tensors_out)
+{
+    if (!e || !name) return ckpt__error(CKPT_EINVAL, "ckpt_engine_checkpoint_stats: NULL argument");
+    size_t n = ckpt_store_count(e->store);
+    for (size_t i = 0; i < n; i++) {
+        const char *nm;
+        uint64_t total;
+        size_t tensors;
+        if (ckpt_store_info(e->store, i, &nm, NULL, &total, &tensors) == CKPT_OK &&
+            strcmp(nm, name) == 0) {
+            if (bytes_out) *bytes_out = total;
+            if (tensors_out) *tensors_out = tensors;
+            return CKPT_OK;
+        }
+    }
+    return ckpt__error(CKPT_ENOENT, "checkpoint '%s' is not registered", name);
+}

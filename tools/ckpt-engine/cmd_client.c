@@ -1,5 +1,6 @@
 /* ckpt-engine register|update|status|unregister|list|metas: a client of the HTTP API that
  * rank 0 of `ckpt-engine serve --http` runs (docs/HTTP.md). */
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -275,7 +276,11 @@ static int read_token(client_t *c, const char *file)
     size_t n = fread(c->token, 1, sizeof c->token - 1, f);
     fclose(f);
     c->token[n] = '\0';
-    c->token[strcspn(c->token, "\r\n")] = '\0'; /* files usually end in a newline */
+    /* As the server reads it: the text without surrounding whitespace (files usually end
+     * in a newline). */
+    while (n && isspace((unsigned char)c->token[n - 1])) c->token[--n] = '\0';
+    size_t lead = strspn(c->token, " \t\r\n\v\f");
+    memmove(c->token, c->token + lead, n - lead + 1);
     return 0;
 }
 

@@ -1,25 +1,39 @@
 /* ckpt-engine serve: one engine rank. All ranks of a deployment form one MPI job; rank 0
- * reads commands (a file or stdin, one per line) and leads, the others follow. */
+ * reads commands (a file or stdin, one per line) and/or serves the HTTP API
+ * (serve_http.c) and leads, the others follow. */
 #include <getopt.h>
 #include <mpi.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
+
 #include "ckpt/ckpt.h"
 #include "ckpt/engine.h"
 #include "commands.h"
+#include "serve.h"
 
 static void serve_usage(FILE *out)
 {
     fprintf(out,
         "usage: mpirun -np N ckpt-engine serve [options]\n\n"
-        "Runs one engine rank per process. Rank 0 reads commands, one per line, and every\n"
-        "rank executes them together. Each rank serves the inference worker that connects\n"
-        "to DIR/rank-<r>.sock (ckpt-worker, or a vLLM/SGLang worker via the receiver API).\n\n"
+        "Runs one engine rank per process. Rank 0 reads commands, one per line, and/or serves\n"
+        "the HTTP API (--http); every rank executes them together. Each rank serves the\n"
+        "inference worker that connects to DIR/rank-<r>.sock (ckpt-worker, or a vLLM/SGLang\n"
+        "worker via the receiver API).\n\n"
         "options:\n"
         "  --socket-dir DIR     worker sockets DIR/rank-<r>.sock (default: ranks have no worker)\n"
-        "  --commands FILE      read commands from FILE on rank 0 ('-' = stdin, the default)\n"
+        "  --commands FILE      read commands from FILE on rank 0 ('-' = stdin, the default\n"
+        "                       without --http); with --http the file runs first, then HTTP\n"
+        "  --http [ADDR:]PORT   rank 0 serves the HTTP control API (docs/HTTP.md) until\n"
+        "                       SIGINT/SIGTERM; ADDR defaults to 127.0.0.1 (use 0.0.0.0 or\n"
+        "                       [::] to listen on every interface), PORT 0 picks a free port;\n"
+        "                       prints 'http: listening on http://ADDR:PORT'\n"
+        "  --token-file FILE    with --http: every request but /v1/healthz must carry\n"
+        "                       'Authorization: Bearer <token>' (the file's text, trimmed)\n"
         "  --bucket-max SIZE    largest bucket, e.g. 256MiB (default 256MiB; never below the\n"
         "                       largest tensor; lowered to fit free memory)\n"
         "  --memory-limit SIZE  memory the IPC buffers may use (default: half of free memory)\n"
@@ -45,37 +59,65 @@ static void serve_usage(FILE *out)
         "                       ranks (one-sided UCX gets) and updates this deployment\n"
         "  floors               measures memcpy and MPI_Bcast bandwidth for comparison\n"
         "  list                 registered checkpoints\n"
-        "  quit                 stops every rank\n\n"
-        "exit status: 0 when every command succeeded, 1 when one failed, 2 on usage errors,\n"
+        "  quit                 stops every rank (also with --http)\n\n"
+        "SIGINT or SIGTERM (to mpirun or rank 0) stops every rank cleanly.\n"
+        "exit status: 0 when every command succeeded, 1 when one failed (or the HTTP server\n"
+        "could not start; HTTP jobs report to their clients, not here), 2 on usage errors,\n"
         "3 when the deployment broke (a rank died): restart the whole MPI job.\n");
 }
 
-typedef struct {
-    int json;
-    ckpt_floors_t floors;
-    int have_floors;
-} serve_state_t;
+volatile sig_atomic_t serve_stop;
+
+static void on_stop_signal(int sig)
+{
+    serve_stop = sig;
+}
 
 static double gbps(uint64_t bytes, double s) { return s > 0 ? (double)bytes / s / 1e9 : 0; }
 
-static void print_update(serve_state_t *st, const ckpt_update_result_t *r)
+/* Prints one JSON line (cJSON escapes names and reasons) and frees it. */
+static void print_json_line(cJSON *o)
+{
+    char *text = cJSON_PrintUnformatted(o);
+    if (text) printf("%s\n", text);
+    cJSON_free(text);
+    cJSON_Delete(o);
+}
+
+void serve_print_update(const serve_state_t *st, const ckpt_update_result_t *r)
 {
     char bsize[32], total[32];
     double per_worker = gbps(r->bytes, r->total_s);
     if (st->json) {
-        printf("{\"command\":\"update\",\"name\":\"%s\",\"ok\":%s,\"status\":\"%s\","
-               "\"failed_rank\":%d,\"reason\":\"%s\",\"version\":%llu,\"update_id\":%llu,"
-               "\"ranks\":%d,\"bytes\":%llu,\"tensors\":%u,\"buckets\":%u,\"bucket_size\":%llu,"
-               "\"buffers\":%d,\"direct\":%d,\"gather_s\":%.6f,\"plan_s\":%.6f,\"begin_s\":%.6f,"
-               "\"pipeline_s\":%.6f,\"finish_s\":%.6f,\"total_s\":%.6f,"
-               "\"p2p\":%d,\"pull_s\":%.6f,\"pull_bytes\":%llu,\"per_worker_gbps\":%.4f,\"memcpy_gbps\":%.4f,\"bcast_gbps\":%.4f}\n",
-               r->name, r->status == 0 ? "true" : "false", ckpt_status_name(r->status),
-               r->failed_rank, r->reason, (unsigned long long)r->version,
-               (unsigned long long)r->update_id, r->nranks, (unsigned long long)r->bytes,
-               r->ntensors, r->nbuckets, (unsigned long long)r->bucket_size, r->nbuffers, r->direct,
-               r->gather_s, r->plan_s, r->begin_s, r->pipeline_s, r->finish_s, r->total_s,
-               r->p2p, r->pull_s, (unsigned long long)r->pull_bytes, per_worker,
-               st->floors.memcpy_gbps, st->floors.bcast_gbps);
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "command", "update");
+        cJSON_AddStringToObject(o, "name", r->name);
+        cJSON_AddBoolToObject(o, "ok", r->status == 0);
+        cJSON_AddStringToObject(o, "status", ckpt_status_name(r->status));
+        cJSON_AddNumberToObject(o, "failed_rank", r->failed_rank);
+        cJSON_AddStringToObject(o, "reason", r->reason);
+        cJSON_AddNumberToObject(o, "version", (double)r->version);
+        cJSON_AddNumberToObject(o, "update_id", (double)r->update_id);
+        cJSON_AddNumberToObject(o, "ranks", r->nranks);
+        cJSON_AddNumberToObject(o, "bytes", (double)r->bytes);
+        cJSON_AddNumberToObject(o, "tensors", r->ntensors);
+        cJSON_AddNumberToObject(o, "buckets", r->nbuckets);
+        cJSON_AddNumberToObject(o, "bucket_size", (double)r->bucket_size);
+        cJSON_AddNumberToObject(o, "buffers", r->nbuffers);
+        cJSON_AddNumberToObject(o, "direct", r->direct);
+        cJSON_AddNumberToObject(o, "p2p", r->p2p);
+        cJSON_AddNumberToObject(o, "pull_s", r->pull_s);
+        cJSON_AddNumberToObject(o, "pull_bytes", (double)r->pull_bytes);
+        cJSON_AddNumberToObject(o, "gather_s", r->gather_s);
+        cJSON_AddNumberToObject(o, "plan_s", r->plan_s);
+        cJSON_AddNumberToObject(o, "begin_s", r->begin_s);
+        cJSON_AddNumberToObject(o, "pipeline_s", r->pipeline_s);
+        cJSON_AddNumberToObject(o, "finish_s", r->finish_s);
+        cJSON_AddNumberToObject(o, "total_s", r->total_s);
+        cJSON_AddNumberToObject(o, "per_worker_gbps", per_worker);
+        cJSON_AddNumberToObject(o, "memcpy_gbps", st->floors.memcpy_gbps);
+        cJSON_AddNumberToObject(o, "bcast_gbps", st->floors.bcast_gbps);
+        print_json_line(o);
         return;
     }
     if (r->status != 0) {
@@ -116,18 +158,49 @@ static void print_update(serve_state_t *st, const ckpt_update_result_t *r)
     }
 }
 
-static void print_simple(serve_state_t *st, const char *cmd, const char *name, int rc,
-                         double seconds)
+void serve_print_simple(const serve_state_t *st, const char *cmd, const char *name, int rc,
+                        const char *reason, double seconds)
 {
-    if (st->json)
-        printf("{\"command\":\"%s\",\"name\":\"%s\",\"ok\":%s,\"status\":\"%s\",\"reason\":\"%s\","
-               "\"seconds\":%.6f}\n",
-               cmd, name, rc == 0 ? "true" : "false", ckpt_status_name(rc),
-               rc == 0 ? "" : ckpt_last_error(), seconds);
-    else if (rc == 0)
+    if (rc != 0 && !reason) reason = ckpt_last_error();
+    if (st->json) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "command", cmd);
+        cJSON_AddStringToObject(o, "name", name);
+        cJSON_AddBoolToObject(o, "ok", rc == 0);
+        cJSON_AddStringToObject(o, "status", ckpt_status_name(rc));
+        cJSON_AddStringToObject(o, "reason", rc == 0 ? "" : reason);
+        cJSON_AddNumberToObject(o, "seconds", seconds);
+        print_json_line(o);
+    } else if (rc == 0) {
         printf("%s '%s': ok (%.3f s)\n", cmd, name, seconds);
-    else
-        printf("%s '%s' FAILED: %s\n", cmd, name, ckpt_last_error());
+    } else {
+        printf("%s '%s' FAILED: %s\n", cmd, name, reason);
+    }
+}
+
+uint64_t serve_version_of(ckpt_engine_t *engine, const char *name)
+{
+    for (size_t i = 0; i < ckpt_engine_checkpoint_count(engine); i++) {
+        const char *n;
+        uint64_t v;
+        if (ckpt_engine_checkpoint_info(engine, i, &n, &v) == 0 && strcmp(n, name) == 0)
+            return v;
+    }
+    return 0;
+}
+
+void serve_publish(serve_state_t *st, ckpt_engine_t *engine, const char *name)
+{
+    if (!st->srv) return;
+    ckpt_http_checkpoint_t c;
+    memset(&c, 0, sizeof c);
+    snprintf(c.name, sizeof c.name, "%s", name);
+    size_t tensors = 0;
+    if (ckpt_engine_checkpoint_stats(engine, name, &c.bytes, &tensors) == 0)
+        c.ntensors = (uint32_t)tensors;
+    c.version = serve_version_of(engine, name);
+    if (ckpt_http_set_checkpoint(st->srv, &c) != 0)
+        fprintf(stderr, "ckpt-engine serve: cannot publish '%s': %s\n", name, ckpt_last_error());
 }
 
 static double now_s(void) { return MPI_Wtime(); }
@@ -181,13 +254,18 @@ static int run_line(ckpt_engine_t *engine, serve_state_t *st, char *line)
     if (strcmp(cmd, "floors") == 0) {
         rc = ckpt_engine_floors(engine, &st->floors);
         st->have_floors = rc == 0;
-        if (st->json)
-            printf("{\"command\":\"floors\",\"ok\":%s,\"memcpy_gbps\":%.4f,\"bcast_gbps\":%.4f}\n",
-                   rc == 0 ? "true" : "false", st->floors.memcpy_gbps, st->floors.bcast_gbps);
-        else
+        if (st->json) {
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "command", "floors");
+            cJSON_AddBoolToObject(o, "ok", rc == 0);
+            cJSON_AddNumberToObject(o, "memcpy_gbps", st->floors.memcpy_gbps);
+            cJSON_AddNumberToObject(o, "bcast_gbps", st->floors.bcast_gbps);
+            print_json_line(o);
+        } else {
             printf("floors: memcpy (1 core) %.2f GB/s, MPI_Bcast (%llu MiB) %.2f GB/s\n",
                    st->floors.memcpy_gbps, (unsigned long long)(st->floors.bcast_bytes >> 20),
                    st->floors.bcast_gbps);
+        }
         return rc == 0 ? 0 : -1;
     }
     if (!name) {
@@ -210,7 +288,7 @@ static int run_line(ckpt_engine_t *engine, serve_state_t *st, char *line)
             if (rc) fprintf(stderr, "ckpt-engine serve: writing %s: %m\n", file);
         }
         free(metas);
-        print_simple(st, "export", name, rc, now_s() - t);
+        serve_print_simple(st, "export", name, rc, NULL, now_s() - t);
         return rc == 0 ? 0 : -1;
     }
     if (strcmp(cmd, "p2p-update") == 0) {
@@ -234,7 +312,7 @@ static int run_line(ckpt_engine_t *engine, serve_state_t *st, char *line)
         }
         rc = ckpt_engine_p2p_update(engine, metas, (size_t)len, &uo, &res);
         free(metas);
-        print_update(st, &res);
+        serve_print_update(st, &res);
         return rc == 0 ? 0 : -1;
     }
     if (strcmp(cmd, "register") == 0) {
@@ -244,10 +322,12 @@ static int run_line(ckpt_engine_t *engine, serve_state_t *st, char *line)
             return -1;
         }
         rc = ckpt_engine_register(engine, name, path);
-        print_simple(st, "register", name, rc, now_s() - t);
+        serve_print_simple(st, "register", name, rc, NULL, now_s() - t);
+        if (rc == 0) serve_publish(st, engine, name);
     } else if (strcmp(cmd, "unregister") == 0) {
         rc = ckpt_engine_unregister(engine, name);
-        print_simple(st, "unregister", name, rc, now_s() - t);
+        serve_print_simple(st, "unregister", name, rc, NULL, now_s() - t);
+        if (rc == 0 && st->srv) ckpt_http_remove_checkpoint(st->srv, name);
     } else if (strcmp(cmd, "update") == 0) {
         ckpt_update_options_t uo = CKPT_UPDATE_OPTIONS_INIT;
         ckpt_update_result_t res;
@@ -255,9 +335,9 @@ static int run_line(ckpt_engine_t *engine, serve_state_t *st, char *line)
         if (parse_update_opts(name, &save, &uo) < 0) return -1;
         rc = ckpt_engine_update(engine, name, &uo, &res);
         if (rc < 0 && res.update_id == 0) {
-            print_simple(st, "update", name, rc, now_s() - t);
+            serve_print_simple(st, "update", name, rc, NULL, now_s() - t);
         } else {
-            print_update(st, &res);
+            serve_print_update(st, &res);
         }
     } else {
         printf("unknown command '%s' (see ckpt-engine serve --help)\n", cmd);
@@ -266,18 +346,71 @@ static int run_line(ckpt_engine_t *engine, serve_state_t *st, char *line)
     return rc == 0 ? 0 : -1;
 }
 
+/* Rank 0 runs the command file; returns the number of failed commands, and sets *quit
+ * when it said quit (or a signal came). */
+static int run_commands(ckpt_engine_t *engine, serve_state_t *st, const char *commands,
+                        int *quit)
+{
+    FILE *in = strcmp(commands, "-") == 0 ? stdin : fopen(commands, "r");
+    if (!in) {
+        fprintf(stderr, "ckpt-engine serve: cannot open commands file %s: %m\n", commands);
+        return 1;
+    }
+    int failures = 0;
+    char line[8192];
+    /* A signal interrupts the read (the handler is installed without SA_RESTART). */
+    while (!serve_stop && fgets(line, sizeof(line), in)) {
+        int r = run_line(engine, st, line);
+        if (r == 1) {
+            *quit = 1;
+            break;
+        }
+        if (r < 0) failures++;
+    }
+    if (serve_stop) *quit = 1;
+    if (in != stdin) fclose(in);
+    return failures;
+}
+
+/* Rank 0 stops on SIGINT/SIGTERM (mpirun forwards them to every rank) and then shuts the
+ * others down; they ignore both and wait for that command, so no rank leaves while the
+ * others still expect it in a collective. The signals are blocked while MPI's and the
+ * HTTP server's threads start, so they reach rank 0's main thread and interrupt its read
+ * of the command file. */
+static void block_stop_signals(int how)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(how, &set, NULL);
+}
+
+static void install_stop_signals(int leader)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sigemptyset(&sa.sa_mask);
+    sa.sa_handler = leader ? on_stop_signal : SIG_IGN;
+    sa.sa_flags = 0; /* no SA_RESTART: a blocking read of the command file must return */
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
 int cmd_serve(int argc, char **argv)
 {
     ckpt_engine_options_t opts = CKPT_ENGINE_OPTIONS_INIT;
-    const char *commands = "-";
+    const char *commands = NULL, *http = NULL, *token_file = NULL;
     serve_state_t st;
     memset(&st, 0, sizeof(st));
+    enum { O_HTTP = 256, O_TOKEN };
     static const struct option longopts[] = {
         {"socket-dir", required_argument, NULL, 's'}, {"commands", required_argument, NULL, 'c'},
         {"bucket-max", required_argument, NULL, 'b'}, {"memory-limit", required_argument, NULL, 'm'},
         {"timeout-ms", required_argument, NULL, 't'}, {"verify", no_argument, NULL, 'v'},
         {"share", required_argument, NULL, 'S'},      {"json", no_argument, NULL, 'j'},
         {"direct", required_argument, NULL, 'D'},
+        {"http", required_argument, NULL, O_HTTP},    {"token-file", required_argument, NULL, O_TOKEN},
         {"help", no_argument, NULL, 'h'},             {NULL, 0, NULL, 0}};
     int c;
     optind = 1;
@@ -311,6 +444,8 @@ int cmd_serve(int argc, char **argv)
                 return 2;
             }
             break;
+        case O_HTTP: http = optarg; break;
+        case O_TOKEN: token_file = optarg; break;
         case 'h': serve_usage(stdout); return 0;
         default: serve_usage(stderr); return 2;
         }
@@ -319,8 +454,24 @@ int cmd_serve(int argc, char **argv)
         fprintf(stderr, "ckpt-engine serve: unexpected argument '%s'\n", argv[optind]);
         return 2;
     }
+    if (token_file && !http) {
+        fprintf(stderr, "ckpt-engine serve: --token-file needs --http\n");
+        return 2;
+    }
+    char http_addr[64];
+    int http_port = 0;
+    if (http && serve_http_parse_listen(http, http_addr, sizeof http_addr, &http_port) < 0)
+        return 2;
+    /* Without --http rank 0 reads stdin by default; with it, only a file asked for. */
+    if (!commands && !http) commands = "-";
+    st.socket_dir = opts.socket_dir;
+    st.timeout_ms = opts.timeout_ms;
 
+    block_stop_signals(SIG_BLOCK);
     MPI_Init(NULL, NULL);
+    int world_rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+    install_stop_signals(world_rank == 0);
     ckpt_engine_t *engine = NULL;
     int rc = ckpt_engine_create(&opts, &engine);
     if (rc < 0) {
@@ -330,22 +481,26 @@ int cmd_serve(int argc, char **argv)
     }
     int failures = 0;
     if (ckpt_engine_rank(engine) == 0) {
-        FILE *in = strcmp(commands, "-") == 0 ? stdin : fopen(commands, "r");
-        if (!in) {
-            fprintf(stderr, "ckpt-engine serve: cannot open commands file %s: %m\n", commands);
-            failures++;
-        } else {
-            setvbuf(stdout, NULL, _IOLBF, 0);
-            char line[8192];
-            while (fgets(line, sizeof(line), in)) {
-                int r = run_line(engine, &st, line);
-                if (r == 1) break;
-                if (r < 0) failures++;
-            }
-            if (in != stdin) fclose(in);
+        setvbuf(stdout, NULL, _IOLBF, 0);
+        /* Listen before the command file runs, so a busy port fails at once; requests
+         * wait in the queue until the file is done. The server's threads start with the
+         * stop signals still blocked. */
+        if (http && serve_http_start(&st, http_addr, http_port, token_file) < 0) failures++;
+        block_stop_signals(SIG_UNBLOCK);
+        int quit = 0;
+        if (!failures && commands) failures += run_commands(engine, &st, commands, &quit);
+        if (st.srv && !quit) serve_http_run(&st, engine);
+        else if (st.srv) {
+            ckpt_http_stop(st.srv);
+            st.srv = NULL;
         }
-        ckpt_engine_shutdown(engine);
+        if (serve_stop)
+            fprintf(stderr, "ckpt-engine serve: %s: stopping every rank\n",
+                    serve_stop == SIGINT ? "SIGINT" : "SIGTERM");
+        rc = ckpt_engine_shutdown(engine);
+        if (rc < 0) fprintf(stderr, "ckpt-engine serve: shutdown: %s\n", ckpt_last_error());
     } else {
+        block_stop_signals(SIG_UNBLOCK);
         rc = ckpt_engine_follow(engine);
         if (rc < 0) fprintf(stderr, "ckpt-engine serve: %s\n", ckpt_last_error());
     }
