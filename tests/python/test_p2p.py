@@ -1,0 +1,104 @@
+"""P2P update between two MPI jobs on this machine: a serving deployment exports its
+metas, a joining deployment pulls over UCX (shared memory or TCP) and updates its own
+workers; the serving workers receive nothing."""
+import os
+import signal
+import time
+
+import pytest
+
+import mpijob
+from mpijob import WORKER, Deployment, InteractiveServe, gen, read_checkpoint
+
+pytestmark = pytest.mark.skipif(not os.path.exists(WORKER), reason="ckpt-worker not built")
+
+
+def same(dep, r, model):
+    got, want = read_checkpoint(dep.worker_dump(r)), read_checkpoint(model)
+    assert set(got) == set(want)
+    for name, (_, _, data) in want.items():
+        assert got[name][2] == data, "joining worker %d: %s" % (r, name)
+
+
+@pytest.fixture
+def serving(tmp_path, monkeypatch, request):
+    tls = getattr(request, "param", "shm,self")
+    monkeypatch.setattr(mpijob, "MPI_ENV", dict(mpijob.MPI_ENV, UCX_TLS=tls))
+    model = gen(tmp_path, size="8MiB", layers=2, shards=2)
+    sdir = tmp_path / "serving"
+    sdir.mkdir()
+    sdep = Deployment(sdir, 2)
+    for r in range(2):
+        sdep.start_worker(r, ["--layout", model])
+    srv = InteractiveServe(sdep)
+    assert srv.command("register m %s" % model)["ok"]
+    metas = str(tmp_path / "metas.json")
+    assert srv.command("export m %s" % metas)["ok"]
+    jdir = tmp_path / "joining"
+    jdir.mkdir()
+    jdep = Deployment(jdir, 2)
+    yield model, metas, srv, sdep, jdep
+    srv.close()
+    sdep.stop()
+    jdep.stop()
+
+
+def serving_workers_untouched(sdep):
+    for r in range(2):
+        assert "update" not in sdep.worker_log(r), sdep.worker_log(r)
+
+
+@pytest.mark.parametrize("serving", ["shm,self", "tcp,self"], indirect=True)
+def test_p2p_update_pulls_and_verifies(serving):
+    model, metas, srv, sdep, jdep = serving
+    for r in range(2):
+        jdep.start_worker(r, ["--layout", model, "--verify"], updates=1)
+    p, res = jdep.serve(["p2p-update %s bucket=1MiB verify=1" % metas], check=True)
+    upd = [r for r in res if r["command"] == "update"][0]
+    assert upd["ok"] and upd["p2p"] == 1, upd
+    assert upd["pull_bytes"] == sum(len(d) for _, _, d in read_checkpoint(model).values())
+    jdep.wait_workers()
+    for r in range(2):
+        same(jdep, r, model)
+    serving_workers_untouched(sdep)
+    # The serving deployment is still up and exports as before.
+    assert srv.command("export m %s.again" % metas)["ok"]
+
+
+def test_p2p_refuses_unregistered(serving):
+    model, metas, srv, sdep, jdep = serving
+    assert srv.command("unregister m")["ok"]
+    for r in range(2):
+        jdep.start_worker(r, ["--layout", model])
+    p, res = jdep.serve(["p2p-update %s timeout=5000" % metas])
+    upd = [r for r in res if r["command"] == "update"][0]
+    assert not upd["ok"] and "unregistered" in upd["reason"], upd
+    time.sleep(0.3)
+    for r in range(2):  # refused before any byte reached a worker
+        assert "update" not in jdep.worker_log(r), jdep.worker_log(r)
+
+
+def test_p2p_refuses_other_version(serving):
+    model, metas, srv, sdep, jdep = serving
+    assert srv.command("unregister m")["ok"]
+    assert srv.command("register m %s" % model)["ok"]  # a new version
+    assert srv.command("export m %s.new" % metas)["ok"]
+    for r in range(2):
+        jdep.start_worker(r, ["--layout", model])
+    p, res = jdep.serve(["p2p-update %s timeout=5000" % metas])
+    upd = [r for r in res if r["command"] == "update"][0]
+    assert not upd["ok"] and "another version" in upd["reason"], upd
+
+
+def test_p2p_serving_rank_dead(serving):
+    model, metas, srv, sdep, jdep = serving
+    pids = srv.rank_pids()
+    os.kill(pids[1], signal.SIGKILL)
+    srv.proc.wait(timeout=30)
+    for r in range(2):
+        jdep.start_worker(r, ["--layout", model])
+    t0 = time.monotonic()
+    p, res = jdep.serve(["p2p-update %s timeout=3000" % metas], timeout=90)
+    upd = [r for r in res if r["command"] == "update"][0]
+    assert not upd["ok"] and "serving rank" in upd["reason"], upd
+    assert time.monotonic() - t0 < 60
