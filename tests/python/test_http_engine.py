@@ -174,6 +174,14 @@ def test_register_update_status_unregister(tmp_path, model):
         assert samples["ckpt_update_bytes_total"] == c["bytes"]
         assert samples["ckpt_registered_checkpoints"] == 1
 
+        # Registered checkpoints are exported for P2P joiners (docs/METAS.md).
+        code, metas = srv.request("GET", "/v1/checkpoints/m/metas")
+        assert code == 200, metas
+        if not isinstance(metas, dict):
+            metas = json.loads(metas)
+        assert metas["format"] == "ckpt-metas" and metas["name"] == "m"
+        assert len(metas["ranks"]) == 2 and metas["tensors"]
+
         # Bad requests are refused and the server keeps serving.
         code, err = srv.request("POST", "/v1/checkpoints/m/update", {"bogus": 1})
         assert code == 400 and err["field"] == "bogus"
