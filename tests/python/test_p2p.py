@@ -102,3 +102,14 @@ def test_p2p_serving_rank_dead(serving):
     upd = [r for r in res if r["command"] == "update"][0]
     assert not upd["ok"] and "serving rank" in upd["reason"], upd
     assert time.monotonic() - t0 < 60
+
+
+def test_bench_p2p_runs(tmp_path):
+    """The benchmark itself (tiny): every row present, every update ok (exit 0)."""
+    import subprocess
+    p = subprocess.run([mpijob.ENGINE, "bench", "p2p", "--size", "8MiB", "--bucket", "1MiB"],
+                       capture_output=True, text=True, timeout=240, env=mpijob.MPI_ENV)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for row in ("P2P pull phase", "ucx_perftest", "P2P update (joining)",
+                "broadcast update, direct", "broadcast update, staged"):
+        assert row in p.stdout, p.stdout

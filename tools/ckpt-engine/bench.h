@@ -5,5 +5,11 @@
 /* Same conventions as the subcommands: argv[0] is the part name; 0/1/2 exit status. */
 int bench_load(int argc, char **argv);
 int bench_ucx_get(int argc, char **argv);
+int bench_p2p(int argc, char **argv);
+
+/* One `ucx_perftest -t ucp_get` run on localhost over the current UCX_TLS: messages of
+ * `chunk` bytes, `size` bytes in all. Its bandwidth in GB/s, or < 0 when it gave none. */
+#include <stdint.h>
+double bench_ucx_perftest(uint64_t chunk, uint64_t size);
 
 #endif

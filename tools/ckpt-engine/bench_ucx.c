@@ -155,9 +155,14 @@ static int free_port(void)
  * the same bytes in total); returns its overall bandwidth in GB/s, or < 0. */
 static double perftest_once(const bench_opts_t *o)
 {
+    return bench_ucx_perftest(o->chunk, o->size);
+}
+
+double bench_ucx_perftest(uint64_t chunk, uint64_t size)
+{
     int port = free_port();
     char portbuf[16], sizebuf[32], itbuf[32], cmd[256];
-    uint64_t iters = CKPT_MAX(o->size / o->chunk, 16);
+    uint64_t iters = CKPT_MAX(size / chunk, 16);
     snprintf(portbuf, sizeof(portbuf), "%d", port);
     fflush(NULL);
     pid_t srv = fork();
@@ -166,7 +171,7 @@ static double perftest_once(const bench_opts_t *o)
         execlp("ucx_perftest", "ucx_perftest", "-p", portbuf, (char *)NULL);
         _exit(127);
     }
-    snprintf(sizebuf, sizeof(sizebuf), "%llu", (unsigned long long)o->chunk);
+    snprintf(sizebuf, sizeof(sizebuf), "%llu", (unsigned long long)chunk);
     snprintf(itbuf, sizeof(itbuf), "%llu", (unsigned long long)iters);
     snprintf(cmd, sizeof(cmd), "ucx_perftest localhost -p %s -t ucp_get -s %s -n %s -w 16 2>&1",
              portbuf, sizebuf, itbuf);

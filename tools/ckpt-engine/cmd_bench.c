@@ -13,6 +13,7 @@ static const struct {
 } benches[] = {
     {"load", bench_load, "registration from files vs a raw sequential read of the same bytes"},
     {"ucx-get", bench_ucx_get, "UCX one-sided pull (P2P) vs ucx_perftest -t ucp_get"},
+    {"p2p", bench_p2p, "a whole P2P update (pull phase vs ucx_perftest) beside broadcast updates"},
 };
 
 static void usage(FILE *out)

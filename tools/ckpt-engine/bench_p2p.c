@@ -1,0 +1,309 @@
+/* ckpt-engine bench p2p: a whole P2P update on this machine, measured against its floors in
+ * the same run. A serving deployment (N ranks, N workers) registers a checkpoint, runs the
+ * broadcast updates (direct and staged) and exports its metas; a joining deployment (N
+ * ranks, N workers) pulls it over UCX. Printed: the pull phase (bytes pulled over the time
+ * spent pulling) beside `ucx_perftest -t ucp_get` on the same transport, and the P2P
+ * update's time and per-worker bandwidth beside the broadcast updates'. */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "bench.h"
+#include "ckpt/ckpt.h"
+
+typedef struct {
+    const char *path, *tls;
+    char size[32], bucket[32];
+    int ranks, keep;
+    char self[2048], worker[2048], work[256];
+} p2p_opts_t;
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: ckpt-engine bench p2p [PATH] [--size 1GiB] [--ranks N] [--tls shm|tcp]\n"
+            "                             [--bucket SIZE] [--keep]\n\n"
+            "Runs a serving deployment (N ranks + N workers) and a joining one (N ranks + N\n"
+            "workers) on this machine under mpirun; the joiner pulls the checkpoint (PATH, or a\n"
+            "synthetic one of --size) over UCX. Prints the pull phase against ucx_perftest's\n"
+            "get bandwidth on the same transport, and the P2P update beside the broadcast\n"
+            "updates of the serving deployment. --keep keeps the work folder.\n");
+}
+
+static pid_t spawn(char *const argv[], const char *out_path)
+{
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        if (out_path) {
+            int fd = open(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+            if (fd >= 0) {
+                dup2(fd, 1);
+                dup2(fd, 2);
+            }
+        }
+        execvp(argv[0], argv);
+        fprintf(stderr, "bench p2p: cannot run %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    return pid;
+}
+
+static int run_wait(char *const argv[], const char *out_path)
+{
+    int st = 0;
+    pid_t pid = spawn(argv, out_path);
+    if (pid < 0 || waitpid(pid, &st, 0) < 0) return -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static void start_workers(const p2p_opts_t *o, const char *dir, const char *model, int updates,
+                          pid_t *pids)
+{
+    char sock[4200], log[4200], upd[16];
+    snprintf(upd, sizeof(upd), "%d", updates);
+    for (int r = 0; r < o->ranks; r++) {
+        snprintf(sock, sizeof(sock), "%s/rank-%d.sock", dir, r);
+        snprintf(log, sizeof(log), "%s/worker-%d.log", dir, r);
+        char *argv[] = {(char *)o->worker, "--socket", sock, "--layout", (char *)model,
+                        "--updates", upd, "--timeout-ms", "120000", NULL};
+        pids[r] = spawn(argv, log);
+    }
+}
+
+/* Runs `serve` with a command file; returns its JSON result lines as a cJSON array. */
+static cJSON *serve(const p2p_opts_t *o, const char *dir, const char *commands)
+{
+    char cmdfile[4200], out[4200], np[16];
+    snprintf(cmdfile, sizeof(cmdfile), "%s/commands", dir);
+    snprintf(out, sizeof(out), "%s/serve.out", dir);
+    snprintf(np, sizeof(np), "%d", o->ranks);
+    FILE *f = fopen(cmdfile, "w");
+    if (!f) return NULL;
+    fputs(commands, f);
+    fclose(f);
+    char *argv[] = {"mpirun", "-np", np, "--oversubscribe", "--bind-to", "none",
+                    (char *)o->self, "serve", "--socket-dir", (char *)dir, "--commands", cmdfile,
+                    "--json", NULL};
+    int rc = run_wait(argv, out);
+    cJSON *all = cJSON_CreateArray();
+    f = fopen(out, "r");
+    char line[16384];
+    while (f && fgets(line, sizeof(line), f)) {
+        cJSON *j = line[0] == '{' ? cJSON_Parse(line) : NULL;
+        if (j) cJSON_AddItemToArray(all, j);
+    }
+    if (f) fclose(f);
+    if (rc != 0) fprintf(stderr, "bench p2p: serve in %s exited %d (see %s)\n", dir, rc, out);
+    return all;
+}
+
+static cJSON *nth_update(cJSON *results, int n)
+{
+    cJSON *it;
+    cJSON_ArrayForEach(it, results)
+    {
+        cJSON *c = cJSON_GetObjectItem(it, "command");
+        if (cJSON_IsString(c) && strcmp(c->valuestring, "update") == 0 && n-- == 0) return it;
+    }
+    return NULL;
+}
+
+static double num(cJSON *o, const char *k)
+{
+    cJSON *v = o ? cJSON_GetObjectItem(o, k) : NULL;
+    return cJSON_IsNumber(v) ? v->valuedouble : 0;
+}
+
+static int ok(cJSON *o) { return o && cJSON_IsTrue(cJSON_GetObjectItem(o, "ok")); }
+
+static void row(const char *what, cJSON *u)
+{
+    if (!ok(u)) {
+        cJSON *r = u ? cJSON_GetObjectItem(u, "reason") : NULL;
+        printf("  %-30s FAILED: %s\n", what, cJSON_IsString(r) ? r->valuestring : "no result");
+        return;
+    }
+    printf("  %-30s %8.3f s   %8.2f GB/s per worker\n", what, num(u, "total_s"),
+           num(u, "per_worker_gbps"));
+}
+
+static int parse(int argc, char **argv, p2p_opts_t *o)
+{
+    static const struct option longopts[] = {
+        {"size", required_argument, NULL, 's'}, {"ranks", required_argument, NULL, 'n'},
+        {"tls", required_argument, NULL, 't'},  {"bucket", required_argument, NULL, 'b'},
+        {"keep", no_argument, NULL, 'k'},       {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    int c;
+    uint64_t v;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+        switch (c) {
+        case 's':
+        case 'b':
+            if (ckpt_parse_size(optarg, &v) < 0) {
+                fprintf(stderr, "bench p2p: %s\n", ckpt_last_error());
+                return 2;
+            }
+            snprintf(c == 's' ? o->size : o->bucket, sizeof(o->size), "%s", optarg);
+            break;
+        case 'n': o->ranks = atoi(optarg); break;
+        case 't': o->tls = optarg; break;
+        case 'k': o->keep = 1; break;
+        case 'h': usage(stdout); return 1;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind < argc) o->path = argv[optind++];
+    if (optind < argc || o->ranks < 1) {
+        usage(stderr);
+        return 2;
+    }
+    return 0;
+}
+
+int bench_p2p(int argc, char **argv)
+{
+    p2p_opts_t o;
+    memset(&o, 0, sizeof(o));
+    o.ranks = 2;
+    snprintf(o.size, sizeof(o.size), "1GiB");
+    snprintf(o.bucket, sizeof(o.bucket), "64MiB");
+    int rc = parse(argc, argv, &o);
+    if (rc) return rc == 1 ? 0 : rc;
+    /* Our own binaries, next to each other in the build or install tree. */
+    ssize_t n = readlink("/proc/self/exe", o.self, sizeof(o.self) - 1);
+    if (n <= 0) return 1;
+    o.self[n] = '\0';
+    snprintf(o.worker, sizeof(o.worker), "%s", o.self);
+    char *slash = strrchr(o.worker, '/');
+    snprintf(slash + 1, sizeof(o.worker) - (size_t)(slash + 1 - o.worker), "ckpt-worker");
+    if (access(o.worker, X_OK) != 0) {
+        fprintf(stderr, "bench p2p: %s not found (build ckpt-worker next to ckpt-engine)\n",
+                o.worker);
+        return 1;
+    }
+    if (o.tls) setenv("UCX_TLS", strcmp(o.tls, "shm") == 0   ? "shm,self"
+                                 : strcmp(o.tls, "tcp") == 0 ? "tcp,self"
+                                                             : o.tls, 1);
+    if (geteuid() == 0) { /* Open MPI refuses root without these; the user ran us as root */
+        setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 0);
+        setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 0);
+    }
+    snprintf(o.work, sizeof(o.work), "/tmp/ckpt-bench-p2p.XXXXXX");
+    if (!mkdtemp(o.work)) {
+        perror("bench p2p: mkdtemp");
+        return 1;
+    }
+    char model[4200], sdir[512], jdir[512], metas[512], cmds[16384];
+    snprintf(sdir, sizeof(sdir), "%s/serving", o.work);
+    snprintf(jdir, sizeof(jdir), "%s/joining", o.work);
+    snprintf(metas, sizeof(metas), "%s/metas.json", o.work);
+    mkdir(sdir, 0700);
+    mkdir(jdir, 0700);
+    if (o.path) {
+        snprintf(model, sizeof(model), "%s", o.path);
+    } else {
+        snprintf(model, sizeof(model), "%s/model", o.work);
+        char *gen[] = {o.self, "gen", "--out", model, "--size", o.size, "--shards", "4", NULL};
+        if (run_wait(gen, NULL) != 0) return 1;
+    }
+    printf("bench p2p: %d serving + %d joining ranks, UCX_TLS=%s, work %s\n", o.ranks, o.ranks,
+           getenv("UCX_TLS") ? getenv("UCX_TLS") : "(UCX default)", o.work);
+
+    /* Serving: broadcast updates (direct, staged), then export. Its workers take 2 updates;
+     * the joiner runs while the serving deployment is still up (it waits on `sleep`). */
+    pid_t spids[64], jpids[64];
+    if (o.ranks > 64) o.ranks = 64;
+    start_workers(&o, sdir, model, 2, spids);
+    char fifo[512];
+    snprintf(fifo, sizeof(fifo), "%s/go", o.work);
+    mkfifo(fifo, 0600);
+    snprintf(cmds, sizeof(cmds),
+             "floors\nregister m %s\nupdate m bucket=%s\nupdate m direct=0 bucket=%s\n"
+             "export m %s\n",
+             model, o.bucket, o.bucket, metas);
+    /* The serving job must outlive the pull: its command file ends by blocking on a FIFO
+     * that this process opens only after the joiner finished. */
+    char sfile[600];
+    snprintf(sfile, sizeof(sfile), "%s/commands", sdir);
+    FILE *f = fopen(sfile, "w");
+    if (!f) return 1;
+    fputs(cmds, f);
+    fclose(f);
+    char np[16], sout[600];
+    snprintf(np, sizeof(np), "%d", o.ranks);
+    snprintf(sout, sizeof(sout), "%s/serve.out", sdir);
+    /* commands = the file, then whatever arrives on the FIFO ("quit" at the end). */
+    char shell[16384];
+    snprintf(shell, sizeof(shell), "cat '%s' '%s' | mpirun -np %s --oversubscribe --bind-to none "
+             "'%s' serve --socket-dir '%s' --commands - --json",
+             sfile, fifo, np, o.self, sdir);
+    char *sh[] = {"sh", "-c", shell, NULL};
+    pid_t serving = spawn(sh, sout);
+    /* Wait for the metas (the export is the last command before the FIFO). */
+    for (int i = 0; i < 6000 && access(metas, R_OK) != 0; i++) usleep(50000);
+    usleep(200000);
+    cJSON *jres = NULL;
+    if (access(metas, R_OK) == 0) {
+        start_workers(&o, jdir, model, 1, jpids);
+        snprintf(cmds, sizeof(cmds), "p2p-update %s bucket=%s\nquit\n", metas, o.bucket);
+        jres = serve(&o, jdir, cmds);
+        for (int r = 0; r < o.ranks; r++) waitpid(jpids[r], NULL, 0);
+    } else {
+        fprintf(stderr, "bench p2p: the serving deployment exported no metas (see %s)\n", sout);
+    }
+    int go = open(fifo, O_WRONLY);
+    if (go >= 0) {
+        if (write(go, "quit\n", 5) != 5) perror("bench p2p: fifo");
+        close(go);
+    }
+    waitpid(serving, NULL, 0);
+    for (int r = 0; r < o.ranks; r++) waitpid(spids[r], NULL, 0);
+
+    cJSON *sres = cJSON_CreateArray();
+    f = fopen(sout, "r");
+    char line[16384];
+    while (f && fgets(line, sizeof(line), f)) {
+        cJSON *j = line[0] == '{' ? cJSON_Parse(line) : NULL;
+        if (j) cJSON_AddItemToArray(sres, j);
+    }
+    if (f) fclose(f);
+    cJSON *direct = nth_update(sres, 0), *staged = nth_update(sres, 1);
+    cJSON *p2p = jres ? nth_update(jres, 0) : NULL;
+
+    double pull_gbps = 0, floor_gbps = -1;
+    if (ok(p2p) && num(p2p, "pull_s") > 0) pull_gbps = num(p2p, "pull_bytes") / num(p2p, "pull_s") / 1e9;
+    uint64_t bytes = ok(p2p) ? (uint64_t)num(p2p, "pull_bytes") : (1ull << 30);
+    floor_gbps = bench_ucx_perftest(8ull << 20, bytes); /* the UCX layer's chunk size */
+
+    printf("\n  %-30s %8.2f GB/s   (%.0f bytes in %.3f s, summed over ranks)\n",
+           "P2P pull phase", pull_gbps, num(p2p, "pull_bytes"), num(p2p, "pull_s"));
+    if (floor_gbps > 0)
+        printf("  %-30s %8.2f GB/s   ratio %.2f\n", "ucx_perftest -t ucp_get (8 MiB)",
+               floor_gbps, pull_gbps / floor_gbps);
+    else
+        printf("  %-30s no result (is ucx-utils installed?)\n", "ucx_perftest -t ucp_get");
+    row("P2P update (joining)", p2p);
+    row("broadcast update, direct", direct);
+    row("broadcast update, staged", staged);
+    int failed = !ok(p2p) || !ok(direct) || !ok(staged);
+    cJSON_Delete(sres);
+    cJSON_Delete(jres);
+    if (!o.keep) {
+        char *rm[] = {"rm", "-rf", o.work, NULL};
+        run_wait(rm, NULL);
+    } else {
+        printf("bench p2p: kept %s\n", o.work);
+    }
+    return failed ? 1 : 0;
+}
