@@ -113,3 +113,32 @@ def test_bench_p2p_runs(tmp_path):
     for row in ("P2P pull phase", "ucx_perftest", "P2P update (joining)",
                 "broadcast update, direct", "broadcast update, staged"):
         assert row in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("serving", ["tcp,self"], indirect=True)
+def test_p2p_serving_rank_dies_mid_transfer(serving, tmp_path):
+    """Kill the serving job while the joiner pulls (a larger checkpoint over TCP)."""
+    _, _, srv, sdep, jdep = serving
+    big = gen(tmp_path, size="256MiB", layers=8, shards=2, name="big")
+    assert srv.command("register big %s" % big)["ok"]
+    metas = str(tmp_path / "big.json")
+    assert srv.command("export big %s" % metas)["ok"]
+    for r in range(2):
+        jdep.start_worker(r, ["--layout", big])
+    jsrv = InteractiveServe(jdep)
+    try:
+        jsrv.send("p2p-update %s bucket=16MiB timeout=3000" % metas)
+        time.sleep(0.25)
+        for pid in srv.rank_pids():
+            os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        res = jsrv.result(timeout=90)
+        if res["ok"]:
+            pytest.skip("the pull finished before the serving ranks were killed")
+        assert "serving rank" in res["reason"], res
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.5)
+        for r in range(2):  # the joining workers know their update did not complete
+            assert "complete" not in jdep.worker_log(r).replace("incomplete", "")
+    finally:
+        jsrv.close()
