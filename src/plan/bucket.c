@@ -21,6 +21,37 @@ static int name_cmp(const void *a, const void *b)
     return strcmp(((const plan_item_t *)a)->meta->name, ((const plan_item_t *)b)->meta->name);
 }
 
+/* Allocation of a plan for `count` tensors (at most one bucket per tensor) and of the
+ * sort scratch; on failure everything is freed. */
+static int plan_alloc(size_t count, uint64_t bucket_size, ckpt_bucket_plan_t *plan,
+                      plan_item_t **items)
+{
+    memset(plan, 0, sizeof(*plan));
+    plan->bucket_size = bucket_size;
+    *items = ckpt__calloc(count, sizeof(**items));
+    plan->tensors = ckpt__calloc(count, sizeof(*plan->tensors));
+    plan->src_offsets = ckpt__calloc(count, sizeof(*plan->src_offsets));
+    plan->buckets = ckpt__calloc(count + 1, sizeof(*plan->buckets));
+    if (*items && plan->tensors && plan->src_offsets && plan->buckets) return CKPT_OK;
+    ckpt__free(*items);
+    *items = NULL;
+    ckpt__plan_free(plan);
+    return ckpt__error(CKPT_ENOMEM, "planning %zu tensors: out of memory", count);
+}
+
+/* Names must be unique across owners too: sort by name alone to find repeats. */
+static int check_unique_names(const ckpt_bucket_plan_t *plan, size_t count, plan_item_t *items)
+{
+    for (size_t i = 0; i < count; i++) items[i].meta = &plan->tensors[i];
+    qsort(items, count, sizeof(*items), name_cmp);
+    for (size_t i = 1; i < count; i++)
+        if (strcmp(items[i - 1].meta->name, items[i].meta->name) == 0)
+            return ckpt__error(CKPT_EINVAL, "tensor '%s' is held by ranks %d and %d",
+                               items[i].meta->name, items[i - 1].meta->owner,
+                               items[i].meta->owner);
+    return CKPT_OK;
+}
+
 uint64_t ckpt__plan_min_bucket(const ckpt_tensor_meta_t *metas, size_t count)
 {
     uint64_t largest = 0;
@@ -54,24 +85,13 @@ int ckpt__plan_bucket_size(uint64_t largest_tensor, uint64_t bucket_max, uint64_
 int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
                        uint64_t bucket_size, ckpt_bucket_plan_t *plan_out)
 {
-    int rc = CKPT_OK;
     plan_item_t *items = NULL;
     ckpt_bucket_plan_t plan;
-    memset(&plan, 0, sizeof(plan));
-    plan.bucket_size = bucket_size;
-
     if (bucket_size == 0 || bucket_size % CKPT_ALIGN != 0)
         return ckpt__error(CKPT_EINVAL, "bucket size %llu is not a positive multiple of %d",
                            (unsigned long long)bucket_size, CKPT_ALIGN);
-    items = ckpt__calloc(count, sizeof(*items));
-    plan.tensors = ckpt__calloc(count, sizeof(*plan.tensors));
-    plan.src_offsets = ckpt__calloc(count, sizeof(*plan.src_offsets));
-    /* At most one bucket per tensor, plus one so an empty plan allocates something. */
-    plan.buckets = ckpt__calloc(count + 1, sizeof(*plan.buckets));
-    if (!items || !plan.tensors || !plan.src_offsets || !plan.buckets) {
-        rc = ckpt__error(CKPT_ENOMEM, "planning %zu tensors: out of memory", count);
-        goto fail;
-    }
+    int rc = plan_alloc(count, bucket_size, &plan, &items);
+    if (rc < 0) return rc;
     for (size_t i = 0; i < count; i++) {
         const ckpt_tensor_meta_t *m = &metas[i];
         if (m->owner < 0 || m->owner >= nranks) {
@@ -112,17 +132,7 @@ int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks
         plan.total_bytes += m->nbytes;
         plan.largest_bucket = CKPT_MAX(plan.largest_bucket, cur->bytes);
     }
-    /* Names must be unique across owners too; sort by name alone to find repeats. */
-    for (size_t i = 0; i < count; i++) items[i].meta = &plan.tensors[i];
-    qsort(items, count, sizeof(*items), name_cmp);
-    for (size_t i = 1; i < count; i++) {
-        if (strcmp(items[i - 1].meta->name, items[i].meta->name) == 0) {
-            rc = ckpt__error(CKPT_EINVAL, "tensor '%s' is held by ranks %d and %d",
-                             items[i].meta->name, items[i - 1].meta->owner,
-                             items[i].meta->owner);
-            goto fail;
-        }
-    }
+    if ((rc = check_unique_names(&plan, count, items)) < 0) goto fail;
     plan.ntensors = count;
     ckpt__free(items);
     *plan_out = plan;
@@ -155,18 +165,10 @@ static int window_cmp(const void *a, const void *b)
 int ckpt__plan_windows(const ckpt_tensor_meta_t *metas, size_t count, uint64_t bucket_size,
                        ckpt_bucket_plan_t *plan_out)
 {
-    int rc = CKPT_OK;
     ckpt_bucket_plan_t plan;
-    memset(&plan, 0, sizeof(plan));
-    plan.bucket_size = bucket_size;
-    plan_item_t *items = ckpt__calloc(count, sizeof(*items));
-    plan.tensors = ckpt__calloc(count, sizeof(*plan.tensors));
-    plan.src_offsets = ckpt__calloc(count, sizeof(*plan.src_offsets));
-    plan.buckets = ckpt__calloc(count + 1, sizeof(*plan.buckets));
-    if (!items || !plan.tensors || !plan.src_offsets || !plan.buckets) {
-        rc = ckpt__error(CKPT_ENOMEM, "planning %zu tensors: out of memory", count);
-        goto fail;
-    }
+    plan_item_t *items = NULL;
+    int rc = plan_alloc(count, bucket_size, &plan, &items);
+    if (rc < 0) return rc;
     for (size_t i = 0; i < count; i++) items[i].meta = &metas[i];
     qsort(items, count, sizeof(*items), window_cmp);
     ckpt_bucket_t *cur = NULL;
@@ -198,17 +200,7 @@ int ckpt__plan_windows(const ckpt_tensor_meta_t *metas, size_t count, uint64_t b
         plan.total_bytes += m->nbytes;
         plan.largest_bucket = CKPT_MAX(plan.largest_bucket, cur->bytes);
     }
-    /* Names must be unique (the same check as for staged plans). */
-    for (size_t i = 0; i < count; i++) items[i].meta = &plan.tensors[i];
-    qsort(items, count, sizeof(*items), name_cmp);
-    for (size_t i = 1; i < count; i++) {
-        if (strcmp(items[i - 1].meta->name, items[i].meta->name) == 0) {
-            rc = ckpt__error(CKPT_EINVAL, "tensor '%s' is held by ranks %d and %d",
-                             items[i].meta->name, items[i - 1].meta->owner,
-                             items[i].meta->owner);
-            goto fail;
-        }
-    }
+    if ((rc = check_unique_names(&plan, count, items)) < 0) goto fail;
     plan.ntensors = count;
     ckpt__free(items);
     *plan_out = plan;

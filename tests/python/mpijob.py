@@ -40,6 +40,17 @@ def read_checkpoint(path):
     return out
 
 
+def assert_worker_equals(dep, r, model_path):
+    """Worker r's dump holds exactly the checkpoint's tensors, byte for byte."""
+    got = read_checkpoint(dep.worker_dump(r))
+    want = read_checkpoint(model_path)
+    assert set(got) == set(want)
+    for name, (dt, shape, data) in want.items():
+        assert got[name][0] == dt and got[name][1] == shape, name
+        assert got[name][2] == data, "worker %d: tensor %s differs" % (r, name)
+    return True
+
+
 def gen(tmp_path, size="8MiB", layers=2, shards=2, name="model"):
     out = os.path.join(str(tmp_path), name)
     subprocess.run([ENGINE, "gen", "--out", out, "--size", size, "--layers", str(layers),

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from mpijob import ENGINE, MPI_ENV, WORKER, Deployment, gen, read_checkpoint
+from mpijob import assert_worker_equals, ENGINE, MPI_ENV, WORKER, Deployment, gen, read_checkpoint
 
 pytestmark = pytest.mark.skipif(not os.path.exists(WORKER), reason="ckpt-worker not built")
 
@@ -114,14 +114,6 @@ class HttpServe:
         return rc, time.monotonic() - t
 
 
-def assert_worker_equals(dep, r, model_path):
-    got = read_checkpoint(dep.worker_dump(r))
-    want = read_checkpoint(model_path)
-    assert set(got) == set(want)
-    for name, (dt, shape, data) in want.items():
-        assert got[name][0] == dt and got[name][1] == shape, name
-        assert got[name][2] == data, "worker %d: tensor %s differs" % (r, name)
-    return True
 
 
 @pytest.fixture

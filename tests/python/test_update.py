@@ -7,19 +7,12 @@ import time
 
 import pytest
 
-from mpijob import (ENGINE, MPI_ENV, WORKER, Deployment, gen, read_checkpoint,
+from mpijob import (assert_worker_equals, ENGINE, MPI_ENV, WORKER, Deployment, gen, read_checkpoint,
                     read_safetensors)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(WORKER), reason="ckpt-worker not built")
 
 
-def assert_worker_equals(dep, r, model_path):
-    got = read_checkpoint(dep.worker_dump(r))
-    want = read_checkpoint(model_path)
-    assert set(got) == set(want)
-    for name, (dt, shape, data) in want.items():
-        assert got[name][0] == dt and got[name][1] == shape, name
-        assert got[name][2] == data, "worker %d: tensor %s differs" % (r, name)
 
 
 def one_update(tmp_path, nranks, model, update_opts="", worker_extra=None, serve_args=None):
