@@ -60,6 +60,9 @@ typedef struct ckpt_http_job {
     char update_url[CKPT_HTTP_URL_MAX];   /* "": no trigger; else ckpt_trigger_* it */
     char trigger_method[128];             /* collective_rpc method the trigger names */
     char trace_path[CKPT_HTTP_PATH_MAX];  /* pass as ckpt_update_options_t.trace_path */
+    /* mode "p2p": where the serving deployment's metas are (its GET
+     * /v1/checkpoints/{name}/metas); this deployment pulls from it */
+    char metas_url[CKPT_HTTP_URL_MAX];
 } ckpt_http_job_t;
 
 /* What the main thread reports for a job. Fields an engine call does not produce stay 0. */
@@ -160,6 +163,11 @@ typedef struct ckpt_trigger_request {
 
 /* Writes the JSON body into buf. CKPT_ETOOBIG if cap is too small. */
 CKPT_API int ckpt_trigger_body(const ckpt_trigger_request_t *req, char *buf, size_t cap);
+/* GET url (with "Authorization: Bearer token" when token is not NULL) into a new buffer
+ * (*body_out: release with free()); errors name the URL and the HTTP status or transport
+ * failure. Used to fetch P2P metas from a serving deployment. */
+CKPT_API int ckpt_http_fetch(const char *url, const char *token, int timeout_ms,
+                             char **body_out, size_t *len_out);
 /* POSTs json_body to url, waiting at most timeout_ms in all. Non-2xx, refusal and
  * timeouts fail (CKPT_EPEER, CKPT_ETIMEDOUT) with a text in err naming the URL and cause. */
 CKPT_API int ckpt_trigger_post(const char *url, const char *json_body, int timeout_ms,

@@ -208,6 +208,12 @@ static int parse_update_field(const cJSON *item, ckpt_http_job_t *job, char *fie
         if (strncmp(job->update_url, "http://", 7) != 0 &&
             strncmp(job->update_url, "https://", 8) != 0)
             return bad(field, cap, k, CKPT_EINVAL, "'%s' must be an http:// or https:// URL");
+    } else if (strcmp(k, "metas_url") == 0) {
+        if ((rc = get_string(item, job->metas_url, sizeof job->metas_url, field, cap)))
+            return rc;
+        if (strncmp(job->metas_url, "http://", 7) != 0 &&
+            strncmp(job->metas_url, "https://", 8) != 0)
+            return bad(field, cap, k, CKPT_EINVAL, "'%s' must be an http:// or https:// URL");
     } else if (strcmp(k, "trigger_method") == 0) {
         if ((rc = get_string(item, job->trigger_method, sizeof job->trigger_method, field,
                              cap)))
@@ -238,6 +244,12 @@ int ckpt_http_parse_update(const char *body, size_t len, ckpt_http_job_t *job, c
     if (job->nranks > 0 && strcmp(job->mode, "p2p") != 0)
         rc = bad(field, cap, "ranks", CKPT_EINVAL,
                  "'%s' selects receivers of a p2p update; use \"mode\": \"p2p\"");
+    if (!rc && strcmp(job->mode, "p2p") == 0 && !job->metas_url[0])
+        rc = bad(field, cap, "metas_url", CKPT_EINVAL,
+                 "'%s' is required with \"mode\": \"p2p\": the serving deployment's "
+                 "GET /v1/checkpoints/{name}/metas URL");
+    if (!rc && job->metas_url[0] && strcmp(job->mode, "p2p") != 0)
+        rc = bad(field, cap, "metas_url", CKPT_EINVAL, "'%s' goes with \"mode\": \"p2p\"");
     if (!rc && job->trigger_method[0] && !job->update_url[0])
         rc = bad(field, cap, "trigger_method", CKPT_EINVAL, "'%s' needs an update_url");
 cleanup:

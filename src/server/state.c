@@ -81,6 +81,8 @@ static int admit(ckpt_http_server_t *srv, ckpt_http_job_t *job, char *err, size_
         return 202;
     case CKPT_JOB_UNREGISTER:
     case CKPT_JOB_UPDATE:
+        /* A p2p update pulls a checkpoint this deployment does not hold. */
+        if (job->kind == CKPT_JOB_UPDATE && strcmp(job->mode, "p2p") == 0) goto one_at_a_time;
         if (!c) {
             snprintf(err, cap, "no checkpoint named '%s'", job->name);
             return 404;
@@ -90,6 +92,7 @@ static int admit(ckpt_http_server_t *srv, ckpt_http_job_t *job, char *err, size_
                      c->reason[0] ? ": " : "", c->reason);
             return 409;
         }
+    one_at_a_time:
         if (srv->active_update) {
             srv_update_t *u = find_update(srv, srv->active_update);
             snprintf(err, cap, "update %llu of '%s' is %s; one update runs at a time",
@@ -146,7 +149,8 @@ int srv_submit(ckpt_http_server_t *srv, ckpt_http_job_t *job, char *err, size_t 
                  (unsigned long long)job->id);
         ckpt__strlcpy(u->trace_path, job->trace_path, sizeof u->trace_path);
         srv->active_update = job->id;
-        find_ckpt(srv, job->name)->last_update_id = job->id;
+        srv_ckpt_t *c = find_ckpt(srv, job->name);
+        if (c) c->last_update_id = job->id;
     } else {
         job->id = ++srv->next_seq;
     }

@@ -190,10 +190,8 @@ def test_register_update_status_unregister(tmp_path, model):
         c2 = until(lambda: (lambda o: o if o["state"] != "registering" else None)(
             srv.get("/v1/checkpoints/missing")))
         assert c2["state"] == "failed" and "no-such-dir" in c2["reason"], c2
-        code, obj = srv.request("POST", "/v1/checkpoints/m/update", {"mode": "p2p"})
-        assert code == 202
-        u = srv.wait_update(obj["update_id"])
-        assert u["state"] == "failed" and "joining deployment" in u["reason"], u
+        code, err = srv.request("POST", "/v1/checkpoints/m/update", {"mode": "p2p"})
+        assert code == 400 and err["field"] == "metas_url", err
         assert srv.request("GET", "/v1/healthz")[0] == 200
 
         p = srv.cli("unregister", "m")
@@ -349,3 +347,39 @@ def test_serve_help_documents_http(run_tool):
     assert "--http [ADDR:]PORT" in out and "--token-file FILE" in out
     p = run_tool("serve", "--http", "nope:x", check=False)
     assert p.returncode == 2 and "[ADDR:]PORT" in p.stderr
+
+
+def test_p2p_update_over_http(tmp_path, model):
+    """A second deployment joins through its own HTTP API: it fetches the first one's metas
+    (GET /v1/checkpoints/m/metas) and pulls over UCX; its workers end up byte-identical."""
+    sdir, jdir = tmp_path / "serving", tmp_path / "joining"
+    sdir.mkdir()
+    jdir.mkdir()
+    sdep = Deployment(sdir, 2)
+    jdep = deployment(jdir, model)
+    ssrv = HttpServe(sdep)
+    jsrv = None
+    try:
+        p = ssrv.cli("register", "m", model, "--wait")
+        assert p.returncode == 0, p.stdout + p.stderr
+        jsrv = HttpServe(jdep)
+        code, obj = jsrv.request("POST", "/v1/checkpoints/m/update",
+                                 {"mode": "p2p", "metas_url": ssrv.url + "/v1/checkpoints/m/metas",
+                                  "verify": True})
+        assert code == 202, obj
+        u = jsrv.wait_update(obj["update_id"])
+        assert u["state"] == "succeeded", u
+        for r in range(2):
+            until(lambda: assert_worker_equals(jdep, r, model), 10, "worker %d's dump" % r)
+        # Metas of a checkpoint that is not the one named in the URL are refused.
+        code, obj = jsrv.request("POST", "/v1/checkpoints/other/update",
+                                 {"mode": "p2p", "metas_url": ssrv.url + "/v1/checkpoints/m/metas"})
+        assert code == 202, obj
+        u = jsrv.wait_update(obj["update_id"])
+        assert u["state"] == "failed" and "describe 'm'" in u["reason"], u
+    finally:
+        for s in (jsrv, ssrv):
+            if s:
+                s.stop()
+        sdep.stop()
+        jdep.stop()

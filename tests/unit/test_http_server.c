@@ -226,11 +226,19 @@ static void test_parse_update(void)
     CHECK(job_buf.verify == -1 && job_buf.bucket_max == 0 && job_buf.timeout_ms == 0);
     CHECK_OK(parse_upd("{\"mode\":\"p2p\",\"ranks\":[3,1],\"timeout_ms\":5000,"
                        "\"bucket_max\":\"64MiB\",\"verify\":true,"
-                       "\"update_url\":\"http://127.0.0.1:8000/collective_rpc\"}", field));
+                       "\"update_url\":\"http://127.0.0.1:8000/collective_rpc\","
+                       "\"metas_url\":\"http://10.0.0.1:8080/v1/checkpoints/m/metas\"}",
+                       field));
     CHECK_STR(job_buf.mode, "p2p");
+    CHECK_STR(job_buf.metas_url, "http://10.0.0.1:8080/v1/checkpoints/m/metas");
     CHECK(job_buf.nranks == 2 && job_buf.ranks[0] == 3 && job_buf.ranks[1] == 1);
     CHECK(job_buf.timeout_ms == 5000 && job_buf.verify == 1);
     CHECK(job_buf.bucket_max == (64ull << 20));
+    CHECK_RC(parse_upd("{\"mode\":\"p2p\"}", field), CKPT_EINVAL); /* no metas_url */
+    CHECK_STR(field, "metas_url");
+    CHECK_RC(parse_upd("{\"metas_url\":\"http://h/m\"}", field), CKPT_EINVAL); /* not p2p */
+    CHECK_STR(field, "metas_url");
+    CHECK_RC(parse_upd("{\"mode\":\"p2p\",\"metas_url\":\"ftp://h/m\"}", field), CKPT_EINVAL);
     CHECK_OK(parse_upd("{\"bucket_max\": 1048576}", field));
     CHECK(job_buf.bucket_max == 1048576);
 

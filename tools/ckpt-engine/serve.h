@@ -15,6 +15,7 @@ typedef struct {
     ckpt_http_server_t *srv; /* NULL without --http: nothing to publish */
     const char *socket_dir;  /* the engine's --socket-dir (trigger socket paths); may be NULL */
     int timeout_ms;          /* the engine's --timeout-ms (bound of a trigger POST) */
+    char token[512];         /* --token-file's token, also sent when fetching P2P metas */
 } serve_state_t;
 
 /* Set (to the signal number) by SIGINT/SIGTERM on rank 0: stop reading commands and

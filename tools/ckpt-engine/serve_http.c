@@ -1,6 +1,7 @@
 /* ckpt-engine serve --http: rank 0's main thread runs the jobs the HTTP server queues
  * (docs/HTTP.md) against the engine, which broadcasts each to every rank. The server's
  * threads only validate and queue; everything that touches the engine happens here. */
+#include <cjson/cJSON.h>
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
@@ -77,6 +78,7 @@ int serve_http_start(serve_state_t *st, const char *addr, int port, const char *
     ho.port = port;
     ho.token = token_file ? token : NULL; /* copied by the server */
     int rc = ckpt_http_start(&ho, &st->srv);
+    if (token_file) snprintf(st->token, sizeof st->token, "%s", token);
     memset(token, 0, sizeof token);
     if (rc < 0) {
         fprintf(stderr, "ckpt-engine serve: --http: %s\n", ckpt_last_error());
@@ -150,13 +152,32 @@ cleanup:
 static void run_update(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http_job_t *job,
                        ckpt_http_job_result_t *r)
 {
-    if (strcmp(job->mode, "p2p") == 0) {
-        r->status = CKPT_EUNSUPPORTED;
-        snprintf(r->reason, sizeof r->reason,
-                 "p2p updates are started from the joining deployment, which pulls the "
-                 "weights with the metas of this one: see docs/METAS.md; this server runs "
-                 "broadcast updates only");
-        return;
+    int p2p = strcmp(job->mode, "p2p") == 0;
+    char *metas = NULL;
+    size_t metas_len = 0;
+    if (p2p) {
+        /* This deployment joins: it fetches the serving deployment's metas and pulls. The
+         * serving side's token, if any, is the same token file (one operator, one secret). */
+        int frc = ckpt_http_fetch(job->metas_url, st->token[0] ? st->token : NULL,
+                                  job->timeout_ms > 0 ? job->timeout_ms : st->timeout_ms,
+                                  &metas, &metas_len);
+        if (frc < 0) {
+            r->status = frc;
+            snprintf(r->reason, sizeof r->reason, "p2p metas: %s", ckpt_last_error());
+            return;
+        }
+        /* The URL's checkpoint must be the one the request names. */
+        cJSON *m = cJSON_ParseWithLength(metas, metas_len);
+        cJSON *n = m ? cJSON_GetObjectItem(m, "name") : NULL;
+        if (!cJSON_IsString(n) || strcmp(n->valuestring, job->name) != 0) {
+            r->status = CKPT_EINVAL;
+            snprintf(r->reason, sizeof r->reason, "p2p metas at %.200s describe '%.120s', not '%.120s'",
+                     job->metas_url, cJSON_IsString(n) ? n->valuestring : "?", job->name);
+            cJSON_Delete(m);
+            free(metas);
+            return;
+        }
+        cJSON_Delete(m);
     }
     int timeout_ms = job->timeout_ms > 0 ? job->timeout_ms : st->timeout_ms;
     ckpt_trigger_t *trig = NULL;
@@ -171,7 +192,9 @@ static void run_update(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http
     memset(&res, 0, sizeof res);
     res.failed_rank = -1;
     double t = MPI_Wtime();
-    int rc = ckpt_engine_update(engine, job->name, &uo, &res);
+    int rc = p2p ? ckpt_engine_p2p_update(engine, metas, metas_len, &uo, &res)
+                 : ckpt_engine_update(engine, job->name, &uo, &res);
+    free(metas);
     if (!res.name[0]) snprintf(res.name, sizeof res.name, "%s", job->name);
     if (rc < 0 && !res.reason[0]) snprintf(res.reason, sizeof res.reason, "%s", ckpt_last_error());
     if (rc < 0 && !res.total_s) res.total_s = MPI_Wtime() - t;
