@@ -363,12 +363,9 @@ def test_p2p_update_over_http(tmp_path, model):
         p = ssrv.cli("register", "m", model, "--wait")
         assert p.returncode == 0, p.stdout + p.stderr
         jsrv = HttpServe(jdep)
-        code, obj = jsrv.request("POST", "/v1/checkpoints/m/update",
-                                 {"mode": "p2p", "metas_url": ssrv.url + "/v1/checkpoints/m/metas",
-                                  "verify": True})
-        assert code == 202, obj
-        u = jsrv.wait_update(obj["update_id"])
-        assert u["state"] == "succeeded", u
+        p = jsrv.cli("update", "m", "--metas-url", ssrv.url + "/v1/checkpoints/m/metas",
+                     "--verify", "--wait")
+        assert p.returncode == 0 and "succeeded" in p.stdout, p.stdout + p.stderr
         for r in range(2):
             until(lambda: assert_worker_equals(jdep, r, model), 10, "worker %d's dump" % r)
         # Metas of a checkpoint that is not the one named in the URL are refused.

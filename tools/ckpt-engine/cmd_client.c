@@ -290,7 +290,9 @@ static void usage(FILE *out)
         "usage: ckpt-engine register NAME PATH [--wait]\n"
         "       ckpt-engine update NAME [--bucket-max SIZE] [--timeout-ms MS] [--verify]\n"
         "                   [--mode broadcast|p2p] [--ranks R,R..] [--update-url URL]\n"
-        "                   [--trigger-method M] [--wait]\n"
+        "                   [--trigger-method M] [--metas-url URL] [--wait]\n"
+        "                   (--metas-url: a P2P update of this deployment, pulling from the\n"
+        "                   serving deployment whose GET .../metas URL is given)\n"
         "       ckpt-engine status [UPDATE_ID]\n"
         "       ckpt-engine unregister NAME\n"
         "       ckpt-engine list\n"
@@ -304,7 +306,7 @@ static void usage(FILE *out)
 /* Builds the update request from the options; NULL after printing a usage error. */
 static cJSON *update_body(int verify, const char *bucket, const char *timeout,
                           const char *mode, const char *ranks, const char *url,
-                          const char *method)
+                          const char *method, const char *metas_url)
 {
     cJSON *o = cJSON_CreateObject();
     if (bucket) cJSON_AddStringToObject(o, "bucket_max", bucket);
@@ -320,7 +322,9 @@ static cJSON *update_body(int verify, const char *bucket, const char *timeout,
         cJSON_AddNumberToObject(o, "timeout_ms", (double)t);
     }
     if (verify) cJSON_AddBoolToObject(o, "verify", 1);
+    if (metas_url && !mode) mode = "p2p";
     if (mode) cJSON_AddStringToObject(o, "mode", mode);
+    if (metas_url) cJSON_AddStringToObject(o, "metas_url", metas_url);
     if (url) cJSON_AddStringToObject(o, "update_url", url);
     if (method) cJSON_AddStringToObject(o, "trigger_method", method);
     if (ranks) {
@@ -357,9 +361,11 @@ int cmd_client(int argc, char **argv)
 {
     client_t c = {getenv("CKPT_SERVER"), "", argv[0]};
     const char *token_file = getenv("CKPT_TOKEN_FILE"), *out = NULL, *bucket = NULL,
-               *timeout = NULL, *mode = NULL, *ranks = NULL, *url = NULL, *method = NULL;
+               *timeout = NULL, *mode = NULL, *ranks = NULL, *url = NULL, *method = NULL,
+               *metas_url = NULL;
     int wait = 0, verify = 0, rc = 2;
-    enum { O_SERVER = 256, O_TOKEN, O_BUCKET, O_TIMEOUT, O_MODE, O_RANKS, O_URL, O_METHOD };
+    enum { O_SERVER = 256, O_TOKEN, O_BUCKET, O_TIMEOUT, O_MODE, O_RANKS, O_URL, O_METHOD,
+           O_METAS };
     static const struct option longopts[] = {
         {"server", required_argument, NULL, O_SERVER},
         {"token-file", required_argument, NULL, O_TOKEN},
@@ -369,6 +375,7 @@ int cmd_client(int argc, char **argv)
         {"ranks", required_argument, NULL, O_RANKS},
         {"update-url", required_argument, NULL, O_URL},
         {"trigger-method", required_argument, NULL, O_METHOD},
+        {"metas-url", required_argument, NULL, O_METAS},
         {"verify", no_argument, NULL, 'v'},
         {"wait", no_argument, NULL, 'w'},
         {"output", required_argument, NULL, 'o'},
@@ -386,6 +393,7 @@ int cmd_client(int argc, char **argv)
         case O_RANKS: ranks = optarg; break;
         case O_URL: url = optarg; break;
         case O_METHOD: method = optarg; break;
+        case O_METAS: metas_url = optarg; break;
         case 'v': verify = 1; break;
         case 'w': wait = 1; break;
         case 'o': out = optarg; break;
@@ -408,7 +416,7 @@ int cmd_client(int argc, char **argv)
     if (strcmp(cmd, "register") == 0 && npos == 2) {
         rc = do_register(&c, pos[0], pos[1], wait);
     } else if (strcmp(cmd, "update") == 0 && npos == 1) {
-        cJSON *body = update_body(verify, bucket, timeout, mode, ranks, url, method);
+        cJSON *body = update_body(verify, bucket, timeout, mode, ranks, url, method, metas_url);
         rc = body ? do_update(&c, pos[0], body, wait) : 2;
         cJSON_Delete(body);
     } else if (strcmp(cmd, "status") == 0 && npos <= 1) {
