@@ -316,6 +316,18 @@ static void progress_bucket_done(update_ctx_t *u, size_t b)
     atomic_fetch_add(&u->e->progress.bytes_done, u->plan.buckets[b].bytes);
 }
 
+/* Every rank learns whether every worker took bucket b (local_rc: this worker's answer). */
+static int agree_bucket(update_ctx_t *u, size_t b, int local_rc)
+{
+    double t0 = ckpt__now_s();
+    char what[64];
+    snprintf(what, sizeof(what), "worker, bucket %zu", b);
+    int rc = agree(u, local_rc, what);
+    ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_AGREE, t0);
+    if (rc == CKPT_OK) progress_bucket_done(u, b);
+    return rc;
+}
+
 /* Waits for the worker's ack of bucket b and agrees on it across ranks. */
 static int complete_bucket(update_ctx_t *u, size_t b, int send_rc)
 {
@@ -323,13 +335,7 @@ static int complete_bucket(update_ctx_t *u, size_t b, int send_rc)
     int rc = send_rc;
     if (rc == CKPT_OK && e->ipc) rc = ckpt_ipc_wait_ack(e->ipc, u->cmd->timeout_ms);
     ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_RELOAD, u->sent_at);
-    double t0 = ckpt__now_s();
-    char what[64];
-    snprintf(what, sizeof(what), "worker, bucket %zu", b);
-    rc = agree(u, rc, what);
-    ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_AGREE, t0);
-    if (rc == CKPT_OK) progress_bucket_done(u, b);
-    return rc;
+    return agree_bucket(u, b, rc);
 }
 
 static int run_pipeline(update_ctx_t *u)
@@ -338,9 +344,19 @@ static int run_pipeline(update_ctx_t *u)
     int two = u->e->buffers.nbuffers == 2;
     int send_rc = CKPT_OK, rc = CKPT_OK;
     if (u->direct) {
-        /* Nothing to prepare: every window is already in a pool the workers have mapped. */
-        for (size_t b = 0; b < nb; b++)
-            if ((rc = complete_bucket(u, b, send_bucket(u, b))) < 0) return rc;
+        /* Nothing to prepare: every window is already in a pool the workers have mapped.
+         * As soon as the worker acknowledged window b it gets window b+1, and the ranks
+         * agree on b while it copies: the agreement's latency is hidden. A failure agreed
+         * for b aborts the update with b+1 outstanding, which the ABORT collects. */
+        if (nb == 0) return CKPT_OK;
+        send_rc = send_bucket(u, 0);
+        for (size_t b = 0; b < nb; b++) {
+            int ack = send_rc;
+            if (ack == CKPT_OK && u->e->ipc) ack = ckpt_ipc_wait_ack(u->e->ipc, u->cmd->timeout_ms);
+            ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_RELOAD, u->sent_at);
+            if (ack == CKPT_OK && b + 1 < nb) send_rc = send_bucket(u, b + 1);
+            if ((rc = agree_bucket(u, b, ack)) < 0) return rc;
+        }
         return CKPT_OK;
     }
     for (size_t b = 0; b < nb; b++) {
