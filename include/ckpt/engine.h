@@ -86,6 +86,9 @@ typedef struct ckpt_floors {
     double memcpy_gbps;
     double bcast_gbps;
     uint64_t bcast_bytes;
+    /* every rank copying out of shared memory (a memfd) at the same time, as the workers
+     * of an update do: the slowest rank's bandwidth */
+    double memcpy_concurrent_gbps;
 } ckpt_floors_t;
 
 /* Collective over MPI_COMM_WORLD: every rank calls it. */
