@@ -1,0 +1,15 @@
+"""ckpt-engine for Python: the receiver side that inference workers (vLLM, SGLang, or your
+own) use to take weight updates from their engine rank, through ctypes over libckpt.so.
+
+    from ckpt_engine import Receiver
+    with Receiver.connect("/tmp/s/rank-0.sock") as rx:
+        info = rx.apply_update(params)   # params: {name: writable numpy array}
+        # info.completed tells whether the whole update arrived (else nothing is trusted)
+
+Tensor views are zero-copy numpy arrays over the engine's shared buffers, valid until the
+bucket is answered. Dtypes numpy lacks (BF16, F8_*) come as raw unsigned integers of the
+same width; copy them bytewise (what an inference engine does with its own tensors).
+"""
+from .receiver import CkptError, Receiver, TensorView, UpdateResult
+
+__all__ = ["CkptError", "Receiver", "TensorView", "UpdateResult"]

@@ -1,0 +1,99 @@
+"""Loads libckpt.so and declares the C API this package uses (ctypes, no compiler needed).
+
+Where the library is found, first match wins: $CKPT_LIB (a path), $CKPT_BUILD_DIR/src,
+the build tree next to this checkout (build/release/src), then the system's loader path.
+"""
+import ctypes
+import ctypes.util
+import os
+
+CKPT_NAME_MAX = 256
+CKPT_MAX_DIMS = 8
+
+# ckpt_dtype_t values (include/ckpt/ckpt.h): name -> (value, element size)
+DTYPES = {
+    "BOOL": (1, 1), "U8": (2, 1), "I8": (3, 1), "U16": (4, 2), "I16": (5, 2), "F16": (6, 2),
+    "BF16": (7, 2), "U32": (8, 4), "I32": (9, 4), "F32": (10, 4), "U64": (11, 8),
+    "I64": (12, 8), "F64": (13, 8), "F8_E4M3": (14, 1), "F8_E5M2": (15, 1),
+    "F8_E8M0": (16, 1), "C64": (17, 8),
+}
+DTYPE_NAMES = {v[0]: k for k, v in DTYPES.items()}
+
+
+class TensorMeta(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_char * CKPT_NAME_MAX),
+        ("dtype", ctypes.c_int32),
+        ("ndim", ctypes.c_int32),
+        ("shape", ctypes.c_int64 * CKPT_MAX_DIMS),
+        ("nbytes", ctypes.c_uint64),
+        ("offset", ctypes.c_uint64),
+        ("checksum", ctypes.c_uint64),
+        ("owner", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
+class UpdateInfo(ctypes.Structure):
+    _fields_ = [
+        ("update_id", ctypes.c_uint64),
+        ("version", ctypes.c_uint64),
+        ("name", ctypes.c_char * CKPT_NAME_MAX),
+        ("nbuckets", ctypes.c_uint32),
+        ("verify", ctypes.c_int32),
+    ]
+
+
+class TensorView(ctypes.Structure):
+    _fields_ = [("meta", TensorMeta), ("data", ctypes.c_void_p)]
+
+
+def _candidates():
+    if os.environ.get("CKPT_LIB"):
+        yield os.environ["CKPT_LIB"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    builds = [os.environ.get("CKPT_BUILD_DIR"), os.path.join(here, "..", "..", "build", "release")]
+    for b in builds:
+        if b:
+            yield os.path.join(b, "src", "libckpt.so")
+    found = ctypes.util.find_library("ckpt")
+    if found:
+        yield found
+
+
+def load():
+    errors = []
+    for path in _candidates():
+        try:
+            lib = ctypes.CDLL(path)
+            break
+        except OSError as e:
+            errors.append("%s: %s" % (path, e))
+    else:
+        raise OSError("libckpt.so not found (set CKPT_LIB or CKPT_BUILD_DIR; build with "
+                      "`make build`). Tried: " + "; ".join(errors))
+    p, c_int, u64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64
+    sig = {
+        "ckpt_strerror": ([c_int], ctypes.c_char_p),
+        "ckpt_last_error": ([], ctypes.c_char_p),
+        "ckpt_checksum": ([p, ctypes.c_size_t], u64),
+        "ckpt_receiver_connect": ([ctypes.c_char_p, c_int, ctypes.POINTER(p)], c_int),
+        "ckpt_receiver_close": ([p], None),
+        "ckpt_receiver_wait_update": ([p, c_int, ctypes.POINTER(UpdateInfo)], c_int),
+        "ckpt_receiver_next": ([p, c_int, ctypes.POINTER(c_int), ctypes.POINTER(ctypes.c_uint32),
+                                ctypes.POINTER(ctypes.POINTER(TensorView)),
+                                ctypes.POINTER(ctypes.c_size_t)], c_int),
+        "ckpt_receiver_verify": ([ctypes.POINTER(TensorView)], c_int),
+        "ckpt_receiver_copy": ([ctypes.POINTER(TensorView), u64, p, u64, c_int], c_int),
+        "ckpt_receiver_ack": ([p], c_int),
+        "ckpt_receiver_fail": ([p, ctypes.c_char_p], c_int),
+        "ckpt_receiver_finish_reply": ([p, c_int, ctypes.c_char_p], c_int),
+        "ckpt_receiver_last_update": ([p, ctypes.POINTER(UpdateInfo), ctypes.POINTER(c_int)],
+                                      c_int),
+        "ckpt_receiver_reason": ([p], ctypes.c_char_p),
+    }
+    for name, (args, res) in sig.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = res
+    return lib

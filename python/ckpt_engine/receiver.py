@@ -1,0 +1,170 @@
+"""The receiver API (include/ckpt/receiver.h) as Python objects."""
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _lib
+
+_LIB = None
+
+EVENT_BUCKET, EVENT_FINISH, EVENT_ABORT = 1, 2, 3
+
+# numpy views of safetensors dtypes; those numpy lacks are raw unsigned ints of the width.
+_NUMPY = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
+          "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I32": np.int32,
+          "F32": np.float32, "U64": np.uint64, "I64": np.int64, "F64": np.float64,
+          "F8_E4M3": np.uint8, "F8_E5M2": np.uint8, "F8_E8M0": np.uint8, "C64": np.complex64}
+
+
+def lib():
+    global _LIB
+    if _LIB is None:
+        _LIB = _lib.load()
+    return _LIB
+
+
+class CkptError(RuntimeError):
+    """A failing ckpt call: .status is the CKPT_E* code, the message names the cause."""
+
+    def __init__(self, status, what):
+        self.status = status
+        detail = lib().ckpt_last_error().decode(errors="replace")
+        super().__init__("%s: %s (%s)" % (what, detail or lib().ckpt_strerror(status).decode(),
+                                          status))
+
+
+def _check(rc, what):
+    if rc < 0:
+        raise CkptError(rc, what)
+    return rc
+
+
+class TensorView:
+    """One tensor of a bucket, pointing into the shared buffer (no copy)."""
+
+    def __init__(self, view_ptr):
+        self._ptr = view_ptr
+        m = view_ptr.contents.meta
+        self.name = m.name.decode()
+        self.dtype = _lib.DTYPE_NAMES.get(m.dtype, "INVALID")
+        self.shape = tuple(m.shape[i] for i in range(m.ndim))
+        self.nbytes = m.nbytes
+        self.checksum = m.checksum
+
+    def numpy(self):
+        """A read-only numpy array over the shared bytes (valid until the bucket's answer)."""
+        data = self._ptr.contents.data
+        buf = (ctypes.c_char * self.nbytes).from_address(data) if self.nbytes else b""
+        arr = np.frombuffer(buf, dtype=_NUMPY[self.dtype]).reshape(self.shape)
+        arr.flags.writeable = False
+        return arr
+
+    def copy_to(self, dst, offset=0, verify=False):
+        """Copies bytes [offset, offset + dst.nbytes) of the tensor into the contiguous
+        numpy array dst; with verify, checks the whole tensor's XXH3-64 in the same pass."""
+        if not dst.flags.c_contiguous or not dst.flags.writeable:
+            raise ValueError("%s: destination must be a writable C-contiguous array" % self.name)
+        _check(lib().ckpt_receiver_copy(self._ptr, offset, dst.ctypes.data, dst.nbytes,
+                                        1 if verify else 0), "copy of '%s'" % self.name)
+
+
+@dataclass
+class UpdateResult:
+    update_id: int
+    name: str
+    version: int
+    completed: bool
+    reason: str
+    tensors: int
+
+
+class Receiver:
+    """A connection to one engine rank's worker socket."""
+
+    def __init__(self, handle):
+        self._h = handle
+
+    @classmethod
+    def connect(cls, socket_path, timeout_ms=30000):
+        h = ctypes.c_void_p()
+        _check(lib().ckpt_receiver_connect(socket_path.encode(), timeout_ms, ctypes.byref(h)),
+               "connect to %s" % socket_path)
+        return cls(h)
+
+    def close(self):
+        if self._h:
+            lib().ckpt_receiver_close(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def wait_update(self, timeout_ms=-1):
+        info = _lib.UpdateInfo()
+        _check(lib().ckpt_receiver_wait_update(self._h, timeout_ms, ctypes.byref(info)),
+               "waiting for an update")
+        return info
+
+    def next(self, timeout_ms=30000):
+        """(event, bucket, [TensorView]) with event 'bucket', 'finish' or 'abort'."""
+        ev, b = ctypes.c_int(), ctypes.c_uint32()
+        views, n = ctypes.POINTER(_lib.TensorView)(), ctypes.c_size_t()
+        _check(lib().ckpt_receiver_next(self._h, timeout_ms, ctypes.byref(ev), ctypes.byref(b),
+                                        ctypes.byref(views), ctypes.byref(n)), "next event")
+        kind = {EVENT_BUCKET: "bucket", EVENT_FINISH: "finish", EVENT_ABORT: "abort"}[ev.value]
+        tensors = [TensorView(ctypes.pointer(views[i])) for i in range(n.value)]
+        return kind, b.value, tensors
+
+    def ack(self):
+        _check(lib().ckpt_receiver_ack(self._h), "ack")
+
+    def fail(self, message):
+        _check(lib().ckpt_receiver_fail(self._h, message.encode()), "fail")
+
+    def finish_reply(self, ok=True, message=None):
+        _check(lib().ckpt_receiver_finish_reply(self._h, 1 if ok else 0,
+                                                message.encode() if message else None),
+               "finish reply")
+
+    def apply_update(self, params, verify=None, post_hook=None, timeout_ms=-1):
+        """Runs one whole update into `params` ({name: writable numpy array holding the
+        tensor's bytes}); unknown names or size mismatches fail the bucket. Returns an
+        UpdateResult; completed is False when the engine aborted the update."""
+        info = self.wait_update(timeout_ms)
+        check = bool(info.verify) if verify is None else verify
+        count = 0
+        while True:
+            kind, bucket, views = self.next()
+            if kind == "bucket":
+                try:
+                    for v in views:
+                        dst = params.get(v.name)
+                        if dst is None:
+                            raise KeyError("unknown tensor '%s'" % v.name)
+                        if dst.nbytes != v.nbytes:
+                            raise ValueError("tensor '%s': model has %d bytes, update has %d"
+                                             % (v.name, dst.nbytes, v.nbytes))
+                        v.copy_to(dst, verify=check)
+                        count += 1
+                except (KeyError, ValueError, CkptError) as e:
+                    self.fail(str(e).strip('"'))
+                    continue
+                self.ack()
+            elif kind == "finish":
+                ok, msg = True, None
+                if post_hook:
+                    try:
+                        post_hook()
+                    except Exception as e:  # the engine reports the worker's reason
+                        ok, msg = False, "post-hook: %s" % e
+                self.finish_reply(ok, msg)
+                return UpdateResult(info.update_id, info.name.decode(), info.version, ok,
+                                    msg or "", count)
+            else:
+                reason = lib().ckpt_receiver_reason(self._h) or b""
+                return UpdateResult(info.update_id, info.name.decode(), info.version, False,
+                                    reason.decode(errors="replace"), count)
