@@ -68,6 +68,7 @@ static int exec_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
     ckpt__strlcpy(c->name, cmd->name, sizeof(c->name));
     c->version = cmd->version;
     c->guard_slot = -1;
+    ckpt__prepare_workers(e, cmd);
     return CKPT_OK;
 }
 

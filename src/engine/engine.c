@@ -159,6 +159,7 @@ int ckpt_engine_register(ckpt_engine_t *e, const char *name, const char *path)
                            "first", name);
     cmd.op = CKPT__CMD_REGISTER;
     cmd.version = e->next_version++;
+    cmd.direct = e->opts.direct != 0;
     return leader_run(e, &cmd, NULL, NULL, NULL);
 }
 

@@ -154,6 +154,10 @@ typedef struct ckpt__p2p_source ckpt__p2p_source_t;
 int ckpt__update_run_p2p(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const void *metas,
                          size_t metas_len, const char *trace_path, ckpt_update_result_t *res);
 
+/* Collective, after a registration: on one host (direct updates), hands every worker the
+ * pools now so that its first update does not pay for mapping them. Best effort. */
+void ckpt__prepare_workers(ckpt_engine_t *e, const ckpt__cmd_t *cmd);
+
 /* ---- floors (floors.c) ---- */
 int ckpt__floors_run(ckpt_engine_t *e, ckpt_floors_t *floors);
 

@@ -504,3 +504,33 @@ out:
     ckpt__free(all);
     return rc;
 }
+
+void ckpt__prepare_workers(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
+{
+    if (!(cmd->direct && e->ngroups == 1 && e->group_size == e->size &&
+          e->opts.share_mode == CKPT_SHARE_NODE))
+        return;
+    int coll_ms = cmd->timeout_ms > (INT32_MAX - 5000) / 3 ? INT32_MAX : cmd->timeout_ms * 3 + 5000;
+    ckpt__sources_t src;
+    int rc = ckpt__sources_open(e, cmd->name, coll_ms, &src);
+    if (rc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());
+    if (rc == CKPT_OK && e->ipc && src.count <= CKPT_IPC_MAX_BUFFERS) {
+        ckpt_ipc_server_wait_worker(e->ipc, 0); /* accepts a worker already knocking */
+        if (ckpt_ipc_server_has_worker(e->ipc)) {
+            ckpt_ipc_begin_t b;
+            memset(&b, 0, sizeof(b));
+            b.name = cmd->name;
+            b.version = cmd->version;
+            b.nbuffers = (int)src.count;
+            for (size_t i = 0; i < src.count; i++) {
+                b.buffer_fds[i] = src.fds[i];
+                b.buffer_sizes[i] = ckpt__sources_size(&src, i);
+            }
+            rc = ckpt_ipc_prepare(e->ipc, &b, cmd->timeout_ms);
+        }
+    }
+    /* Best effort: a worker that could not map now maps at its next update's BEGIN. */
+    if (rc < 0) ckpt_warn("preparing the worker for '%s': %s", cmd->name, ckpt_last_error());
+    ckpt__error_clear();
+    ckpt__sources_close(&src);
+}

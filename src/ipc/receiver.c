@@ -255,20 +255,26 @@ int ckpt_receiver_wait_update(ckpt_receiver_t *r, int timeout_ms, ckpt_update_in
     if (r->state != R_IDLE)
         return ckpt__error(CKPT_ESTATE, "%s: update %llu still in progress", r->conn.peer,
                            (unsigned long long)r->info.update_id);
-    rc = ckpt__ipc_conn_recv(&r->conn, timeout_ms, NULL, &hdr);
-    if (rc) return io_fail(r, rc);
-    if (hdr.type == CKPT_IPC_MSG_REFUSE) return refused(r);
-    if (hdr.type != CKPT_IPC_MSG_BEGIN) return bad_message(r, hdr.type, "between updates");
-    rc = ckpt__ipc_begin_decode(r->conn.rx_buf, hdr.length, &m);
-    if (rc) {
-        ckpt__ipc_conn_drop_fds(&r->conn);
-        return io_fail(r, ckpt__error_prefix(rc, "%s: ", r->conn.peer));
-    }
-    rc = map_buffers(r, &m);
-    if (rc == CKPT_OK) rc = grow_views(r, m.max_tensors);
-    if (rc) { /* tell the engine why, then report it here too */
-        int src = send_reply(r, CKPT_IPC_MSG_ERR, rc, ckpt_last_error());
-        return src ? src : rc;
+    for (;;) {
+        rc = ckpt__ipc_conn_recv(&r->conn, timeout_ms, NULL, &hdr);
+        if (rc) return io_fail(r, rc);
+        if (hdr.type == CKPT_IPC_MSG_REFUSE) return refused(r);
+        if (hdr.type != CKPT_IPC_MSG_BEGIN) return bad_message(r, hdr.type, "between updates");
+        rc = ckpt__ipc_begin_decode(r->conn.rx_buf, hdr.length, &m);
+        if (rc) {
+            ckpt__ipc_conn_drop_fds(&r->conn);
+            return io_fail(r, ckpt__error_prefix(rc, "%s: ", r->conn.peer));
+        }
+        rc = map_buffers(r, &m);
+        if (rc == CKPT_OK) rc = grow_views(r, m.max_tensors);
+        if (rc) { /* tell the engine why, then report it here too */
+            int src = send_reply(r, CKPT_IPC_MSG_ERR, rc, ckpt_last_error());
+            return src ? src : rc;
+        }
+        if (!(m.flags & CKPT_IPC_BEGIN_PREPARE)) break;
+        /* Mapped ahead of an update (kept for it); keep waiting for the update itself. */
+        if ((rc = send_reply(r, CKPT_IPC_MSG_READY, 0, NULL)) != 0) return rc;
+        ckpt_debug("ipc: %d buffers mapped ahead of the next update", r->nbuffers);
     }
     memset(&r->info, 0, sizeof(r->info));
     r->info.update_id = m.update_id;

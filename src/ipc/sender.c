@@ -263,7 +263,21 @@ int ckpt_ipc_server_wait_worker(ckpt_ipc_server_t *srv, int timeout_ms)
 
 /* ---- one update ---- */
 
+static int begin_common(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int prepare,
+                        int timeout_ms);
+
 int ckpt_ipc_begin(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int timeout_ms)
+{
+    return begin_common(srv, begin, 0, timeout_ms);
+}
+
+int ckpt_ipc_prepare(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int timeout_ms)
+{
+    return begin_common(srv, begin, 1, timeout_ms);
+}
+
+static int begin_common(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int prepare,
+                        int timeout_ms)
 {
     ckpt__ipc_begin_msg_t m;
     ckpt__ipc_hdr_t hdr;
@@ -290,7 +304,7 @@ int ckpt_ipc_begin(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int ti
     m.update_id = begin->update_id;
     m.version = begin->version;
     m.nbuckets = begin->nbuckets;
-    m.flags = begin->verify ? CKPT_IPC_BEGIN_VERIFY : 0;
+    m.flags = (begin->verify ? CKPT_IPC_BEGIN_VERIFY : 0) | (prepare ? CKPT_IPC_BEGIN_PREPARE : 0);
     m.nbuffers = (uint32_t)begin->nbuffers;
     m.max_tensors = begin->max_tensors;
     for (int i = 0; i < begin->nbuffers; i++) m.buffer_sizes[i] = begin->buffer_sizes[i];
@@ -311,6 +325,7 @@ int ckpt_ipc_begin(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int ti
                                                      (unsigned long long)m.update_id));
     if (hdr.type == CKPT_IPC_MSG_ERR) return worker_error(srv, "BEGIN");
     if (hdr.type != CKPT_IPC_MSG_READY) return unexpected(srv, &hdr, "BEGIN");
+    if (prepare) return CKPT_OK; /* the worker mapped the buffers and stays idle */
     srv->state = ST_UPDATE;
     srv->update_id = m.update_id;
     srv->nbuffers = begin->nbuffers;

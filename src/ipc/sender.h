@@ -80,6 +80,10 @@ int ckpt_ipc_begin(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int ti
 /* Sends BUCKET `bucket` for buffer `buffer` (< the update's nbuffers, CKPT_EINVAL
  * otherwise): tensors[i].offset is the offset in that buffer. Returns as soon as the message is in the socket; the worker's answer is collected
  * by ckpt_ipc_wait_ack. CKPT_ESTATE if an ack is still outstanding. */
+/* Like ckpt_ipc_begin, but only has the worker map the buffers now (they are kept for the
+ * next update that hands the same files); no update starts. Name and version are still
+ * required. */
+int ckpt_ipc_prepare(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int timeout_ms);
 int ckpt_ipc_send_bucket(ckpt_ipc_server_t *srv, uint32_t bucket, int buffer,
                          const ckpt_tensor_meta_t *tensors, size_t count);
 /* Waits for the answer to the last bucket: 0 = OK; the worker's status (e.g.

@@ -37,6 +37,10 @@ typedef enum {
 } ckpt__ipc_msg_type_t;
 
 #define CKPT_IPC_BEGIN_VERIFY 1u /* BEGIN flags */
+/* BEGIN with PREPARE: map these buffers now (answer READY) but start no update; the
+ * worker stays between updates. Sent after a registration so that the first update does
+ * not pay for mapping the pools. */
+#define CKPT_IPC_BEGIN_PREPARE 2u
 
 typedef struct {
     uint32_t type;

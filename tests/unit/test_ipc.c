@@ -184,6 +184,21 @@ static void test_full_update_and_reconnect(void)
     CHECK(access(sock_path, F_OK) != 0);
 }
 
+/* PREPARE maps the buffers ahead of an update; the worker stays idle, counts no update,
+ * and the update that follows (same files) runs as usual, bytes verified by the worker. */
+static void test_prepare_then_update(void)
+{
+    ckpt_ipc_server_t *srv = open_server();
+    pid_t w = spawn_worker(W_NORMAL, 0, 1); /* exits 0 after exactly one verified update */
+    ckpt_ipc_begin_t prep = make_begin(20, 0, 0);
+    CHECK_OK(ckpt_ipc_server_wait_worker(srv, 5000));
+    CHECK_OK(ckpt_ipc_prepare(srv, &prep, 5000));
+    CHECK_OK(ckpt_ipc_prepare(srv, &prep, 5000)); /* again: mappings reused */
+    run_update(srv, 21, 3);
+    CHECK(reap(w) == 0);
+    ckpt_ipc_server_close(srv);
+}
+
 static void test_worker_error_then_abort(void)
 {
     ckpt_ipc_server_t *srv = open_server();
@@ -607,6 +622,7 @@ int main(void)
     setup_buffers();
     setup_many();
     RUN_TEST(test_full_update_and_reconnect);
+    RUN_TEST(test_prepare_then_update);
     RUN_TEST(test_worker_error_then_abort);
     RUN_TEST(test_worker_killed);
     RUN_TEST(test_worker_stalls_then_new_worker);
