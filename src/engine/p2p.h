@@ -2,7 +2,7 @@
 #ifndef CKPT_ENGINE_P2P_H
 #define CKPT_ENGINE_P2P_H
 
-#include "comm/metas_file.h"
+#include "format/metas_file.h"
 #include "comm/ucx.h"
 #include "engine/engine_internal.h"
 

@@ -1,10 +1,10 @@
-/* libFuzzer target: the request-body validators of the HTTP API (outside input). The
- * fuzz build links only ckpt_static, so the validator's source is compiled in here; it
- * depends on nothing of the server but cJSON. The first byte picks the endpoint. */
+/* libFuzzer target: the request-body validators of the HTTP API (outside input), from
+ * the ckpt_server library (built with coverage counters in the fuzz tree). The first byte
+ * picks the endpoint. */
 #include <stdint.h>
 #include <string.h>
 
-#include "server/body.c"
+#include "ckpt/server.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

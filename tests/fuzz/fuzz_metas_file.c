@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../src/comm/metas_file.c"
+#include "format/metas_file.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

@@ -3,7 +3,7 @@
  * this test (and the fuzzer) run even where the UCX/MPI engine library is not built. */
 #include "test.h"
 
-#include "../../src/comm/metas_file.c"
+#include "format/metas_file.h"
 
 static uint8_t addr0[40], addr1[7], rkey0[33], rkey1[1], rkey2[2];
 

@@ -9,7 +9,7 @@
 
 #include <cjson/cJSON.h>
 
-#include "comm/metas_file.h"
+#include "format/metas_file.h"
 
 /* JSON numbers are doubles: integers above 2^53 would silently lose bits, so larger
  * values (addresses, checksums, version ids) travel as strings. */
