@@ -147,3 +147,22 @@ def test_engine_rank_killed_mid_update(setup):
     time.sleep(1.0)
     log = dep.worker_log(0)
     assert "complete" not in log.replace("incomplete", "")
+
+
+def test_failed_registration_leaves_nothing(setup, tmp_path):
+    """A truncated shard fails the registration on every rank, naming the file; the name is
+    free again afterwards (no rank kept a half-registered share) and updates still work."""
+    import shutil
+    model, dep = setup
+    bad = os.path.join(str(tmp_path), "bad")
+    shutil.copytree(model, bad)
+    shard = sorted(f for f in os.listdir(bad) if f.endswith(".safetensors"))[-1]
+    path = os.path.join(bad, shard)
+    os.truncate(path, os.path.getsize(path) - 1000)
+    for r in range(2):
+        dep.start_worker(r, ["--layout", model, "--verify"], updates=1)
+    p, res = dep.serve(["register m %s" % bad, "register m %s" % model, "update m"])
+    reg_bad, reg_good = [r for r in res if r["command"] == "register"]
+    assert not reg_bad["ok"] and shard in reg_bad["reason"], reg_bad
+    assert reg_good["ok"], reg_good
+    assert [r for r in res if r["command"] == "update"][0]["ok"]
