@@ -332,6 +332,12 @@ def test_commands_file_then_http(tmp_path, model):
         assert c["state"] == "ready" and c["tensors"] == len(want) and c["version"] > 0
         assert c["bytes"] == sum(len(d) for _, _, d in want.values())
         assert any(r["command"] == "register" and r["ok"] for r in srv.results())
+        code, metas = srv.request("GET", "/v1/checkpoints/boot/metas")  # exported too
+        if isinstance(metas, bytes):
+            metas = metas.decode()
+        if not isinstance(metas, dict):
+            metas = json.loads(metas)
+        assert code == 200 and metas["format"] == "ckpt-metas" and metas["name"] == "boot"
         code, obj = srv.request("DELETE", "/v1/checkpoints/boot")
         assert code == 202
         until(lambda: srv.request("GET", "/v1/checkpoints/boot")[0] == 404, 10, "unregister")

@@ -206,7 +206,24 @@ void serve_publish(serve_state_t *st, ckpt_engine_t *engine, const char *name)
     c.version = serve_version_of(engine, name);
     if (ckpt_http_set_checkpoint(st->srv, &c) != 0)
         fprintf(stderr, "ckpt-engine serve: cannot publish '%s': %s\n", name, ckpt_last_error());
+    serve_publish_metas(st, engine, name);
 }
+
+/* Every checkpoint registered while the HTTP API runs is exported for P2P joiners at once, so
+ * that GET /v1/checkpoints/{name}/metas serves it. A failed export (no usable UCX transport)
+ * costs only the metas: the checkpoint stays registered for broadcast updates. */
+void serve_publish_metas(serve_state_t *st, ckpt_engine_t *engine, const char *name)
+{
+    char *metas = NULL;
+    size_t len = 0;
+    if (ckpt_engine_export_metas(engine, name, &metas, &len) == 0)
+        ckpt_http_set_metas(st->srv, name, metas, len);
+    else
+        fprintf(stderr, "ckpt-engine serve: P2P export of '%s' failed: %s\n", name,
+                ckpt_last_error());
+    free(metas);
+}
+
 
 static double now_s(void) { return MPI_Wtime(); }
 

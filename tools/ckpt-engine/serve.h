@@ -31,6 +31,8 @@ void serve_print_simple(const serve_state_t *st, const char *cmd, const char *na
 uint64_t serve_version_of(ckpt_engine_t *engine, const char *name);
 /* Shows checkpoint `name` (just registered on every rank) as ready in the HTTP API. */
 void serve_publish(serve_state_t *st, ckpt_engine_t *engine, const char *name);
+/* Exports a registered checkpoint's P2P metas and publishes them on the HTTP API. */
+void serve_publish_metas(serve_state_t *st, ckpt_engine_t *engine, const char *name);
 
 /* Parses --http [ADDR:]PORT ("8080", "0.0.0.0:8080", "[::1]:8080"); ADDR defaults to
  * 127.0.0.1, PORT 0 picks a free one. Returns 0, or -1 after printing why. */

@@ -229,21 +229,6 @@ static void run_update(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http
     r->total_s = res.total_s;
 }
 
-/* Every checkpoint registered over HTTP is exported for P2P joiners right away, so that
- * GET /v1/checkpoints/{name}/metas serves it. A failed export (no usable UCX transport)
- * costs only the metas: the checkpoint stays registered for broadcast updates. */
-static void publish_metas(serve_state_t *st, ckpt_engine_t *engine, const char *name)
-{
-    char *metas = NULL;
-    size_t len = 0;
-    if (ckpt_engine_export_metas(engine, name, &metas, &len) == 0)
-        ckpt_http_set_metas(st->srv, name, metas, len);
-    else
-        fprintf(stderr, "ckpt-engine serve: P2P export of '%s' failed: %s\n", name,
-                ckpt_last_error());
-    free(metas);
-}
-
 static void run_job(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http_job_t *job,
                     ckpt_http_job_result_t *r)
 {
@@ -257,7 +242,7 @@ static void run_job(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http_jo
             r->ntensors = (uint32_t)tensors;
             r->version = serve_version_of(engine, job->name);
         }
-        if (r->status == 0) publish_metas(st, engine, job->name);
+        if (r->status == 0) serve_publish_metas(st, engine, job->name);
         if (r->status) snprintf(r->reason, sizeof r->reason, "%s", ckpt_last_error());
         serve_print_simple(st, "register", job->name, r->status, r->reason, MPI_Wtime() - t);
         break;
