@@ -332,7 +332,9 @@ def test_commands_file_then_http(tmp_path, model):
         assert c["state"] == "ready" and c["tensors"] == len(want) and c["version"] > 0
         assert c["bytes"] == sum(len(d) for _, _, d in want.values())
         assert any(r["command"] == "register" and r["ok"] for r in srv.results())
-        code, metas = srv.request("GET", "/v1/checkpoints/boot/metas")  # exported too
+        # Exported too (published right after the checkpoint itself).
+        code, metas = until(lambda: (lambda r: r if r[0] == 200 else None)(
+            srv.request("GET", "/v1/checkpoints/boot/metas")), 10, "boot's metas")
         if isinstance(metas, bytes):
             metas = metas.decode()
         if not isinstance(metas, dict):
