@@ -2,6 +2,7 @@
  * tested with a deadline. Between tests the rank sleeps with a growing back-off: an idle
  * rank must not spin a core at 100 % (it would steal the core a worker copies on). */
 #include <limits.h>
+#include <stdint.h>
 #include <sched.h>
 #include <stdio.h>
 #include <string.h>
@@ -106,4 +107,9 @@ void ckpt__engine_fatal(ckpt_engine_t *e, const char *why)
     fflush(stderr);
     MPI_Abort(MPI_COMM_WORLD, 3);
     _exit(3);
+}
+
+int ckpt__peer_timeout_ms(int timeout_ms)
+{
+    return timeout_ms > (INT32_MAX - 5000) / 3 ? INT32_MAX : timeout_ms * 3 + 5000;
 }

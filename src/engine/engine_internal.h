@@ -110,6 +110,11 @@ int ckpt__agree(ckpt_engine_t *e, int local_rc, const char *local_reason, int ti
 int ckpt__bcast_bytes(ckpt_engine_t *e, void *buf, uint64_t count, int root, MPI_Comm comm,
                       int timeout_ms, const char *what);
 int ckpt__barrier(ckpt_engine_t *e, MPI_Comm comm, int timeout_ms, const char *what);
+/* Bound of an update's waits for other ranks, from its worker timeout: a rank may spend a
+ * whole timeout on a stalled worker (and another aborting it) before it joins a collective,
+ * so ranks wait for each other 3 x timeout + 5 s; a stall is then reported as the worker's,
+ * never mistaken for a dead rank. */
+int ckpt__peer_timeout_ms(int timeout_ms);
 /* Fatal: the deployment can no longer agree; log, tell the worker, abort the MPI job so
  * that it can be restarted as a whole. */
 void ckpt__engine_fatal(ckpt_engine_t *e, const char *why) __attribute__((noreturn));
@@ -149,8 +154,7 @@ int ckpt__p2p_export(ckpt_engine_t *e, const ckpt__cmd_t *cmd, char **bytes_out,
 void ckpt__p2p_unexport(ckpt_engine_t *e, ckpt__checkpoint_entry_t *c);
 void ckpt__p2p_shutdown(ckpt_engine_t *e);
 
-/* The pieces of an update that a P2P update reuses (update.c). */
-typedef struct ckpt__p2p_source ckpt__p2p_source_t;
+/* A P2P update: the broadcast pipeline with pulls as its stage step (update.c). */
 int ckpt__update_run_p2p(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const void *metas,
                          size_t metas_len, const char *trace_path, ckpt_update_result_t *res);
 

@@ -29,11 +29,7 @@ typedef struct update_ctx {
     double sent_at;
     long corrupt_bucket; /* fault injection for tests: CKPT_FAULT_CORRUPT_BUCKET=b */
     int direct;              /* workers read the owners' pools: no stage, no broadcast */
-    /* Bound of waits for other ranks. A rank may legitimately spend a full timeout waiting
-     * for its worker (and another one aborting it) before it joins a collective, so ranks
-     * wait for each other longer than any rank waits for its worker: a worker's stall is
-     * then always reported as the worker's, never mistaken for a dead rank. */
-    int coll_ms;
+    int coll_ms;             /* waits for other ranks: ckpt__peer_timeout_ms(timeout) */
     ckpt__sources_t sources; /* direct: every pool region of this host, opened */
     ckpt__p2p_t *p2p;        /* P2P: the serving deployment buckets are pulled from */
     int32_t *src_owner;      /* P2P: per bucket, the serving rank that holds it */
@@ -53,7 +49,8 @@ static int agree(update_ctx_t *u, int local_rc, const char *what)
     char reason[CKPT__REASON_MAX];
     char local_reason[CKPT__REASON_MAX];
     int failed = -1;
-    snprintf(local_reason, sizeof(local_reason), "%s: %s", what, ckpt_last_error());
+    /* Called once per bucket: the text is formatted only when there is a failure to tell. */
+    if (local_rc < 0) snprintf(local_reason, sizeof(local_reason), "%s: %s", what, ckpt_last_error());
     int rc = ckpt__agree(u->e, local_rc, local_rc < 0 ? local_reason : NULL, u->coll_ms,
                          &failed, reason, sizeof(reason));
     if (rc == CKPT_OK) return CKPT_OK;
@@ -383,7 +380,7 @@ int ckpt__update_run_p2p(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const void *m
                          size_t metas_len, const char *trace_path, ckpt_update_result_t *res)
 {
     ckpt__p2p_t *p2p = NULL;
-    int coll_ms = cmd->timeout_ms > (INT32_MAX - 5000) / 3 ? INT32_MAX : cmd->timeout_ms * 3 + 5000;
+    int coll_ms = ckpt__peer_timeout_ms(cmd->timeout_ms);
     int rc = ckpt__p2p_open(e, metas, metas_len, &p2p);
     char reason[CKPT__REASON_MAX];
     int failed = -1;
@@ -428,7 +425,7 @@ static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trac
     u.cmd = cmd;
     u.res = res;
     u.p2p = p2p;
-    u.coll_ms = cmd->timeout_ms > (INT32_MAX - 5000) / 3 ? INT32_MAX : cmd->timeout_ms * 3 + 5000;
+    u.coll_ms = ckpt__peer_timeout_ms(cmd->timeout_ms);
     memset(res, 0, sizeof(*res));
     res->failed_rank = -1;
     res->nranks = e->size;
@@ -510,7 +507,7 @@ void ckpt__prepare_workers(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
     if (!(cmd->direct && e->ngroups == 1 && e->group_size == e->size &&
           e->opts.share_mode == CKPT_SHARE_NODE))
         return;
-    int coll_ms = cmd->timeout_ms > (INT32_MAX - 5000) / 3 ? INT32_MAX : cmd->timeout_ms * 3 + 5000;
+    int coll_ms = ckpt__peer_timeout_ms(cmd->timeout_ms);
     ckpt__sources_t src;
     int rc = ckpt__sources_open(e, cmd->name, coll_ms, &src);
     if (rc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());

@@ -15,6 +15,25 @@ MPI_ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CO
                OMPI_MCA_rmaps_base_oversubscribe="1")
 
 
+def http_request(port, method, path, body=None, token=None, raw=None, headers=None,
+                 decode=False):
+    """One request to 127.0.0.1:port: (status, parsed JSON) for JSON replies, else (status,
+    bytes, or text with decode)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    h = dict(headers or {})
+    if token:
+        h["Authorization"] = "Bearer " + token
+    data = raw if raw is not None else (json.dumps(body) if body is not None else None)
+    conn.request(method, path, body=data, headers=h)
+    resp = conn.getresponse()
+    payload = resp.read()
+    conn.close()
+    if resp.getheader("Content-Type", "").startswith("application/json"):
+        return resp.status, json.loads(payload)
+    return resp.status, payload.decode(errors="replace") if decode else payload
+
+
 def read_safetensors(path):
     """Minimal reader for test assertions: {name: (dtype, shape, bytes)}."""
     with open(path, "rb") as f:

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from mpijob import http_request
+
 BUILD = os.environ.get("CKPT_BUILD_DIR", "build/release")
 FAKE = os.path.join(BUILD, "tests", "test_http_server")
 
@@ -30,20 +32,8 @@ class Server:
         self.token = None
 
     def request(self, method, path, body=None, token=None, raw=None, headers=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        h = dict(headers or {})
         tok = token if token is not None else self.token
-        if tok:
-            h["Authorization"] = "Bearer " + tok
-        data = raw if raw is not None else (json.dumps(body) if body is not None else None)
-        conn.request(method, path, body=data, headers=h)
-        resp = conn.getresponse()
-        payload = resp.read()
-        conn.close()
-        ctype = resp.getheader("Content-Type", "")
-        if ctype.startswith("application/json"):
-            return resp.status, json.loads(payload)
-        return resp.status, payload
+        return http_request(self.port, method, path, body, tok, raw, headers)
 
     def wait(self, path, pred, timeout=10):
         deadline = time.monotonic() + timeout

@@ -1,7 +1,6 @@
 """HTTP control API against REAL engine ranks: `mpirun -np 2 ckpt-engine serve --http 0`
 with real ckpt-worker processes, driven by the CLI client and by plain HTTP requests.
 Ephemeral ports everywhere; polling with deadlines, never fixed sleeps."""
-import http.client
 import http.server
 import json
 import os
@@ -13,7 +12,8 @@ import time
 
 import pytest
 
-from mpijob import assert_worker_equals, ENGINE, MPI_ENV, WORKER, Deployment, gen, read_checkpoint
+from mpijob import (ENGINE, MPI_ENV, WORKER, Deployment, assert_worker_equals, gen,
+                    http_request, read_checkpoint)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(WORKER), reason="ckpt-worker not built")
 
@@ -70,19 +70,8 @@ class HttpServe:
         return [json.loads(l) for l in list(self.lines) if l.startswith("{")]
 
     def request(self, method, path, body=None, token=None, raw=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        h = {}
         tok = token if token is not None else self.token
-        if tok:
-            h["Authorization"] = "Bearer " + tok
-        data = raw if raw is not None else (json.dumps(body) if body is not None else None)
-        conn.request(method, path, body=data, headers=h)
-        resp = conn.getresponse()
-        payload = resp.read()
-        conn.close()
-        if resp.getheader("Content-Type", "").startswith("application/json"):
-            return resp.status, json.loads(payload)
-        return resp.status, payload.decode(errors="replace")
+        return http_request(self.port, method, path, body, tok, raw, decode=True)
 
     def get(self, path):
         code, obj = self.request("GET", path)

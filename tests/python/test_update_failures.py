@@ -27,13 +27,19 @@ def setup(tmp_path):
     dep.stop()
 
 
+def faulty_rank1(model, dep, knob):
+    """Worker 0 healthy, worker 1 with a fault knob; the checkpoint registered. The serve job."""
+    dep.start_worker(0, ["--layout", model])
+    dep.start_worker(1, ["--layout", model] + knob)
+    srv = InteractiveServe(dep)
+    assert srv.command("register m %s" % model)["ok"]
+    return srv
+
+
 def test_worker_error_then_next_update_works(setup):
     model, dep = setup
-    dep.start_worker(0, ["--layout", model])
-    dep.start_worker(1, ["--layout", model, "--fail-on-bucket", "1"])
-    srv = InteractiveServe(dep)
+    srv = faulty_rank1(model, dep, ["--fail-on-bucket", "1"])
     try:
-        assert srv.command("register m %s" % model)["ok"]
         res = srv.command("update m bucket=512KiB timeout=10000")
         assert not res["ok"] and res["failed_rank"] == 1, res
         assert "rank 1" in res["reason"] and "injected" in res["reason"], res
@@ -51,11 +57,8 @@ def test_worker_error_then_next_update_works(setup):
 
 def test_worker_killed_mid_update(setup):
     model, dep = setup
-    dep.start_worker(0, ["--layout", model])
-    dep.start_worker(1, ["--layout", model, "--stall-on-bucket", "1"])
-    srv = InteractiveServe(dep)
+    srv = faulty_rank1(model, dep, ["--stall-on-bucket", "1"])
     try:
-        assert srv.command("register m %s" % model)["ok"]
         srv.send("update m bucket=512KiB timeout=20000")
         time.sleep(1.0)
         t0 = time.monotonic()
@@ -71,11 +74,8 @@ def test_worker_killed_mid_update(setup):
 
 def test_worker_stall_times_out(setup):
     model, dep = setup
-    dep.start_worker(0, ["--layout", model])
-    dep.start_worker(1, ["--layout", model, "--stall-on-bucket", "1"])
-    srv = InteractiveServe(dep)
+    srv = faulty_rank1(model, dep, ["--stall-on-bucket", "1"])
     try:
-        assert srv.command("register m %s" % model)["ok"]
         t0 = time.monotonic()
         res = srv.command("update m bucket=512KiB timeout=2000", timeout=30)
         took = time.monotonic() - t0
@@ -125,11 +125,8 @@ def test_unknown_tensor_reported(setup, tmp_path):
 
 def test_engine_rank_killed_mid_update(setup):
     model, dep = setup
-    dep.start_worker(0, ["--layout", model])
-    dep.start_worker(1, ["--layout", model, "--stall-on-bucket", "1"])
-    srv = InteractiveServe(dep)
+    srv = faulty_rank1(model, dep, ["--stall-on-bucket", "1"])
     try:
-        assert srv.command("register m %s" % model)["ok"]
         srv.send("update m bucket=512KiB timeout=8000")
         time.sleep(1.0)
         pids = srv.rank_pids()
