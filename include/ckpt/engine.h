@@ -40,9 +40,13 @@ typedef struct ckpt_engine_options {
     /* -1 (auto): when every rank is on one host, workers read tensors straight out of the
      * owners' pools (no staging, no broadcast); 0: always stage through IPC buffers. */
     int direct;
+    /* -1 (auto): pools come from UCX's shared-memory allocator where UCX has one, so P2P
+     * joiners on this host read them with one copy and no work by this rank (see
+     * docs/DESIGN-NOTES.md); 0: the store's own memfds (P2P gets are then emulated). */
+    int ucx_pools;
 } ckpt_engine_options_t;
 
-#define CKPT_ENGINE_OPTIONS_INIT {0, NULL, 256ull << 20, 30000, 0, CKPT_SHARE_NODE, 0, -1}
+#define CKPT_ENGINE_OPTIONS_INIT {0, NULL, 256ull << 20, 30000, 0, CKPT_SHARE_NODE, 0, -1, -1}
 
 /* Result of an update, filled on rank 0 (status on every rank). */
 typedef struct ckpt_update_result {

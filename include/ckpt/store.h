@@ -36,7 +36,20 @@ enum {
     CKPT_STORE_OPT_REUSE_POOL = 1u << 5,
     CKPT_STORE_OPT_USE_URING = 1u << 6,
     CKPT_STORE_OPT_MAP_TMPFS = 1u << 7,
+    CKPT_STORE_OPT_POOL_ALLOCATOR = 1u << 8,
 };
+
+/* Where the pool regions of registrations come from, instead of the store's own memfds.
+ * alloc returns a read-write MAP_SHARED mapping of at least len bytes at *base_out, an fd
+ * (owned by the store from then on) that maps the same pages for other local processes,
+ * and an opaque handle passed back to release. A non-zero return makes the store fall back
+ * to a memfd for that region. The engine uses it to let UCX allocate pools that same-host
+ * peers then read straight out of a shared segment (see docs/DESIGN-NOTES.md). */
+typedef struct ckpt_pool_allocator {
+    int (*alloc)(void *ctx, uint64_t len, void **base_out, int *fd_out, void **handle_out);
+    void (*release)(void *ctx, void *base, uint64_t len, void *handle);
+    void *ctx;
+} ckpt_pool_allocator_t;
 
 typedef struct ckpt_store_options {
     uint64_t field_mask;
@@ -48,11 +61,12 @@ typedef struct ckpt_store_options {
     int reuse_pool;       /* keep a freed pool region for the next checkpoint; default 0 */
     int use_uring;        /* -1 auto (io_uring, else pread pool), 0 force the pread pool */
     int map_tmpfs;        /* map files on tmpfs in place instead of copying; default 1 */
+    ckpt_pool_allocator_t pool_allocator; /* default: none (memfds) */
 } ckpt_store_options_t;
 
 #define CKPT_STORE_OPTIONS_INIT                                                              \
     {                                                                                        \
-        0, 32, 8, -1, 1, 8u << 20, 0, -1, 1                                                  \
+        0, 32, 8, -1, 1, 8u << 20, 0, -1, 1, {NULL, NULL, NULL}                              \
     }
 
 /* Statistics of the last successful registration of a store. */

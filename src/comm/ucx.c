@@ -1,7 +1,13 @@
 /* UCX context, worker, registrations, endpoints and the serving progress thread. The
  * pulling data path (batched gets) is in ucx_get.c. */
+#include <dirent.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdatomic.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 
 #include <ucs/config/global_opts.h>
 
@@ -45,6 +51,15 @@ int ckpt__ucx_create(const ckpt__ucx_options_t *opts, ckpt__ucx_t **out)
     if (st != UCS_OK) {
         rc = ckpt__error(ucs_to_ckpt(st), "ucx create: ucp_config_read: %s", ucs_status_string(st));
         goto fail;
+    }
+    u->shared_alloc = o.shared_alloc != 0;
+    /* POSIX shared memory only: its segments are files this process holds an fd of (in
+     * UCX's default proc-link mode), which is what lets the store hand pools to local
+     * workers; SysV segments have no fd. */
+    if (u->shared_alloc) {
+        st = ucp_config_modify(config, "ALLOC_PRIO", "md:posix");
+        if (st != UCS_OK) ckpt_debug("ucx create: shared allocation not configurable: %s",
+                                     ucs_status_string(st));
     }
     ucp_params_t params = {0};
     params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
@@ -128,6 +143,102 @@ int ckpt__ucx_mem_register(ckpt__ucx_t *u, void *base, size_t len, ckpt__ucx_mem
     *mem_out = m;
     return CKPT_OK;
 }
+
+/* The fd of this process that maps the shared mapping starting at base: the mapping's
+ * device and inode from /proc/self/maps, matched against fstat of every open fd. */
+static int fd_of_mapping(const void *base, int *fd_out)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    if (!f) return ckpt__error(CKPT_EIO, "ucx mem alloc: /proc/self/maps: %s", strerror(errno));
+    char line[512];
+    unsigned long start = 0, end = 0, ino = 0;
+    unsigned maj = 0, min = 0;
+    char perms[8] = "";
+    int found = 0;
+    while (!found && fgets(line, sizeof(line), f))
+        found = sscanf(line, "%lx-%lx %7s %*x %x:%x %lu", &start, &end, perms, &maj, &min, &ino) == 6 &&
+                start == (unsigned long)(uintptr_t)base;
+    fclose(f);
+    if (!found || perms[3] != 's' || ino == 0)
+        return ckpt__error(CKPT_EUNSUPPORTED, "ucx mem alloc: the memory UCX allocated at %p is "
+                           "not a shared file mapping", base);
+    DIR *d = opendir("/proc/self/fd");
+    if (!d) return ckpt__error(CKPT_EIO, "ucx mem alloc: /proc/self/fd: %s", strerror(errno));
+    int fd = -1;
+    struct dirent *de;
+    while (fd < 0 && (de = readdir(d)) != NULL) {
+        struct stat st;
+        int n = atoi(de->d_name);
+        if (de->d_name[0] < '0' || de->d_name[0] > '9' || n == dirfd(d)) continue;
+        if (fstat(n, &st) == 0 && S_ISREG(st.st_mode) && st.st_ino == (ino_t)ino &&
+            major(st.st_dev) == maj && minor(st.st_dev) == min)
+            fd = fcntl(n, F_DUPFD_CLOEXEC, 0);
+    }
+    closedir(d);
+    if (fd < 0)
+        return ckpt__error(CKPT_EUNSUPPORTED, "ucx mem alloc: no fd of this process maps the "
+                           "memory UCX allocated at %p", base);
+    *fd_out = fd;
+    return CKPT_OK;
+}
+
+int ckpt__ucx_mem_alloc_shared(ckpt__ucx_t *u, size_t len, ckpt__ucx_mem_t **mem_out, int *fd_out)
+{
+    if (!u || !len || !mem_out || !fd_out)
+        return ckpt__error(CKPT_EINVAL, "ucx mem alloc: empty range");
+    if (!u->shared_alloc)
+        return ckpt__error(CKPT_EUNSUPPORTED, "ucx mem alloc: context made without shared_alloc");
+    ckpt__ucx_mem_t *m = ckpt__calloc(1, sizeof(*m));
+    if (!m) return ckpt__error(CKPT_ENOMEM, "ucx mem alloc: out of memory");
+    ucp_mem_map_params_t mp = {0};
+    mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH |
+                    UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+    mp.address = NULL;
+    mp.length = len;
+    mp.flags = UCP_MEM_MAP_ALLOCATE;
+    ucs_status_t st = ucp_mem_map(u->context, &mp, &m->memh);
+    ucp_mem_attr_t attr = {.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH};
+    if (st == UCS_OK) {
+        ucs_status_t qst = ucp_mem_query(m->memh, &attr);
+        if (qst != UCS_OK) {
+            ucp_mem_unmap(u->context, m->memh);
+            st = qst;
+        }
+    }
+    if (st != UCS_OK) {
+        ckpt__free(m);
+        /* UCX answers "Out of memory" when no allowed method can allocate (no POSIX shared
+         * memory transport loaded, e.g. UCX_TLS=tcp): the caller falls back either way. */
+        return ckpt__error(CKPT_EUNSUPPORTED, "ucx mem alloc of %zu bytes from POSIX shared "
+                           "memory: %s", len, ucs_status_string(st));
+    }
+    int fd = -1;
+    int rc = attr.length >= len ? fd_of_mapping(attr.address, &fd)
+                                : ckpt__error(CKPT_EUNSUPPORTED, "ucx mem alloc: %zu bytes "
+                                              "asked, %zu given", len, attr.length);
+    if (rc < 0) {
+        ucp_mem_unmap(u->context, m->memh);
+        ckpt__free(m);
+        return rc;
+    }
+    m->base = attr.address;
+    m->len = attr.length;
+    m->allocated = 1;
+    m->next = u->mems;
+    u->mems = m;
+    *mem_out = m;
+    *fd_out = fd;
+    return CKPT_OK;
+}
+
+ckpt__ucx_mem_t *ckpt__ucx_mem_find_allocated(ckpt__ucx_t *u, const void *base)
+{
+    for (ckpt__ucx_mem_t *m = u ? u->mems : NULL; m; m = m->next)
+        if (m->allocated && m->base == base) return m;
+    return NULL;
+}
+
+void *ckpt__ucx_mem_base(const ckpt__ucx_mem_t *m) { return m ? m->base : NULL; }
 
 void ckpt__ucx_mem_unregister(ckpt__ucx_t *u, ckpt__ucx_mem_t *m)
 {
@@ -364,4 +475,16 @@ void ckpt__ucx_rkey_destroy(ckpt__ucx_rkey_t *r)
     }
     ucp_rkey_destroy(r->rkey);
     ckpt__free(r);
+}
+
+int ckpt__ucx_rkey_prefault(ckpt__ucx_rkey_t *r, uint64_t remote_addr, size_t len)
+{
+    void *p = NULL;
+    if (!r || !len || ucp_rkey_ptr(r->rkey, remote_addr, &p) != UCS_OK || !p) return 0;
+#ifdef MADV_POPULATE_READ
+    uintptr_t start = (uintptr_t)p & ~(uintptr_t)4095;
+    if (madvise((void *)start, len + ((uintptr_t)p - start), MADV_POPULATE_READ) == 0) return 1;
+    ckpt_debug("ucx prefault of rank %d: madvise: %s", r->peer->rank, strerror(errno));
+#endif
+    return 0;
 }

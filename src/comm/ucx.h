@@ -31,12 +31,14 @@ typedef struct ckpt__ucx_options {
     size_t chunk_size;    /* gets larger than this are split (0: CKPT__UCX_CHUNK_DEFAULT) */
     int spin_us;          /* progress thread polls this long after the last event before it
                            * sleeps on the worker fd (0: CKPT__UCX_SPIN_US_DEFAULT, -1: none) */
+    int shared_alloc;     /* 1: ckpt__ucx_mem_alloc_shared allocates from UCX's POSIX shared
+                           * memory (UCX_ALLOC_PRIO=md:posix for this context) */
 } ckpt__ucx_options_t;
 
 #define CKPT__UCX_CHUNK_DEFAULT (8u << 20)
 #define CKPT__UCX_INFLIGHT_DEFAULT 8
 #define CKPT__UCX_SPIN_US_DEFAULT 2000
-#define CKPT__UCX_OPTIONS_INIT {0, 0, 0, 0}
+#define CKPT__UCX_OPTIONS_INIT {0, 0, 0, 0, 0}
 
 /* Creates the context (RMA, plus WAKEUP when serving) and its worker. Transports come from
  * the environment (UCX_TLS), read here, so set it before calling. opts may be NULL. */
@@ -51,6 +53,21 @@ CKPT_HIDDEN int ckpt__ucx_address(ckpt__ucx_t *ucx, const void **addr_out, size_
  * and as a zero-copy destination. Unregister before the memory goes away. */
 CKPT_HIDDEN int ckpt__ucx_mem_register(ckpt__ucx_t *ucx, void *base, size_t len,
                                        ckpt__ucx_mem_t **mem_out);
+/* Allocates len bytes of shared memory through UCX (ucp_mem_map with ALLOCATE; needs
+ * options.shared_alloc) and returns, besides the registration, a new fd (close-on-exec,
+ * the caller's) that maps the same pages, so local processes can map it as they map a
+ * memfd. Why: UCX 1.13 serves gets on memory it did not allocate by emulating them with
+ * active messages (the target copies every byte into a FIFO, the caller copies it out,
+ * and the target's progress thread must run); on memory from its shared-memory
+ * allocator the caller reads the mapped segment itself (one copy, the target idle).
+ * CKPT_EUNSUPPORTED when UCX's allocation is not a shared mapping with an fd here (e.g.
+ * UCX_TLS without shared memory): the caller then uses its own memory and registers it.
+ * Freed by ckpt__ucx_mem_unregister. */
+CKPT_HIDDEN int ckpt__ucx_mem_alloc_shared(ckpt__ucx_t *ucx, size_t len, ckpt__ucx_mem_t **mem_out,
+                                           int *fd_out);
+CKPT_HIDDEN void *ckpt__ucx_mem_base(const ckpt__ucx_mem_t *mem);
+/* The registration made by ckpt__ucx_mem_alloc_shared whose memory starts at base, or NULL. */
+CKPT_HIDDEN ckpt__ucx_mem_t *ckpt__ucx_mem_find_allocated(ckpt__ucx_t *ucx, const void *base);
 CKPT_HIDDEN void ckpt__ucx_mem_unregister(ckpt__ucx_t *ucx, ckpt__ucx_mem_t *mem);
 /* Packs the remote key of a registration; *buf_out is released with ckpt__free. */
 CKPT_HIDDEN int ckpt__ucx_rkey_pack(ckpt__ucx_t *ucx, const ckpt__ucx_mem_t *mem,
@@ -76,6 +93,11 @@ CKPT_HIDDEN int ckpt__ucx_peer_failed(const ckpt__ucx_peer_t *peer);
 CKPT_HIDDEN int ckpt__ucx_rkey_unpack(ckpt__ucx_peer_t *peer, const void *packed, size_t len,
                                       ckpt__ucx_rkey_t **rkey_out);
 CKPT_HIDDEN void ckpt__ucx_rkey_destroy(ckpt__ucx_rkey_t *rkey);
+/* When the peer's memory is reachable by a local mapping (UCX shared-memory segments, see
+ * ckpt__ucx_mem_alloc_shared), fills this process's page tables for [remote_addr, +len)
+ * now, so that later gets do not take a page fault per 4 KiB. Returns 1 when it did, 0
+ * when the range is not mapped here (nothing to do). */
+CKPT_HIDDEN int ckpt__ucx_rkey_prefault(ckpt__ucx_rkey_t *rkey, uint64_t remote_addr, size_t len);
 
 /* One range to read: len bytes at remote_addr (covered by rkey on peer) into dst. local is
  * the registration covering dst, or NULL (UCX then registers or bounces as it sees fit). */

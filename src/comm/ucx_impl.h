@@ -15,6 +15,7 @@ struct ckpt__ucx_mem {
     ucp_mem_h memh;
     void *base;
     size_t len;
+    int allocated; /* UCX allocated the memory (ckpt__ucx_mem_alloc_shared): unmap frees it */
     struct ckpt__ucx_mem *next;
 };
 
@@ -52,6 +53,7 @@ struct ckpt__ucx {
     ucp_address_t *address;
     size_t address_len;
     int serving;
+    int shared_alloc;
     size_t chunk;
     uint64_t spin_ns;
     struct ckpt__ucx_mem *mems;

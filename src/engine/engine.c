@@ -55,6 +55,9 @@ int ckpt_engine_create(const ckpt_engine_options_t *opts, ckpt_engine_t **engine
 
     rc = make_groups(e);
     ckpt_store_options_t sopts = CKPT_STORE_OPTIONS_INIT;
+    e->ucx_pools_off = e->opts.ucx_pools == 0;
+    sopts.field_mask |= CKPT_STORE_OPT_POOL_ALLOCATOR;
+    sopts.pool_allocator = ckpt__p2p_pool_allocator(e);
     if (rc == CKPT_OK) rc = ckpt_store_create(&sopts, &e->store);
     if (rc == CKPT_OK && e->opts.socket_dir) {
         char path[CKPT__PATH_MAX + 32];
@@ -92,10 +95,11 @@ int ckpt_engine_create(const ckpt_engine_options_t *opts, ckpt_engine_t **engine
 void ckpt_engine_destroy(ckpt_engine_t *e)
 {
     if (!e) return;
-    ckpt__p2p_shutdown(e);
+    ckpt__p2p_unexport_all(e);
     ckpt__buffers_release(e);
     if (e->ipc) ckpt_ipc_server_close(e->ipc);
-    if (e->store) ckpt_store_destroy(e->store);
+    if (e->store) ckpt_store_destroy(e->store); /* frees the pools UCX allocated */
+    ckpt__p2p_shutdown(e);
     if (e->leaders != MPI_COMM_NULL) MPI_Comm_free(&e->leaders);
     if (e->group != MPI_COMM_NULL) MPI_Comm_free(&e->group);
     MPI_Comm_free(&e->world);

@@ -84,6 +84,7 @@ struct ckpt_engine {
     struct ckpt__ucx *ucx;
     uint64_t *guard;
     struct ckpt__ucx_mem *guard_mem;
+    int ucx_pools_off; /* pools from UCX: disabled by option or after the first refusal */
     /* Progress, written by the update and read by other threads (ckpt_engine_progress). */
     struct {
         _Atomic uint64_t update_id;
@@ -152,7 +153,12 @@ int ckpt__p2p_export(ckpt_engine_t *e, const ckpt__cmd_t *cmd, char **bytes_out,
                      size_t *len_out);
 /* Drops the export of a checkpoint before it is unregistered (guard first). */
 void ckpt__p2p_unexport(ckpt_engine_t *e, ckpt__checkpoint_entry_t *c);
+/* Drops every export; then the store can go, then ckpt__p2p_shutdown (pools made by UCX
+ * must be freed before its context). */
+void ckpt__p2p_unexport_all(ckpt_engine_t *e);
 void ckpt__p2p_shutdown(ckpt_engine_t *e);
+/* The store's pool allocator: UCX shared memory (ckpt_engine_options_t.ucx_pools). */
+ckpt_pool_allocator_t ckpt__p2p_pool_allocator(ckpt_engine_t *e);
 
 /* A P2P update: the broadcast pipeline with pulls as its stage step (update.c). */
 int ckpt__update_run_p2p(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const void *metas,

@@ -22,6 +22,7 @@ static int ensure_ucx(ckpt_engine_t *e)
     if (e->ucx) return CKPT_OK;
     ckpt__ucx_options_t o = CKPT__UCX_OPTIONS_INIT;
     o.progress_thread = 1; /* serve gets over transports that need target-side progress */
+    o.shared_alloc = !e->ucx_pools_off;
     /* Large chunks: measured with `bench ucx-get` over shared memory, 64 MiB gets reach
      * 0.82 of ucx_perftest where 8 MiB ones reach 0.26-0.5 (fewer protocol round trips). */
     o.chunk_size = 64u << 20;
@@ -41,10 +42,57 @@ static int ensure_ucx(ckpt_engine_t *e)
     return rc;
 }
 
+/* ---- pools from UCX ---- */
+
+/* The store asks for pool regions here. Serving a get on memory UCX did not allocate makes
+ * UCX 1.13 emulate it with active messages: this rank's progress thread copies every byte
+ * into a FIFO and the joiner copies it out; on a busy host (joining workers reloading)
+ * that fell to ~1 GB/s against 4.5-4.9 for UCX-allocated memory, where the joiner reads
+ * the mapped segment itself (`bench ucx-get`, two CPU burners running). So pools come from
+ * UCX's POSIX shared memory, with an fd for the workers as a memfd would give. */
+static int pool_alloc(void *ctx, uint64_t len, void **base_out, int *fd_out, void **handle_out)
+{
+    ckpt_engine_t *e = ctx;
+    if (e->ucx_pools_off) return CKPT_EUNSUPPORTED;
+    ckpt__ucx_mem_t *mem = NULL;
+    int rc = ensure_ucx(e);
+    if (rc == CKPT_OK) rc = ckpt__ucx_mem_alloc_shared(e->ucx, (size_t)len, &mem, fd_out);
+    if (rc < 0) {
+        /* Not an error: the store falls back to a memfd, which P2P exports as well. */
+        ckpt_info("rank %d: pools are plain memfds (%s); P2P joiners on this host will pull "
+                  "through emulated gets", e->rank, ckpt_last_error());
+        e->ucx_pools_off = 1;
+        return rc;
+    }
+    *base_out = ckpt__ucx_mem_base(mem);
+    *handle_out = mem;
+    return CKPT_OK;
+}
+
+static void pool_release(void *ctx, void *base, uint64_t len, void *handle)
+{
+    ckpt_engine_t *e = ctx;
+    (void)base;
+    (void)len;
+    ckpt__ucx_mem_unregister(e->ucx, handle);
+}
+
+ckpt_pool_allocator_t ckpt__p2p_pool_allocator(ckpt_engine_t *e)
+{
+    ckpt_pool_allocator_t a = {pool_alloc, pool_release, e};
+    return a;
+}
+
+void ckpt__p2p_unexport_all(ckpt_engine_t *e)
+{
+    for (size_t i = 0; e->ucx && i < e->ncheckpoints; i++)
+        ckpt__p2p_unexport(e, &e->checkpoints[i]);
+}
+
 void ckpt__p2p_shutdown(ckpt_engine_t *e)
 {
     if (!e->ucx) return;
-    for (size_t i = 0; i < e->ncheckpoints; i++) ckpt__p2p_unexport(e, &e->checkpoints[i]);
+    ckpt__p2p_unexport_all(e);
     if (e->guard_mem) ckpt__ucx_mem_unregister(e->ucx, e->guard_mem);
     ckpt__ucx_destroy(e->ucx);
     if (e->guard) munmap(e->guard, CKPT__GUARD_SLOTS * CKPT__GUARD_SLOT_BYTES);
@@ -59,7 +107,9 @@ void ckpt__p2p_unexport(ckpt_engine_t *e, ckpt__checkpoint_entry_t *c)
     /* The guard first: from now on a joiner refuses what it would read. */
     __atomic_store_n(&e->guard[c->guard_slot * (CKPT__GUARD_SLOT_BYTES / 8)], 0,
                      __ATOMIC_SEQ_CST);
-    for (size_t i = 0; i < c->nmems; i++) ckpt__ucx_mem_unregister(e->ucx, c->mems[i]);
+    for (size_t i = 0; i < c->nmems; i++) /* pools UCX allocated stay: the store frees them */
+        if (c->mems[i] && !ckpt__ucx_mem_find_allocated(e->ucx, ckpt__ucx_mem_base(c->mems[i])))
+            ckpt__ucx_mem_unregister(e->ucx, c->mems[i]);
     ckpt__free(c->mems);
     c->mems = NULL;
     c->nmems = 0;
@@ -125,7 +175,9 @@ static int export_local(ckpt_engine_t *e, ckpt__checkpoint_entry_t *c, blob_t *b
         c->mems = ckpt__calloc(nregions + 1, sizeof(*c->mems));
         if (!c->mems) return ckpt__error(CKPT_ENOMEM, "export of '%s'", c->name);
         for (size_t i = 0; rc == CKPT_OK && i < nregions; i++) {
-            rc = ckpt__ucx_mem_register(e->ucx, regions[i].base, regions[i].size, &c->mems[i]);
+            c->mems[i] = ckpt__ucx_mem_find_allocated(e->ucx, regions[i].base);
+            if (!c->mems[i])
+                rc = ckpt__ucx_mem_register(e->ucx, regions[i].base, regions[i].size, &c->mems[i]);
             if (rc == CKPT_OK) c->nmems++;
         }
         c->guard_slot = slot;
@@ -299,11 +351,16 @@ int ckpt__p2p_open(ckpt_engine_t *e, const void *bytes, size_t len, ckpt__p2p_t 
             if (p->metas.ranks[r].nregions < 1)
                 rc = ckpt__error(CKPT_EFORMAT, "metas: rank %u has no guard region", r);
     }
-    if (rc == CKPT_OK) rc = ensure_ucx(e);
+    if (rc == CKPT_OK) {
+        ckpt__ucx_options_t o = CKPT__UCX_OPTIONS_INIT;
+        o.chunk_size = 64u << 20; /* see ensure_ucx */
+        rc = ckpt__ucx_create(&o, &p->ucx);
+    }
     if (rc == CKPT_OK) {
         p->peers = ckpt__calloc(p->metas.nranks, sizeof(*p->peers));
         p->rkeys = ckpt__calloc(p->metas.nranks, sizeof(*p->rkeys));
-        if (!p->peers || !p->rkeys) rc = ckpt__error(CKPT_ENOMEM, "p2p peers");
+        p->pools_ready = ckpt__calloc(p->metas.nranks, sizeof(*p->pools_ready));
+        if (!p->peers || !p->rkeys || !p->pools_ready) rc = ckpt__error(CKPT_ENOMEM, "p2p peers");
     }
     if (rc < 0) {
         ckpt__p2p_close(e, p);
@@ -316,7 +373,8 @@ int ckpt__p2p_open(ckpt_engine_t *e, const void *bytes, size_t len, ckpt__p2p_t 
 void ckpt__p2p_close(ckpt_engine_t *e, ckpt__p2p_t *p)
 {
     if (!p) return;
-    for (int i = 0; i < p->nlocal; i++) ckpt__ucx_mem_unregister(e->ucx, p->local[i]);
+    (void)e;
+    for (int i = 0; i < p->nlocal; i++) ckpt__ucx_mem_unregister(p->ucx, p->local[i]);
     for (uint32_t r = 0; p->peers && r < p->metas.nranks; r++) {
         if (p->rkeys[r]) {
             for (uint32_t g = 0; g < p->metas.ranks[r].nregions; g++)
@@ -327,8 +385,10 @@ void ckpt__p2p_close(ckpt_engine_t *e, ckpt__p2p_t *p)
     }
     ckpt__free(p->peers);
     ckpt__free(p->rkeys);
+    ckpt__free(p->pools_ready);
     ckpt__free(p->gets);
     ckpt__metas_free(&p->metas);
+    ckpt__ucx_destroy(p->ucx);
     ckpt__free(p);
 }
 
@@ -345,32 +405,57 @@ int ckpt__p2p_tensors(const ckpt__p2p_t *p, ckpt_tensor_meta_t **out, size_t *co
     return CKPT_OK;
 }
 
-static int connect_owner(ckpt_engine_t *e, ckpt__p2p_t *p, int owner)
+/* Connects to serving rank `owner` and unpacks the key of its guard slot only. The keys
+ * of its pools are unpacked by ckpt__p2p_check once the guard said they still exist: UCX
+ * 1.13 maps a pool in UCX shared memory while unpacking its key, and if the pool is gone
+ * (unregistered, or its rank dead) the failed unpack crashes inside UCX
+ * (uct_posix_rkey_release on a NULL handle), so a stale key must never be unpacked. */
+static int connect_owner(ckpt__p2p_t *p, int owner)
 {
     if (p->peers[owner]) return ckpt__ucx_peer_failed(p->peers[owner])
                                    ? ckpt__error(CKPT_EPEER, "serving rank %d failed", owner)
                                    : CKPT_OK;
     const ckpt__metas_rank_t *rk = &p->metas.ranks[owner];
-    int rc = ckpt__ucx_connect(e->ucx, rk->address, rk->address_len, owner, &p->peers[owner]);
+    int rc = ckpt__ucx_connect(p->ucx, rk->address, rk->address_len, owner, &p->peers[owner]);
     if (rc == CKPT_OK) {
         p->rkeys[owner] = ckpt__calloc(rk->nregions, sizeof(*p->rkeys[owner]));
         if (!p->rkeys[owner]) rc = ckpt__error(CKPT_ENOMEM, "rkeys");
     }
-    for (uint32_t g = 0; rc == CKPT_OK && g < rk->nregions; g++)
-        rc = ckpt__ucx_rkey_unpack(p->peers[owner], rk->regions[g].rkey, rk->regions[g].rkey_len,
-                                   &p->rkeys[owner][g]);
+    if (rc == CKPT_OK)
+        rc = ckpt__ucx_rkey_unpack(p->peers[owner], rk->regions[0].rkey, rk->regions[0].rkey_len,
+                                   &p->rkeys[owner][0]);
     if (rc < 0) return ckpt__error_prefix(rc, "connecting to serving rank %d: ", owner);
     return CKPT_OK;
 }
 
-int ckpt__p2p_check(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, int timeout_ms)
+/* The pools of `owner`, after a guard check passed. Pools in UCX shared memory are mapped
+ * here by the unpack: their pages are faulted in now, while connecting, rather than one
+ * 4 KiB fault at a time inside the pulls. */
+static int unpack_pools(ckpt__p2p_t *p, int owner)
 {
-    int rc = connect_owner(e, p, owner);
-    if (rc < 0) return rc;
+    const ckpt__metas_rank_t *rk = &p->metas.ranks[owner];
+    int rc = CKPT_OK;
+    double t0 = ckpt__now_s();
+    for (uint32_t g = 1; rc == CKPT_OK && g < rk->nregions; g++)
+        if (!p->rkeys[owner][g])
+            rc = ckpt__ucx_rkey_unpack(p->peers[owner], rk->regions[g].rkey,
+                                       rk->regions[g].rkey_len, &p->rkeys[owner][g]);
+    int mapped = 0;
+    for (uint32_t g = 1; rc == CKPT_OK && g < rk->nregions; g++)
+        mapped += ckpt__ucx_rkey_prefault(p->rkeys[owner][g], rk->regions[g].base,
+                                          rk->regions[g].size);
+    if (rc < 0) return ckpt__error_prefix(rc, "connecting to serving rank %d: ", owner);
+    ckpt_debug("serving rank %d: %u pool region(s), %d mapped here, in %.3f s", owner,
+               rk->nregions - 1, mapped, ckpt__now_s() - t0);
+    return CKPT_OK;
+}
+
+static int read_guard(ckpt__p2p_t *p, int owner, int timeout_ms)
+{
     uint64_t version = 0;
     ckpt__ucx_get_t g = {p->peers[owner], p->rkeys[owner][0], p->metas.ranks[owner].regions[0].base,
                          &version, sizeof(version), NULL};
-    rc = ckpt__ucx_get_batch(e->ucx, &g, 1, 1, timeout_ms);
+    int rc = ckpt__ucx_get_batch(p->ucx, &g, 1, 1, timeout_ms);
     if (rc < 0) return ckpt__error_prefix(rc, "checking serving rank %d: ", owner);
     if (version != p->metas.version)
         return ckpt__error(CKPT_ESTATE,
@@ -381,10 +466,22 @@ int ckpt__p2p_check(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, int timeout_ms)
     return CKPT_OK;
 }
 
+int ckpt__p2p_check(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, int timeout_ms)
+{
+    (void)e;
+    int rc = connect_owner(p, owner);
+    if (rc == CKPT_OK) rc = read_guard(p, owner, timeout_ms);
+    if (rc == CKPT_OK && !p->pools_ready[owner]) {
+        rc = unpack_pools(p, owner);
+        p->pools_ready[owner] = rc == CKPT_OK;
+    }
+    return rc;
+}
+
 int ckpt__p2p_register_buffers(ckpt_engine_t *e, ckpt__p2p_t *p)
 {
     for (int i = 0; i < e->buffers.nbuffers; i++) {
-        int rc = ckpt__ucx_mem_register(e->ucx, e->buffers.ptr[i], e->buffers.size, &p->local[i]);
+        int rc = ckpt__ucx_mem_register(p->ucx, e->buffers.ptr[i], e->buffers.size, &p->local[i]);
         if (rc < 0) return rc;
         p->nlocal++;
     }
@@ -395,7 +492,8 @@ int ckpt__p2p_pull(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, const ckpt_tenso
                    const uint64_t *src_offsets, size_t count, void *buf, int timeout_ms)
 {
     double t0 = ckpt__now_s();
-    int rc = connect_owner(e, p, owner);
+    int rc = p->pools_ready[owner] ? connect_owner(p, owner)
+                                   : ckpt__p2p_check(e, p, owner, timeout_ms);
     if (rc < 0) return rc;
     if (count > p->gets_cap) {
         ckpt__ucx_get_t *g = ckpt__realloc(p->gets, count * sizeof(*g));
@@ -418,9 +516,10 @@ int ckpt__p2p_pull(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, const ckpt_tenso
         g->local = local;
         bytes += t[i].nbytes;
     }
-    rc = ckpt__ucx_get_batch(e->ucx, p->gets, count, 0, timeout_ms);
+    rc = ckpt__ucx_get_batch(p->ucx, p->gets, count, 0, timeout_ms);
     if (rc < 0) return ckpt__error_prefix(rc, "pulling from serving rank %d: ", owner);
     p->pull_s += ckpt__now_s() - t0;
     p->pull_bytes += bytes;
-    return ckpt__p2p_check(e, p, owner, timeout_ms);
+    rc = read_guard(p, owner, timeout_ms);
+    return rc;
 }

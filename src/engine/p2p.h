@@ -8,8 +8,13 @@
 
 typedef struct ckpt__p2p {
     ckpt__metas_t metas;
+    /* The pulling side's own UCX context: single-threaded and polled by this rank only.
+     * The serving context (e->ucx) runs a progress thread under a lock; pulling through
+     * it made that thread spin on the lock against every get (perf: pthread_spin_lock). */
+    ckpt__ucx_t *ucx;
     ckpt__ucx_peer_t **peers;  /* per serving rank, connected on first use */
     ckpt__ucx_rkey_t ***rkeys; /* per serving rank and region */
+    char *pools_ready;         /* per serving rank: pool keys unpacked (after a guard check) */
     ckpt__ucx_get_t *gets;     /* scratch, sized for the largest bucket */
     size_t gets_cap;
     ckpt__ucx_mem_t *local[2]; /* the IPC buffers, registered for zero-copy gets */

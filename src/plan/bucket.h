@@ -28,7 +28,8 @@ typedef struct ckpt_bucket_plan {
 } ckpt_bucket_plan_t;
 
 /* Plans buckets: tensors grouped by owner (owners in ascending order), inside an owner by
- * name; each tensor starts on a CKPT_ALIGN boundary; a bucket never exceeds bucket_size and
+ * name; each tensor starts on a CKPT_ALIGN boundary, and a tensor of 64 KiB or more at an
+ * offset congruent to its source offset modulo 4 KiB when that fits (fast copies); a bucket never exceeds bucket_size and
  * a tensor is never split. Fails with CKPT_ETOOBIG naming the tensor when one does not
  * fit in bucket_size, and CKPT_EINVAL on a duplicate name or an owner outside [0, nranks). */
 int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks,

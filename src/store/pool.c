@@ -7,11 +7,30 @@
 
 #include "store/store_int.h"
 
-int ckpt__region_alloc(uint64_t size, const char *label, ckpt__region_t *out)
+int ckpt__region_alloc(uint64_t size, const char *label, const ckpt_pool_allocator_t *allocator,
+                       ckpt__region_t *out)
 {
     int rc = CKPT_OK;
     uint64_t len = CKPT_ALIGN_UP(CKPT_MAX(size, 1), (uint64_t)CKPT__HUGE_PAGE);
     void *base = MAP_FAILED;
+    if (allocator && allocator->alloc) {
+        void *handle = NULL;
+        int afd = -1;
+        base = NULL;
+        if (allocator->alloc(allocator->ctx, len, &base, &afd, &handle) == CKPT_OK) {
+            memset(out, 0, sizeof(*out));
+            out->pub.base = base;
+            out->pub.size = len;
+            out->pub.fd = afd;
+            out->map_len = len;
+            out->allocator = allocator;
+            out->alloc_handle = handle;
+            return CKPT_OK;
+        }
+        ckpt_debug("%s: the pool allocator refused %llu bytes (%s): using a memfd", label,
+                   (unsigned long long)len, ckpt_last_error());
+        base = MAP_FAILED;
+    }
     int fd = memfd_create("ckpt-pool", MFD_CLOEXEC);
 
     if (fd < 0) {
@@ -63,6 +82,13 @@ int ckpt__region_map(int fd, uint64_t size, const char *label, ckpt__region_t *o
 
 void ckpt__region_release(ckpt__region_t *r)
 {
+    if (r->allocator) {
+        if (r->pub.base) r->allocator->release(r->allocator->ctx, r->pub.base, r->map_len,
+                                               r->alloc_handle);
+        r->allocator = NULL;
+        r->pub.base = NULL;
+        r->map_len = 0;
+    }
     if (r->pub.base && r->map_len) munmap(r->pub.base, r->map_len);
     if (r->pub.fd >= 0 && !r->keep_fd) close(r->pub.fd);
     r->pub.base = NULL;

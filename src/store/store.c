@@ -24,6 +24,9 @@ int ckpt_store_create(const ckpt_store_options_t *opts, ckpt_store_t **store_out
         if (m & CKPT_STORE_OPT_REUSE_POOL) s->opts.reuse_pool = opts->reuse_pool;
         if (m & CKPT_STORE_OPT_USE_URING) s->opts.use_uring = opts->use_uring;
         if (m & CKPT_STORE_OPT_MAP_TMPFS) s->opts.map_tmpfs = opts->map_tmpfs;
+        if ((m & CKPT_STORE_OPT_POOL_ALLOCATOR) && opts->pool_allocator.alloc &&
+            opts->pool_allocator.release)
+            s->opts.pool_allocator = opts->pool_allocator;
     }
     /* Clamp rather than fail: these are performance knobs, not correctness. */
     s->opts.io_depth = CKPT_MIN(CKPT_MAX(s->opts.io_depth, 1), 4096);
@@ -80,7 +83,7 @@ int ckpt__store_pool_alloc(ckpt_store_t *store, uint64_t size, const char *label
         ckpt__region_release(&store->spare);
         store->has_spare = 0;
     }
-    int rc = ckpt__region_alloc(want, label, out);
+    int rc = ckpt__region_alloc(want, label, &store->opts.pool_allocator, out);
     if (rc) return rc;
     if (store->opts.pin_cuda) out->pub.pinned = ckpt__cuda_pin(&store->cuda, out->pub.base, out->pub.size, 0);
     return CKPT_OK;

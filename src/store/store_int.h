@@ -32,10 +32,15 @@ typedef struct ckpt__region {
     uint64_t map_len; /* bytes mapped at pub.base */
     int memfd;        /* 1: a memfd the store created (reusable); 0: an adopted file */
     int keep_fd;      /* 1: release leaves pub.fd open (a caller's fd, not ours yet) */
+    /* Set when the pool allocator made it: released through it, never munmapped here. */
+    const ckpt_pool_allocator_t *allocator;
+    void *alloc_handle;
 } ckpt__region_t;
 
-/* A new memfd region of at least `size` bytes (rounded to 2 MiB), mapped read-write. */
-int ckpt__region_alloc(uint64_t size, const char *label, ckpt__region_t *out);
+/* A new region of at least `size` bytes (rounded to 2 MiB), mapped read-write: from the
+ * allocator when it has one and it succeeds, else a memfd. */
+int ckpt__region_alloc(uint64_t size, const char *label, const ckpt_pool_allocator_t *allocator,
+                       ckpt__region_t *out);
 /* Maps `size` bytes of an existing fd read-only (MAP_SHARED); does not take the fd (the
  * caller stores it in out->pub.fd when the region should own it). */
 int ckpt__region_map(int fd, uint64_t size, const char *label, ckpt__region_t *out);

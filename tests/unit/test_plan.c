@@ -31,6 +31,9 @@ static void check_plan(const ckpt_tensor_meta_t *metas, size_t n, int nranks, ui
             end = t->offset + t->nbytes;
             CHECK(end <= bk->bytes);
             CHECK(plan.src_offsets[i] == 1000 + t->nbytes);
+            /* Large tensors keep their source's page offset unless they fill the bucket. */
+            if (t->nbytes >= 65536 && ckpt_aligned_size(t->nbytes) + 4096 <= bsize)
+                CHECK(t->offset % 4096 == plan.src_offsets[i] % 4096);
             total += t->nbytes;
         }
         seen += bk->count;
@@ -72,6 +75,49 @@ static void test_sizes(void)
     CHECK(plan.nbuckets == 3);
     ckpt__plan_free(&plan);
     check_plan(m, 0, 1, 256);                 /* nothing to send */
+}
+
+/* Large tensors land at their source's page offset (fast copies, see place() in
+ * bucket.c), the alignment stays, and the padding never pushes a tensor out of a bucket
+ * it fits in alone. */
+static void test_page_congruence(void)
+{
+    ckpt_tensor_meta_t m[12];
+    char name[32];
+    uint64_t off = 0;
+    for (int i = 0; i < 12; i++) {
+        snprintf(name, sizeof(name), "t%02d", i);
+        uint64_t nbytes = i % 3 == 0 ? 1000 : (uint64_t)(70000 + i * 4352);
+        make(&m[i], name, nbytes, i % 2);
+        m[i].offset = off + 256u * (uint64_t)i; /* pool layout with odd page offsets */
+        off += ckpt_aligned_size(nbytes);
+    }
+    uint64_t sizes[] = {ckpt__plan_min_bucket(m, 12), 256 * 1024, 1 << 20};
+    for (int k = 0; k < 3; k++) {
+        ckpt_bucket_plan_t plan;
+        CHECK_OK(ckpt__plan_buckets(m, 12, 2, sizes[k], &plan));
+        size_t congruent = 0, large = 0;
+        for (size_t b = 0; b < plan.nbuckets; b++) {
+            const ckpt_bucket_t *bk = &plan.buckets[b];
+            CHECK(bk->bytes <= sizes[k]);
+            uint64_t end = 0;
+            for (uint32_t i = bk->first; i < bk->first + bk->count; i++) {
+                const ckpt_tensor_meta_t *t = &plan.tensors[i];
+                CHECK(t->offset % CKPT_ALIGN == 0);
+                CHECK(t->offset >= end);
+                end = t->offset + ckpt_aligned_size(t->nbytes);
+                CHECK(end <= bk->bytes);
+                if (t->nbytes >= 65536) {
+                    large++;
+                    congruent += t->offset % 4096 == plan.src_offsets[i] % 4096;
+                }
+            }
+        }
+        /* With room to pad every large tensor keeps its page offset. */
+        if (k > 0) CHECK(congruent == large);
+        CHECK(large == 8);
+        ckpt__plan_free(&plan);
+    }
 }
 
 static void test_errors(void)
@@ -142,6 +188,7 @@ int main(void)
 {
     RUN_TEST(test_windows);
     RUN_TEST(test_sizes);
+    RUN_TEST(test_page_congruence);
     RUN_TEST(test_errors);
     RUN_TEST(test_bucket_size);
     TEST_EXIT();

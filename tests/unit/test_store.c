@@ -77,6 +77,76 @@ static void test_buffers_roundtrip(void)
     for (int i = 0; i < 3; i++) free(buf[i]);
 }
 
+/* A pool allocator: memfd-backed like the store's own, counting calls; refuses when told. */
+typedef struct {
+    int allocs, releases, refuse;
+    void *last;
+} counting_alloc_t;
+
+static int counting_alloc(void *ctx, uint64_t len, void **base_out, int *fd_out, void **handle_out)
+{
+    counting_alloc_t *c = ctx;
+    if (c->refuse) return CKPT_EUNSUPPORTED;
+    int fd = memfd_create("test-alloc", MFD_CLOEXEC);
+    if (fd < 0 || ftruncate(fd, (off_t)len) != 0) return CKPT_ENOMEM;
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) return CKPT_ENOMEM;
+    c->allocs++;
+    c->last = p;
+    *base_out = p;
+    *fd_out = fd;
+    *handle_out = c;
+    return CKPT_OK;
+}
+
+static void counting_release(void *ctx, void *base, uint64_t len, void *handle)
+{
+    counting_alloc_t *c = ctx;
+    CHECK(handle == ctx && base == c->last);
+    munmap(base, len);
+    c->releases++;
+}
+
+static void test_pool_allocator(void)
+{
+    ckpt_tensor_meta_t m[3];
+    uint8_t *buf[3];
+    sample(m, buf);
+    counting_alloc_t c = {0};
+    ckpt_store_options_t o = CKPT_STORE_OPTIONS_INIT;
+    o.field_mask = CKPT_STORE_OPT_POOL_ALLOCATOR;
+    o.pool_allocator = (ckpt_pool_allocator_t){counting_alloc, counting_release, &c};
+    ckpt_store_t *s = NULL;
+    CHECK_OK(ckpt_store_create(&o, &s));
+    CHECK_OK(ckpt_store_register_buffers(s, "a", m, (const void *const *)buf, 3));
+    CHECK(c.allocs == 1);
+    const ckpt_pool_region_t *r;
+    size_t n;
+    CHECK_OK(ckpt_store_regions(s, "a", &r, &n));
+    CHECK(n == 1 && r[0].base == c.last && r[0].fd >= 0);
+    const ckpt_tensor_meta_t *t;
+    CHECK_OK(ckpt_store_tensors(s, "a", &t, &n));
+    const void *p;
+    CHECK_OK(ckpt_store_tensor_data(s, "a", 0, &p)); /* a.bias */
+    CHECK(memcmp(p, buf[1], m[1].nbytes) == 0);
+    /* Refused: the store falls back to a memfd of its own, the registration still works. */
+    c.refuse = 1;
+    CHECK_OK(ckpt_store_register_buffers(s, "b", m, (const void *const *)buf, 3));
+    CHECK(c.allocs == 1);
+    CHECK_OK(ckpt_store_regions(s, "b", &r, &n));
+    CHECK(n == 1 && r[0].base != c.last && r[0].fd >= 0);
+    CHECK_OK(ckpt_store_unregister(s, "a"));
+    CHECK(c.releases == 1);
+    CHECK_OK(ckpt_store_unregister(s, "b"));
+    CHECK(c.releases == 1); /* the memfd region is not the allocator's */
+    /* Destroying the store releases what is still registered. */
+    c.refuse = 0;
+    CHECK_OK(ckpt_store_register_buffers(s, "c", m, (const void *const *)buf, 3));
+    ckpt_store_destroy(s);
+    CHECK(c.allocs == 2 && c.releases == 2);
+    for (int i = 0; i < 3; i++) free(buf[i]);
+}
+
 static void test_buffers_invalid(void)
 {
     ckpt_tensor_meta_t m[3];
@@ -192,6 +262,7 @@ int main(void)
 {
     RUN_TEST(test_buffers_roundtrip);
     RUN_TEST(test_buffers_invalid);
+    RUN_TEST(test_pool_allocator);
     RUN_TEST(test_fd_roundtrip);
     RUN_TEST(test_reuse_pool);
     RUN_TEST(test_fail_alloc);

@@ -2,7 +2,9 @@
  * this process pulls it with batched gets, over shared memory and over TCP. */
 #include "test.h"
 
+#include <fcntl.h>
 #include <pthread.h>
+#include <sys/mman.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -45,21 +47,30 @@ static int read_all(int fd, void *p, size_t n)
 
 static uint8_t pattern(uint64_t i, int seed) { return (uint8_t)((i * 2654435761u) >> 13) ^ (uint8_t)seed; }
 
-/* Server process: fill, register, publish, serve until told to quit. */
-static int server_main(int fd, size_t size, int seed)
+/* Server process: fill, register, publish, serve until told to quit. shared: the buffer
+ * comes from UCX's shared memory as the engine's pools do (malloc where UCX has none). */
+static int server_main(int fd, size_t size, int seed, int shared)
 {
     ckpt__ucx_options_t o = CKPT__UCX_OPTIONS_INIT;
     o.progress_thread = 1;
+    o.shared_alloc = shared;
     ckpt__ucx_t *u = NULL;
     ckpt__ucx_mem_t *mem = NULL;
     const void *addr;
     size_t addr_len, rkey_len;
     void *rkey = NULL;
-    uint8_t *buf = malloc(size);
-    if (!buf) return 1;
-    for (size_t i = 0; i < size; i++) buf[i] = pattern(i, seed);
-    int rc = ckpt__ucx_create(&o, &u);
-    if (!rc) rc = ckpt__ucx_mem_register(u, buf, size, &mem);
+    uint8_t *buf = NULL, *own = NULL;
+    int rc = ckpt__ucx_create(&o, &u), sfd = -1;
+    if (!rc && shared && ckpt__ucx_mem_alloc_shared(u, size, &mem, &sfd) == CKPT_OK) {
+        buf = ckpt__ucx_mem_base(mem);
+        close(sfd);
+    } else if (!rc) {
+        buf = own = malloc(size);
+        if (!buf) return 1;
+        rc = ckpt__ucx_mem_register(u, buf, size, &mem);
+    }
+    if (!rc)
+        for (size_t i = 0; i < size; i++) buf[i] = pattern(i, seed);
     if (!rc) rc = ckpt__ucx_rkey_pack(u, mem, &rkey, &rkey_len);
     if (!rc) rc = ckpt__ucx_address(u, &addr, &addr_len);
     if (!rc) rc = ckpt__ucx_progress_start(u);
@@ -93,11 +104,11 @@ static int server_main(int fd, size_t size, int seed)
     }
     ckpt__free(rkey);
     ckpt__ucx_destroy(u);
-    free(buf);
+    free(own);
     return 0;
 }
 
-static int server_start(server_t *s, size_t size, int seed)
+static int server_start(server_t *s, size_t size, int seed, int shared)
 {
     int sv[2];
     memset(s, 0, sizeof(*s));
@@ -107,7 +118,7 @@ static int server_start(server_t *s, size_t size, int seed)
     if (pid < 0) return -1;
     if (pid == 0) {
         close(sv[0]);
-        _exit(server_main(sv[1], size, seed));
+        _exit(server_main(sv[1], size, seed, shared));
     }
     close(sv[1]);
     s->pid = pid;
@@ -147,7 +158,8 @@ static void test_pull_two_peers(void)
     ckpt__ucx_rkey_t *rkey[NPEER] = {0};
     ckpt__ucx_mem_t *local = NULL;
     const size_t size = (24u << 20) + 4099;
-    for (int i = 0; i < NPEER; i++) CHECK(server_start(&s[i], size, 17 + i) == 0);
+    /* Peer 0 serves memory of its own, registered; peer 1 memory UCX allocated. */
+    for (int i = 0; i < NPEER; i++) CHECK(server_start(&s[i], size, 17 + i, i == 1) == 0);
     ckpt__ucx_options_t o = CKPT__UCX_OPTIONS_INIT;
     o.chunk_size = 1u << 20;
     CHECK_OK(ckpt__ucx_create(&o, &u));
@@ -200,6 +212,58 @@ static void test_pull_two_peers(void)
     free(dst);
 }
 
+/* UCX-allocated shared memory comes with an fd mapping the same pages (what the store
+ * hands to workers), is found again by its base, and is refused cleanly where the context
+ * was not made for it. */
+static void test_shared_alloc(void)
+{
+    ckpt__ucx_options_t o = CKPT__UCX_OPTIONS_INIT;
+    o.shared_alloc = 1;
+    ckpt__ucx_t *u = NULL;
+    ckpt__ucx_mem_t *mem = NULL;
+    int fd = -1;
+    const size_t size = (3u << 20) + 12345;
+    CHECK_OK(ckpt__ucx_create(&o, &u));
+    int rc = ckpt__ucx_mem_alloc_shared(u, size, &mem, &fd);
+    if (rc == CKPT_EUNSUPPORTED) {
+        /* e.g. UCX_TLS=tcp,self loads no shared-memory allocator: the engine falls back. */
+        fprintf(stderr, "  no UCX shared allocation here: %s\n", ckpt_last_error());
+        CHECK_ERR_HAS("ucx mem alloc");
+    } else {
+        CHECK_OK(rc);
+        uint8_t *base = rc == CKPT_OK ? ckpt__ucx_mem_base(mem) : NULL;
+        CHECK(base != NULL && fd >= 0);
+        if (!base) {
+            ckpt__ucx_destroy(u);
+            return;
+        }
+        CHECK(ckpt__ucx_mem_find_allocated(u, base) == mem);
+        CHECK(ckpt__ucx_mem_find_allocated(u, base + 4096) == NULL);
+        for (size_t i = 0; i < size; i += 4096) base[i] = pattern(i, 9);
+        uint8_t *view = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        CHECK(view != MAP_FAILED);
+        size_t bad = size;
+        for (size_t i = 0; view != MAP_FAILED && i < size && bad == size; i += 4096)
+            if (view[i] != pattern(i, 9)) bad = i;
+        CHECK(bad == size);
+        if (view != MAP_FAILED) {
+            view[size - 1] = 0xa5; /* and the other way round */
+            CHECK(base[size - 1] == 0xa5);
+            munmap(view, size);
+        }
+        CHECK(fcntl(fd, F_GETFD) & FD_CLOEXEC);
+        close(fd);
+        ckpt__ucx_mem_unregister(u, mem);
+        CHECK(ckpt__ucx_mem_find_allocated(u, base) == NULL);
+    }
+    ckpt__ucx_destroy(u);
+    /* A context made without shared_alloc refuses, naming why. */
+    CHECK_OK(ckpt__ucx_create(NULL, &u));
+    CHECK_RC(ckpt__ucx_mem_alloc_shared(u, size, &mem, &fd), CKPT_EUNSUPPORTED);
+    CHECK_ERR_HAS("shared_alloc");
+    ckpt__ucx_destroy(u);
+}
+
 typedef struct killer {
     pid_t pid;
     int delay_ms;
@@ -222,7 +286,7 @@ static void test_peer_killed(void)
     ckpt__ucx_peer_t *peer = NULL;
     ckpt__ucx_rkey_t *rkey = NULL;
     const size_t size = 32u << 20;
-    CHECK(server_start(&s, size, 3) == 0);
+    CHECK(server_start(&s, size, 3, 0) == 0);
     ckpt__ucx_options_t o = CKPT__UCX_OPTIONS_INIT;
     o.chunk_size = 256u << 10;
     CHECK_OK(ckpt__ucx_create(&o, &u));
@@ -276,6 +340,7 @@ static int run_for_tls(const char *label, const char *tls)
         }
         ckpt__ucx_destroy(probe);
         fprintf(stderr, "== %s (UCX_TLS=%s)\n", label, tls);
+        RUN_TEST(test_shared_alloc);
         RUN_TEST(test_pull_two_peers);
         RUN_TEST(test_peer_killed);
         _exit(test__failures ? 1 : 0);

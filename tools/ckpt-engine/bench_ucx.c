@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -20,8 +21,27 @@ typedef struct bench_opts {
     uint64_t size, chunk;
     int inflight, repeat, perftest;
     int reuse; /* read one chunk-sized range over and over, as ucx_perftest does */
+    int memfd; /* bit 0: source, bit 1: destination in shared memfd memory, as in the engine */
     const char *tls;
 } bench_opts_t;
+
+/* Private anonymous memory, or a shared memfd mapping as the store's pools and the IPC
+ * buffers are (shared memory reads and writes are slower than private ones on some VMs). */
+static char *alloc_buf(size_t size, int shared)
+{
+    if (!shared) return malloc(size);
+    int fd = memfd_create("bench-ucx", MFD_CLOEXEC);
+    if (fd < 0 || ftruncate(fd, (off_t)size) != 0) return NULL;
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void free_buf(char *p, size_t size, int shared)
+{
+    if (p && shared) munmap(p, size);
+    else free(p);
+}
 
 static int xfer(int fd, void *p, size_t n, int out)
 {
@@ -44,11 +64,21 @@ static int serve(int fd, const bench_opts_t *o)
     const void *addr = NULL;
     void *rkey = NULL;
     size_t alen = 0, rlen = 0;
-    char *buf = malloc(o->size);
-    int rc = buf ? CKPT_OK : CKPT_ENOMEM;
+    /* --memfd src: memory of our own, registered; otherwise UCX's shared memory, as the
+     * engine's pools are (plain malloc memory when UCX has no shared allocation). */
+    char *buf = NULL;
+    uo.shared_alloc = !(o->memfd & 1);
+    int rc = ckpt__ucx_create(&uo, &u), sfd = -1;
+    if (!rc && uo.shared_alloc && ckpt__ucx_mem_alloc_shared(u, o->size, &mem, &sfd) == CKPT_OK) {
+        buf = ckpt__ucx_mem_base(mem);
+        close(sfd);
+    }
+    int own = buf == NULL;
+    if (!rc && own) {
+        buf = alloc_buf(o->size, o->memfd & 1);
+        rc = buf ? ckpt__ucx_mem_register(u, buf, o->size, &mem) : CKPT_ENOMEM;
+    }
     if (!rc) memset(buf, 0x5c, o->size); /* touch every page before serving */
-    if (!rc) rc = ckpt__ucx_create(&uo, &u);
-    if (!rc) rc = ckpt__ucx_mem_register(u, buf, o->size, &mem);
     if (!rc) rc = ckpt__ucx_rkey_pack(u, mem, &rkey, &rlen);
     if (!rc) rc = ckpt__ucx_address(u, &addr, &alen);
     if (!rc) rc = ckpt__ucx_progress_start(u);
@@ -63,7 +93,7 @@ static int serve(int fd, const bench_opts_t *o)
     }
     ckpt__free(rkey);
     ckpt__ucx_destroy(u);
-    free(buf);
+    if (own) free_buf(buf, o->size, o->memfd & 1);
     return rc ? 1 : 0;
 }
 
@@ -98,7 +128,8 @@ static int pull(const bench_opts_t *o, double *gbps_out)
     if (xfer(sv[0], addr, hdr[1], 0) || xfer(sv[0], packed, hdr[2], 0)) goto done;
     ckpt__ucx_options_t uo = CKPT__UCX_OPTIONS_INIT;
     uo.chunk_size = o->chunk;
-    dst = malloc(o->size);
+    dst = alloc_buf(o->size, o->memfd & 2);
+    if (!dst) goto done;
     memset(dst, 0, o->size);
     if (ckpt__ucx_create(&uo, &u) || ckpt__ucx_connect(u, addr, hdr[1], 0, &peer) ||
         ckpt__ucx_rkey_unpack(peer, packed, hdr[2], &rkey) ||
@@ -135,7 +166,8 @@ done:
     ckpt__ucx_destroy(u);
     close(sv[0]);
     waitpid(pid, NULL, 0);
-    free(addr), free(packed), free(dst), free(gbps);
+    free(addr), free(packed), free(gbps);
+    free_buf(dst, o->size, o->memfd & 2);
     return rc;
 }
 
@@ -202,24 +234,28 @@ static void usage(void)
     fprintf(stderr,
             "usage: ckpt-engine bench ucx-get [--size BYTES] [--chunk BYTES] [--inflight N]\n"
             "                                 [--tls shm|tcp|UCX_TLS] [--repeat N] [--no-perftest]\n"
-            "                                 [--reuse]\n"
+            "                                 [--reuse] [--memfd src|dst|both]\n"
             "Pulls --size (default 1GiB) from a forked server with our batched UCX gets and\n"
             "compares with `ucx_perftest -t ucp_get` on the same transport. --reuse reads one\n"
-            "chunk over and over, as ucx_perftest does (cache-resident, like for like).\n");
+            "chunk over and over, as ucx_perftest does (cache-resident, like for like).\n"
+            "The source is UCX-allocated shared memory, as the engine's pools are (falls\n"
+            "back to malloc when UCX cannot allocate shared memory); --memfd src serves a\n"
+            "memfd of our own registered with UCX instead, --memfd dst pulls into one.\n");
 }
 
 int bench_ucx_get(int argc, char **argv)
 {
-    bench_opts_t o = {1ull << 30, CKPT__UCX_CHUNK_DEFAULT, CKPT__UCX_INFLIGHT_DEFAULT, 5, 1, 0, NULL};
+    bench_opts_t o = {1ull << 30, CKPT__UCX_CHUNK_DEFAULT, CKPT__UCX_INFLIGHT_DEFAULT, 5, 1, 0, 0, NULL};
     static const struct option longopts[] = {
         {"size", required_argument, NULL, 's'},   {"chunk", required_argument, NULL, 'c'},
         {"inflight", required_argument, NULL, 'i'}, {"tls", required_argument, NULL, 't'},
         {"repeat", required_argument, NULL, 'r'}, {"no-perftest", no_argument, NULL, 'n'},
-        {"reuse", no_argument, NULL, 'u'},        {"help", no_argument, NULL, 'h'},
+        {"reuse", no_argument, NULL, 'u'},        {"memfd", required_argument, NULL, 'm'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0}};
     int c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "s:c:i:t:r:nuh", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "s:c:i:t:r:num:h", longopts, NULL)) != -1) {
         switch (c) {
         case 's':
         case 'c':
@@ -233,6 +269,13 @@ int bench_ucx_get(int argc, char **argv)
         case 'r': o.repeat = atoi(optarg); break;
         case 'n': o.perftest = 0; break;
         case 'u': o.reuse = 1; break;
+        case 'm':
+            o.memfd = !strcmp(optarg, "src") ? 1 : !strcmp(optarg, "dst") ? 2 : !strcmp(optarg, "both") ? 3 : -1;
+            if (o.memfd < 0) {
+                fprintf(stderr, "bench ucx-get: --memfd takes src, dst or both, not '%s'\n", optarg);
+                return 2;
+            }
+            break;
         default: usage(); return c == 'h' ? 0 : 2;
         }
     }
