@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <unistd.h>
 
 #include <ucs/config/global_opts.h>
 
@@ -196,7 +197,12 @@ int ckpt__ucx_mem_alloc_shared(ckpt__ucx_t *u, size_t len, ckpt__ucx_mem_t **mem
     mp.address = NULL;
     mp.length = len;
     mp.flags = UCP_MEM_MAP_ALLOCATE;
+    /* A refusal (no room in /dev/shm, no POSIX transport) is expected and handled by the
+     * caller's fallback: keep UCX from logging it as an error. */
+    ucs_log_level_t saved = ucs_global_opts.log_component.log_level;
+    ucs_global_opts.log_component.log_level = UCS_LOG_LEVEL_FATAL;
     ucs_status_t st = ucp_mem_map(u->context, &mp, &m->memh);
+    ucs_global_opts.log_component.log_level = saved;
     ucp_mem_attr_t attr = {.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH};
     if (st == UCS_OK) {
         ucs_status_t qst = ucp_mem_query(m->memh, &attr);
@@ -216,6 +222,14 @@ int ckpt__ucx_mem_alloc_shared(ckpt__ucx_t *u, size_t len, ckpt__ucx_mem_t **mem
     int rc = attr.length >= len ? fd_of_mapping(attr.address, &fd)
                                 : ckpt__error(CKPT_EUNSUPPORTED, "ucx mem alloc: %zu bytes "
                                               "asked, %zu given", len, attr.length);
+    /* UCX only sizes the file: on a tmpfs short of room (a container's 64 MiB /dev/shm)
+     * the first write past the room would be a SIGBUS. Reserve the pages now instead, so
+     * a lack of room is an error here and the caller falls back to its own memory. */
+    if (rc == CKPT_OK && fallocate(fd, 0, 0, (off_t)attr.length) != 0) {
+        rc = ckpt__error(CKPT_EUNSUPPORTED, "ucx mem alloc: reserving %zu bytes of POSIX shared "
+                         "memory: %s", attr.length, strerror(errno));
+        close(fd);
+    }
     if (rc < 0) {
         ucp_mem_unmap(u->context, m->memh);
         ckpt__free(m);

@@ -113,6 +113,10 @@ static void refuse_pending(void *arg)
 
 static int recv_reply(ckpt_ipc_server_t *srv, int timeout_ms, ckpt__ipc_hdr_t *hdr)
 {
+    /* Also before receiving: when every reply is already queued the wait below never
+     * blocks, and a second worker knocking would not be told until one did (seen as a
+     * flaky test_second_worker_refused under load). */
+    refuse_pending(srv);
     ckpt__ipc_watch_t watch = {srv->listen_fd, refuse_pending, srv};
     return ckpt__ipc_conn_recv(&srv->conn, timeout_ms, &watch, hdr);
 }

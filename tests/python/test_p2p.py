@@ -22,7 +22,8 @@ def same(dep, r, model):
 
 @pytest.fixture
 def serving(tmp_path, monkeypatch, request):
-    tls = getattr(request, "param", "shm,self")
+    # "TLS" or "TLS|off": the serving deployment with --ucx-pools off (memfd pools).
+    tls, _, pools = getattr(request, "param", "shm,self").partition("|")
     monkeypatch.setattr(mpijob, "MPI_ENV", dict(mpijob.MPI_ENV, UCX_TLS=tls))
     model = gen(tmp_path, size="8MiB", layers=2, shards=2)
     sdir = tmp_path / "serving"
@@ -30,7 +31,7 @@ def serving(tmp_path, monkeypatch, request):
     sdep = Deployment(sdir, 2)
     for r in range(2):
         sdep.start_worker(r, ["--layout", model])
-    srv = InteractiveServe(sdep)
+    srv = InteractiveServe(sdep, ["--ucx-pools", pools] if pools else None)
     assert srv.command("register m %s" % model)["ok"]
     metas = str(tmp_path / "metas.json")
     assert srv.command("export m %s" % metas)["ok"]
@@ -48,9 +49,27 @@ def serving_workers_untouched(sdep):
         assert "update" not in sdep.worker_log(r), sdep.worker_log(r)
 
 
-@pytest.mark.parametrize("serving", ["shm,self", "tcp,self"], indirect=True)
-def test_p2p_update_pulls_and_verifies(serving):
+def memfd_pools(pids):
+    """How many of the store's own memfd pools the processes map."""
+    n = 0
+    for pid in pids:
+        with open("/proc/%d/maps" % pid) as f:
+            n += sum("memfd:ckpt-pool" in line for line in f)
+    return n
+
+
+@pytest.mark.parametrize("serving", ["shm,self", "shm,self|off", "tcp,self"], indirect=True)
+def test_p2p_update_pulls_and_verifies(serving, request):
     model, metas, srv, sdep, jdep = serving
+    # Over shared memory the pools come from UCX (joiners copy straight out of them);
+    # with --ucx-pools off, or without a shared-memory transport, they are memfds.
+    pids = srv.rank_pids()
+    assert len(pids) == 2, pids
+    memfds = memfd_pools(pids)
+    if request.node.callspec.params["serving"] == "shm,self":
+        assert memfds == 0, memfds
+    else:
+        assert memfds >= 2, memfds
     for r in range(2):
         jdep.start_worker(r, ["--layout", model, "--verify"], updates=1)
     p, res = jdep.serve(["p2p-update %s bucket=1MiB verify=1" % metas], check=True)
@@ -110,7 +129,7 @@ def test_bench_p2p_runs(tmp_path):
     p = subprocess.run([mpijob.ENGINE, "bench", "p2p", "--size", "8MiB", "--bucket", "1MiB"],
                        capture_output=True, text=True, timeout=240, env=mpijob.MPI_ENV)
     assert p.returncode == 0, p.stdout + p.stderr
-    for row in ("P2P pull phase", "ucx_perftest", "P2P update (joining)",
+    for row in ("P2P pull phase", "ucx_perftest", "same, beside 2 copy loops", "P2P update (joining)",
                 "broadcast update, direct", "broadcast update, staged"):
         assert row in p.stdout, p.stdout
 

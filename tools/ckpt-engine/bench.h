@@ -11,5 +11,8 @@ int bench_p2p(int argc, char **argv);
  * `chunk` bytes, `size` bytes in all. Its bandwidth in GB/s, or < 0 when it gave none. */
 #include <stdint.h>
 double bench_ucx_perftest(uint64_t chunk, uint64_t size);
+/* The same while `busy` processes copy memory without pause (64 MiB memcpy loops), as a
+ * host whose inference workers reload weights is busy. */
+double bench_ucx_perftest_busy(uint64_t chunk, uint64_t size, int busy);
 
 #endif

@@ -22,7 +22,7 @@
 #define CKPT_MAX(a, b) ((a) > (b) ? (a) : (b))
 
 typedef struct {
-    const char *path, *tls;
+    const char *path, *tls, *ucx_pools;
     char size[32], bucket[32];
     int ranks, keep;
     char self[2048], worker[2048], work[256];
@@ -32,12 +32,16 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: ckpt-engine bench p2p [PATH] [--size 1GiB] [--ranks N] [--tls shm|tcp]\n"
-            "                             [--bucket SIZE] [--keep]\n\n"
+            "                             [--bucket SIZE] [--ucx-pools auto|off] [--keep]\n\n"
             "Runs a serving deployment (N ranks + N workers) and a joining one (N ranks + N\n"
             "workers) on this machine under mpirun; the joiner pulls the checkpoint (PATH, or a\n"
             "synthetic one of --size) over UCX. Prints the pull phase against ucx_perftest's\n"
             "get bandwidth on the same transport, and the P2P update beside the broadcast\n"
-            "updates of the serving deployment. --keep keeps the work folder.\n");
+            "updates of the serving deployment. The floor is measured twice: on an idle host,\n"
+            "and beside N processes copying memory as the joining workers do while the pull\n"
+            "of the next bucket runs (on a host with fewer cores than processes the pull\n"
+            "shares them). --ucx-pools is passed to the serving deployment's `serve`.\n"
+            "--keep keeps the work folder.\n");
 }
 
 static pid_t spawn(char *const argv[], const char *out_path)
@@ -144,6 +148,7 @@ static int parse(int argc, char **argv, p2p_opts_t *o)
         {"size", required_argument, NULL, 's'}, {"ranks", required_argument, NULL, 'n'},
         {"tls", required_argument, NULL, 't'},  {"bucket", required_argument, NULL, 'b'},
         {"keep", no_argument, NULL, 'k'},       {"help", no_argument, NULL, 'h'},
+        {"ucx-pools", required_argument, NULL, 'u'},
         {NULL, 0, NULL, 0}};
     int c;
     uint64_t v;
@@ -161,6 +166,7 @@ static int parse(int argc, char **argv, p2p_opts_t *o)
         case 'n': o->ranks = atoi(optarg); break;
         case 't': o->tls = optarg; break;
         case 'k': o->keep = 1; break;
+        case 'u': o->ucx_pools = optarg; break;
         case 'h': usage(stdout); return 1;
         default: usage(stderr); return 2;
         }
@@ -248,8 +254,8 @@ int bench_p2p(int argc, char **argv)
     /* commands = the file, then whatever arrives on the FIFO ("quit" at the end). */
     char shell[16384];
     snprintf(shell, sizeof(shell), "cat '%s' '%s' | mpirun -np %s --oversubscribe --bind-to none "
-             "'%s' serve --socket-dir '%s' --commands - --json",
-             sfile, fifo, np, o.self, sdir);
+             "'%s' serve --socket-dir '%s' --commands - --json --ucx-pools '%s'",
+             sfile, fifo, np, o.self, sdir, o.ucx_pools ? o.ucx_pools : "auto");
     char *sh[] = {"sh", "-c", shell, NULL};
     pid_t serving = spawn(sh, sout);
     /* Wait for the metas (the export is the last command before the FIFO). */
@@ -292,6 +298,8 @@ int bench_p2p(int argc, char **argv)
     uint64_t bucket_bytes = 64ull << 20;
     ckpt_parse_size(o.bucket, &bucket_bytes);
     floor_gbps = bench_ucx_perftest(bucket_bytes, CKPT_MAX(bytes, 4 * bucket_bytes));
+    double busy_gbps = bench_ucx_perftest_busy(bucket_bytes, CKPT_MAX(bytes, 4 * bucket_bytes),
+                                               o.ranks);
 
     printf("\n  %-30s %8.2f GB/s   (%.0f bytes in %.3f s, summed over ranks)\n",
            "P2P pull phase", pull_gbps, num(p2p, "pull_bytes"), num(p2p, "pull_s"));
@@ -300,6 +308,11 @@ int bench_p2p(int argc, char **argv)
                floor_gbps, pull_gbps / floor_gbps);
     else
         printf("  %-30s no result (is ucx-utils installed?)\n", "ucx_perftest -t ucp_get");
+    if (busy_gbps > 0) {
+        char what[64];
+        snprintf(what, sizeof(what), "  same, beside %d copy loop%s", o.ranks, o.ranks > 1 ? "s" : "");
+        printf("  %-30s %8.2f GB/s   ratio %.2f\n", what, busy_gbps, pull_gbps / busy_gbps);
+    }
     row("P2P update (joining)", p2p);
     row("broadcast update, direct", direct);
     row("broadcast update, staged", staged);

@@ -229,6 +229,31 @@ double bench_ucx_perftest(uint64_t chunk, uint64_t size)
     return mbps < 0 ? -1 : mbps * 1048576.0 / 1e9;
 }
 
+double bench_ucx_perftest_busy(uint64_t chunk, uint64_t size, int busy)
+{
+    pid_t pids[64];
+    int n = 0;
+    fflush(NULL);
+    for (; n < busy && n < 64; n++) {
+        pids[n] = fork();
+        if (pids[n] == 0) {
+            size_t len = 64u << 20;
+            char *a = malloc(len), *b = malloc(len);
+            if (!a || !b) _exit(1);
+            memset(a, 1, len);
+            for (;;) {
+                memcpy(b, a, len);
+                __asm__ volatile("" ::"r"(b) : "memory"); /* keep the copy */
+            }
+        }
+        if (pids[n] < 0) break;
+    }
+    double gbps = bench_ucx_perftest(chunk, size);
+    for (int i = 0; i < n; i++) kill(pids[i], SIGKILL);
+    for (int i = 0; i < n; i++) waitpid(pids[i], NULL, 0);
+    return gbps;
+}
+
 static void usage(void)
 {
     fprintf(stderr,

@@ -44,6 +44,9 @@ static void serve_usage(FILE *out)
         "  --direct auto|off    auto: when all ranks share one host, workers read tensors\n"
         "                       straight out of the owners' pools (no staging copy, the\n"
         "                       default); off: always stage through the IPC buffers\n"
+        "  --ucx-pools auto|off auto: pools come from UCX's POSIX shared memory where UCX\n"
+        "                       has it, so P2P joiners on this host copy straight out of\n"
+        "                       them (the default); off: plain memfds (gets are emulated)\n"
         "  --json               print results as JSON lines instead of tables\n"
         "  -h, --help           this text\n\n"
         "commands (rank 0's input; '#' starts a comment):\n"
@@ -427,13 +430,13 @@ int cmd_serve(int argc, char **argv)
     const char *commands = NULL, *http = NULL, *token_file = NULL;
     serve_state_t st;
     memset(&st, 0, sizeof(st));
-    enum { O_HTTP = 256, O_TOKEN };
+    enum { O_HTTP = 256, O_TOKEN, O_UCX_POOLS };
     static const struct option longopts[] = {
         {"socket-dir", required_argument, NULL, 's'}, {"commands", required_argument, NULL, 'c'},
         {"bucket-max", required_argument, NULL, 'b'}, {"memory-limit", required_argument, NULL, 'm'},
         {"timeout-ms", required_argument, NULL, 't'}, {"verify", no_argument, NULL, 'v'},
         {"share", required_argument, NULL, 'S'},      {"json", no_argument, NULL, 'j'},
-        {"direct", required_argument, NULL, 'D'},
+        {"direct", required_argument, NULL, 'D'},     {"ucx-pools", required_argument, NULL, O_UCX_POOLS},
         {"http", required_argument, NULL, O_HTTP},    {"token-file", required_argument, NULL, O_TOKEN},
         {"help", no_argument, NULL, 'h'},             {NULL, 0, NULL, 0}};
     int c;
@@ -465,6 +468,15 @@ int cmd_serve(int argc, char **argv)
             else if (strcmp(optarg, "off") == 0) opts.direct = 0;
             else {
                 fprintf(stderr, "ckpt-engine serve: --direct takes auto or off, not '%s'\n", optarg);
+                return 2;
+            }
+            break;
+        case O_UCX_POOLS:
+            if (strcmp(optarg, "auto") == 0) opts.ucx_pools = -1;
+            else if (strcmp(optarg, "off") == 0) opts.ucx_pools = 0;
+            else {
+                fprintf(stderr, "ckpt-engine serve: --ucx-pools takes auto or off, not '%s'\n",
+                        optarg);
                 return 2;
             }
             break;
