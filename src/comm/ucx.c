@@ -64,8 +64,10 @@ int ckpt__ucx_create(const ckpt__ucx_options_t *opts, ckpt__ucx_t **out)
     }
     ucp_params_t params = {0};
     params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
-    /* WAKEUP only where a progress thread sleeps on the worker fd: the pulling side polls. */
-    params.features = UCP_FEATURE_RMA | (u->serving ? UCP_FEATURE_WAKEUP : 0);
+    /* WAKEUP on both sides: the serving progress thread sleeps on the worker fd, and a
+     * pulling batch sleeps on it while it waits for a transport that needs the serving
+     * side to work (TCP), instead of spinning on the core that side needs. */
+    params.features = UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
     /* Registration (context) may run on the caller's thread while the progress thread
      * drives the worker, so the context must lock. */
     params.mt_workers_shared = u->serving;
@@ -84,6 +86,8 @@ int ckpt__ucx_create(const ckpt__ucx_options_t *opts, ckpt__ucx_t **out)
         rc = ckpt__error(ucs_to_ckpt(st), "ucx create: ucp_worker_create: %s", ucs_status_string(st));
         goto fail;
     }
+    u->efd = -1;
+    if (!u->serving && ucp_worker_get_efd(u->worker, &u->efd) != UCS_OK) u->efd = -1;
     st = ucp_worker_get_address(u->worker, &u->address, &u->address_len);
     if (st != UCS_OK) {
         rc = ckpt__error(ucs_to_ckpt(st), "ucx create: ucp_worker_get_address: %s",

@@ -1,5 +1,10 @@
 /* The pulling data path: batched, chunked one-sided gets from one or several peers. */
+#include <poll.h>
+
 #include "comm/ucx_impl.h"
+
+/* How long a batch polls without progress before it sleeps on the worker's fd. */
+#define CKPT__UCX_BATCH_SPIN_NS 50000u
 
 static void get_done_cb(void *request, ucs_status_t status, void *user_data)
 {
@@ -64,6 +69,7 @@ int ckpt__ucx_get_batch(ckpt__ucx_t *u, const ckpt__ucx_get_t *gets, size_t n, i
     int aborted = 0;
     uint64_t abort_deadline = 0;
     size_t free_hint = 0;
+    uint64_t idle_since = 0;
 
     for (;;) {
         /* Post chunks while there is room and nothing has failed. */
@@ -113,7 +119,20 @@ int ckpt__ucx_get_batch(ckpt__ucx_t *u, const ckpt__ucx_get_t *gets, size_t n, i
         }
         if (active == 0 && (rc != CKPT_OK || next >= n)) break;
 
-        ucp_worker_progress(u->worker);
+        if (ucp_worker_progress(u->worker)) {
+            idle_since = 0;
+        } else if (u->efd >= 0 && active) {
+            /* Nothing moved: after a short spin, sleep until the worker has an event (or
+             * 1 ms), so the peer's side of a software-emulated get gets the CPU. */
+            uint64_t now = ckpt__now_ns();
+            if (!idle_since) idle_since = now;
+            if (now - idle_since > CKPT__UCX_BATCH_SPIN_NS &&
+                ucp_worker_arm(u->worker) == UCS_OK) {
+                struct pollfd pfd = {.fd = u->efd, .events = POLLIN};
+                poll(&pfd, 1, 1);
+                idle_since = 0;
+            }
+        }
 
         for (size_t i = 0; i < nslots && active; i++) {
             ckpt__ucx_slot_t *s = &u->slots[i];
