@@ -43,7 +43,10 @@ static void usage(FILE *out)
             "of the next bucket runs (on a host with fewer cores than processes the pull\n"
             "shares them). --ucx-pools is passed to the serving deployment's `serve`.\n"
             "The joiner runs --repeat P2P updates (default 3) and each floor runs as often:\n"
-            "medians are printed. --keep keeps the work folder.\n");
+            "medians are printed. A second joiner runs with room for one buffer only (the\n"
+            "pull of a bucket no longer overlaps the reload of the previous one): its pull\n"
+            "phase shows what the pull path reaches when it has the cores to itself.\n"
+            "--keep keeps the work folder.\n");
 }
 
 static pid_t spawn(char *const argv[], const char *out_path)
@@ -88,7 +91,8 @@ static void start_workers(const p2p_opts_t *o, const char *dir, const char *mode
 }
 
 /* Runs `serve` with a command file; returns its JSON result lines as a cJSON array. */
-static cJSON *serve(const p2p_opts_t *o, const char *dir, const char *commands)
+static cJSON *serve(const p2p_opts_t *o, const char *dir, const char *commands,
+                    const char *memory_limit)
 {
     char cmdfile[4200], out[4200], np[16];
     snprintf(cmdfile, sizeof(cmdfile), "%s/commands", dir);
@@ -100,7 +104,7 @@ static cJSON *serve(const p2p_opts_t *o, const char *dir, const char *commands)
     fclose(f);
     char *argv[] = {"mpirun", "-np", np, "--oversubscribe", "--bind-to", "none",
                     (char *)o->self, "serve", "--socket-dir", (char *)dir, "--commands", cmdfile,
-                    "--json", NULL};
+                    "--json", memory_limit ? "--memory-limit" : NULL, (char *)memory_limit, NULL};
     int rc = run_wait(argv, out);
     cJSON *all = cJSON_CreateArray();
     f = fopen(out, "r");
@@ -157,6 +161,54 @@ static void row(const char *what, cJSON *u)
     }
     printf("  %-30s %8.3f s   %8.2f GB/s per worker\n", what, num(u, "total_s"),
            num(u, "per_worker_gbps"));
+}
+
+/* A joining deployment in dir: o->repeat P2P updates from metas; its JSON results. */
+static cJSON *join(const p2p_opts_t *o, const char *dir, const char *model, const char *metas,
+                   const char *memory_limit)
+{
+    pid_t pids[64];
+    char cmds[16384];
+    start_workers(o, dir, model, o->repeat, pids);
+    size_t len = 0;
+    for (int i = 0; i < o->repeat; i++)
+        len += (size_t)snprintf(cmds + len, sizeof(cmds) - len, "p2p-update %s bucket=%s\n",
+                                metas, o->bucket);
+    snprintf(cmds + len, sizeof(cmds) - len, "quit\n");
+    cJSON *res = serve(o, dir, cmds, memory_limit);
+    for (int r = 0; r < o->ranks; r++) waitpid(pids[r], NULL, 0);
+    return res;
+}
+
+/* Median pull rate (GB/s) of the P2P updates in res, their rates in order in rates[], the
+ * update of median time in *row; 0 when any update failed (*row then is a failed one). */
+static int pulls_of(cJSON *res, int repeat, double *median_out, double *rates, int *nrates,
+                    cJSON **row)
+{
+    double totals[50];
+    int nok = 0, all_ok = res != NULL;
+    *row = NULL;
+    for (int i = 0; i < repeat; i++) {
+        cJSON *u = res ? nth_update(res, i) : NULL;
+        if (!ok(u) || num(u, "pull_s") <= 0) {
+            all_ok = 0;
+            if (!*row) *row = u; /* its reason is printed */
+            continue;
+        }
+        rates[nok] = num(u, "pull_bytes") / num(u, "pull_s") / 1e9;
+        totals[nok++] = num(u, "total_s");
+    }
+    *nrates = nok;
+    *median_out = nok ? median(rates, nok) : 0;
+    if (all_ok) {
+        /* An actual update: the lower middle one for an even count. */
+        double sorted[50];
+        memcpy(sorted, totals, (size_t)nok * sizeof(*sorted));
+        qsort(sorted, (size_t)nok, sizeof(*sorted), cmp_double);
+        for (int i = 0; i < repeat && !*row; i++)
+            if (num(nth_update(res, i), "total_s") == sorted[(nok - 1) / 2]) *row = nth_update(res, i);
+    }
+    return all_ok;
 }
 
 static int parse(int argc, char **argv, p2p_opts_t *o)
@@ -249,7 +301,7 @@ int bench_p2p(int argc, char **argv)
 
     /* Serving: broadcast updates (direct, staged), then export. Its workers take 2 updates;
      * the joiner runs while the serving deployment is still up (it waits on `sleep`). */
-    pid_t spids[64], jpids[64];
+    pid_t spids[64];
     if (o.ranks > 64) o.ranks = 64;
     start_workers(&o, sdir, model, 2, spids);
     char fifo[512];
@@ -280,16 +332,19 @@ int bench_p2p(int argc, char **argv)
     /* Wait for the metas (the export is the last command before the FIFO). */
     for (int i = 0; i < 6000 && access(metas, R_OK) != 0; i++) usleep(50000);
     usleep(200000);
-    cJSON *jres = NULL;
+    cJSON *jres = NULL, *jres1 = NULL;
     if (access(metas, R_OK) == 0) {
-        start_workers(&o, jdir, model, o.repeat, jpids);
-        size_t len = 0;
-        for (int i = 0; i < o.repeat; i++)
-            len += (size_t)snprintf(cmds + len, sizeof(cmds) - len, "p2p-update %s bucket=%s\n",
-                                    metas, o.bucket);
-        snprintf(cmds + len, sizeof(cmds) - len, "quit\n");
-        jres = serve(&o, jdir, cmds);
-        for (int r = 0; r < o.ranks; r++) waitpid(jpids[r], NULL, 0);
+        jres = join(&o, jdir, model, metas, NULL);
+        /* Again with room for one buffer only: the pull of bucket b+1 then waits for the
+         * reload of bucket b instead of sharing the cores with it. */
+        cJSON *first = nth_update(jres, 0);
+        if (ok(first)) {
+            char limit[32], dir1[600];
+            snprintf(limit, sizeof(limit), "%.0f", num(first, "bucket_size") * 1.5);
+            snprintf(dir1, sizeof(dir1), "%s-1buf", jdir);
+            mkdir(dir1, 0700);
+            jres1 = join(&o, dir1, model, metas, limit);
+        }
     } else {
         fprintf(stderr, "bench p2p: the serving deployment exported no metas (see %s)\n", sout);
     }
@@ -312,29 +367,11 @@ int bench_p2p(int argc, char **argv)
     cJSON *direct = nth_update(sres, 0), *staged = nth_update(sres, 1);
     /* Medians over the repeated P2P updates: the pull rate, and the update of median time
      * for its row. Any failed update fails the benchmark. */
-    double pulls[50], totals[50];
-    int nok = 0, all_ok = jres != NULL;
-    cJSON *p2p = NULL;
-    for (int i = 0; i < o.repeat; i++) {
-        cJSON *u = jres ? nth_update(jres, i) : NULL;
-        if (!ok(u) || num(u, "pull_s") <= 0) {
-            all_ok = 0;
-            if (!p2p) p2p = u; /* its reason is printed */
-            continue;
-        }
-        pulls[nok] = num(u, "pull_bytes") / num(u, "pull_s") / 1e9;
-        totals[nok++] = num(u, "total_s");
-    }
-    double pull_gbps = nok ? median(pulls, nok) : 0, floor_gbps = -1;
-    if (all_ok) {
-        /* An actual update: the lower middle one for an even count. */
-        double sorted[50];
-        memcpy(sorted, totals, (size_t)nok * sizeof(*sorted));
-        qsort(sorted, (size_t)nok, sizeof(*sorted), cmp_double);
-        double mid = sorted[(nok - 1) / 2];
-        for (int i = 0; i < o.repeat && !p2p; i++)
-            if (num(nth_update(jres, i), "total_s") == mid) p2p = nth_update(jres, i);
-    }
+    double pulls[50], pulls1[50], pull_gbps = 0, pull1_gbps = 0, floor_gbps = -1;
+    int nok = 0, nok1 = 0;
+    cJSON *p2p = NULL, *p2p1 = NULL;
+    int all_ok = pulls_of(jres, o.repeat, &pull_gbps, pulls, &nok, &p2p);
+    all_ok &= pulls_of(jres1, o.repeat, &pull1_gbps, pulls1, &nok1, &p2p1);
     uint64_t bytes = ok(p2p) ? (uint64_t)num(p2p, "pull_bytes") : (1ull << 30);
     /* The floor pulls messages of one bucket, as the update does per bucket. (With 8 MiB
      * messages ucx_perftest re-reads one buffer that stays in a 32 MiB L3 cache: that
@@ -367,12 +404,18 @@ int bench_p2p(int argc, char **argv)
         printf("  %-30s %8.2f GB/s   ratio %.2f (median of %d)\n", what, busy_gbps,
                pull_gbps / busy_gbps, nbusy);
     }
+    printf("  %-30s %8.2f GB/s   ratio %.2f to the idle floor (median;", "  one buffer, no overlap",
+           pull1_gbps, floor_gbps > 0 ? pull1_gbps / floor_gbps : 0);
+    for (int i = 0; i < nok1; i++) printf(" %.2f", pulls1[i]);
+    printf(")\n");
     row("P2P update (joining, median)", p2p);
+    row("  one buffer, no overlap", p2p1);
     row("broadcast update, direct", direct);
     row("broadcast update, staged", staged);
     int failed = !all_ok || !ok(p2p) || !ok(direct) || !ok(staged);
     cJSON_Delete(sres);
     cJSON_Delete(jres);
+    cJSON_Delete(jres1);
     if (!o.keep) {
         char *rm[] = {"rm", "-rf", o.work, NULL};
         run_wait(rm, NULL);
