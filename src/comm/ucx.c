@@ -257,6 +257,7 @@ ckpt__ucx_mem_t *ckpt__ucx_mem_find_allocated(ckpt__ucx_t *u, const void *base)
 }
 
 void *ckpt__ucx_mem_base(const ckpt__ucx_mem_t *m) { return m ? m->base : NULL; }
+int ckpt__ucx_mem_allocated(const ckpt__ucx_mem_t *m) { return m && m->allocated; }
 
 void ckpt__ucx_mem_unregister(ckpt__ucx_t *u, ckpt__ucx_mem_t *m)
 {

@@ -66,6 +66,8 @@ CKPT_HIDDEN int ckpt__ucx_mem_register(ckpt__ucx_t *ucx, void *base, size_t len,
 CKPT_HIDDEN int ckpt__ucx_mem_alloc_shared(ckpt__ucx_t *ucx, size_t len, ckpt__ucx_mem_t **mem_out,
                                            int *fd_out);
 CKPT_HIDDEN void *ckpt__ucx_mem_base(const ckpt__ucx_mem_t *mem);
+/* 1 when UCX allocated the memory (ckpt__ucx_mem_alloc_shared): unregistering frees it. */
+CKPT_HIDDEN int ckpt__ucx_mem_allocated(const ckpt__ucx_mem_t *mem);
 /* The registration made by ckpt__ucx_mem_alloc_shared whose memory starts at base, or NULL. */
 CKPT_HIDDEN ckpt__ucx_mem_t *ckpt__ucx_mem_find_allocated(ckpt__ucx_t *ucx, const void *base);
 CKPT_HIDDEN void ckpt__ucx_mem_unregister(ckpt__ucx_t *ucx, ckpt__ucx_mem_t *mem);

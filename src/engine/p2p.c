@@ -108,7 +108,7 @@ void ckpt__p2p_unexport(ckpt_engine_t *e, ckpt__checkpoint_entry_t *c)
     __atomic_store_n(&e->guard[c->guard_slot * (CKPT__GUARD_SLOT_BYTES / 8)], 0,
                      __ATOMIC_SEQ_CST);
     for (size_t i = 0; i < c->nmems; i++) /* pools UCX allocated stay: the store frees them */
-        if (c->mems[i] && !ckpt__ucx_mem_find_allocated(e->ucx, ckpt__ucx_mem_base(c->mems[i])))
+        if (!ckpt__ucx_mem_allocated(c->mems[i]))
             ckpt__ucx_mem_unregister(e->ucx, c->mems[i]);
     ckpt__free(c->mems);
     c->mems = NULL;

@@ -105,10 +105,10 @@ static int accept_one(ckpt_ipc_server_t *srv)
 static void refuse_pending(void *arg)
 {
     ckpt_ipc_server_t *srv = arg;
-    while (srv->state != ST_NONE && accept_one(srv) == 0) {
-        struct pollfd pf = {srv->listen_fd, POLLIN, 0};
-        if (poll(&pf, 1, 0) <= 0) break;
-    }
+    /* One poll when nobody knocks (this runs before every reply); bounded so a listen
+     * socket that stays readable while accept fails cannot hold us here. */
+    struct pollfd pf = {srv->listen_fd, POLLIN, 0};
+    for (int i = 0; i < 16 && srv->state != ST_NONE && poll(&pf, 1, 0) > 0; i++) accept_one(srv);
 }
 
 static int recv_reply(ckpt_ipc_server_t *srv, int timeout_ms, ckpt__ipc_hdr_t *hdr)

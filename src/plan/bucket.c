@@ -70,6 +70,22 @@ static uint64_t place(uint64_t pos, uint64_t src_offset, uint64_t nbytes)
     return pos + (((src_offset - pos) & (CKPT__PLACE_PAGE - 1)) & ~(uint64_t)(CKPT_ALIGN - 1));
 }
 
+/* The common end of both planners: names checked, the sort scratch freed, the plan handed
+ * out (or freed on a duplicate name). */
+static int plan_finish(ckpt_bucket_plan_t *plan, size_t count, plan_item_t *items,
+                       ckpt_bucket_plan_t *plan_out)
+{
+    int rc = check_unique_names(plan, count, items);
+    ckpt__free(items);
+    if (rc < 0) {
+        ckpt__plan_free(plan);
+        return rc;
+    }
+    plan->ntensors = count;
+    *plan_out = *plan;
+    return CKPT_OK;
+}
+
 uint64_t ckpt__plan_min_bucket(const ckpt_tensor_meta_t *metas, size_t count)
 {
     uint64_t largest = 0;
@@ -153,11 +169,7 @@ int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks
         plan.total_bytes += m->nbytes;
         plan.largest_bucket = CKPT_MAX(plan.largest_bucket, cur->bytes);
     }
-    if ((rc = check_unique_names(&plan, count, items)) < 0) goto fail;
-    plan.ntensors = count;
-    ckpt__free(items);
-    *plan_out = plan;
-    return CKPT_OK;
+    return plan_finish(&plan, count, items, plan_out);
 
 fail:
     ckpt__free(items);
@@ -221,11 +233,7 @@ int ckpt__plan_windows(const ckpt_tensor_meta_t *metas, size_t count, uint64_t b
         plan.total_bytes += m->nbytes;
         plan.largest_bucket = CKPT_MAX(plan.largest_bucket, cur->bytes);
     }
-    if ((rc = check_unique_names(&plan, count, items)) < 0) goto fail;
-    plan.ntensors = count;
-    ckpt__free(items);
-    *plan_out = plan;
-    return CKPT_OK;
+    return plan_finish(&plan, count, items, plan_out);
 fail:
     ckpt__free(items);
     ckpt__plan_free(&plan);

@@ -7,6 +7,9 @@ int bench_load(int argc, char **argv);
 int bench_ucx_get(int argc, char **argv);
 int bench_p2p(int argc, char **argv);
 
+/* Median of n > 0 values (v is left as it is): every benchmark reports medians. */
+double bench_median(const double *v, int n);
+
 /* One `ucx_perftest -t ucp_get` run on localhost over the current UCX_TLS: messages of
  * `chunk` bytes, `size` bytes in all. Its bandwidth in GB/s, or < 0 when it gave none. */
 #include <stdint.h>

@@ -48,18 +48,6 @@ static void usage(FILE *out)
             "bytes read: summed over r = 0..n-1 they equal the checkpoint's tensor bytes.\n");
 }
 
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof(*v), cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 static int cmp_range(const void *a, const void *b)
 {
     const range_t *x = a, *y = b;
@@ -235,7 +223,7 @@ int bench_load(int argc, char **argv)
             fprintf(stderr, "\rrun %d/%d: raw %.2f s, register %.2f s", k + 1, b.repeat, raw_s[k], reg_s[k]);
     }
     if (!b.json && isatty(2)) fprintf(stderr, "\n");
-    double raw_med = median(raw_s, b.repeat), reg_med = median(reg_s, b.repeat);
+    double raw_med = bench_median(raw_s, b.repeat), reg_med = bench_median(reg_s, b.repeat);
     double gb = (double)b.share_bytes / 1e9;
     double raw_gbps = raw_med > 0 ? gb / raw_med : 0, reg_gbps = reg_med > 0 ? gb / reg_med : 0;
     double ratio = raw_gbps > 0 ? reg_gbps / raw_gbps : 0;

@@ -7,6 +7,7 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
@@ -90,6 +91,20 @@ static void start_workers(const p2p_opts_t *o, const char *dir, const char *mode
     }
 }
 
+/* The JSON result lines `serve --json` wrote to path, as a cJSON array. */
+static cJSON *json_lines(const char *path)
+{
+    cJSON *all = cJSON_CreateArray();
+    FILE *f = fopen(path, "r");
+    char line[16384];
+    while (f && fgets(line, sizeof(line), f)) {
+        cJSON *j = line[0] == '{' ? cJSON_Parse(line) : NULL;
+        if (j) cJSON_AddItemToArray(all, j);
+    }
+    if (f) fclose(f);
+    return all;
+}
+
 /* Runs `serve` with a command file; returns its JSON result lines as a cJSON array. */
 static cJSON *serve(const p2p_opts_t *o, const char *dir, const char *commands,
                     const char *memory_limit)
@@ -106,14 +121,7 @@ static cJSON *serve(const p2p_opts_t *o, const char *dir, const char *commands,
                     (char *)o->self, "serve", "--socket-dir", (char *)dir, "--commands", cmdfile,
                     "--json", memory_limit ? "--memory-limit" : NULL, (char *)memory_limit, NULL};
     int rc = run_wait(argv, out);
-    cJSON *all = cJSON_CreateArray();
-    f = fopen(out, "r");
-    char line[16384];
-    while (f && fgets(line, sizeof(line), f)) {
-        cJSON *j = line[0] == '{' ? cJSON_Parse(line) : NULL;
-        if (j) cJSON_AddItemToArray(all, j);
-    }
-    if (f) fclose(f);
+    cJSON *all = json_lines(out);
     if (rc != 0) fprintf(stderr, "bench p2p: serve in %s exited %d (see %s)\n", dir, rc, out);
     return all;
 }
@@ -127,21 +135,6 @@ static cJSON *nth_update(cJSON *results, int n)
         if (cJSON_IsString(c) && strcmp(c->valuestring, "update") == 0 && n-- == 0) return it;
     }
     return NULL;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* Median of n values (sorts a copy; the caller's order is kept for printing). */
-static double median(const double *v, int n)
-{
-    double s[50];
-    memcpy(s, v, (size_t)n * sizeof(*s));
-    qsort(s, (size_t)n, sizeof(*s), cmp_double);
-    return n % 2 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
 }
 
 static double num(cJSON *o, const char *k)
@@ -199,14 +192,14 @@ static int pulls_of(cJSON *res, int repeat, double *median_out, double *rates, i
         totals[nok++] = num(u, "total_s");
     }
     *nrates = nok;
-    *median_out = nok ? median(rates, nok) : 0;
-    if (all_ok) {
-        /* An actual update: the lower middle one for an even count. */
-        double sorted[50];
-        memcpy(sorted, totals, (size_t)nok * sizeof(*sorted));
-        qsort(sorted, (size_t)nok, sizeof(*sorted), cmp_double);
-        for (int i = 0; i < repeat && !*row; i++)
-            if (num(nth_update(res, i), "total_s") == sorted[(nok - 1) / 2]) *row = nth_update(res, i);
+    *median_out = nok ? bench_median(rates, nok) : 0;
+    if (all_ok) { /* the update whose time is nearest the median time */
+        double mid = bench_median(totals, nok), best = -1;
+        for (int i = 0; i < nok; i++)
+            if (best < 0 || fabs(totals[i] - mid) < best) {
+                best = fabs(totals[i] - mid);
+                *row = nth_update(res, i);
+            }
     }
     return all_ok;
 }
@@ -356,14 +349,7 @@ int bench_p2p(int argc, char **argv)
     waitpid(serving, NULL, 0);
     for (int r = 0; r < o.ranks; r++) waitpid(spids[r], NULL, 0);
 
-    cJSON *sres = cJSON_CreateArray();
-    f = fopen(sout, "r");
-    char line[16384];
-    while (f && fgets(line, sizeof(line), f)) {
-        cJSON *j = line[0] == '{' ? cJSON_Parse(line) : NULL;
-        if (j) cJSON_AddItemToArray(sres, j);
-    }
-    if (f) fclose(f);
+    cJSON *sres = json_lines(sout);
     cJSON *direct = nth_update(sres, 0), *staged = nth_update(sres, 1);
     /* Medians over the repeated P2P updates: the pull rate, and the update of median time
      * for its row. Any failed update fails the benchmark. */
@@ -386,8 +372,8 @@ int bench_p2p(int argc, char **argv)
         g = bench_ucx_perftest_busy(bucket_bytes, CKPT_MAX(bytes, 4 * bucket_bytes), o.ranks);
         if (g > 0) busy[nbusy++] = g;
     }
-    floor_gbps = nidle ? median(idle, nidle) : -1;
-    double busy_gbps = nbusy ? median(busy, nbusy) : -1;
+    floor_gbps = nidle ? bench_median(idle, nidle) : -1;
+    double busy_gbps = nbusy ? bench_median(busy, nbusy) : -1;
 
     printf("\n  %-30s %8.2f GB/s   (median of %d updates: bytes pulled / time spent pulling,\n"
            "  %-30s                  summed over ranks;", "P2P pull phase", pull_gbps, nok, "");

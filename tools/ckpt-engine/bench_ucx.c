@@ -97,12 +97,6 @@ static int serve(int fd, const bench_opts_t *o)
     return rc ? 1 : 0;
 }
 
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
 /* Median GB/s (1e9 bytes/s) of o->repeat pulls of the whole buffer, after one warm-up. */
 static int pull(const bench_opts_t *o, double *gbps_out)
 {
@@ -158,8 +152,7 @@ static int pull(const bench_opts_t *o, double *gbps_out)
         fprintf(stderr, "bench ucx-get: pulled bytes are wrong\n");
         goto done;
     }
-    qsort(gbps, (size_t)o->repeat, sizeof(double), cmp_double);
-    *gbps_out = gbps[o->repeat / 2];
+    *gbps_out = bench_median(gbps, o->repeat);
     rc = 0;
 done:
     if (peer) ckpt__ucx_disconnect(peer, 2000);
@@ -327,8 +320,7 @@ int bench_ucx_get(int argc, char **argv)
             return 1;
         }
     }
-    qsort(pt, (size_t)npt, sizeof(double), cmp_double);
-    double floor = pt[npt / 2];
+    double floor = bench_median(pt, npt);
     printf("perftest  %8.2f GB/s (median of %d, ucp_get -s %llu)\n", floor, npt,
            (unsigned long long)o.chunk);
     printf("ratio     %8.2f\n", ours / floor);

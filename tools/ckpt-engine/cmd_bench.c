@@ -1,6 +1,7 @@
 /* ckpt-engine bench: dispatches to one benchmark; each measures a part of ckpt-engine
  * against its physical floor in the same run (so noisy machines still give a fair ratio). */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bench.h"
@@ -15,6 +16,26 @@ static const struct {
     {"ucx-get", bench_ucx_get, "UCX one-sided pull (P2P) vs ucx_perftest -t ucp_get"},
     {"p2p", bench_p2p, "a whole P2P update (pull phase vs ucx_perftest) beside broadcast updates"},
 };
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+double bench_median(const double *v, int n)
+{
+    double *s = malloc((size_t)n * sizeof(*s));
+    if (!s || n <= 0) {
+        free(s);
+        return 0;
+    }
+    memcpy(s, v, (size_t)n * sizeof(*s));
+    qsort(s, (size_t)n, sizeof(*s), cmp_double);
+    double m = n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
+    free(s);
+    return m;
+}
 
 static void usage(FILE *out)
 {
