@@ -367,7 +367,7 @@ static void peer_failed_cb(void *arg, ucp_ep_h ep, ucs_status_t status)
     ckpt_debug("ucx: peer rank %d failed: %s", p->rank, ucs_status_string(status));
 }
 
-int ckpt__ucx_connect(ckpt__ucx_t *u, const void *addr, size_t len, int rank,
+int ckpt__ucx_connect(ckpt__ucx_t *u, const void *addr, size_t len, int rank, int peer_errors,
                       ckpt__ucx_peer_t **peer_out)
 {
     if (!u || !addr || !len || !peer_out)
@@ -390,18 +390,22 @@ int ckpt__ucx_connect(ckpt__ucx_t *u, const void *addr, size_t len, int rank,
      * the endpoint is unreachable over shm. Fall back to NONE there: the batch timeout
      * then bounds a dead owner (CKPT_ETIMEDOUT instead of CKPT_EPEER). UCX logs the
      * failed selection as an error; it is expected, so silence it for the attempt. */
-    ucs_log_level_t saved = ucs_global_opts.log_component.log_level;
-    ucs_global_opts.log_component.log_level = UCS_LOG_LEVEL_FATAL;
-    ucs_status_t st = ucp_ep_create(u->worker, &ep, &p->ep);
-    ucs_global_opts.log_component.log_level = saved;
+    ucs_status_t st = UCS_ERR_UNREACHABLE;
+    if (peer_errors) {
+        ucs_log_level_t saved = ucs_global_opts.log_component.log_level;
+        ucs_global_opts.log_component.log_level = UCS_LOG_LEVEL_FATAL;
+        st = ucp_ep_create(u->worker, &ep, &p->ep);
+        ucs_global_opts.log_component.log_level = saved;
+    }
     if (st == UCS_ERR_UNREACHABLE) {
         ep.field_mask &= ~(uint64_t)UCP_EP_PARAM_FIELD_ERR_HANDLER;
         ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
         st = ucp_ep_create(u->worker, &ep, &p->ep);
         if (st == UCS_OK) {
             p->no_peer_errors = 1;
-            ckpt_debug("ucx connect rank %d: transports lack peer failure detection; a dead "
-                       "peer shows as a timeout", rank);
+            if (peer_errors)
+                ckpt_debug("ucx connect rank %d: transports lack peer failure detection; a "
+                           "dead peer shows as a timeout", rank);
         }
     }
     if (st != UCS_OK) {

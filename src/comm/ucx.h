@@ -81,10 +81,15 @@ CKPT_HIDDEN int ckpt__ucx_rkey_pack(ckpt__ucx_t *ucx, const ckpt__ucx_mem_t *mem
 CKPT_HIDDEN int ckpt__ucx_progress_start(ckpt__ucx_t *ucx);
 CKPT_HIDDEN void ckpt__ucx_progress_stop(ckpt__ucx_t *ucx);
 
-/* Connects to a remote worker by its address with peer-failure handling, so a dead peer
- * fails requests instead of hanging them. `rank` only names the peer in error texts. */
+/* Connects to a remote worker by its address. `rank` only names the peer in error texts.
+ * peer_errors = 1: with peer-failure handling where the transports have it, so a dead
+ * peer fails requests instead of leaving them to the batch timeout. But UCX 1.13 then
+ * leaves out every transport that cannot detect a dead peer, shared memory among them: with
+ * TCP also enabled (UCX's default) same-host gets went over TCP, 0.54 GB/s against 6.0
+ * (`bench ucx-get` without UCX_TLS). peer_errors = 0: every transport, as ucx_perftest
+ * connects; a dead peer then shows as a timeout. Bulk data wants 0, liveness checks 1. */
 CKPT_HIDDEN int ckpt__ucx_connect(ckpt__ucx_t *ucx, const void *addr, size_t len, int rank,
-                                  ckpt__ucx_peer_t **peer_out);
+                                  int peer_errors, ckpt__ucx_peer_t **peer_out);
 /* Flushes and closes the endpoint (forcefully if the peer failed), bounded by timeout_ms
  * (<= 0: 5 s). Releases the rkeys still unpacked for it. NULL is ignored. */
 CKPT_HIDDEN void ckpt__ucx_disconnect(ckpt__ucx_peer_t *peer, int timeout_ms);

@@ -359,8 +359,9 @@ int ckpt__p2p_open(ckpt_engine_t *e, const void *bytes, size_t len, ckpt__p2p_t 
     if (rc == CKPT_OK) {
         p->peers = ckpt__calloc(p->metas.nranks, sizeof(*p->peers));
         p->rkeys = ckpt__calloc(p->metas.nranks, sizeof(*p->rkeys));
+        p->data = ckpt__calloc(p->metas.nranks, sizeof(*p->data));
         p->pools_ready = ckpt__calloc(p->metas.nranks, sizeof(*p->pools_ready));
-        if (!p->peers || !p->rkeys || !p->pools_ready) rc = ckpt__error(CKPT_ENOMEM, "p2p peers");
+        if (!p->peers || !p->data || !p->rkeys || !p->pools_ready) rc = ckpt__error(CKPT_ENOMEM, "p2p peers");
     }
     if (rc < 0) {
         ckpt__p2p_close(e, p);
@@ -382,8 +383,10 @@ void ckpt__p2p_close(ckpt_engine_t *e, ckpt__p2p_t *p)
             ckpt__free(p->rkeys[r]);
         }
         if (p->peers[r]) ckpt__ucx_disconnect(p->peers[r], 1000);
+        if (p->data[r]) ckpt__ucx_disconnect(p->data[r], 1000);
     }
     ckpt__free(p->peers);
+    ckpt__free(p->data);
     ckpt__free(p->rkeys);
     ckpt__free(p->pools_ready);
     ckpt__free(p->gets);
@@ -416,7 +419,7 @@ static int connect_owner(ckpt__p2p_t *p, int owner)
                                    ? ckpt__error(CKPT_EPEER, "serving rank %d failed", owner)
                                    : CKPT_OK;
     const ckpt__metas_rank_t *rk = &p->metas.ranks[owner];
-    int rc = ckpt__ucx_connect(p->ucx, rk->address, rk->address_len, owner, &p->peers[owner]);
+    int rc = ckpt__ucx_connect(p->ucx, rk->address, rk->address_len, owner, 1, &p->peers[owner]);
     if (rc == CKPT_OK) {
         p->rkeys[owner] = ckpt__calloc(rk->nregions, sizeof(*p->rkeys[owner]));
         if (!p->rkeys[owner]) rc = ckpt__error(CKPT_ENOMEM, "rkeys");
@@ -428,17 +431,22 @@ static int connect_owner(ckpt__p2p_t *p, int owner)
     return CKPT_OK;
 }
 
-/* The pools of `owner`, after a guard check passed. Pools in UCX shared memory are mapped
- * here by the unpack: their pages are faulted in now, while connecting, rather than one
- * 4 KiB fault at a time inside the pulls. */
+/* The data endpoint to `owner` and its pools' keys, after a guard check passed. The data
+ * endpoint has no peer-failure handling so that UCX may use every transport, shared
+ * memory included (see ckpt__ucx_connect); the guard endpoint keeps it, and the guard read
+ * after every bucket notices a dead owner. Pools in UCX shared memory are mapped here by
+ * the unpack: their pages are faulted in now, while connecting, rather than one 4 KiB
+ * fault at a time inside the pulls. */
 static int unpack_pools(ckpt__p2p_t *p, int owner)
 {
     const ckpt__metas_rank_t *rk = &p->metas.ranks[owner];
     int rc = CKPT_OK;
     double t0 = ckpt__now_s();
+    if (!p->data[owner])
+        rc = ckpt__ucx_connect(p->ucx, rk->address, rk->address_len, owner, 0, &p->data[owner]);
     for (uint32_t g = 1; rc == CKPT_OK && g < rk->nregions; g++)
         if (!p->rkeys[owner][g])
-            rc = ckpt__ucx_rkey_unpack(p->peers[owner], rk->regions[g].rkey,
+            rc = ckpt__ucx_rkey_unpack(p->data[owner], rk->regions[g].rkey,
                                        rk->regions[g].rkey_len, &p->rkeys[owner][g]);
     int mapped = 0;
     for (uint32_t g = 1; rc == CKPT_OK && g < rk->nregions; g++)
@@ -508,7 +516,7 @@ int ckpt__p2p_pull(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, const ckpt_tenso
     for (size_t i = 0; i < count; i++) {
         const ckpt__metas_region_t *rg = &p->metas.ranks[owner].regions[t[i].reserved];
         ckpt__ucx_get_t *g = &p->gets[i];
-        g->peer = p->peers[owner];
+        g->peer = p->data[owner];
         g->rkey = p->rkeys[owner][t[i].reserved];
         g->remote_addr = rg->base + src_offsets[i];
         g->dst = (char *)buf + t[i].offset;

@@ -12,7 +12,8 @@ typedef struct ckpt__p2p {
      * The serving context (e->ucx) runs a progress thread under a lock; pulling through
      * it made that thread spin on the lock against every get (perf: pthread_spin_lock). */
     ckpt__ucx_t *ucx;
-    ckpt__ucx_peer_t **peers;  /* per serving rank, connected on first use */
+    ckpt__ucx_peer_t **peers;  /* per serving rank: guard reads, peer-failure handling */
+    ckpt__ucx_peer_t **data;   /* per serving rank: pool reads, every transport */
     ckpt__ucx_rkey_t ***rkeys; /* per serving rank and region */
     char *pools_ready;         /* per serving rank: pool keys unpacked (after a guard check) */
     ckpt__ucx_get_t *gets;     /* scratch, sized for the largest bucket */

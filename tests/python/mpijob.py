@@ -143,6 +143,7 @@ class InteractiveServe:
                 "--socket-dir", dep.sock, "--commands", self.fifo, "--json"] + (extra_args or [])
         self.proc = subprocess.Popen(args, env=MPI_ENV, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
+        self._pending = b""
         self.w = open(self.fifo, "w")
 
     def send(self, line):
@@ -150,17 +151,23 @@ class InteractiveServe:
         self.w.flush()
 
     def result(self, timeout=60):
-        """The next JSON result line from rank 0."""
+        """The next JSON result line from rank 0. Reads the pipe itself: a buffered
+        readline after select() can leave a second line (the JSON after a log line) in
+        Python's buffer where select() never sees it."""
         import select
         deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
         while time.monotonic() < deadline:
-            r, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if r:
-                line = self.proc.stdout.readline()
-                if not line:
-                    raise AssertionError("serve exited: " + self.proc.stderr.read())
-                if line.startswith("{"):
+            while b"\n" in self._pending:
+                line, self._pending = self._pending.split(b"\n", 1)
+                if line.startswith(b"{"):
                     return json.loads(line)
+            r, _, _ = select.select([fd], [], [], 0.2)
+            if r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise AssertionError("serve exited: " + self.proc.stderr.read())
+                self._pending += chunk
         raise AssertionError("no result within %s s" % timeout)
 
     def command(self, line, timeout=60):

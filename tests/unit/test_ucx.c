@@ -168,7 +168,7 @@ static void test_pull_two_peers(void)
     ckpt__ucx_get_t gets[NPEER * 3];
     size_t cut[4] = {0, 1000, (9u << 20) + 7, size};
     for (int i = 0; i < NPEER; i++) {
-        CHECK_OK(ckpt__ucx_connect(u, s[i].addr, s[i].addr_len, i, &peer[i]));
+        CHECK_OK(ckpt__ucx_connect(u, s[i].addr, s[i].addr_len, i, i == 0, &peer[i]));
         CHECK_OK(ckpt__ucx_rkey_unpack(peer[i], s[i].rkey, s[i].rkey_len, &rkey[i]));
         for (int k = 0; k < 3; k++) {
             /* interleave peers: get order 0,1,0,1,... */
@@ -293,7 +293,7 @@ static void test_peer_killed(void)
     ckpt__ucx_options_t o = CKPT__UCX_OPTIONS_INIT;
     o.chunk_size = 256u << 10;
     CHECK_OK(ckpt__ucx_create(&o, &u));
-    CHECK_OK(ckpt__ucx_connect(u, s.addr, s.addr_len, 5, &peer));
+    CHECK_OK(ckpt__ucx_connect(u, s.addr, s.addr_len, 5, 1, &peer));
     CHECK_OK(ckpt__ucx_rkey_unpack(peer, s.rkey, s.rkey_len, &rkey));
     uint8_t *dst = malloc(size);
     /* Far more bytes than can move before the kill: the same range, many times. */

@@ -125,7 +125,7 @@ static int pull(const bench_opts_t *o, double *gbps_out)
     dst = alloc_buf(o->size, o->memfd & 2);
     if (!dst) goto done;
     memset(dst, 0, o->size);
-    if (ckpt__ucx_create(&uo, &u) || ckpt__ucx_connect(u, addr, hdr[1], 0, &peer) ||
+    if (ckpt__ucx_create(&uo, &u) || ckpt__ucx_connect(u, addr, hdr[1], 0, 0, &peer) ||
         ckpt__ucx_rkey_unpack(peer, packed, hdr[2], &rkey) ||
         ckpt__ucx_mem_register(u, dst, o->size, &local)) {
         fprintf(stderr, "bench ucx-get: %s\n", ckpt_last_error());
