@@ -108,6 +108,10 @@ CKPT_API int ckpt_engine_follow(ckpt_engine_t *engine);
 
 /* Leader (rank 0) commands; each runs on every rank. */
 CKPT_API int ckpt_engine_register(ckpt_engine_t *engine, const char *name, const char *path);
+/* Registers from a list of safetensors files (each rank reads its share of all their
+ * tensors, as from a directory). */
+CKPT_API int ckpt_engine_register_list(ckpt_engine_t *engine, const char *name,
+                                       const char *const *paths, size_t count);
 CKPT_API int ckpt_engine_unregister(ckpt_engine_t *engine, const char *name);
 CKPT_API int ckpt_engine_update(ckpt_engine_t *engine, const char *name,
                                 const ckpt_update_options_t *opts, ckpt_update_result_t *result);

@@ -105,6 +105,12 @@ CKPT_API void ckpt_store_destroy(ckpt_store_t *store);
  * the cause) nothing is registered and every resource is returned. */
 CKPT_API int ckpt_store_register_files(ckpt_store_t *store, const char *name, const char *path, int rank,
                               int nranks);
+/* The same from a list of safetensors files (checkpoint-engine's register request): the
+ * list is sorted first, so its order does not change the layout. A file listed twice is
+ * refused (CKPT_EINVAL). */
+CKPT_API int ckpt_store_register_file_list(ckpt_store_t *store, const char *name,
+                                           const char *const *paths, size_t count, int rank,
+                                           int nranks);
 /* Registers `count` tensors by copying caller buffers into a new pool region: metas give
  * name, dtype and shape (offset/checksum/owner ignored), data[i] the nbytes bytes.
  * All tensors are local (owner 0). */

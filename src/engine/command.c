@@ -41,7 +41,22 @@ static int find_checkpoint(ckpt_engine_t *e, const char *name)
     return -1;
 }
 
-static int exec_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
+/* A list payload: its paths, pointing into it. */
+static int register_list(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *list)
+{
+    size_t count = 0;
+    for (uint64_t i = 0; i < cmd->payload_len; i++) count += list[i] == '\0';
+    const char **paths = ckpt__calloc(count ? count : 1, sizeof(*paths));
+    if (!paths) return ckpt__error(CKPT_ENOMEM, "registering '%s': out of memory", cmd->name);
+    size_t n = 0;
+    for (uint64_t i = 0; i < cmd->payload_len && n < count; i += strlen(list + i) + 1)
+        paths[n++] = list + i;
+    int rc = ckpt_store_register_file_list(e->store, cmd->name, paths, n, e->rank, e->size);
+    ckpt__free(paths);
+    return rc;
+}
+
+static int exec_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *list)
 {
     int rc;
     char reason[CKPT__REASON_MAX];
@@ -51,7 +66,9 @@ static int exec_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
     if (e->ncheckpoints == CKPT__MAX_CHECKPOINTS)
         return ckpt__error(CKPT_EBUSY, "%d checkpoints are registered; unregister one first",
                            CKPT__MAX_CHECKPOINTS);
-    int local = ckpt_store_register_files(e->store, cmd->name, cmd->path, e->rank, e->size);
+    int local = cmd->payload_len
+                    ? register_list(e, cmd, list)
+                    : ckpt_store_register_files(e->store, cmd->name, cmd->path, e->rank, e->size);
     /* Ranks wait for each other while the slowest reads its share from disk: the bound is
      * generous (10 minutes on top of the timeout), but there is one. */
     int wait_ms = cmd->timeout_ms > INT32_MAX - 600000 ? INT32_MAX : cmd->timeout_ms + 600000;
@@ -72,6 +89,16 @@ static int exec_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
     return CKPT_OK;
 }
 
+int ckpt__cmd_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *list)
+{
+    /* The payload travels before any check, so every rank takes part in its broadcast. */
+    char *payload = (char *)list;
+    if (cmd->payload_len) ckpt__cmd_payload(e, cmd, &payload);
+    int rc = exec_register(e, cmd, payload);
+    if (payload != list) ckpt__free(payload);
+    return rc;
+}
+
 static int exec_unregister(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
 {
     int idx = find_checkpoint(e, cmd->name);
@@ -86,7 +113,7 @@ int ckpt__cmd_execute(ckpt_engine_t *e, const ckpt__cmd_t *cmd, ckpt_update_resu
                       const ckpt_update_options_t *uopts, ckpt_floors_t *floors)
 {
     switch (cmd->op) {
-    case CKPT__CMD_REGISTER: return exec_register(e, cmd);
+    case CKPT__CMD_REGISTER: return ckpt__cmd_register(e, cmd, NULL);
     case CKPT__CMD_UNREGISTER: return exec_unregister(e, cmd);
     case CKPT__CMD_UPDATE: {
         ckpt_update_result_t local;

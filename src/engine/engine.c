@@ -167,6 +167,42 @@ int ckpt_engine_register(ckpt_engine_t *e, const char *name, const char *path)
     return leader_run(e, &cmd, NULL, NULL, NULL);
 }
 
+int ckpt_engine_register_list(ckpt_engine_t *e, const char *name, const char *const *paths,
+                              size_t count)
+{
+    ckpt__cmd_t cmd;
+    memset(&cmd, 0, sizeof(cmd));
+    int rc = leader_only(e, "register");
+    if (rc == CKPT_OK) rc = set_name(&cmd, name);
+    if (rc < 0) return rc;
+    if (!paths || count == 0) return ckpt__error(CKPT_EINVAL, "register: an empty list of files");
+    if (ckpt__engine_version_of(e, name) != 0)
+        return ckpt__error(CKPT_EEXIST, "checkpoint '%s' is already registered; unregister it "
+                           "first", name);
+    size_t len = 0;
+    for (size_t i = 0; i < count; i++) {
+        if (!paths[i] || !paths[i][0])
+            return ckpt__error(CKPT_EINVAL, "register '%s': file %zu of the list is empty", name, i);
+        len += strlen(paths[i]) + 1;
+    }
+    char *list = ckpt__malloc(len);
+    if (!list) return ckpt__error(CKPT_ENOMEM, "register '%s': out of memory", name);
+    for (size_t i = 0, at = 0; i < count; i++) {
+        size_t n = strlen(paths[i]) + 1;
+        memcpy(list + at, paths[i], n);
+        at += n;
+    }
+    cmd.op = CKPT__CMD_REGISTER;
+    cmd.version = e->next_version++;
+    cmd.direct = e->opts.direct != 0;
+    cmd.payload_len = len;
+    cmd.timeout_ms = e->opts.timeout_ms;
+    if (ckpt__cmd_send(e, &cmd) < 0) ckpt__engine_fatal(e, ckpt_last_error());
+    rc = ckpt__cmd_register(e, &cmd, list);
+    ckpt__free(list);
+    return rc;
+}
+
 int ckpt_engine_unregister(ckpt_engine_t *e, const char *name)
 {
     ckpt__cmd_t cmd;

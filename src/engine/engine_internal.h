@@ -144,6 +144,9 @@ uint64_t ckpt__host_available_bytes(void);
 int ckpt__buffer_budget(ckpt_engine_t *e, int timeout_ms, uint64_t *budget_out);
 
 /* ---- the broadcast update (update.c) ---- */
+/* REGISTER on every rank. With cmd->payload_len, the files are a list broadcast after the
+ * command (NUL-terminated paths back to back): rank 0 passes it, followers pass NULL. */
+int ckpt__cmd_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *list);
 int ckpt__update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace_path,
                      ckpt_update_result_t *result);
 

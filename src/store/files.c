@@ -1,21 +1,17 @@
 /* ckpt_store_register_files: the safetensors side. Reads every header (cheap) through the
  * format reader and hands the tensor list to the format-independent loader (load.c). */
+#include <stdlib.h>
 #include <string.h>
 
 #include "store/store_int.h"
 
-int ckpt_store_register_files(ckpt_store_t *store, const char *name, const char *path, int rank,
-                              int nranks)
+/* Reads every file's header and loads the tensors of all of them as one checkpoint. */
+static int register_paths(ckpt_store_t *store, const char *name, char **paths, size_t nfiles,
+                          int rank, int nranks)
 {
-    char **paths = NULL;
-    size_t nfiles = 0, count = 0, cap = 0;
+    size_t count = 0, cap = 0;
     ckpt__load_tensor_t *tensors = NULL;
-    int rc = ckpt__store_check_name(store, name);
-
-    if (rc) return rc;
-    if (!path) return ckpt__error(CKPT_EINVAL, "registering '%s': NULL path", name);
-    if ((rc = ckpt_st_list_files(path, &paths, &nfiles)))
-        return ckpt__error_prefix(rc, "registering '%s': ", name);
+    int rc = CKPT_OK;
     for (size_t f = 0; f < nfiles; f++) {
         ckpt_st_file_t *file = NULL;
         if ((rc = ckpt_st_open(paths[f], &file))) {
@@ -44,6 +40,50 @@ int ckpt_store_register_files(ckpt_store_t *store, const char *name, const char 
     rc = ckpt__store_load(store, name, paths, nfiles, tensors, count, rank, nranks);
 out:
     ckpt__free(tensors);
+    return rc;
+}
+
+int ckpt_store_register_files(ckpt_store_t *store, const char *name, const char *path, int rank,
+                              int nranks)
+{
+    char **paths = NULL;
+    size_t nfiles = 0;
+    int rc = ckpt__store_check_name(store, name);
+
+    if (rc) return rc;
+    if (!path) return ckpt__error(CKPT_EINVAL, "registering '%s': NULL path", name);
+    if ((rc = ckpt_st_list_files(path, &paths, &nfiles)))
+        return ckpt__error_prefix(rc, "registering '%s': ", name);
+    rc = register_paths(store, name, paths, nfiles, rank, nranks);
     ckpt_st_paths_free(paths, nfiles);
+    return rc;
+}
+
+static int cmp_path(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+int ckpt_store_register_file_list(ckpt_store_t *store, const char *name,
+                                  const char *const *paths, size_t count, int rank, int nranks)
+{
+    int rc = ckpt__store_check_name(store, name);
+    if (rc) return rc;
+    if (!paths || count == 0)
+        return ckpt__error(CKPT_EINVAL, "registering '%s': an empty list of files", name);
+    char **sorted = ckpt__calloc(count, sizeof(*sorted));
+    if (!sorted) return ckpt__error(CKPT_ENOMEM, "registering '%s': out of memory", name);
+    for (size_t i = 0; i < count && rc == CKPT_OK; i++)
+        if (!paths[i] || !(sorted[i] = ckpt__strdup(paths[i])))
+            rc = ckpt__error(paths[i] ? CKPT_ENOMEM : CKPT_EINVAL,
+                             "registering '%s': %s", name, paths[i] ? "out of memory" : "NULL path");
+    /* Sorted as a directory's files are, so the same files give the same layout (and the
+     * same shares on every rank) whatever order the list named them in. */
+    if (rc == CKPT_OK) qsort(sorted, count, sizeof(*sorted), cmp_path);
+    for (size_t i = 1; i < count && rc == CKPT_OK; i++)
+        if (strcmp(sorted[i - 1], sorted[i]) == 0)
+            rc = ckpt__error(CKPT_EINVAL, "registering '%s': %s is listed twice", name, sorted[i]);
+    if (rc == CKPT_OK) rc = register_paths(store, name, sorted, count, rank, nranks);
+    ckpt_st_paths_free(sorted, count);
     return rc;
 }
