@@ -4,8 +4,9 @@
 JOBS ?= $(shell nproc)
 BUILD ?= build/release
 ASAN_BUILD ?= build/asan
+PREFIX ?= /usr/local
 
-.PHONY: all deps build build-asan demo test test-release test-asan clean
+.PHONY: all deps build build-asan demo install test test-release test-asan clean
 
 all: build
 
@@ -20,6 +21,10 @@ build: deps
 build-asan: deps
 	@CC=clang cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DCKPT_SANITIZE=ON -DCKPT_FUZZ=ON -DCKPT_CUDA=OFF >/dev/null
 	@cmake --build $(ASAN_BUILD) -j $(JOBS)
+
+# libckpt.so, its headers, ckpt.pc and the tools under $(PREFIX); DESTDIR stages a package.
+install: build
+	@DESTDIR=$(DESTDIR) cmake --install $(BUILD) --prefix $(PREFIX)
 
 demo: build
 	@scripts/demo $(BUILD)
