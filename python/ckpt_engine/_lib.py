@@ -1,7 +1,14 @@
 """Loads libckpt.so and declares the C API this package uses (ctypes, no compiler needed).
 
-Where the library is found, first match wins: $CKPT_LIB (a path), $CKPT_BUILD_DIR/src,
-the build tree next to this checkout (build/release/src), then the system's loader path.
+Where the library is found, first match wins:
+  1. $CKPT_LIB, a path: an explicit choice (a sanitizer or debug build) beats everything.
+  2. libckpt.so next to this file: what `pip install .` puts in the package. It was built
+     from the same source as these ctypes declarations, so it wins over any build tree a
+     stray $CKPT_BUILD_DIR names. A source checkout has none here, so the tests, which
+     import python/ckpt_engine and set $CKPT_BUILD_DIR, keep using their tree's library.
+  3. $CKPT_BUILD_DIR/src: the build tree under test.
+  4. build/release/src of the checkout this file is in (`make build`).
+  5. The system loader's path (`make install` into a prefix the loader searches).
 """
 import ctypes
 import ctypes.util
@@ -52,6 +59,9 @@ def _candidates():
     if os.environ.get("CKPT_LIB"):
         yield os.environ["CKPT_LIB"]
     here = os.path.dirname(os.path.abspath(__file__))
+    packaged = os.path.join(here, "libckpt.so")
+    if os.path.exists(packaged):
+        yield packaged
     builds = [os.environ.get("CKPT_BUILD_DIR"), os.path.join(here, "..", "..", "build", "release")]
     for b in builds:
         if b:
@@ -70,8 +80,10 @@ def load():
         except OSError as e:
             errors.append("%s: %s" % (path, e))
     else:
-        raise OSError("libckpt.so not found (set CKPT_LIB or CKPT_BUILD_DIR; build with "
-                      "`make build`). Tried: " + "; ".join(errors))
+        raise OSError("libckpt.so not found: install the package with `pip install .` from "
+                      "the ckpt-engine checkout, or build it with `make build` and set "
+                      "CKPT_BUILD_DIR (or CKPT_LIB to the library's path). Tried: "
+                      + "; ".join(errors))
     p, c_int, u64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64
     sig = {
         "ckpt_strerror": ([c_int], ctypes.c_char_p),
