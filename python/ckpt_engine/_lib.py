@@ -2,10 +2,11 @@
 
 Where the library is found, first match wins:
   1. $CKPT_LIB, a path: an explicit choice (a sanitizer or debug build) beats everything.
-  2. libckpt.so next to this file: what `pip install .` puts in the package. It was built
-     from the same source as these ctypes declarations, so it wins over any build tree a
-     stray $CKPT_BUILD_DIR names. A source checkout has none here, so the tests, which
-     import python/ckpt_engine and set $CKPT_BUILD_DIR, keep using their tree's library.
+  2. libckpt.so in the package: what `pip install .` puts beside this file (`pip install
+     -e .` in the package's other directory, site-packages). It was built from the same
+     source as these ctypes declarations, so it wins over any build tree a stray
+     $CKPT_BUILD_DIR names. A source checkout has none, so the tests, which import
+     python/ckpt_engine and set $CKPT_BUILD_DIR, keep using their tree's library.
   3. $CKPT_BUILD_DIR/src: the build tree under test.
   4. build/release/src of the checkout this file is in (`make build`).
   5. The system loader's path (`make install` into a prefix the loader searches).
@@ -13,6 +14,7 @@ Where the library is found, first match wins:
 import ctypes
 import ctypes.util
 import os
+import sys
 
 CKPT_NAME_MAX = 256
 CKPT_MAX_DIMS = 8
@@ -59,9 +61,11 @@ def _candidates():
     if os.environ.get("CKPT_LIB"):
         yield os.environ["CKPT_LIB"]
     here = os.path.dirname(os.path.abspath(__file__))
-    packaged = os.path.join(here, "libckpt.so")
-    if os.path.exists(packaged):
-        yield packaged
+    package = sys.modules.get(__name__.rpartition(".")[0])
+    for d in [*getattr(package, "__path__", []), here]:
+        packaged = os.path.join(d, "libckpt.so")
+        if os.path.exists(packaged):
+            yield packaged
     builds = [os.environ.get("CKPT_BUILD_DIR"), os.path.join(here, "..", "..", "build", "release")]
     for b in builds:
         if b:

@@ -91,6 +91,15 @@ def test_pip_install_into_fresh_venv(tmp_path):
         f"package version {info['version']} is not CMake's project version {_project_version()}"
     assert info["receiver"], info
 
+    # Editable (`pip install -e .`): the Python files stay in the checkout, the library goes
+    # to site-packages, and the package must still load that one, not a build tree's.
+    _run([py, "-m", "pip", "install", "-e", SOURCE_DIR], cwd=tmp_path, env=env, timeout=600)
+    info = json.loads(_run([py, "-c", CHECK_SCRIPT], cwd=tmp_path, env=env).splitlines()[-1])
+    assert _inside(info["package"], SOURCE_DIR / "python"), info
+    assert _inside(info["lib"], site) and info["mapped"] and \
+        all(_inside(m, site) for m in info["mapped"]), \
+        f"the editable install did not load the libckpt.so it installed: {info}"
+
 
 def _cache_value(name):
     text = (BUILD_DIR / "CMakeCache.txt").read_text()
