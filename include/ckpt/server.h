@@ -49,27 +49,46 @@ typedef struct ckpt_http_job {
     int kind;                         /* ckpt_http_job_kind_t */
     uint64_t id;                      /* update id for updates; a sequence number else */
     char name[CKPT_NAME_MAX];         /* checkpoint */
-    char path[CKPT_HTTP_PATH_MAX];    /* register: file, directory or index */
+    char path[CKPT_HTTP_PATH_MAX];    /* register: file, directory or index ("" with files) */
+    /* register from a list of safetensors files (checkpoint-engine's {"files": [...]} with
+     * more than one entry): nfiles NUL-terminated paths back to back in files (heap; the
+     * job owns it: ckpt_http_job_release). NULL/0 otherwise. */
+    char *files;
+    size_t files_len;
+    int nfiles;
     /* update only: */
     char mode[16];                    /* "broadcast" or "p2p" */
-    int nranks;                       /* 0: all ranks; else ranks[0..nranks) */
+    int nranks;                       /* 0: all ranks; else ranks[0..nranks) (all of them:
+                                       * a strict subset is refused at admission) */
     int32_t ranks[CKPT_HTTP_MAX_RANKS];
     uint64_t bucket_max;              /* 0: the engine's option */
     int timeout_ms;                   /* 0: the engine's option */
     int verify;                       /* -1: the engine's option, 0 off, 1 on */
-    char update_url[CKPT_HTTP_URL_MAX];   /* "": no trigger; else ckpt_trigger_* it */
-    char trigger_method[128];             /* collective_rpc method the trigger names */
+    char update_url[CKPT_HTTP_URL_MAX];   /* "": no trigger; else ckpt_trigger_begin it */
+    char trigger_method[128];             /* collective_rpc method ("": ckpt_engine_update) */
+    /* worker i of the inference instance attaches to engine rank group_ranks[i]
+     * (checkpoint-engine's inference_group_ranks); 0: worker i to rank i, every rank */
+    int ngroup_ranks;
+    int32_t group_ranks[CKPT_HTTP_MAX_RANKS];
+    char uds[108];                        /* trigger over this Unix socket; "": TCP */
+    /* vLLM generation around the update: "wait", "abort", "keep" (POST <base>/pause?mode=)
+     * or "off"; "": "wait" when update_url ends in /collective_rpc, else "off" */
+    char pause[8];
     char trace_path[CKPT_HTTP_PATH_MAX];  /* pass as ckpt_update_options_t.trace_path */
     /* mode "p2p": where the serving deployment's metas are (its GET
      * /v1/checkpoints/{name}/metas); this deployment pulls from it */
     char metas_url[CKPT_HTTP_URL_MAX];
 } ckpt_http_job_t;
 
+/* Frees what a job owns (its file list); the struct itself stays the caller's. Call once
+ * per job taken with ckpt_http_next_job, after ckpt_http_job_done. */
+CKPT_API void ckpt_http_job_release(ckpt_http_job_t *job);
+
 /* What the main thread reports for a job. Fields an engine call does not produce stay 0. */
 typedef struct ckpt_http_job_result {
     int status;             /* 0 or the failing CKPT_E* status */
     int failed_rank;        /* -1 when none */
-    char reason[512];       /* why it failed (ckpt_last_error() or the engine's reason) */
+    char reason[1024];      /* why it failed (ckpt_last_error() or the engine's reason) */
     uint64_t version;       /* register/update: the checkpoint version */
     uint64_t bytes;         /* register: bytes of the checkpoint; update: bytes delivered */
     uint32_t ntensors;
@@ -77,6 +96,8 @@ typedef struct ckpt_http_job_result {
     uint64_t bucket_size;
     int nranks;
     double gather_s, plan_s, begin_s, pipeline_s, finish_s, total_s; /* update phases */
+    int paused;             /* update: vLLM's generation was paused for it */
+    int resumed;            /* update: ... and resumed after it succeeded */
 } ckpt_http_job_result_t;
 
 /* Progress of the running update (mirrors ckpt_update_progress_t). */
@@ -132,6 +153,10 @@ CKPT_API int ckpt_http_remove_checkpoint(ckpt_http_server_t *srv, const char *na
 CKPT_API int ckpt_http_set_metas(ckpt_http_server_t *srv, const char *name, const void *bytes,
                                  size_t len);
 
+/* The number of engine ranks, so requests naming ranks (ranks, inference_group_ranks)
+ * are checked when they arrive (400) rather than when the update runs. 0: unknown. */
+CKPT_API void ckpt_http_set_engine_ranks(ckpt_http_server_t *srv, int nranks);
+
 /* ---- request bodies (also the fuzz target's entry) ----------------------------------- */
 
 /* Checkpoint names: 1..128 bytes of [A-Za-z0-9._-], not starting with '.' or '-'. */
@@ -145,18 +170,26 @@ CKPT_API int ckpt_http_parse_register(const char *body, size_t len, ckpt_http_jo
 CKPT_API int ckpt_http_parse_update(const char *body, size_t len, ckpt_http_job_t *job,
                                     char *field, size_t cap);
 
+/* POST /v1/checkpoints/{name}/gather-metas (checkpoint-engine's): an optional body
+ * {"timeout": seconds} bounding the wait for a registering checkpoint. */
+CKPT_API int ckpt_http_parse_gather_metas(const char *body, size_t len, double *timeout_s,
+                                          char *field, size_t cap);
+/* 1 when update_url ends in /collective_rpc (vLLM's dev API), with base = the URL before
+ * it (where /pause and /resume are); 0 otherwise. */
+CKPT_API int ckpt_http_trigger_base(const char *update_url, char *base, size_t cap);
+
 /* ---- inference-server trigger (libcurl) --------------------------------------------- */
 
 /* What the inference server is told: the shape vLLM's POST /collective_rpc takes
- * ({"method", "args", "kwargs", "timeout"}). kwargs carry socket_paths {"<rank>": path},
- * update_id, name and version. */
+ * ({"method", "args", "kwargs", "timeout"}). kwargs carry socket_paths {"<worker>": path},
+ * update_id, name, version and timeout_s. */
 typedef struct ckpt_trigger_request {
     uint64_t field_mask;              /* set 0 */
-    const char *method;               /* NULL: "update_weights_from_ckpt_engine" */
+    const char *method;               /* NULL: "ckpt_engine_update" */
     const char *name;
     uint64_t version;
     uint64_t update_id;
-    const char *const *socket_paths;  /* index = rank */
+    const char *const *socket_paths;  /* index = the worker's rank in its instance */
     int nsockets;
     double timeout_s;                 /* "timeout" for the RPC; <= 0: omitted (null) */
 } ckpt_trigger_request_t;
@@ -168,18 +201,38 @@ CKPT_API int ckpt_trigger_body(const ckpt_trigger_request_t *req, char *buf, siz
  * failure. Used to fetch P2P metas from a serving deployment. */
 CKPT_API int ckpt_http_fetch(const char *url, const char *token, int timeout_ms,
                              char **body_out, size_t *len_out);
-/* POSTs json_body to url, waiting at most timeout_ms in all. Non-2xx, refusal and
- * timeouts fail (CKPT_EPEER, CKPT_ETIMEDOUT) with a text in err naming the URL and cause. */
-CKPT_API int ckpt_trigger_post(const char *url, const char *json_body, int timeout_ms,
-                               char *err, size_t errcap);
+/* POSTs json_body to url (through the Unix socket uds when not NULL/""), waiting at most
+ * timeout_ms in all. Non-2xx, refusal and timeouts fail (CKPT_EPEER, CKPT_ETIMEDOUT; an
+ * HTTP 404 CKPT_ENOENT) with a text in err naming the URL and cause. A 2xx reply of
+ * collective_rpc ({"results": [...]}) where a worker answered {"completed": false} fails
+ * too (CKPT_EPEER naming the worker). */
+CKPT_API int ckpt_trigger_post(const char *url, const char *uds, const char *json_body,
+                               int timeout_ms, char *err, size_t errcap);
 
 /* The same on a thread of its own, so the main thread can run the update meanwhile (the
  * inference workers attach to the update while it runs). */
 typedef struct ckpt_trigger ckpt_trigger_t;
-CKPT_API int ckpt_trigger_start(const char *url, const char *json_body, int timeout_ms,
-                                ckpt_trigger_t **out);
+CKPT_API int ckpt_trigger_start(const char *url, const char *uds, const char *json_body,
+                                int timeout_ms, ckpt_trigger_t **out);
 /* Joins the thread, frees, returns the POST's status (err as in ckpt_trigger_post). */
 CKPT_API int ckpt_trigger_wait(ckpt_trigger_t *t, char *err, size_t errcap);
+
+/* An update's whole conversation with the inference server, for the main thread (the
+ * real rank 0 and the tests' fake one run the same code):
+ *   ckpt_trigger_begin: when job->update_url ends in /collective_rpc (vLLM) and the job's
+ *     pause is not "off", POST <base>/pause?mode=<pause> and wait for its answer (a 404
+ *     fails: an older vLLM; "pause": "off" updates without pausing); then start the
+ *     trigger POST on its thread, socket_paths mapping worker i to
+ *     <socket_dir>/rank-<group_ranks[i] or i>.sock (absolute). Returns 0 with *out set,
+ *     or fills r (status, reason, paused) and returns its status: no byte has moved.
+ *   run the update, fill r with its outcome, then
+ *   ckpt_trigger_end: joins the trigger (its failure fails r); POSTs <base>/resume only
+ *     when r succeeded, else leaves vLLM paused and says so in r->reason. Sets r->paused
+ *     and r->resumed. */
+CKPT_API int ckpt_trigger_begin(const ckpt_http_job_t *job, const char *socket_dir,
+                                int engine_ranks, uint64_t version, int timeout_ms,
+                                ckpt_trigger_t **out, ckpt_http_job_result_t *r);
+CKPT_API void ckpt_trigger_end(ckpt_trigger_t *t, ckpt_http_job_result_t *r);
 
 #ifdef __cplusplus
 }

@@ -95,13 +95,74 @@ static int get_int(const cJSON *item, double lo, double hi, double *out, char *f
     return 0;
 }
 
+static int ends_with(const char *s, const char *suffix)
+{
+    size_t a = strlen(s), b = strlen(suffix);
+    return a >= b && strcmp(s + a - b, suffix) == 0;
+}
+
+/* checkpoint-engine's {"files": [...]}: one entry is any path we register (a file, a
+ * directory or an index.json); several must be safetensors files, registered together as
+ * one checkpoint (the engine shards all their tensors over the ranks, as for a directory). */
+static int parse_files(const cJSON *item, ckpt_http_job_t *job, char *field, size_t cap)
+{
+    if (!cJSON_IsArray(item) || cJSON_GetArraySize(item) < 1)
+        return bad(field, cap, "files", CKPT_EINVAL,
+                   "'%s' must be a non-empty array of paths");
+    int n = cJSON_GetArraySize(item);
+    size_t total = 0;
+    const cJSON *f;
+    cJSON_ArrayForEach(f, item)
+    {
+        if (!cJSON_IsString(f) || !f->valuestring || !f->valuestring[0])
+            return bad(field, cap, "files", CKPT_EINVAL, "'%s' must hold non-empty path strings");
+        size_t len = strlen(f->valuestring);
+        if (len >= CKPT_HTTP_PATH_MAX)
+            return bad(field, cap, "files", CKPT_ETOOBIG, "'%s' holds a path that is too long");
+        if (n > 1 && !ends_with(f->valuestring, ".safetensors"))
+            return bad(field, cap, "files", CKPT_EINVAL,
+                       "'%s' lists several paths: each must be a .safetensors file (a "
+                       "directory or an index.json is registered alone)");
+        for (const cJSON *g = item->child; g != f; g = g->next)
+            if (strcmp(g->valuestring, f->valuestring) == 0)
+                return bad(field, cap, "files", CKPT_EINVAL, "'%s' lists a file twice");
+        total += len + 1;
+    }
+    if (n == 1) return get_string(item->child, job->path, sizeof job->path, field, cap) == 0
+                           ? 0
+                           : bad(field, cap, "files", CKPT_EINVAL, "'%s' must hold a path string");
+    char *list = ckpt__malloc(total);
+    if (!list) return bad(field, cap, "files", CKPT_ENOMEM, "'%s': out of memory");
+    size_t at = 0;
+    cJSON_ArrayForEach(f, item)
+    {
+        size_t len = strlen(f->valuestring) + 1;
+        memcpy(list + at, f->valuestring, len);
+        at += len;
+    }
+    ckpt__free(job->files);
+    job->files = list;
+    job->files_len = total;
+    job->nfiles = n;
+    return 0;
+}
+
+void ckpt_http_job_release(ckpt_http_job_t *job)
+{
+    if (!job) return;
+    ckpt__free(job->files);
+    job->files = NULL;
+    job->files_len = 0;
+    job->nfiles = 0;
+}
+
 int ckpt_http_parse_register(const char *body, size_t len, ckpt_http_job_t *job, char *field,
                              size_t cap)
 {
     cJSON *root = NULL;
     int rc = parse_object(body, len, &root, field, cap);
     if (rc) return rc;
-    int have_path = 0;
+    int have_path = 0, have_files = 0;
     const cJSON *item;
     cJSON_ArrayForEach(item, root)
     {
@@ -109,56 +170,48 @@ int ckpt_http_parse_register(const char *body, size_t len, ckpt_http_job_t *job,
             if ((rc = get_string(item, job->path, sizeof job->path, field, cap))) goto cleanup;
             have_path = 1;
         } else if (strcmp(item->string, "files") == 0) {
-            /* The engine registers one path (file, directory or index.json); a list is
-             * accepted in the reference API's shape only when it names one path. */
-            if (!cJSON_IsArray(item) || cJSON_GetArraySize(item) != 1) {
-                rc = bad(field, cap, "files", CKPT_EINVAL,
-                         "'%s' must be an array of one path (a file, a directory or an "
-                         "index.json)");
-                goto cleanup;
-            }
-            cJSON *first = cJSON_GetArrayItem(item, 0);
-            if (!cJSON_IsString(first) ||
-                ckpt__strlcpy(job->path, first->valuestring, sizeof job->path) != 0) {
-                rc = bad(field, cap, "files", CKPT_EINVAL, "'%s' must hold a path string");
-                goto cleanup;
-            }
-            have_path = 1;
+            if ((rc = parse_files(item, job, field, cap))) goto cleanup;
+            have_files = 1;
         } else {
             rc = bad(field, cap, item->string, CKPT_EINVAL, "unknown field '%s'");
             goto cleanup;
         }
     }
-    if (!have_path || job->path[0] == '\0') {
-        rc = bad(field, cap, "path", CKPT_EINVAL, "'%s' is required");
+    if (have_path && have_files) {
+        rc = bad(field, cap, "files", CKPT_EINVAL, "give 'path' or '%s', not both");
         goto cleanup;
     }
+    if ((!have_path && !have_files) || (!job->nfiles && job->path[0] == '\0'))
+        rc = bad(field, cap, have_files ? "files" : "path", CKPT_EINVAL, "'%s' is required");
 cleanup:
+    /* A rejected body leaves nothing allocated behind. */
+    if (rc) ckpt_http_job_release(job);
     cJSON_Delete(root);
     return rc;
 }
 
-static int parse_ranks(const cJSON *item, ckpt_http_job_t *job, char *field, size_t cap)
+static int parse_ranks(const cJSON *item, int32_t *dst, int *n_out, char *field, size_t cap)
 {
+    const char *k = item->string;
     if (!cJSON_IsArray(item))
-        return bad(field, cap, "ranks", CKPT_EINVAL, "'%s' must be an array of ranks");
+        return bad(field, cap, k, CKPT_EINVAL, "'%s' must be an array of ranks");
     int n = cJSON_GetArraySize(item);
     if (n > CKPT_HTTP_MAX_RANKS)
-        return bad(field, cap, "ranks", CKPT_ETOOBIG, "'%s' lists too many ranks");
+        return bad(field, cap, k, CKPT_ETOOBIG, "'%s' lists too many ranks");
     int i = 0;
     const cJSON *r;
     cJSON_ArrayForEach(r, item)
     {
         double v;
-        if (!int_value(r, 0, 1 << 30, &v))
-            return bad(field, cap, "ranks", CKPT_EINVAL,
-                       "'%s' must hold non-negative integer ranks");
-        for (int k = 0; k < i; k++)
-            if (job->ranks[k] == (int32_t)v)
-                return bad(field, cap, "ranks", CKPT_EINVAL, "'%s' lists a rank twice");
-        job->ranks[i++] = (int32_t)v;
+        if (!int_value(r, 0, CKPT_HTTP_MAX_RANKS - 1, &v))
+            return bad(field, cap, k, CKPT_EINVAL,
+                       "'%s' must hold integer ranks from 0 to 1023");
+        for (int j = 0; j < i; j++)
+            if (dst[j] == (int32_t)v)
+                return bad(field, cap, k, CKPT_EINVAL, "'%s' lists a rank twice");
+        dst[i++] = (int32_t)v;
     }
-    job->nranks = i;
+    *n_out = i;
     return 0;
 }
 
@@ -172,7 +225,13 @@ static int valid_method(const char *m)
     return 1;
 }
 
-static int parse_update_field(const cJSON *item, ckpt_http_job_t *job, char *field, size_t cap)
+static int http_url(const char *u)
+{
+    return strncmp(u, "http://", 7) == 0 || strncmp(u, "https://", 8) == 0;
+}
+
+static int parse_update_field(const cJSON *item, ckpt_http_job_t *job, int *have_timeout,
+                              char *field, size_t cap)
 {
     const char *k = item->string;
     double v;
@@ -182,11 +241,21 @@ static int parse_update_field(const cJSON *item, ckpt_http_job_t *job, char *fie
         if (strcmp(job->mode, "broadcast") != 0 && strcmp(job->mode, "p2p") != 0)
             return bad(field, cap, k, CKPT_EINVAL, "'%s' must be \"broadcast\" or \"p2p\"");
     } else if (strcmp(k, "ranks") == 0) {
-        return parse_ranks(item, job, field, cap);
+        return parse_ranks(item, job->ranks, &job->nranks, field, cap);
+    } else if (strcmp(k, "inference_group_ranks") == 0) {
+        return parse_ranks(item, job->group_ranks, &job->ngroup_ranks, field, cap);
     } else if (strcmp(k, "timeout_ms") == 0) {
         /* A day bounds every wait: longer is a typo, not a plan. */
         if ((rc = get_int(item, 1, 86400000, &v, field, cap))) return rc;
         job->timeout_ms = (int)v;
+    } else if (strcmp(k, "timeout") == 0) {
+        /* checkpoint-engine's timeout: seconds, fractional. */
+        if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble))
+            return bad(field, cap, k, CKPT_EINVAL, "'%s' must be a number of seconds");
+        if (item->valuedouble <= 0 || item->valuedouble > 86400)
+            return bad(field, cap, k, CKPT_EINVAL, "'%s' must be seconds in (0, 86400]");
+        job->timeout_ms = (int)ceil(item->valuedouble * 1000.0);
+        *have_timeout = 1;
     } else if (strcmp(k, "bucket_max") == 0) {
         if (cJSON_IsString(item)) {
             uint64_t b = 0;
@@ -205,14 +274,12 @@ static int parse_update_field(const cJSON *item, ckpt_http_job_t *job, char *fie
     } else if (strcmp(k, "update_url") == 0) {
         if ((rc = get_string(item, job->update_url, sizeof job->update_url, field, cap)))
             return rc;
-        if (strncmp(job->update_url, "http://", 7) != 0 &&
-            strncmp(job->update_url, "https://", 8) != 0)
+        if (!http_url(job->update_url))
             return bad(field, cap, k, CKPT_EINVAL, "'%s' must be an http:// or https:// URL");
     } else if (strcmp(k, "metas_url") == 0) {
         if ((rc = get_string(item, job->metas_url, sizeof job->metas_url, field, cap)))
             return rc;
-        if (strncmp(job->metas_url, "http://", 7) != 0 &&
-            strncmp(job->metas_url, "https://", 8) != 0)
+        if (!http_url(job->metas_url))
             return bad(field, cap, k, CKPT_EINVAL, "'%s' must be an http:// or https:// URL");
     } else if (strcmp(k, "trigger_method") == 0) {
         if ((rc = get_string(item, job->trigger_method, sizeof job->trigger_method, field,
@@ -221,10 +288,48 @@ static int parse_update_field(const cJSON *item, ckpt_http_job_t *job, char *fie
         if (!valid_method(job->trigger_method))
             return bad(field, cap, k, CKPT_EINVAL,
                        "'%s' must be a method name ([A-Za-z0-9_.])");
+    } else if (strcmp(k, "uds") == 0) {
+        if ((rc = get_string(item, job->uds, sizeof job->uds, field, cap)))
+            return rc == CKPT_ETOOBIG
+                       ? bad(field, cap, k, CKPT_EINVAL,
+                             "'%s' is longer than a Unix socket path can be (107 bytes)")
+                       : rc;
+        if (job->uds[0] != '/')
+            return bad(field, cap, k, CKPT_EINVAL,
+                       "'%s' must be an absolute path (the inference server's Unix socket)");
+    } else if (strcmp(k, "pause") == 0) {
+        if ((rc = get_string(item, job->pause, sizeof job->pause, field, cap)) ||
+            (strcmp(job->pause, "wait") != 0 && strcmp(job->pause, "abort") != 0 &&
+             strcmp(job->pause, "keep") != 0 && strcmp(job->pause, "off") != 0))
+            return bad(field, cap, k, CKPT_EINVAL,
+                       "'%s' must be \"wait\", \"abort\", \"keep\" or \"off\"");
     } else {
         return bad(field, cap, k, CKPT_EINVAL, "unknown field '%s'");
     }
     return 0;
+}
+
+/* Known fields set to null mean "the default": checkpoint-engine's clients send
+ * "update_url": null, "uds": null. */
+static int known_update_field(const char *k)
+{
+    static const char *const known[] = {"mode", "ranks", "inference_group_ranks", "timeout_ms",
+                                        "timeout", "bucket_max", "verify", "update_url",
+                                        "metas_url", "trigger_method", "uds", "pause"};
+    for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
+        if (strcmp(k, known[i]) == 0) return 1;
+    return 0;
+}
+
+int ckpt_http_trigger_base(const char *update_url, char *base, size_t cap)
+{
+    static const char suffix[] = "/collective_rpc";
+    if (!update_url || !ends_with(update_url, suffix)) return 0;
+    size_t n = strlen(update_url) - (sizeof suffix - 1);
+    if (n + 1 > cap) return 0;
+    memcpy(base, update_url, n);
+    base[n] = '\0';
+    return 1;
 }
 
 int ckpt_http_parse_update(const char *body, size_t len, ckpt_http_job_t *job, char *field,
@@ -236,23 +341,65 @@ int ckpt_http_parse_update(const char *body, size_t len, ckpt_http_job_t *job, c
     snprintf(job->mode, sizeof job->mode, "broadcast");
     job->verify = -1;
     job->nranks = 0;
+    job->ngroup_ranks = 0;
+    int have_timeout = 0, have_timeout_ms = 0;
     const cJSON *item;
     cJSON_ArrayForEach(item, root)
     {
-        if ((rc = parse_update_field(item, job, field, cap))) goto cleanup;
+        if (cJSON_IsNull(item) && known_update_field(item->string)) continue;
+        if (strcmp(item->string, "timeout_ms") == 0) have_timeout_ms = 1;
+        if ((rc = parse_update_field(item, job, &have_timeout, field, cap))) goto cleanup;
     }
-    if (job->nranks > 0 && strcmp(job->mode, "p2p") != 0)
-        rc = bad(field, cap, "ranks", CKPT_EINVAL,
-                 "'%s' selects receivers of a p2p update; use \"mode\": \"p2p\"");
-    if (!rc && strcmp(job->mode, "p2p") == 0 && !job->metas_url[0])
+    char base[CKPT_HTTP_URL_MAX];
+    if (have_timeout && have_timeout_ms)
+        rc = bad(field, cap, "timeout", CKPT_EINVAL,
+                 "give '%s' (seconds, checkpoint-engine's) or 'timeout_ms', not both");
+    else if (strcmp(job->mode, "p2p") == 0 && !job->metas_url[0])
         rc = bad(field, cap, "metas_url", CKPT_EINVAL,
                  "'%s' is required with \"mode\": \"p2p\": the serving deployment's "
                  "GET /v1/checkpoints/{name}/metas URL");
-    if (!rc && job->metas_url[0] && strcmp(job->mode, "p2p") != 0)
+    else if (job->metas_url[0] && strcmp(job->mode, "p2p") != 0)
         rc = bad(field, cap, "metas_url", CKPT_EINVAL, "'%s' goes with \"mode\": \"p2p\"");
-    if (!rc && job->trigger_method[0] && !job->update_url[0])
+    else if (job->trigger_method[0] && !job->update_url[0])
         rc = bad(field, cap, "trigger_method", CKPT_EINVAL, "'%s' needs an update_url");
+    else if (job->ngroup_ranks && !job->update_url[0])
+        rc = bad(field, cap, "inference_group_ranks", CKPT_EINVAL,
+                 "'%s' maps the triggered workers to engine ranks: it needs an update_url");
+    else if (job->uds[0] && !job->update_url[0])
+        rc = bad(field, cap, "uds", CKPT_EINVAL,
+                 "'%s' needs an update_url (its path is the request's, e.g. "
+                 "http://localhost/collective_rpc)");
+    else if (job->pause[0] && strcmp(job->pause, "off") != 0 &&
+             !ckpt_http_trigger_base(job->update_url, base, sizeof base))
+        rc = bad(field, cap, "pause", CKPT_EINVAL,
+                 "'%s' pauses vLLM: it needs an update_url ending in /collective_rpc (the "
+                 "pause and resume endpoints are beside it)");
 cleanup:
+    cJSON_Delete(root);
+    return rc;
+}
+
+int ckpt_http_parse_gather_metas(const char *body, size_t len, double *timeout_s, char *field,
+                                 size_t cap)
+{
+    cJSON *root = NULL;
+    int rc = parse_object(body, len, &root, field, cap);
+    if (rc) return rc;
+    const cJSON *item;
+    cJSON_ArrayForEach(item, root)
+    {
+        if (strcmp(item->string, "timeout") != 0) {
+            rc = bad(field, cap, item->string, CKPT_EINVAL, "unknown field '%s'");
+            break;
+        }
+        if (cJSON_IsNull(item)) continue;
+        if (!cJSON_IsNumber(item) || !isfinite(item->valuedouble) || item->valuedouble < 0 ||
+            item->valuedouble > 86400) {
+            rc = bad(field, cap, "timeout", CKPT_EINVAL, "'%s' must be seconds in [0, 86400]");
+            break;
+        }
+        *timeout_s = item->valuedouble;
+    }
     cJSON_Delete(root);
     return rc;
 }

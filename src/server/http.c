@@ -25,6 +25,9 @@ typedef struct req {
 } req_t;
 
 #define DRAIN_FACTOR 64
+/* How long gather-metas waits for a registration by default: reading a very large
+ * checkpoint from disk takes minutes. */
+#define GATHER_WAIT_S 600.0
 
 static enum MHD_Result send_buf(struct MHD_Connection *conn, ckpt_http_server_t *srv,
                                 unsigned code, const char *type, void *buf, size_t len,
@@ -138,6 +141,7 @@ static enum MHD_Result submit(struct MHD_Connection *conn, ckpt_http_server_t *s
 {
     char err[640];
     int code = srv_submit(srv, job, err, sizeof err);
+    ckpt_http_job_release(job); /* a queued job's list belongs to the queue already */
     if (code != 202 && code != 200) return send_error(conn, srv, (unsigned)code, err, NULL);
     cJSON *o = cJSON_CreateObject();
     char url[CKPT_NAME_MAX + 64];
@@ -227,6 +231,18 @@ static enum MHD_Result route_checkpoint(struct MHD_Connection *conn, ckpt_http_s
         ckpt__free(bytes);
         return r;
     }
+    if (strcmp(what, "gather-metas") == 0) {
+        /* checkpoint-engine's step between registering and updating. Our registration
+         * gathers the metas itself: this waits for it to end and shows the result. */
+        if (strcmp(method, "POST") != 0) return wrong_method(conn, srv, method, "POST");
+        double timeout_s = GATHER_WAIT_S;
+        if (ckpt_http_parse_gather_metas(rq->body, rq->len, &timeout_s, field, sizeof field))
+            return send_error(conn, srv, 400, ckpt_last_error(), field);
+        char err[800];
+        int code;
+        cJSON *o = srv_gather_metas(srv, name, timeout_s, &code, err, sizeof err);
+        return o ? send_json(conn, srv, 200, o) : send_error(conn, srv, (unsigned)code, err, NULL);
+    }
     int is_files = strcmp(what, "files") == 0, is_update = strcmp(what, "update") == 0;
     if (!is_files && !is_update) return send_error(conn, srv, 404, "no such endpoint", NULL);
     if (strcmp(method, "POST") != 0) return wrong_method(conn, srv, method, "POST");
@@ -236,8 +252,13 @@ static enum MHD_Result route_checkpoint(struct MHD_Connection *conn, ckpt_http_s
     ckpt__strlcpy(job->name, name, sizeof job->name);
     int rc = is_files ? ckpt_http_parse_register(rq->body, rq->len, job, field, sizeof field)
                       : ckpt_http_parse_update(rq->body, rq->len, job, field, sizeof field);
-    enum MHD_Result r = rc ? send_error(conn, srv, 400, ckpt_last_error(), field)
-                           : submit(conn, srv, job);
+    enum MHD_Result r;
+    char err[640];
+    if (rc) r = send_error(conn, srv, 400, ckpt_last_error(), field);
+    else if (srv_check_ranks(srv, job, err, sizeof err, field, sizeof field))
+        r = send_error(conn, srv, 400, err, field);
+    else r = submit(conn, srv, job);
+    ckpt_http_job_release(job);
     ckpt__free(job);
     return r;
 }
@@ -380,7 +401,10 @@ int ckpt_http_start(const ckpt_http_options_t *opts, ckpt_http_server_t **out)
     const char *addr = opts->bind_addr ? opts->bind_addr : "127.0.0.1";
     struct sockaddr_storage ss;
     memset(&ss, 0, sizeof ss);
-    unsigned flags = MHD_USE_AUTO_INTERNAL_THREAD;
+    /* A thread per connection: gather-metas waits for a registration inside its handler,
+     * which must not stall the other requests (connections are capped at 256). */
+    unsigned flags = MHD_USE_AUTO | MHD_USE_INTERNAL_POLLING_THREAD |
+                     MHD_USE_THREAD_PER_CONNECTION;
     struct sockaddr_in *v4 = (struct sockaddr_in *)&ss;
     struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&ss;
     if (inet_pton(AF_INET, addr, &v4->sin_addr) == 1) {
@@ -400,6 +424,7 @@ int ckpt_http_start(const ckpt_http_options_t *opts, ckpt_http_server_t **out)
     if (!srv) return ckpt__error(CKPT_ENOMEM, "out of memory");
     pthread_mutex_init(&srv->mu, NULL);
     pthread_cond_init(&srv->cv, NULL);
+    pthread_cond_init(&srv->state_cv, NULL);
     srv->max_body = opts->max_body ? opts->max_body : (1u << 20);
     if (opts->token && opts->token[0] && !(srv->token = ckpt__strdup(opts->token))) {
         rc = ckpt__error(CKPT_ENOMEM, "out of memory");
@@ -452,12 +477,14 @@ void ckpt_http_stop(ckpt_http_server_t *srv)
     pthread_mutex_lock(&srv->mu);
     srv->stopping = 1;
     pthread_cond_broadcast(&srv->cv);
+    pthread_cond_broadcast(&srv->state_cv); /* handlers waiting in gather-metas answer 503 */
     pthread_mutex_unlock(&srv->mu);
     /* Stops the threads first: no handler runs past this point. */
     if (srv->mhd) MHD_stop_daemon(srv->mhd);
     if (srv->own_trace_dir) nftw(srv->trace_dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
     srv_free_state(srv);
     pthread_cond_destroy(&srv->cv);
+    pthread_cond_destroy(&srv->state_cv);
     pthread_mutex_destroy(&srv->mu);
     ckpt__free(srv->token);
     ckpt__free(srv);

@@ -17,7 +17,7 @@ typedef enum { UP_QUEUED, UP_RUNNING, UP_SUCCEEDED, UP_FAILED } srv_update_state
 typedef struct srv_ckpt {
     ckpt_http_checkpoint_t info;
     int state;           /* srv_ckpt_state_t */
-    char reason[512];    /* why registration or unregistration failed */
+    char reason[1024];   /* why registration or unregistration failed */
     void *metas;         /* P2P export set by the main thread; NULL until then */
     size_t metas_len;
     uint64_t last_update_id;
@@ -58,7 +58,10 @@ struct ckpt_http_server {
     int own_trace_dir;       /* created by us: removed on stop */
 
     pthread_mutex_t mu;
-    pthread_cond_t cv;
+    pthread_cond_t cv;       /* the job queue: signalled for the main thread */
+    pthread_cond_t state_cv; /* a job ended or the server stops: broadcast to handlers that
+                              * wait for a registration (gather-metas) */
+    int engine_ranks;        /* 0: unknown (requests naming ranks are checked at run time) */
     int stopping;
     srv_job_t *head, *tail;
     int queued;
@@ -87,6 +90,14 @@ cJSON *srv_render_checkpoints(ckpt_http_server_t *srv);
 /* NULL with *code 404 when unknown. */
 cJSON *srv_render_checkpoint(ckpt_http_server_t *srv, const char *name, int *code);
 cJSON *srv_render_update(ckpt_http_server_t *srv, uint64_t id, int *code);
+/* Checks the ranks an update names against the engine's (400 with err and field), 0 when
+ * fine or unknown. */
+int srv_check_ranks(ckpt_http_server_t *srv, const ckpt_http_job_t *job, char *err, size_t cap,
+                    char *field, size_t fcap);
+/* checkpoint-engine's gather-metas: waits up to timeout_s while `name` registers, then
+ * renders it (200) or returns NULL with the HTTP status and reason. */
+cJSON *srv_gather_metas(ckpt_http_server_t *srv, const char *name, double timeout_s, int *code,
+                        char *err, size_t cap);
 /* Copies the metas (malloc) or returns the HTTP status and a reason. */
 int srv_copy_metas(ckpt_http_server_t *srv, const char *name, void **out, size_t *len,
                    char *err, size_t cap);

@@ -1,6 +1,7 @@
 /* The job queue and what GETs show: checkpoints, updates, metas. Written by the HTTP
  * threads (submit) and the main thread (next_job, job_done, set_*), under srv->mu. */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -155,6 +156,10 @@ int srv_submit(ckpt_http_server_t *srv, ckpt_http_job_t *job, char *err, size_t 
         job->id = ++srv->next_seq;
     }
     node->job = *job;
+    /* The queue owns the file list now. */
+    job->files = NULL;
+    job->files_len = 0;
+    job->nfiles = 0;
     if (srv->tail) srv->tail->next = node;
     else srv->head = node;
     srv->tail = node;
@@ -270,6 +275,7 @@ int ckpt_http_job_done(ckpt_http_server_t *srv, const ckpt_http_job_t *job,
     default: break;
     }
     if (job->kind >= 1 && job->kind <= 3) srv->jobs_done[job->kind]++;
+    pthread_cond_broadcast(&srv->state_cv);
     pthread_mutex_unlock(&srv->mu);
     return 0;
 }
@@ -493,6 +499,10 @@ cJSON *srv_render_update(ckpt_http_server_t *srv, uint64_t id, int *code)
         cJSON_AddNumberToObject(t, "pipeline_s", r->pipeline_s);
         cJSON_AddNumberToObject(t, "finish_s", r->finish_s);
         cJSON_AddNumberToObject(t, "total_s", r->total_s);
+        /* vLLM's generation around the update (docs/HTTP.md): paused and not resumed
+         * means it is still paused now. */
+        cJSON_AddBoolToObject(o, "paused", r->paused);
+        cJSON_AddBoolToObject(o, "resumed", r->resumed);
         char url[64];
         snprintf(url, sizeof url, "/v1/updates/%llu/trace", (unsigned long long)u->id);
         if (access(u->trace_path, R_OK) == 0) cJSON_AddStringToObject(o, "trace_url", url);
@@ -510,7 +520,108 @@ void srv_free_state(ckpt_http_server_t *srv)
     while (srv->head) {
         srv_job_t *n = srv->head;
         srv->head = n->next;
+        ckpt_http_job_release(&n->job);
         ckpt__free(n);
     }
     srv->tail = NULL;
+}
+
+void ckpt_http_set_engine_ranks(ckpt_http_server_t *srv, int nranks)
+{
+    if (!srv) return;
+    pthread_mutex_lock(&srv->mu);
+    srv->engine_ranks = nranks > 0 ? nranks : 0;
+    pthread_mutex_unlock(&srv->mu);
+}
+
+int srv_check_ranks(ckpt_http_server_t *srv, const ckpt_http_job_t *job, char *err, size_t cap,
+                    char *field, size_t fcap)
+{
+    pthread_mutex_lock(&srv->mu);
+    int n = srv->engine_ranks;
+    pthread_mutex_unlock(&srv->mu);
+    if (n <= 0 || job->kind != CKPT_JOB_UPDATE) return 0;
+    for (int i = 0; i < job->nranks; i++) {
+        if (job->ranks[i] >= n) {
+            snprintf(err, cap, "'ranks' names rank %d, but the engine has %d ranks (0..%d)",
+                     (int)job->ranks[i], n, n - 1);
+            snprintf(field, fcap, "ranks");
+            return 400;
+        }
+    }
+    /* Every rank takes part in an update (it is collective, and a rank whose worker is not
+     * attached would only time out), so a list of ranks must name them all. */
+    if (job->nranks > 0 && job->nranks < n) {
+        snprintf(err, cap,
+                 "'ranks' names %d of the engine's %d ranks: updating a subset of ranks is "
+                 "not supported yet (every rank takes part in an update); omit 'ranks', or "
+                 "serve the other inference instances from a deployment of their own "
+                 "(a P2P update joins one)", job->nranks, n);
+        snprintf(field, fcap, "ranks");
+        return 400;
+    }
+    for (int i = 0; i < job->ngroup_ranks; i++) {
+        if (job->group_ranks[i] >= n) {
+            snprintf(err, cap,
+                     "'inference_group_ranks' names rank %d, but the engine has %d ranks (0..%d)",
+                     (int)job->group_ranks[i], n, n - 1);
+            snprintf(field, fcap, "inference_group_ranks");
+            return 400;
+        }
+    }
+    return 0;
+}
+
+cJSON *srv_gather_metas(ckpt_http_server_t *srv, const char *name, double timeout_s, int *code,
+                        char *err, size_t cap)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    double whole = floor(timeout_s);
+    deadline.tv_sec += (time_t)whole;
+    deadline.tv_nsec += (long)((timeout_s - whole) * 1e9);
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    cJSON *o = NULL;
+    pthread_mutex_lock(&srv->mu);
+    for (;;) {
+        /* Found again after every wait: the entry may be gone meanwhile. */
+        srv_ckpt_t *c = find_ckpt(srv, name);
+        if (!c) {
+            snprintf(err, cap, "no checkpoint named '%s'", name);
+            *code = 404;
+            break;
+        }
+        if (c->state == CK_READY) {
+            o = ckpt_json(c);
+            char url[CKPT_NAME_MAX + 64];
+            snprintf(url, sizeof url, "/v1/checkpoints/%s/metas", name);
+            cJSON_AddStringToObject(o, "metas_url", url);
+            if (srv->engine_ranks) cJSON_AddNumberToObject(o, "ranks", srv->engine_ranks);
+            *code = 200;
+            break;
+        }
+        if (c->state != CK_REGISTERING) {
+            snprintf(err, cap, "checkpoint '%s' is %s%s%.600s", name, ckpt_state_name(c->state),
+                     c->reason[0] ? ": " : "", c->reason);
+            *code = 409;
+            break;
+        }
+        if (srv->stopping) {
+            snprintf(err, cap, "the server is stopping");
+            *code = 503;
+            break;
+        }
+        if (pthread_cond_timedwait(&srv->state_cv, &srv->mu, &deadline) == ETIMEDOUT &&
+            (c = find_ckpt(srv, name)) && c->state == CK_REGISTERING) {
+            snprintf(err, cap, "checkpoint '%s' is still registering after %.0f s; poll GET "
+                               "/v1/checkpoints/%s", name, timeout_s, name);
+            *code = 409;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&srv->mu);
+    return o;
 }

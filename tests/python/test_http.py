@@ -6,6 +6,7 @@ import http.server
 import json
 import os
 import re
+import socketserver
 import subprocess
 import threading
 import time
@@ -220,70 +221,269 @@ def test_token(model):
         s.stop()
 
 
-class Recorder(http.server.BaseHTTPRequestHandler):
-    status = 200
+class FakeVllm:
+    """A stand-in vLLM OpenAI server (VLLM_SERVER_DEV_MODE=1): POST /pause?mode=..,
+    /resume and /collective_rpc, recorded in arrival order with their bodies. On TCP, or on
+    a Unix socket (uds=PATH: checkpoint-engine's trigger over a socket)."""
 
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.requests.append((self.path, self.headers.get("Content-Type"),
-                                     json.loads(body)))
-        reply = b'{"results": [null, null]}' if self.status == 200 else b"boom: worker crashed"
-        self.send_response(self.status)
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
+    def __init__(self, rpc_status=200, pause_status=200, results=None, uds=None,
+                 pause_delay=0.0):
+        self.calls = []      # request paths (with the query) in arrival order
+        self.bodies = {}     # path -> parsed JSON body (the last one)
+        self.times = {}      # path -> (arrived, answered) monotonic seconds
+        fake = self
 
-    def log_message(self, *args):
-        pass
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                arrived = time.monotonic()
+                n = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(n)
+                fake.calls.append(self.path)
+                fake.bodies[self.path] = json.loads(raw) if raw else None
+                route = self.path.split("?")[0]
+                if route == "/pause":
+                    time.sleep(pause_delay)
+                    status, reply = pause_status, {"status": "paused"}
+                    if pause_status == 404:
+                        reply = {"detail": "Not Found"}
+                elif route == "/resume":
+                    status, reply = 200, {"status": "resumed"}
+                elif route == "/collective_rpc":
+                    status = rpc_status
+                    reply = ({"results": results if results is not None else [None, None]}
+                             if rpc_status == 200 else "boom: worker crashed")
+                else:
+                    status, reply = 404, {"detail": "Not Found"}
+                data = (json.dumps(reply) if not isinstance(reply, str) else reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                fake.times[self.path] = (arrived, time.monotonic())
+
+            def log_message(self, *args):
+                pass
+
+        if uds:
+            class UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+                daemon_threads = True
+            self.httpd = UnixHTTPServer(uds, Handler)
+            self.base = "http://localhost"
+        else:
+            self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            self.base = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        self.url = self.base + "/collective_rpc"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
-def start_recorder(status):
-    handler = type("H", (Recorder,), {"status": status})
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), handler)
-    httpd.requests = []
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd
+@pytest.fixture
+def vllm():
+    fakes = []
+
+    def make(**kw):
+        fakes.append(FakeVllm(**kw))
+        return fakes[-1]
+    yield make
+    for f in fakes:
+        f.close()
 
 
-def test_trigger_shape(srv, model):
-    rec = start_recorder(200)
+def ended(srv, up):
+    return srv.wait(up["status_url"], lambda o: o["state"] in ("succeeded", "failed"))
+
+
+def test_trigger_shape(srv, model, vllm):
+    fake = vllm()
+    srv.register("m", model)
+    up = srv.update("m", update_url=fake.url)
+    done = ended(srv, up)
+    assert done["state"] == "succeeded", done
+    assert done["trigger"] is True and done["paused"] is True and done["resumed"] is True
+    # Paused (draining in-flight requests) before the trigger, resumed after the update.
+    assert fake.calls == ["/pause?mode=wait", "/collective_rpc", "/resume"]
+    body = fake.bodies["/collective_rpc"]
+    assert body["method"] == "ckpt_engine_update" and body["args"] == []
+    kw = body["kwargs"]
+    assert kw["socket_paths"] == {"0": "/tmp/ckpt-fake/rank-0.sock",
+                                  "1": "/tmp/ckpt-fake/rank-1.sock"}
+    assert kw["update_id"] == up["update_id"] and kw["name"] == "m" and kw["version"] == 2
+    assert kw["timeout_s"] == 5.0 and body["timeout"] == 5.0
+    up = srv.update("m", update_url=fake.url, trigger_method="my_ext.attach", pause="off")
+    assert ended(srv, up)["state"] == "succeeded"
+    assert fake.calls[3:] == ["/collective_rpc"]  # "off": no pause, no resume
+    assert fake.bodies["/collective_rpc"]["method"] == "my_ext.attach"
+
+
+def test_trigger_waits_for_pause(srv, model, vllm):
+    """pause=wait drains in-flight requests: the trigger only goes once vLLM answered."""
+    fake = vllm(pause_delay=0.5)
+    srv.register("m", model)
+    done = ended(srv, srv.update("m", update_url=fake.url, pause="abort"))
+    assert done["state"] == "succeeded", done
+    assert fake.calls == ["/pause?mode=abort", "/collective_rpc", "/resume"]
+    assert fake.times["/collective_rpc"][0] >= fake.times["/pause?mode=abort"][1]
+    assert fake.times["/resume"][0] >= fake.times["/collective_rpc"][1]
+
+
+def test_failed_update_leaves_vllm_paused(srv, model, vllm):
+    fake = vllm()
+    srv.register("fail-update", model)
+    done = ended(srv, srv.update("fail-update", update_url=fake.url))
+    assert done["state"] == "failed" and done["failed_rank"] == 1
+    assert fake.calls == ["/pause?mode=wait", "/collective_rpc"]  # no /resume
+    assert done["paused"] is True and done["resumed"] is False
+    assert "worker disconnected" in done["reason"]
+    assert ("vLLM at %s left paused: the update failed; POST %s/resume after a good update"
+            % (fake.base, fake.base)) in done["reason"]
+
+
+@pytest.mark.parametrize("kw,text", [
+    (dict(rpc_status=500), "HTTP 500: boom: worker crashed"),
+    (dict(results=[{"completed": True}, {"completed": False, "reason": "engine aborted"}]),
+     "worker 1 did not complete the update: engine aborted"),
+])
+def test_trigger_failure_leaves_vllm_paused(srv, model, vllm, kw, text):
+    fake = vllm(**kw)
+    srv.register("m", model)
+    done = ended(srv, srv.update("m", update_url=fake.url))
+    assert done["state"] == "failed" and text in done["reason"], done
+    assert fake.url in done["reason"] and "left paused" in done["reason"]
+    assert fake.calls == ["/pause?mode=wait", "/collective_rpc"]
+    assert done["paused"] is True and done["resumed"] is False
+
+
+def test_pause_refused_fails_before_trigger(srv, model, vllm):
+    fake = vllm(pause_status=404)
+    srv.register("m", model)
+    done = ended(srv, srv.update("m", update_url=fake.url))
+    assert done["state"] == "failed", done
+    assert fake.calls == ["/pause?mode=wait"]  # no trigger, nothing moved
+    assert '"pause": "off"' in done["reason"] and "HTTP 404" in done["reason"]
+    assert done["paused"] is False and done["bytes"] == 0
+    # pause "off" is the way through for a vLLM without pause/resume.
+    done = ended(srv, srv.update("m", update_url=fake.url, pause="off"))
+    assert done["state"] == "succeeded" and fake.calls[1:] == ["/collective_rpc"]
+    assert done["paused"] is False
+
+
+def test_trigger_to_other_servers_does_not_pause(srv, model, vllm):
+    fake = vllm()
+    srv.register("m", model)
+    done = ended(srv, srv.update("m", update_url=fake.base + "/my_update"))
+    # Not vLLM's collective_rpc: POSTed as is, no pause or resume around it.
+    assert fake.calls == ["/my_update"] and done["paused"] is False
+
+
+def test_inference_group_ranks_and_ranks(model, vllm):
+    s = Server("--update-ms", "200", "--ranks", "4")
     try:
-        srv.register("m", model)
-        url = "http://127.0.0.1:%d/collective_rpc" % rec.server_address[1]
-        up = srv.update("m", update_url=url)
-        done = srv.wait(up["status_url"], lambda o: o["state"] in ("succeeded", "failed"))
-        assert done["state"] == "succeeded", done
-        assert done["trigger"] is True
-        assert len(rec.requests) == 1
-        path, ctype, body = rec.requests[0]
-        assert path == "/collective_rpc" and ctype == "application/json"
-        assert body["method"] == "update_weights_from_ckpt_engine" and body["args"] == []
-        kw = body["kwargs"]
-        assert kw["socket_paths"] == {"0": "/tmp/ckpt-fake/rank-0.sock",
-                                      "1": "/tmp/ckpt-fake/rank-1.sock"}
-        assert kw["update_id"] == up["update_id"] and kw["name"] == "m" and kw["version"] == 2
-        assert body["timeout"] == 5.0
-        up = srv.update("m", update_url=url, trigger_method="my_ext.attach")
-        srv.wait(up["status_url"], lambda o: o["state"] == "succeeded")
-        assert rec.requests[1][2]["method"] == "my_ext.attach"
+        s.register("m", model)
+        a, b = vllm(), vllm()
+        # Two vLLM instances served by one engine deployment each get their own ranks.
+        for fake, group in ((a, [0, 1]), (b, [3, 2])):
+            done = ended(s, s.update("m", update_url=fake.url, inference_group_ranks=group,
+                                     ranks=[0, 1, 2, 3]))
+            assert done["state"] == "succeeded", done
+            assert fake.bodies["/collective_rpc"]["kwargs"]["socket_paths"] == {
+                str(i): "/tmp/ckpt-fake/rank-%d.sock" % r for i, r in enumerate(group)}
+        code, obj = s.request("POST", "/v1/checkpoints/m/update",
+                              {"update_url": a.url, "inference_group_ranks": [1, 4]})
+        assert code == 400 and obj["field"] == "inference_group_ranks", obj
+        assert "engine has 4 ranks" in obj["error"]
+        code, obj = s.request("POST", "/v1/checkpoints/m/update", {"ranks": [0, 1]})
+        assert code == 400 and obj["field"] == "ranks" and "not supported yet" in obj["error"]
+        code, obj = s.request("POST", "/v1/checkpoints/m/update", {"ranks": [0, 9]})
+        assert code == 400 and obj["field"] == "ranks" and "names rank 9" in obj["error"]
     finally:
-        rec.shutdown()
+        s.stop()
 
 
-def test_trigger_failures_fail_the_update(srv, model):
-    rec = start_recorder(500)
-    try:
-        srv.register("m", model)
-        url = "http://127.0.0.1:%d/collective_rpc" % rec.server_address[1]
-        up = srv.update("m", update_url=url)
-        done = srv.wait(up["status_url"], lambda o: o["state"] in ("succeeded", "failed"))
-        assert done["state"] == "failed" and "HTTP 500" in done["reason"]
-        assert "boom: worker crashed" in done["reason"]
-    finally:
-        rec.shutdown()
-    up = srv.update("m", update_url=url)  # nothing listens there any more
-    done = srv.wait(up["status_url"], lambda o: o["state"] in ("succeeded", "failed"))
+def test_trigger_over_unix_socket(srv, model, vllm, tmp_path):
+    sock = str(tmp_path / "vllm.sock")
+    fake = vllm(uds=sock)
+    srv.register("m", model)
+    up = srv.update("m", update_url="http://localhost/collective_rpc", uds=sock)
+    done = ended(srv, up)
+    assert done["state"] == "succeeded", done
+    assert fake.calls == ["/pause?mode=wait", "/collective_rpc", "/resume"]
+    assert done["resumed"] is True
+    # Nobody on the socket: the reason names it.
+    fake.close()
+    os.unlink(sock)
+    done = ended(srv, srv.update("m", update_url="http://localhost/collective_rpc", uds=sock,
+                                 pause="off"))
+    assert done["state"] == "failed" and "over Unix socket " + sock in done["reason"], done
+
+
+def test_trigger_unreachable(srv, model):
+    srv.register("m", model)
+    url = "http://127.0.0.1:1/collective_rpc"  # nothing listens there
+    done = ended(srv, srv.update("m", update_url=url, timeout_ms=3000))
+    assert done["state"] == "failed" and "http://127.0.0.1:1/pause?mode=wait" in done["reason"]
+    assert "nothing was sent to the workers" in done["reason"]
+    done = ended(srv, srv.update("m", update_url=url, pause="off", timeout_ms=3000))
     assert done["state"] == "failed" and url in done["reason"]
+
+
+def test_checkpoint_engine_register_and_gather_metas(srv, tmp_path):
+    files = []
+    for i in range(3):
+        p = tmp_path / ("model-%05d.safetensors" % i)
+        p.write_bytes(b"\0" * (1000 * (i + 1)))
+        files.append(str(p))
+    code, obj = srv.request("POST", "/v1/checkpoints/ce/files", {"files": files})
+    assert code == 202 and obj["state"] == "registering", obj
+    # gather-metas waits for the registration, as checkpoint-engine's collective does.
+    code, obj = srv.request("POST", "/v1/checkpoints/ce/gather-metas")
+    assert code == 200 and obj["state"] == "ready", obj
+    assert obj["bytes"] == 6000 and obj["tensors"] == 3 and obj["ranks"] == 2
+    assert obj["metas_url"] == "/v1/checkpoints/ce/metas"
+    code, obj = srv.request("POST", "/v1/checkpoints/ce/gather-metas", {"timeout": 1})
+    assert code == 200
+    code, obj = srv.request("POST", "/v1/checkpoints/nope/gather-metas")
+    assert code == 404 and "no checkpoint named 'nope'" in obj["error"]
+    bad = srv.register("gone", files[0] + ".missing")
+    assert bad["state"] == "failed"
+    code, obj = srv.request("POST", "/v1/checkpoints/gone/gather-metas")
+    assert code == 409 and "failed" in obj["error"] and "no such file" in obj["error"]
+    code, obj = srv.request("GET", "/v1/checkpoints/ce/gather-metas")
+    assert code == 405
+    # checkpoint-engine's update body, with its defaults spelled out.
+    code, obj = srv.request("POST", "/v1/checkpoints/ce/update",
+                            {"ranks": [], "update_url": None, "inference_group_ranks": [],
+                             "timeout": 300.0, "uds": None})
+    assert code == 202, obj
+    assert ended(srv, obj)["state"] == "succeeded"
+    code, obj = srv.request("DELETE", "/v1/checkpoints/ce")
+    assert code == 202
+
+
+@pytest.mark.parametrize("path,body,field,text", [
+    ("files", {"files": []}, "files", "non-empty array"),
+    ("files", {"files": ["/a.safetensors", "/b"]}, "files", ".safetensors file"),
+    ("files", {"files": ["/a.safetensors", "/a.safetensors"]}, "files", "twice"),
+    ("files", {"files": ["/a.safetensors"], "path": "/a"}, "files", "not both"),
+    ("gather-metas", {"timeout": "x"}, "timeout", "seconds"),
+    ("gather-metas", {"bogus": 1}, "bogus", "unknown field"),
+    ("update", {"timeout": 5, "timeout_ms": 5000}, "timeout", "not both"),
+    ("update", {"timeout": -1}, "timeout", "seconds"),
+    ("update", {"uds": "rel.sock", "update_url": "http://localhost/collective_rpc"}, "uds",
+     "absolute"),
+    ("update", {"uds": "/x.sock"}, "uds", "needs an update_url"),
+    ("update", {"inference_group_ranks": [0, 0], "update_url": "http://h/collective_rpc"},
+     "inference_group_ranks", "twice"),
+    ("update", {"inference_group_ranks": [0]}, "inference_group_ranks", "needs an update_url"),
+    ("update", {"pause": "never"}, "pause", '"wait", "abort", "keep" or "off"'),
+    ("update", {"pause": "wait", "update_url": "http://h/x"}, "pause", "/collective_rpc"),
+    ("update", {"ranks": "all"}, "ranks", "array"),
+])
+def test_checkpoint_engine_shapes_bad(srv, path, body, field, text):
+    code, obj = srv.request("POST", "/v1/checkpoints/m/" + path, body)
+    assert code == 400 and obj["field"] == field and text in obj["error"], obj
 
 
 METRIC_LINE = re.compile(
@@ -360,6 +560,28 @@ def test_cli(srv, model, tmp_path):
     assert r.returncode == 0 and "unregistering" in r.stdout
     r = cli(srv, "unregister", "nothing")
     assert r.returncode == 1 and "no checkpoint named 'nothing'" in r.stderr
+
+
+def test_cli_vllm_and_files(srv, model, vllm, tmp_path):
+    fake = vllm()
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"\0" * 100)
+    b.write_bytes(b"\0" * 200)
+    r = cli(srv, "register", "two", str(a), str(b), "--wait")
+    assert r.returncode == 0 and "'two' ready: 300 B" in r.stdout, r.stdout + r.stderr
+    r = cli(srv, "update", "two", "--update-url", fake.url, "--pause", "keep", "--wait")
+    assert r.returncode == 0 and "vLLM paused for it, resumed" in r.stdout, r.stdout + r.stderr
+    assert fake.calls == ["/pause?mode=keep", "/collective_rpc", "/resume"]
+    r = cli(srv, "update", "two", "--update-url", fake.url, "--pause", "off",
+            "--inference-group-ranks", "1,0", "--wait")
+    assert r.returncode == 0, r.stderr
+    assert fake.calls[3:] == ["/collective_rpc"]
+    assert fake.bodies["/collective_rpc"]["kwargs"]["socket_paths"]["0"].endswith("rank-1.sock")
+    r = cli(srv, "register", "fail-update", model, "--wait")
+    r = cli(srv, "update", "fail-update", "--update-url", fake.url, "--wait")
+    assert r.returncode == 1 and "left paused" in r.stderr, r.stderr
+    r = cli(srv, "update", "two", "--pause", "maybe")
+    assert r.returncode == 1 and "field 'pause'" in r.stderr
 
 
 def test_cli_token_and_unreachable(tmp_path):

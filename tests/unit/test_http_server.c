@@ -1,10 +1,12 @@
 /* The HTTP control API: request-body validation, the trigger body, the job queue driven
  * through real HTTP requests (libcurl) against an in-process server.
  *
- * `test_http_server --serve [--token T] [--max-body N] [--update-ms MS]` is a fake rank 0
- * for tests/python/test_http.py: it starts the server on an ephemeral port, prints
- * "port N", and executes jobs with a fake engine (updates take MS milliseconds over 10
- * buckets, report progress, fire the trigger and write a trace) until SIGTERM.
+ * `test_http_server --serve [--token T] [--max-body N] [--update-ms MS] [--ranks N]` is a
+ * fake rank 0 for tests/python/test_http.py: it starts the server on an ephemeral port,
+ * prints "port N", and executes jobs with a fake engine of N ranks (default 2; updates take
+ * MS milliseconds over 10 buckets, report progress, pause/trigger/resume vLLM through the
+ * real ckpt_trigger_begin/end with socket dir /tmp/ckpt-fake, and write a trace) until
+ * SIGTERM. A checkpoint named "fail-update" fails its updates on rank 1.
  * `test_http_server --client CMD ARGS..` runs the CLI client (ckpt-engine CMD ARGS..). */
 #include <pthread.h>
 #include <signal.h>
@@ -44,23 +46,19 @@ static int pull_progress(void *ctx, ckpt_http_progress_t *out)
     return 0;
 }
 
+static int fake_ranks = 2;
+
 static void fake_update(const ckpt_http_job_t *job, int update_ms, ckpt_http_job_result_t *res)
 {
-    enum { NB = 10, NRANKS = 2 };
+    enum { NB = 10 };
     const uint64_t total = 10ull << 20;
-    char sock0[64], sock1[64], body[4096], err[512];
-    snprintf(sock0, sizeof sock0, "/tmp/ckpt-fake/rank-0.sock");
-    snprintf(sock1, sizeof sock1, "/tmp/ckpt-fake/rank-1.sock");
-    const char *socks[NRANKS] = {sock0, sock1};
     ckpt_trigger_t *trig = NULL;
-    if (job->update_url[0]) {
-        ckpt_trigger_request_t tr = {0, job->trigger_method[0] ? job->trigger_method : NULL,
-                                     job->name, 2, job->id, socks, NRANKS, 5.0};
-        if (ckpt_trigger_body(&tr, body, sizeof body) == 0 &&
-            ckpt_trigger_start(job->update_url, body, job->timeout_ms ? job->timeout_ms : 5000,
-                               &trig) != 0)
-            trig = NULL;
-    }
+    res->failed_rank = -1;
+    /* The real rank 0's sequence (serve_http.c): pause, trigger, update, join, resume. */
+    if (job->update_url[0] &&
+        ckpt_trigger_begin(job, "/tmp/ckpt-fake", fake_ranks, 2,
+                           job->timeout_ms ? job->timeout_ms : 5000, &trig, res) != 0)
+        return;
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
     for (int i = 1; i <= NB; i++) {
@@ -74,24 +72,21 @@ static void fake_update(const ckpt_http_job_t *job, int update_ms, ckpt_http_job
         prog.elapsed_s = (double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) / 1e9;
         pthread_mutex_unlock(&prog_mu);
     }
-    res->failed_rank = -1;
     res->nbuckets = NB;
     res->bucket_size = total / NB;
     res->bytes = total;
     res->ntensors = 7;
-    res->nranks = NRANKS;
+    res->nranks = fake_ranks;
     res->version = 2;
     res->total_s = prog.elapsed_s;
     res->pipeline_s = prog.elapsed_s * 0.9;
     res->plan_s = prog.elapsed_s * 0.1;
-    if (trig && ckpt_trigger_wait(trig, err, sizeof err) != 0) {
-        res->status = CKPT_EPEER;
-        snprintf(res->reason, sizeof res->reason, "%s", err);
-    } else if (strcmp(job->name, "fail-update") == 0) {
+    if (strcmp(job->name, "fail-update") == 0) {
         res->status = CKPT_EPEER;
         res->failed_rank = 1;
         snprintf(res->reason, sizeof res->reason, "rank 1: worker disconnected in bucket 3");
     }
+    if (trig) ckpt_trigger_end(trig, res);
     FILE *f = fopen(job->trace_path, "w");
     if (f) {
         fprintf(f, "{\"traceEvents\":[{\"name\":\"update\",\"ph\":\"X\",\"ts\":0,\"dur\":%d,"
@@ -108,6 +103,20 @@ static void fake_execute(ckpt_http_server_t *srv, const ckpt_http_job_t *job, in
     struct stat st;
     switch (job->kind) {
     case CKPT_JOB_REGISTER:
+        if (job->nfiles > 0) { /* a list: every file must exist, their sizes add up */
+            for (size_t at = 0; at < job->files_len; at += strlen(job->files + at) + 1) {
+                if (stat(job->files + at, &st) != 0) {
+                    res.status = CKPT_ENOENT;
+                    snprintf(res.reason, sizeof res.reason, "%.400s: no such file",
+                             job->files + at);
+                    break;
+                }
+                res.bytes += (uint64_t)st.st_size;
+            }
+            res.ntensors = (uint32_t)job->nfiles;
+            res.version = 1;
+            break;
+        }
         if (stat(job->path, &st) != 0) {
             res.status = CKPT_ENOENT;
             snprintf(res.reason, sizeof res.reason, "%.400s: no such file or directory",
@@ -139,6 +148,7 @@ static int serve(int argc, char **argv)
         else if (strcmp(argv[i], "--max-body") == 0) o.max_body = (size_t)atol(argv[i + 1]);
         else if (strcmp(argv[i], "--update-ms") == 0) update_ms = atoi(argv[i + 1]);
         else if (strcmp(argv[i], "--bind") == 0) o.bind_addr = argv[i + 1];
+        else if (strcmp(argv[i], "--ranks") == 0) fake_ranks = atoi(argv[i + 1]);
     }
     signal(SIGTERM, on_signal);
     signal(SIGINT, on_signal);
@@ -148,6 +158,7 @@ static int serve(int argc, char **argv)
         return 1;
     }
     ckpt_http_set_progress_fn(srv, pull_progress, NULL);
+    ckpt_http_set_engine_ranks(srv, fake_ranks);
     printf("port %d\n", ckpt_http_port(srv));
     fflush(stdout);
     while (!stop_flag) {
@@ -158,6 +169,7 @@ static int serve(int argc, char **argv)
             memset(&prog, 0, sizeof prog);
             pthread_mutex_unlock(&prog_mu);
             fake_execute(srv, job, update_ms);
+            ckpt_http_job_release(job);
         }
         free(job);
     }
@@ -213,9 +225,39 @@ static void test_parse_register(void)
     const char *extra = "{\"path\": \"/a\", \"colour\": 1}";
     CHECK_RC(ckpt_http_parse_register(extra, strlen(extra), &j, field, sizeof field), CKPT_EINVAL);
     CHECK_STR(field, "colour");
-    const char *two = "{\"files\": [\"/a\", \"/b\"]}";
-    CHECK_RC(ckpt_http_parse_register(two, strlen(two), &j, field, sizeof field), CKPT_EINVAL);
-    CHECK_STR(field, "files");
+    /* Several files: a list the engine registers as one checkpoint. */
+    memset(&j, 0, sizeof j);
+    const char *two = "{\"files\": [\"/m/b.safetensors\", \"/m/a.safetensors\"]}";
+    CHECK_OK(ckpt_http_parse_register(two, strlen(two), &j, field, sizeof field));
+    CHECK(j.nfiles == 2 && j.path[0] == '\0');
+    CHECK(j.files && strcmp(j.files, "/m/b.safetensors") == 0 &&
+          strcmp(j.files + strlen(j.files) + 1, "/m/a.safetensors") == 0);
+    CHECK(j.files_len == 2 * sizeof "/m/a.safetensors");
+    ckpt_http_job_release(&j);
+    CHECK(j.files == NULL && j.nfiles == 0);
+    static const struct {
+        const char *body, *field, *text;
+    } bad[] = {
+        {"{\"files\": []}", "files", "non-empty array"},
+        {"{\"files\": \"/a.safetensors\"}", "files", "non-empty array"},
+        {"{\"files\": [\"/a.safetensors\", 3]}", "files", "path strings"},
+        {"{\"files\": [\"/a.safetensors\", \"\"]}", "files", "path strings"},
+        {"{\"files\": [\"/a.safetensors\", \"/m\"]}", "files", "each must be a .safetensors"},
+        {"{\"files\": [\"/a.safetensors\", \"/a.safetensors\"]}", "files", "twice"},
+        {"{\"path\": \"/m\", \"files\": [\"/a.safetensors\"]}", "files", "not both"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        memset(&j, 0, sizeof j);
+        field[0] = '\0';
+        int rc = ckpt_http_parse_register(bad[i].body, strlen(bad[i].body), &j, field,
+                                          sizeof field);
+        if (rc != CKPT_EINVAL || strcmp(field, bad[i].field) != 0 ||
+            !strstr(ckpt_last_error(), bad[i].text) || j.files != NULL) {
+            fprintf(stderr, "register body %s: rc %s field '%s' error '%s'\n", bad[i].body,
+                    ckpt_status_name(rc), field, ckpt_last_error());
+            test__failures++;
+        }
+    }
 }
 
 static void test_parse_update(void)
@@ -241,6 +283,25 @@ static void test_parse_update(void)
     CHECK_RC(parse_upd("{\"mode\":\"p2p\",\"metas_url\":\"ftp://h/m\"}", field), CKPT_EINVAL);
     CHECK_OK(parse_upd("{\"bucket_max\": 1048576}", field));
     CHECK(job_buf.bucket_max == 1048576);
+    /* checkpoint-engine's update fields: ranks (checked against the engine at admission),
+     * inference_group_ranks, timeout in seconds, uds; nulls mean the default. */
+    CHECK_OK(parse_upd("{\"ranks\": [1, 0], \"inference_group_ranks\": [2, 3], "
+                       "\"timeout\": 1.5, \"uds\": \"/run/vllm.sock\", "
+                       "\"update_url\": \"http://localhost/collective_rpc\", \"pause\": \"keep\"}",
+                       field));
+    CHECK(job_buf.nranks == 2 && job_buf.ngroup_ranks == 2 && job_buf.group_ranks[0] == 2 &&
+          job_buf.group_ranks[1] == 3);
+    CHECK(job_buf.timeout_ms == 1500);
+    CHECK_STR(job_buf.uds, "/run/vllm.sock");
+    CHECK_STR(job_buf.pause, "keep");
+    CHECK_OK(parse_upd("{\"update_url\": null, \"uds\": null, \"ranks\": [], "
+                       "\"inference_group_ranks\": [], \"timeout\": null}", field));
+    CHECK(job_buf.update_url[0] == '\0' && job_buf.nranks == 0 && job_buf.timeout_ms == 0);
+    CHECK_OK(parse_upd("{\"update_url\": \"http://h/other\", \"pause\": \"off\"}", field));
+    char base[64];
+    CHECK(ckpt_http_trigger_base("http://h:8000/collective_rpc", base, sizeof base));
+    CHECK_STR(base, "http://h:8000");
+    CHECK(!ckpt_http_trigger_base("http://h:8000/rpc", base, sizeof base));
 
     static const struct {
         const char *body, *field;
@@ -256,7 +317,20 @@ static void test_parse_update(void)
         {"{\"verify\": 1}", "verify", CKPT_EINVAL},
         {"{\"ranks\": [0, 0], \"mode\": \"p2p\"}", "ranks", CKPT_EINVAL},
         {"{\"ranks\": [-1], \"mode\": \"p2p\"}", "ranks", CKPT_EINVAL},
-        {"{\"ranks\": [1]}", "ranks", CKPT_EINVAL},
+        {"{\"ranks\": [1.5]}", "ranks", CKPT_EINVAL},
+        {"{\"ranks\": [4096]}", "ranks", CKPT_EINVAL},
+        {"{\"inference_group_ranks\": [0, 0], \"update_url\": \"http://h/\"}",
+         "inference_group_ranks", CKPT_EINVAL},
+        {"{\"inference_group_ranks\": [1]}", "inference_group_ranks", CKPT_EINVAL},
+        {"{\"timeout\": 0}", "timeout", CKPT_EINVAL},
+        {"{\"timeout\": \"5\"}", "timeout", CKPT_EINVAL},
+        {"{\"timeout\": 1e9}", "timeout", CKPT_EINVAL},
+        {"{\"timeout\": 5, \"timeout_ms\": 5000}", "timeout", CKPT_EINVAL},
+        {"{\"uds\": \"vllm.sock\", \"update_url\": \"http://h/\"}", "uds", CKPT_EINVAL},
+        {"{\"uds\": \"/run/vllm.sock\"}", "uds", CKPT_EINVAL},
+        {"{\"pause\": \"sometimes\"}", "pause", CKPT_EINVAL},
+        {"{\"pause\": \"wait\", \"update_url\": \"http://h/other\"}", "pause", CKPT_EINVAL},
+        {"{\"pause\": \"wait\"}", "pause", CKPT_EINVAL},
         {"{\"update_url\": \"file:///etc/passwd\"}", "update_url", CKPT_EINVAL},
         {"{\"trigger_method\": \"x\"}", "trigger_method", CKPT_EINVAL},
         {"{\"update_url\": \"http://h/\", \"trigger_method\": \"a b\"}", "trigger_method",
@@ -281,25 +355,48 @@ static void test_trigger_body(void)
     ckpt_trigger_request_t r = {0, NULL, "m", 3, 9, socks, 2, 0};
     char buf[1024];
     CHECK_OK(ckpt_trigger_body(&r, buf, sizeof buf));
-    CHECK(strstr(buf, "\"method\":\"update_weights_from_ckpt_engine\"") != NULL);
+    CHECK(strstr(buf, "\"method\":\"ckpt_engine_update\"") != NULL);
     CHECK(strstr(buf, "\"args\":[]") != NULL);
     CHECK(strstr(buf, "\"socket_paths\":{\"0\":\"/run/a/rank-0.sock\",\"1\":\"/run/a/rank-1.sock\"}"));
     CHECK(strstr(buf, "\"update_id\":9") && strstr(buf, "\"version\":3"));
     CHECK(strstr(buf, "\"timeout\":null") != NULL);
+    CHECK(strstr(buf, "timeout_s") == NULL);
     CHECK_RC(ckpt_trigger_body(&r, buf, 16), CKPT_ETOOBIG);
+    r.timeout_s = 2.5;
+    CHECK_OK(ckpt_trigger_body(&r, buf, sizeof buf));
+    CHECK(strstr(buf, "\"timeout_s\":2.5") && strstr(buf, "\"timeout\":2.5"));
 }
 
 static void test_trigger_refused(void)
 {
     char err[512];
     /* Port 1 on loopback: nothing listens there in a test environment. */
-    int rc = ckpt_trigger_post("http://127.0.0.1:1/collective_rpc", "{}", 2000, err, sizeof err);
+    int rc = ckpt_trigger_post("http://127.0.0.1:1/collective_rpc", NULL, "{}", 2000, err,
+                               sizeof err);
     CHECK(rc == CKPT_EPEER || rc == CKPT_ETIMEDOUT);
     CHECK(strstr(err, "127.0.0.1:1") != NULL);
     ckpt_trigger_t *t;
-    CHECK_OK(ckpt_trigger_start("http://127.0.0.1:1/x", "{}", 2000, &t));
+    CHECK_OK(ckpt_trigger_start("http://127.0.0.1:1/x", NULL, "{}", 2000, &t));
     CHECK(ckpt_trigger_wait(t, err, sizeof err) != 0);
     CHECK(strstr(err, "trigger POST") != NULL);
+    /* A Unix socket nobody listens on: refused, and the text names the socket. */
+    rc = ckpt_trigger_post("http://localhost/collective_rpc", "/nonexistent/vllm.sock", "{}",
+                           2000, err, sizeof err);
+    CHECK(rc == CKPT_EPEER);
+    CHECK(strstr(err, "over Unix socket /nonexistent/vllm.sock") != NULL);
+    /* Without --socket-dir the engine serves no workers: begin refuses before any POST. */
+    ckpt_http_job_t *job = calloc(1, sizeof *job);
+    ckpt_http_job_result_t r;
+    memset(&r, 0, sizeof r);
+    snprintf(job->update_url, sizeof job->update_url, "http://127.0.0.1:1/collective_rpc");
+    CHECK_RC(ckpt_trigger_begin(job, NULL, 2, 1, 1000, &t, &r), CKPT_EINVAL);
+    CHECK(strstr(r.reason, "--socket-dir") != NULL && !r.paused);
+    /* Pausing a vLLM that is not there fails before the trigger, naming the pause URL. */
+    memset(&r, 0, sizeof r);
+    CHECK(ckpt_trigger_begin(job, "/tmp/s", 2, 1, 1000, &t, &r) != 0);
+    CHECK(strstr(r.reason, "pause POST http://127.0.0.1:1/pause?mode=wait") != NULL);
+    CHECK(!r.paused && !r.resumed);
+    free(job);
 }
 
 typedef struct {

@@ -177,9 +177,11 @@ static int wait_update(const client_t *c, const char *status_url)
             const cJSON *t = cJSON_GetObjectItem(u, "timings");
             int ok = strcmp(st, "succeeded") == 0;
             if (ok)
-                printf("update %.0f of '%s' succeeded: %s in %.0f buckets to %.0f ranks, %.3f s\n",
+                printf("update %.0f of '%s' succeeded: %s in %.0f buckets to %.0f ranks, %.3f s%s\n",
                        num(u, "update_id"), str(u, "name"), sz, num(u, "buckets"),
-                       num(u, "ranks"), num(t, "total_s"));
+                       num(u, "ranks"), num(t, "total_s"),
+                       cJSON_IsTrue(cJSON_GetObjectItem(u, "resumed"))
+                           ? " (vLLM paused for it, resumed)" : "");
             else
                 fprintf(stderr, "ckpt-engine update: update %.0f of '%s' failed%s%.0f: %s\n",
                         num(u, "update_id"), str(u, "name"),
@@ -193,10 +195,15 @@ static int wait_update(const client_t *c, const char *status_url)
     }
 }
 
-static int do_register(const client_t *c, const char *name, const char *path, int wait)
+static int do_register(const client_t *c, const char *name, char **paths, int npaths, int wait)
 {
     cJSON *req = cJSON_CreateObject();
-    cJSON_AddStringToObject(req, "path", path);
+    if (npaths == 1) {
+        cJSON_AddStringToObject(req, "path", paths[0]);
+    } else { /* several safetensors files: one checkpoint ({"files": [...]}) */
+        cJSON *arr = cJSON_AddArrayToObject(req, "files");
+        for (int i = 0; i < npaths; i++) cJSON_AddItemToArray(arr, cJSON_CreateString(paths[i]));
+    }
     char *json = cJSON_PrintUnformatted(req), url[512];
     cJSON_Delete(req);
     snprintf(url, sizeof url, "/v1/checkpoints/%s/files", name);
@@ -287,12 +294,19 @@ static int read_token(client_t *c, const char *file)
 static void usage(FILE *out)
 {
     fprintf(out,
-        "usage: ckpt-engine register NAME PATH [--wait]\n"
+        "usage: ckpt-engine register NAME PATH [PATH..] [--wait]\n"
+        "                   (one PATH: a .safetensors file, a directory or an index.json;\n"
+        "                   several: .safetensors files registered as one checkpoint)\n"
         "       ckpt-engine update NAME [--bucket-max SIZE] [--timeout-ms MS] [--verify]\n"
         "                   [--mode broadcast|p2p] [--ranks R,R..] [--update-url URL]\n"
-        "                   [--trigger-method M] [--metas-url URL] [--wait]\n"
+        "                   [--trigger-method M] [--inference-group-ranks R,R..]\n"
+        "                   [--uds PATH] [--pause wait|abort|keep|off] [--metas-url URL]\n"
+        "                   [--wait]\n"
         "                   (--metas-url: a P2P update of this deployment, pulling from the\n"
-        "                   serving deployment whose GET .../metas URL is given)\n"
+        "                   serving deployment whose GET .../metas URL is given;\n"
+        "                   --update-url .../collective_rpc: vLLM, paused around the update\n"
+        "                   (--pause, default wait: in-flight requests finish first) and\n"
+        "                   resumed only after it succeeded)\n"
         "       ckpt-engine status [UPDATE_ID]\n"
         "       ckpt-engine unregister NAME\n"
         "       ckpt-engine list\n"
@@ -304,9 +318,27 @@ static void usage(FILE *out)
 }
 
 /* Builds the update request from the options; NULL after printing a usage error. */
+/* "R,R,.." into a JSON array under key; -1 after printing a usage error. */
+static int add_ranks(cJSON *o, const char *key, const char *opt, const char *ranks)
+{
+    cJSON *arr = cJSON_AddArrayToObject(o, key);
+    for (const char *p = ranks; *p;) {
+        char *end;
+        long r = strtol(p, &end, 10);
+        if (end == p || (*end && *end != ',')) {
+            fprintf(stderr, "ckpt-engine update: %s wants R,R,.. got '%s'\n", opt, ranks);
+            return -1;
+        }
+        cJSON_AddItemToArray(arr, cJSON_CreateNumber((double)r));
+        p = *end ? end + 1 : end;
+    }
+    return 0;
+}
+
 static cJSON *update_body(int verify, const char *bucket, const char *timeout,
                           const char *mode, const char *ranks, const char *url,
-                          const char *method, const char *metas_url)
+                          const char *method, const char *metas_url, const char *group_ranks,
+                          const char *uds, const char *pause)
 {
     cJSON *o = cJSON_CreateObject();
     if (bucket) cJSON_AddStringToObject(o, "bucket_max", bucket);
@@ -327,19 +359,13 @@ static cJSON *update_body(int verify, const char *bucket, const char *timeout,
     if (metas_url) cJSON_AddStringToObject(o, "metas_url", metas_url);
     if (url) cJSON_AddStringToObject(o, "update_url", url);
     if (method) cJSON_AddStringToObject(o, "trigger_method", method);
-    if (ranks) {
-        cJSON *arr = cJSON_AddArrayToObject(o, "ranks");
-        for (const char *p = ranks; *p;) {
-            char *end;
-            long r = strtol(p, &end, 10);
-            if (end == p || (*end && *end != ',')) {
-                fprintf(stderr, "ckpt-engine update: --ranks wants R,R,.. got '%s'\n", ranks);
-                cJSON_Delete(o);
-                return NULL;
-            }
-            cJSON_AddItemToArray(arr, cJSON_CreateNumber((double)r));
-            p = *end ? end + 1 : end;
-        }
+    if (uds) cJSON_AddStringToObject(o, "uds", uds);
+    if (pause) cJSON_AddStringToObject(o, "pause", pause);
+    if ((ranks && add_ranks(o, "ranks", "--ranks", ranks) < 0) ||
+        (group_ranks &&
+         add_ranks(o, "inference_group_ranks", "--inference-group-ranks", group_ranks) < 0)) {
+        cJSON_Delete(o);
+        return NULL;
     }
     return o;
 }
@@ -362,10 +388,10 @@ int cmd_client(int argc, char **argv)
     client_t c = {getenv("CKPT_SERVER"), "", argv[0]};
     const char *token_file = getenv("CKPT_TOKEN_FILE"), *out = NULL, *bucket = NULL,
                *timeout = NULL, *mode = NULL, *ranks = NULL, *url = NULL, *method = NULL,
-               *metas_url = NULL;
+               *metas_url = NULL, *group_ranks = NULL, *uds = NULL, *pause = NULL;
     int wait = 0, verify = 0, rc = 2;
     enum { O_SERVER = 256, O_TOKEN, O_BUCKET, O_TIMEOUT, O_MODE, O_RANKS, O_URL, O_METHOD,
-           O_METAS };
+           O_METAS, O_GROUP, O_UDS, O_PAUSE };
     static const struct option longopts[] = {
         {"server", required_argument, NULL, O_SERVER},
         {"token-file", required_argument, NULL, O_TOKEN},
@@ -376,6 +402,9 @@ int cmd_client(int argc, char **argv)
         {"update-url", required_argument, NULL, O_URL},
         {"trigger-method", required_argument, NULL, O_METHOD},
         {"metas-url", required_argument, NULL, O_METAS},
+        {"inference-group-ranks", required_argument, NULL, O_GROUP},
+        {"uds", required_argument, NULL, O_UDS},
+        {"pause", required_argument, NULL, O_PAUSE},
         {"verify", no_argument, NULL, 'v'},
         {"wait", no_argument, NULL, 'w'},
         {"output", required_argument, NULL, 'o'},
@@ -394,6 +423,9 @@ int cmd_client(int argc, char **argv)
         case O_URL: url = optarg; break;
         case O_METHOD: method = optarg; break;
         case O_METAS: metas_url = optarg; break;
+        case O_GROUP: group_ranks = optarg; break;
+        case O_UDS: uds = optarg; break;
+        case O_PAUSE: pause = optarg; break;
         case 'v': verify = 1; break;
         case 'w': wait = 1; break;
         case 'o': out = optarg; break;
@@ -413,10 +445,11 @@ int cmd_client(int argc, char **argv)
     int npos = argc - optind;
     const char *cmd = argv[0];
     curl_global_init(CURL_GLOBAL_DEFAULT);
-    if (strcmp(cmd, "register") == 0 && npos == 2) {
-        rc = do_register(&c, pos[0], pos[1], wait);
+    if (strcmp(cmd, "register") == 0 && npos >= 2) {
+        rc = do_register(&c, pos[0], pos + 1, npos - 1, wait);
     } else if (strcmp(cmd, "update") == 0 && npos == 1) {
-        cJSON *body = update_body(verify, bucket, timeout, mode, ranks, url, method, metas_url);
+        cJSON *body = update_body(verify, bucket, timeout, mode, ranks, url, method, metas_url,
+                                  group_ranks, uds, pause);
         rc = body ? do_update(&c, pos[0], body, wait) : 2;
         cJSON_Delete(body);
     } else if (strcmp(cmd, "status") == 0 && npos <= 1) {

@@ -105,54 +105,19 @@ static int pull_progress(void *ctx, ckpt_http_progress_t *out)
     return 0;
 }
 
-/* Starts the trigger POST: socket_paths names DIR/rank-<r>.sock of every rank (absolute,
- * since the inference server runs elsewhere). On failure fills r and returns -1. */
-static int trigger_start(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http_job_t *job,
-                         int timeout_ms, ckpt_trigger_t **out, ckpt_http_job_result_t *r)
-{
-    int n = ckpt_engine_size(engine), rc = -1;
-    char **paths = calloc((size_t)n, sizeof *paths), *body = NULL, cwd[PATH_MAX] = "";
-    size_t cap = 1024 + (size_t)n * (PATH_MAX + 32);
-    if (!st->socket_dir) {
-        r->status = CKPT_EINVAL;
-        snprintf(r->reason, sizeof r->reason, "update_url needs the engine to serve workers: "
-                                              "start `ckpt-engine serve` with --socket-dir");
-        goto cleanup;
-    }
-    if (!paths || !(body = malloc(cap))) {
-        r->status = CKPT_ENOMEM;
-        snprintf(r->reason, sizeof r->reason, "trigger: out of memory");
-        goto cleanup;
-    }
-    if (st->socket_dir[0] != '/' && !getcwd(cwd, sizeof cwd)) cwd[0] = '\0';
-    for (int i = 0; i < n; i++) {
-        if (!(paths[i] = malloc(PATH_MAX + 32))) {
-            r->status = CKPT_ENOMEM;
-            snprintf(r->reason, sizeof r->reason, "trigger: out of memory");
-            goto cleanup;
-        }
-        snprintf(paths[i], PATH_MAX + 32, "%s%s%s/rank-%d.sock", cwd, cwd[0] ? "/" : "",
-                 st->socket_dir, i);
-    }
-    ckpt_trigger_request_t req = {0, job->trigger_method[0] ? job->trigger_method : NULL,
-                                  job->name, serve_version_of(engine, job->name), job->id,
-                                  (const char *const *)paths, n, timeout_ms / 1000.0};
-    if ((r->status = ckpt_trigger_body(&req, body, cap)) == 0 &&
-        (r->status = ckpt_trigger_start(job->update_url, body, timeout_ms, out)) == 0)
-        rc = 0;
-    else
-        snprintf(r->reason, sizeof r->reason, "trigger: %s", ckpt_last_error());
-cleanup:
-    for (int i = 0; paths && i < n; i++) free(paths[i]);
-    free(paths);
-    free(body);
-    return rc;
-}
-
 static void run_update(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http_job_t *job,
                        ckpt_http_job_result_t *r)
 {
     int p2p = strcmp(job->mode, "p2p") == 0;
+    /* Admission checks ranks once the server knows the engine's size; a request that came
+     * before is checked here. */
+    if (job->nranks > 0 && job->nranks != ckpt_engine_size(engine)) {
+        r->status = CKPT_EINVAL;
+        snprintf(r->reason, sizeof r->reason, "'ranks' names %d of the engine's %d ranks: "
+                 "updating a subset of ranks is not supported yet", job->nranks,
+                 ckpt_engine_size(engine));
+        return;
+    }
     char *metas = NULL;
     size_t metas_len = 0;
     if (p2p) {
@@ -181,7 +146,13 @@ static void run_update(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http
     }
     int timeout_ms = job->timeout_ms > 0 ? job->timeout_ms : st->timeout_ms;
     ckpt_trigger_t *trig = NULL;
-    if (job->update_url[0] && trigger_start(st, engine, job, timeout_ms, &trig, r) < 0) return;
+    /* Pauses vLLM (when asked) and starts the trigger; on failure nothing has moved. */
+    if (job->update_url[0] &&
+        ckpt_trigger_begin(job, st->socket_dir, ckpt_engine_size(engine),
+                           serve_version_of(engine, job->name), timeout_ms, &trig, r) != 0) {
+        free(metas);
+        return;
+    }
 
     ckpt_update_options_t uo = CKPT_UPDATE_OPTIONS_INIT;
     uo.bucket_max = job->bucket_max;
@@ -200,18 +171,6 @@ static void run_update(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http
     if (rc < 0 && !res.total_s) res.total_s = MPI_Wtime() - t;
     res.status = rc;
 
-    char err[512] = "";
-    /* The trigger fails the update too: the inference server did not take it. */
-    if (trig && ckpt_trigger_wait(trig, err, sizeof err) != 0) {
-        if (res.status == 0) {
-            res.status = CKPT_EPEER;
-            snprintf(res.reason, sizeof res.reason, "%s", err);
-        } else {
-            size_t len = strlen(res.reason);
-            snprintf(res.reason + len, sizeof res.reason - len, "; %s", err);
-        }
-    }
-    serve_print_update(st, &res);
     r->status = res.status;
     r->failed_rank = res.failed_rank;
     snprintf(r->reason, sizeof r->reason, "%s", res.reason);
@@ -227,6 +186,14 @@ static void run_update(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http
     r->pipeline_s = res.pipeline_s;
     r->finish_s = res.finish_s;
     r->total_s = res.total_s;
+    /* Joins the trigger (its failure fails the update) and resumes vLLM only after a good
+     * update; a failed one leaves it paused and says so in the reason. */
+    if (trig) {
+        ckpt_trigger_end(trig, r);
+        res.status = r->status;
+        snprintf(res.reason, sizeof res.reason, "%.*s", (int)sizeof res.reason - 1, r->reason);
+    }
+    serve_print_update(st, &res);
 }
 
 static void run_job(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http_job_t *job,
@@ -236,14 +203,27 @@ static void run_job(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http_jo
     size_t tensors = 0;
     switch (job->kind) {
     case CKPT_JOB_REGISTER:
-        r->status = ckpt_engine_register(engine, job->name, job->path);
+        if (job->nfiles > 0) { /* checkpoint-engine's {"files": [...]}, several files */
+            const char **paths = calloc((size_t)job->nfiles, sizeof *paths);
+            size_t n = 0;
+            for (size_t at = 0; paths && at < job->files_len && n < (size_t)job->nfiles;
+                 at += strlen(job->files + at) + 1)
+                paths[n++] = job->files + at;
+            r->status = paths ? ckpt_engine_register_list(engine, job->name, paths, n)
+                              : CKPT_ENOMEM;
+            free(paths);
+            if (!paths) snprintf(r->reason, sizeof r->reason, "register: out of memory");
+        } else {
+            r->status = ckpt_engine_register(engine, job->name, job->path);
+        }
         if (r->status == 0 &&
             ckpt_engine_checkpoint_stats(engine, job->name, &r->bytes, &tensors) == 0) {
             r->ntensors = (uint32_t)tensors;
             r->version = serve_version_of(engine, job->name);
         }
         if (r->status == 0) serve_publish_metas(st, engine, job->name);
-        if (r->status) snprintf(r->reason, sizeof r->reason, "%s", ckpt_last_error());
+        if (r->status && !r->reason[0])
+            snprintf(r->reason, sizeof r->reason, "%s", ckpt_last_error());
         serve_print_simple(st, "register", job->name, r->status, r->reason, MPI_Wtime() - t);
         break;
     case CKPT_JOB_UNREGISTER:
@@ -262,6 +242,7 @@ int serve_http_run(serve_state_t *st, ckpt_engine_t *engine)
 {
     int failed = 0;
     ckpt_http_set_progress_fn(st->srv, pull_progress, engine);
+    ckpt_http_set_engine_ranks(st->srv, ckpt_engine_size(engine));
     ckpt_http_job_t *job = calloc(1, sizeof *job); /* ~12 KiB: not on the stack */
     while (job && !serve_stop) {
         /* A short wait so that a signal is noticed within a fifth of a second. */
@@ -272,6 +253,7 @@ int serve_http_run(serve_state_t *st, ckpt_engine_t *engine)
         run_job(st, engine, job, &r);
         if (r.status) failed++;
         ckpt_http_job_done(st->srv, job, &r);
+        ckpt_http_job_release(job);
     }
     if (!job) fprintf(stderr, "ckpt-engine serve: out of memory\n");
     free(job);
