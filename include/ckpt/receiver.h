@@ -47,6 +47,10 @@ typedef struct {
     char name[CKPT_NAME_MAX]; /* checkpoint name */
     uint32_t nbuckets;
     int32_t verify;           /* the engine asks the worker to verify checksums */
+    /* 1: the buffers keep this update's bytes until FINISH/ABORT (a direct update reads the
+     * owners' pools), so views of an acknowledged bucket stay valid until then; 0: the
+     * engine refills a buffer once its bucket is acknowledged. */
+    int32_t stable;
 } ckpt_update_info_t;
 
 /* Waits (timeout_ms < 0: forever) for the engine to begin an update, maps its buffers

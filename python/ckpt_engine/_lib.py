@@ -50,6 +50,7 @@ class UpdateInfo(ctypes.Structure):
         ("name", ctypes.c_char * CKPT_NAME_MAX),
         ("nbuckets", ctypes.c_uint32),
         ("verify", ctypes.c_int32),
+        ("stable", ctypes.c_int32),
     ]
 
 
@@ -107,6 +108,14 @@ def load():
         "ckpt_receiver_last_update": ([p, ctypes.POINTER(UpdateInfo), ctypes.POINTER(c_int)],
                                       c_int),
         "ckpt_receiver_reason": ([p], ctypes.c_char_p),
+        # publishing (include/ckpt/publish.h); options and reply structs: publish.py
+        "ckpt_publish_begin": ([ctypes.c_char_p, ctypes.POINTER(TensorMeta), ctypes.c_size_t,
+                                ctypes.POINTER(p)], c_int),
+        "ckpt_publish_tensor_ptr": ([p, ctypes.c_size_t], p),
+        "ckpt_publish_size": ([p], u64),
+        "ckpt_publish_seal": ([p], c_int),
+        "ckpt_publish_send": ([p, ctypes.c_char_p, p, p], c_int),
+        "ckpt_publish_free": ([p], None),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)

@@ -19,15 +19,19 @@ the server's `POST /collective_rpc` (VLLM_SERVER_DEV_MODE=1), which is what
 - `ckpt_engine_status()`: `{"state": "none"|"consistent"|"incomplete", "version", ...}`.
 
 Zero copy, and when it copies: a bucket's tensors are views of the engine's shared
-buffer, valid until the bucket is acknowledged, and the engine refills that buffer once
-it is. vLLM's layer-wise reload keeps a layer's weights until the whole layer has arrived
-(q, k and v for one fused qkv_proj; gate and up for gate_up_proj). So before a bucket is
-acknowledged the extension checks, through a weak reference per tensor, whether vLLM still
-holds any of its views; each such tensor is copied into private memory first
-(`tensor.data = tensor.clone()`, so the reference vLLM holds sees the copy). The count is
-in the result (`copied_tensors`, `copied_bytes`). With buckets planned in layer order
-(ckpt-engine's planner orders tensors by layer) only the layers cut by a bucket boundary
-are copied. Everything else is read straight out of shared memory by vLLM's own loaders.
+memory. In a direct update (every engine rank on this host, the default) they point
+straight into the owners' pools, which nothing writes during an update (BEGIN's STABLE
+flag): vLLM may keep them as long as it likes and nothing is ever copied. In a staged
+update (several hosts, P2P, `direct=0`) they point into an IPC buffer that the engine
+refills once the bucket is acknowledged, and vLLM's layer-wise reload keeps a layer's
+weights until the whole layer has arrived (q, k and v for one fused qkv_proj; gate and up
+for gate_up_proj; every expert of a fused MoE layer). So before such a bucket is
+acknowledged the extension checks, through a weak reference per tensor, whether vLLM
+still holds any of its views; each one it holds is copied into private memory first
+(`tensor.data = tensor.clone()`, so the reference vLLM holds sees the copy). The result
+counts them (`copied_tensors`, `copied_bytes`). Buckets follow the layer order within each
+owner rank, so only layers cut by a bucket boundary, or split across owner ranks, are
+copied; everything else is read straight out of shared memory by vLLM's own loaders.
 
 After a complete update the extension resets nothing in the scheduler (a worker cannot
 reach it): the caller resets vLLM's prefix cache — `update(llm, ...)` below does it for an
@@ -83,6 +87,9 @@ class _BucketStream:
         self.torch = torch
         self.rx = rx
         self.nbuckets = info.nbuckets
+        # Stable buffers (a direct update: the owners' pools) keep their bytes until the
+        # update ends, so views vLLM still holds need no copy when a bucket is acknowledged.
+        self.stable = bool(info.stable)
         self.timeout_ms = timeout_ms
         self.tensors = 0
         self.bytes = 0
@@ -157,7 +164,8 @@ class _BucketStream:
                 yield name, t
                 del t
             try:
-                self._release(held)
+                if not self.stable:
+                    self._release(held)
             except _HeldView as e:
                 self.error = str(e)
                 try:

@@ -225,6 +225,7 @@ static int begin_workers(update_ctx_t *u)
             begin.name = u->cmd->name;
             begin.nbuckets = (uint32_t)u->plan.nbuckets;
             begin.verify = u->cmd->verify;
+            begin.stable = u->direct; /* pools: never written during an update */
             if (u->direct) {
                 begin.nbuffers = (int)u->sources.count;
                 for (size_t i = 0; i < u->sources.count; i++) {

@@ -282,6 +282,7 @@ int ckpt_receiver_wait_update(ckpt_receiver_t *r, int timeout_ms, ckpt_update_in
     memcpy(r->info.name, m.name, sizeof(m.name));
     r->info.nbuckets = m.nbuckets;
     r->info.verify = (m.flags & CKPT_IPC_BEGIN_VERIFY) != 0;
+    r->info.stable = (m.flags & CKPT_IPC_BEGIN_STABLE) != 0;
     r->have_update = 1;
     r->completed = 0;
     r->reason[0] = '\0';

@@ -308,7 +308,8 @@ static int begin_common(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, i
     m.update_id = begin->update_id;
     m.version = begin->version;
     m.nbuckets = begin->nbuckets;
-    m.flags = (begin->verify ? CKPT_IPC_BEGIN_VERIFY : 0) | (prepare ? CKPT_IPC_BEGIN_PREPARE : 0);
+    m.flags = (begin->verify ? CKPT_IPC_BEGIN_VERIFY : 0) | (prepare ? CKPT_IPC_BEGIN_PREPARE : 0) |
+              (begin->stable ? CKPT_IPC_BEGIN_STABLE : 0);
     m.nbuffers = (uint32_t)begin->nbuffers;
     m.max_tensors = begin->max_tensors;
     for (int i = 0; i < begin->nbuffers; i++) m.buffer_sizes[i] = begin->buffer_sizes[i];

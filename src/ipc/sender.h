@@ -71,6 +71,7 @@ typedef struct {
                                                     any value; the file may be larger) */
     uint32_t max_tensors;   /* optional: most tensors in one bucket (0 = unknown); lets
                                both sides size their per-bucket arrays once */
+    int stable;             /* the buffers keep their bytes until FINISH/ABORT (pools) */
 } ckpt_ipc_begin_t;
 
 /* Sends BEGIN with the buffer fds (SCM_RIGHTS) and waits for READY. Needs a connected

@@ -34,6 +34,10 @@ typedef enum {
     CKPT_IPC_MSG_FINISH = 6, /* engine -> worker: commit */
     CKPT_IPC_MSG_ABORT = 7,  /* engine -> worker: text = reason */
     CKPT_IPC_MSG_REFUSE = 8, /* engine -> worker: status + text, then the engine closes */
+    /* The trainer-side publish socket (docs/PUBLISH.md) speaks the same framing: */
+    CKPT_IPC_MSG_PUBLISH = 9,        /* trainer -> engine: name, part, step + a sealed memfd */
+    CKPT_IPC_MSG_PUBLISH_REPLY = 10, /* engine -> trainer: accepted / registered / refused */
+    CKPT_IPC_MSG_LAST = CKPT_IPC_MSG_PUBLISH_REPLY,
 } ckpt__ipc_msg_type_t;
 
 #define CKPT_IPC_BEGIN_VERIFY 1u /* BEGIN flags */
@@ -41,6 +45,10 @@ typedef enum {
  * worker stays between updates. Sent after a registration so that the first update does
  * not pay for mapping the pools. */
 #define CKPT_IPC_BEGIN_PREPARE 2u
+/* BEGIN with STABLE: the buffers hold the update's bytes unchanged until FINISH or ABORT
+ * (direct updates: they are the owners' pools), so a worker may keep views of a bucket
+ * after acknowledging it (vLLM's layer-wise reload does) without copying them. */
+#define CKPT_IPC_BEGIN_STABLE 4u
 
 typedef struct {
     uint32_t type;

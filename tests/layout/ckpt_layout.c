@@ -69,6 +69,7 @@ int main(void)
     ARRAY(ckpt_update_info_t, name);
     FIELD(ckpt_update_info_t, nbuckets);
     FIELD(ckpt_update_info_t, verify);
+    FIELD(ckpt_update_info_t, stable);
     END_STRUCT();
 
     STRUCT(ckpt_tensor_view_t, 1);

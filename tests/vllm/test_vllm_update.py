@@ -7,7 +7,7 @@ import pytest
 
 import ext_hooks
 import mpijob
-from conftest import close_llm, greedy, make_llm
+from vllm_helpers import close_llm, greedy, make_llm
 
 from ckpt_engine import vllm as ckv
 
