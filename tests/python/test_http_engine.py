@@ -197,20 +197,31 @@ def test_register_update_status_unregister(tmp_path, model):
 
 
 class TriggerTarget:
-    """A stand-in inference server: records the body of every POST, answers 200."""
+    """A stand-in vLLM server: records every POST (path with query, JSON body or None) in
+    arrival order and answers 200. With spawn(socket_paths) set, /collective_rpc runs it
+    (real receivers) and answers their results, as vLLM's collective_rpc does."""
 
-    def __init__(self):
+    def __init__(self, spawn=None):
+        self.calls = []
         self.bodies = []
         target = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 n = int(self.headers.get("Content-Length", 0))
-                target.bodies.append(json.loads(self.rfile.read(n)))
+                raw = self.rfile.read(n)
+                body = json.loads(raw) if raw else None
+                target.calls.append(self.path)
+                target.bodies.append(body)
+                results = [None]
+                if self.path == "/collective_rpc" and spawn:
+                    results = spawn(body["kwargs"]["socket_paths"])
+                data = json.dumps({"results": results}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(b"{}")
+                self.wfile.write(data)
 
             def log_message(self, *a):
                 pass
@@ -218,6 +229,9 @@ class TriggerTarget:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = "http://127.0.0.1:%d/collective_rpc" % self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def rpc_body(self):
+        return self.bodies[self.calls.index("/collective_rpc")]
 
     def close(self):
         self.httpd.shutdown()
@@ -243,9 +257,11 @@ def test_one_update_at_a_time_and_trigger(tmp_path, model):
         assert u["state"] == "succeeded" and u["trigger"], u
         assert u["timings"]["finish_s"] >= 2.5, u
 
-        assert len(target.bodies) == 1, target.bodies
-        body = target.bodies[0]
-        assert body["method"] == "update_weights_from_ckpt_engine"
+        # vLLM's generation paused before the trigger, resumed after the update.
+        assert target.calls == ["/pause?mode=wait", "/collective_rpc", "/resume"], target.calls
+        assert u["paused"] and u["resumed"], u
+        body = target.rpc_body()
+        assert body["method"] == "ckpt_engine_update"
         assert body["kwargs"]["socket_paths"] == {
             str(r): os.path.join(os.path.abspath(dep.sock), "rank-%d.sock" % r) for r in range(2)}
         assert body["kwargs"]["update_id"] == uid and body["kwargs"]["name"] == "m"
@@ -256,7 +272,7 @@ def test_one_update_at_a_time_and_trigger(tmp_path, model):
         # A trigger nobody answers fails the update with a reason naming the URL.
         dead = "http://127.0.0.1:1/collective_rpc"
         code, obj = srv.request("POST", "/v1/checkpoints/m/update",
-                                {"update_url": dead, "timeout_ms": 5000})
+                                {"update_url": dead, "timeout_ms": 5000, "pause": "off"})
         assert code == 202
         u = srv.wait_update(obj["update_id"], timeout=30)
         assert u["state"] == "failed" and dead in u["reason"], u
@@ -377,3 +393,68 @@ def test_p2p_update_over_http(tmp_path, model):
                 s.stop()
         sdep.stop()
         jdep.stop()
+
+
+def test_checkpoint_engine_files_and_vllm_trigger(tmp_path, model):
+    """checkpoint-engine's controller sequence against real ranks: POST .../files with a
+    list of files, POST .../gather-metas, POST .../update with update_url at a stand-in
+    vLLM whose collective_rpc starts real receivers (ckpt-worker) on the sockets it is
+    given; they end up byte-identical to the files. A failing receiver leaves vLLM paused."""
+    dep = Deployment(tmp_path, 2)
+    fail = {"bucket": None}
+
+    def spawn(socket_paths):
+        procs = []
+        for i, path in sorted(socket_paths.items()):
+            args = [WORKER, "--socket", path, "--layout", model, "--verify", "--updates", "1",
+                    "--dump", dep.worker_dump(int(i)), "--timeout-ms", "20000"]
+            if fail["bucket"] is not None:
+                args += ["--fail-on-bucket", str(fail["bucket"])]
+            procs.append(subprocess.Popen(args, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        out = []
+        for p in procs:
+            text, _ = p.communicate(timeout=60)
+            out.append({"completed": p.returncode == 0, "reason": text.strip()[-200:]})
+        return out
+
+    target = TriggerTarget(spawn)
+    srv = HttpServe(dep)
+    try:
+        files = sorted(os.path.join(model, f) for f in os.listdir(model)
+                       if f.endswith(".safetensors"))
+        assert len(files) == 2
+        code, obj = srv.request("POST", "/v1/checkpoints/ce/files", {"files": files[::-1]})
+        assert code == 202, obj
+        code, obj = srv.request("POST", "/v1/checkpoints/ce/gather-metas")
+        assert code == 200 and obj["state"] == "ready" and obj["ranks"] == 2, obj
+        want = read_checkpoint(model)
+        assert obj["tensors"] == len(want)
+        assert obj["bytes"] == sum(len(d) for _, _, d in want.values())
+
+        code, obj = srv.request("POST", "/v1/checkpoints/ce/update",
+                                {"update_url": target.url, "inference_group_ranks": [0, 1],
+                                 "ranks": [0, 1], "timeout": 30, "uds": None})
+        assert code == 202, obj
+        u = srv.wait_update(obj["update_id"], timeout=60)
+        assert u["state"] == "succeeded" and u["paused"] and u["resumed"], u
+        assert target.calls == ["/pause?mode=wait", "/collective_rpc", "/resume"]
+        assert target.rpc_body()["kwargs"]["socket_paths"] == {
+            str(r): os.path.join(os.path.abspath(dep.sock), "rank-%d.sock" % r) for r in range(2)}
+        for r in range(2):
+            assert_worker_equals(dep, r, model)
+
+        # A receiver that fails a bucket fails the update: vLLM stays paused, and says so.
+        fail["bucket"] = 0
+        code, obj = srv.request("POST", "/v1/checkpoints/ce/update",
+                                {"update_url": target.url, "timeout": 30})
+        assert code == 202, obj
+        u = srv.wait_update(obj["update_id"], timeout=60)
+        assert u["state"] == "failed" and u["paused"] and not u["resumed"], u
+        assert "left paused" in u["reason"], u
+        assert target.calls[3:] == ["/pause?mode=wait", "/collective_rpc"], target.calls
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop()
+        target.close()
+        dep.stop()
