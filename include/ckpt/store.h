@@ -122,6 +122,30 @@ CKPT_API int ckpt_store_register_buffers(ckpt_store_t *store, const char *name,
  * ownership of fd on success only (closed at unregister). */
 CKPT_API int ckpt_store_register_fd(ckpt_store_t *store, const char *name, int fd, uint64_t size,
                            const ckpt_tensor_meta_t *metas, size_t count);
+/* One fd of a registration from several fds (ckpt_store_register_fds): `size` bytes of fd
+ * are mapped read-only; metas[i].offset is where tensor i lies in the fd; the region starts
+ * at pool offset `offset` of the checkpoint (ranges of the parts must not overlap). */
+typedef struct ckpt_store_fd_part {
+    int fd;
+    uint64_t size;
+    uint64_t offset;
+    const ckpt_tensor_meta_t *metas;
+    size_t count;
+} ckpt_store_fd_part_t;
+
+/* Adopts several fds under one name without copying (e.g. the parts several trainer ranks
+ * published to this engine rank): the tensors of the parts are local (owner = `rank`, pool
+ * offset = part offset + offset in the fd). `remote` lists tensors held by other ranks
+ * (owner and pool offset taken as given, no data), so the tensor list names the whole
+ * checkpoint. nparts may be 0 (this rank holds none of it). Tensor names must be unique
+ * over parts and remote. Takes ownership of every fd on success only. */
+CKPT_API int ckpt_store_register_fds(ckpt_store_t *store, const char *name, int rank,
+                                     const ckpt_store_fd_part_t *parts, size_t nparts,
+                                     const ckpt_tensor_meta_t *remote, size_t nremote);
+/* Renames a registered checkpoint (its memory stays where it is); CKPT_ENOENT if `from` is
+ * unknown, CKPT_EEXIST if `to` is taken. Lets a caller register a new version under a
+ * scratch name and swap it in once every rank has it. */
+CKPT_API int ckpt_store_rename(ckpt_store_t *store, const char *from, const char *to);
 /* Unregisters a checkpoint and frees its memory; CKPT_ENOENT if unknown. */
 CKPT_API int ckpt_store_unregister(ckpt_store_t *store, const char *name);
 

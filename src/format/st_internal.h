@@ -32,4 +32,13 @@ struct ckpt_st_file {
 CKPT_HIDDEN int ckpt__st_read_small_file(const char *path, size_t max, char **buf_out,
                                          size_t *len_out);
 
+/* The JSON header of a safetensors file holding `count` tensors laid out in the given order
+ * (data_offsets packed, as the format demands), padded with spaces so that the data region
+ * (8 + length) starts on a multiple of `data_align` (8, 64, 4096...). Checks the metas like
+ * the writer does. *json_out is ckpt__malloc'd, NUL-terminated; *len_out excludes the NUL.
+ * Used by the trainer-side publisher, which lays a file out in a memfd. */
+CKPT_HIDDEN int ckpt__st_header_json(const char *label, const ckpt_tensor_meta_t *metas,
+                                     size_t count, size_t data_align, char **json_out,
+                                     size_t *len_out);
+
 #endif

@@ -100,10 +100,10 @@ static int check_metas(const char *path, const ckpt_tensor_meta_t *metas, size_t
     return rc;
 }
 
-/* Header JSON padded with spaces so that 8 + length is a multiple of 8. */
+/* Header JSON padded with spaces so that 8 + length is a multiple of `align`. */
 static int build_header(const char *path, const ckpt_tensor_meta_t *metas, size_t count,
                         const char *const *keys, const char *const *values, size_t nmeta,
-                        sbuf_t *b)
+                        size_t align, sbuf_t *b)
 {
     sb_puts(b, "{");
     if (nmeta) {
@@ -138,7 +138,7 @@ static int build_header(const char *path, const ckpt_tensor_meta_t *metas, size_
         sb_puts(b, "]}");
     }
     sb_puts(b, "}");
-    while (!b->oom && (8 + b->n) % 8 != 0) sb_puts(b, " ");
+    while (!b->oom && (8 + b->n) % align != 0) sb_puts(b, " ");
     if (b->oom) return ckpt__error(CKPT_ENOMEM, "%s: no memory for the header", path);
     if (b->n > CKPT_ST_MAX_HEADER)
         return ckpt__error(CKPT_ETOOBIG, "%s: header of %zu bytes exceeds the limit of %u",
@@ -175,7 +175,7 @@ static int write_file(const char *path, const ckpt_tensor_meta_t *metas, size_t 
     uint64_t pos = 0;
     int rc = check_metas(path, metas, count);
     if (rc < 0) goto out;
-    rc = build_header(path, metas, count, keys, values, nmeta, &hdr);
+    rc = build_header(path, metas, count, keys, values, nmeta, 8, &hdr);
     if (rc < 0) goto out;
     if (!data && fill) {
         chunk = ckpt__malloc(FILL_CHUNK);
@@ -243,6 +243,24 @@ out:
     ckpt__free(chunk);
     ckpt__free(hdr.p);
     return rc;
+}
+
+int ckpt__st_header_json(const char *label, const ckpt_tensor_meta_t *metas, size_t count,
+                         size_t data_align, char **json_out, size_t *len_out)
+{
+    sbuf_t hdr = {0};
+    if (data_align < 8 || data_align % 8 != 0)
+        return ckpt__error(CKPT_EINVAL, "%s: data alignment %zu is not a multiple of 8", label,
+                           data_align);
+    int rc = check_metas(label, metas, count);
+    if (rc == CKPT_OK) rc = build_header(label, metas, count, NULL, NULL, 0, data_align, &hdr);
+    if (rc < 0) {
+        ckpt__free(hdr.p);
+        return rc;
+    }
+    *json_out = hdr.p;
+    *len_out = hdr.n;
+    return CKPT_OK;
 }
 
 int ckpt_st_write(const char *path, const ckpt_tensor_meta_t *metas, const void *const *data,

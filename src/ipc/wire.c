@@ -102,7 +102,8 @@ static size_t put_name(uint8_t *p, const char *name)
 const char *ckpt__ipc_msg_name(uint32_t type)
 {
     static const char *names[] = {"?", "BEGIN", "READY", "BUCKET", "OK",
-                                  "ERR", "FINISH", "ABORT", "REFUSE"};
+                                  "ERR", "FINISH", "ABORT", "REFUSE",
+                                  "PUBLISH", "PUBLISH_REPLY"};
     return type < CKPT_ARRAY_SIZE(names) ? names[type] : "?";
 }
 
@@ -125,7 +126,7 @@ int ckpt__ipc_hdr_decode(const uint8_t *in, const char *peer, ckpt__ipc_hdr_t *o
     if (version != CKPT_IPC_VERSION)
         return ckpt__error(CKPT_EPROTO, "%s: protocol version %u, this side speaks %u", peer,
                            version, CKPT_IPC_VERSION);
-    if (type < CKPT_IPC_MSG_BEGIN || type > CKPT_IPC_MSG_REFUSE)
+    if (type < CKPT_IPC_MSG_BEGIN || type > CKPT_IPC_MSG_LAST)
         return ckpt__error(CKPT_EPROTO, "%s: unknown message type %u", peer, type);
     if (length > CKPT_IPC_MAX_PAYLOAD)
         return ckpt__error(CKPT_ETOOBIG, "%s: %s payload of %u bytes exceeds the %u limit",

@@ -206,6 +206,19 @@ int ckpt_store_unregister(ckpt_store_t *store, const char *name)
     return CKPT_OK;
 }
 
+int ckpt_store_rename(ckpt_store_t *store, const char *from, const char *to)
+{
+    ckpt__ckpt_t *c = find(store, from, NULL);
+    if (!c) return ckpt__error(CKPT_ENOENT, "rename '%s': no such checkpoint", from ? from : "(null)");
+    int rc = ckpt__store_check_name(store, to);
+    if (rc) return rc;
+    char *dup = ckpt__strdup(to);
+    if (!dup) return ckpt__error(CKPT_ENOMEM, "rename '%s': out of memory", from);
+    ckpt__free(c->name);
+    c->name = dup;
+    return CKPT_OK;
+}
+
 int ckpt_store_tensors(ckpt_store_t *store, const char *name,
                        const ckpt_tensor_meta_t **metas_out, size_t *count_out)
 {
