@@ -155,6 +155,37 @@ CKPT_API int ckpt_engine_checkpoint_info(const ckpt_engine_t *engine, size_t ind
 CKPT_API int ckpt_engine_checkpoint_stats(const ckpt_engine_t *engine, const char *name,
                                           uint64_t *bytes_out, size_t *tensors_out);
 
+/* ---- publishing from trainers (include/ckpt/publish.h, docs/PUBLISH.md) ----
+ *
+ * With a socket dir every rank also listens on DIR/publish-<rank>.sock, where trainers on
+ * its host hand over sealed memfds (parts of a checkpoint). A thread of the rank keeps
+ * them pending; registration is collective, so rank 0 asks for it between commands. */
+
+/* What became of one published checkpoint in a poll. */
+typedef struct ckpt_publish_event {
+    char name[CKPT_NAME_MAX];
+    int status;          /* 0: registered as `version`; else why its parts were dropped */
+    uint64_t version;
+    uint64_t step;
+    uint32_t nparts;
+    uint32_t ntensors;
+    uint64_t bytes;      /* tensor bytes of the whole checkpoint */
+    int replaced;        /* 1: it replaced the version registered under that name */
+    char reason[512];    /* on failure: names the tensor, the parts, the missing indices */
+} ckpt_publish_event_t;
+
+/* Leader (rank 0), between commands: every rank reports the parts published to it (one
+ * integer allreduce when there are none). Checkpoints whose parts are all in are
+ * registered (a name already registered gets the new version once every rank has it, and
+ * the old one is freed); parts sharing a tensor are refused; a checkpoint whose first part
+ * came more than `missing_ms` ago, or whose name is `expire` (NULL: none), and still lacks
+ * parts is dropped naming them. Up to `cap` events go to events_out (*nevents_out gets
+ * how many happened), *pending_out the parts still pending; any may be NULL. A no-op
+ * without a socket dir. */
+CKPT_API int ckpt_engine_publish_poll(ckpt_engine_t *engine, int missing_ms, const char *expire,
+                                      ckpt_publish_event_t *events_out, size_t cap,
+                                      size_t *nevents_out, size_t *pending_out);
+
 #ifdef __cplusplus
 }
 #endif

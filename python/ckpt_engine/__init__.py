@@ -9,7 +9,11 @@ own) use to take weight updates from their engine rank, through ctypes over libc
 Tensor views are zero-copy numpy arrays over the engine's shared buffers, valid until the
 bucket is answered. Dtypes numpy lacks (BF16, F8_*) come as raw unsigned integers of the
 same width; copy them bytewise (what an inference engine does with its own tensors).
+
+Trainers publish checkpoints from memory with `publish(name, tensors, socket_dir=...)`
+(publish.py, docs/PUBLISH.md).
 """
 from .receiver import CkptError, Receiver, TensorView, UpdateResult
+from .publish import PublishResult, publish
 
-__all__ = ["CkptError", "Receiver", "TensorView", "UpdateResult"]
+__all__ = ["CkptError", "PublishResult", "Receiver", "TensorView", "UpdateResult", "publish"]

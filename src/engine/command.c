@@ -145,6 +145,7 @@ int ckpt__cmd_execute(ckpt_engine_t *e, const ckpt__cmd_t *cmd, ckpt_update_resu
         ckpt__free(metas);
         return rc;
     }
+    case CKPT__CMD_PUBLISH: return ckpt__publish_run(e, cmd, NULL, 0, NULL, NULL);
     default: return ckpt__error(CKPT_EPROTO, "unknown command %d from rank 0", cmd->op);
     }
 }

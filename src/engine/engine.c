@@ -66,6 +66,7 @@ int ckpt_engine_create(const ckpt_engine_options_t *opts, ckpt_engine_t **engine
         mkdir(e->socket_dir, 0700);
         snprintf(path, sizeof(path), "%s/rank-%d.sock", e->socket_dir, e->rank);
         rc = ckpt_ipc_server_open(path, &e->ipc);
+        if (rc == CKPT_OK) rc = ckpt__publish_open(e);
     }
     /* IPC buffers are made once, at start, sized by the bucket maximum and free memory, so
      * that updates do not pay for allocating and faulting them in. An update whose largest
@@ -98,6 +99,7 @@ void ckpt_engine_destroy(ckpt_engine_t *e)
     ckpt__p2p_unexport_all(e);
     ckpt__buffers_release(e);
     if (e->ipc) ckpt_ipc_server_close(e->ipc);
+    ckpt__publish_close(e); /* answers trainers still waiting */
     if (e->store) ckpt_store_destroy(e->store); /* frees the pools UCX allocated */
     ckpt__p2p_shutdown(e);
     if (e->leaders != MPI_COMM_NULL) MPI_Comm_free(&e->leaders);

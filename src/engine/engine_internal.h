@@ -23,6 +23,7 @@ typedef enum {
     CKPT__CMD_SHUTDOWN,
     CKPT__CMD_EXPORT,     /* P2P: register pools with UCX, gather metas on rank 0 */
     CKPT__CMD_P2P_UPDATE, /* P2P: pull from a serving deployment, then update workers */
+    CKPT__CMD_PUBLISH,    /* register what trainers published to the ranks (publish.c) */
 } ckpt__cmd_op_t;
 
 /* One command of the stream, broadcast as plain bytes from rank 0. */
@@ -35,6 +36,7 @@ typedef struct ckpt__cmd {
     uint64_t update_id;
     uint64_t bucket_max;
     uint64_t payload_len; /* bytes broadcast right after the command (P2P metas) */
+    uint64_t arg;         /* PUBLISH: ms a part may wait for the other parts */
     char name[CKPT_NAME_MAX];
     char path[CKPT__PATH_MAX];
 } ckpt__cmd_t;
@@ -85,6 +87,9 @@ struct ckpt_engine {
     uint64_t *guard;
     struct ckpt__ucx_mem *guard_mem;
     int ucx_pools_off; /* pools from UCX: disabled by option or after the first refusal */
+    /* DIR/publish-<rank>.sock: trainers hand sealed memfds to this rank (publish.c); NULL
+     * without a socket dir. Its thread only queues parts; registration is a command. */
+    struct ckpt__pub_server *pub;
     /* Progress, written by the update and read by other threads (ckpt_engine_progress). */
     struct {
         _Atomic uint64_t update_id;
@@ -170,6 +175,15 @@ int ckpt__update_run_p2p(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const void *m
 /* Collective, after a registration: on one host (direct updates), hands every worker the
  * pools now so that its first update does not pay for mapping them. Best effort. */
 void ckpt__prepare_workers(ckpt_engine_t *e, const ckpt__cmd_t *cmd);
+
+/* ---- publishing (publish.c) ---- */
+/* Opens DIR/publish-<rank>.sock (called by create when there is a socket dir). */
+int ckpt__publish_open(ckpt_engine_t *e);
+void ckpt__publish_close(ckpt_engine_t *e);
+/* Collective (CKPT__CMD_PUBLISH): registers every checkpoint whose published parts are all
+ * in, refuses or expires the others. Rank 0 gets the events and the parts still pending. */
+int ckpt__publish_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, ckpt_publish_event_t *events,
+                      size_t cap, size_t *nevents_out, size_t *pending_out);
 
 /* ---- floors (floors.c) ---- */
 int ckpt__floors_run(ckpt_engine_t *e, ckpt_floors_t *floors);

@@ -23,9 +23,14 @@ static void serve_usage(FILE *out)
         "Runs one engine rank per process. Rank 0 reads commands, one per line, and/or serves\n"
         "the HTTP API (--http); every rank executes them together. Each rank serves the\n"
         "inference worker that connects to DIR/rank-<r>.sock (ckpt-worker, or a vLLM/SGLang\n"
-        "worker via the receiver API).\n\n"
+        "worker via the receiver API). Trainers on the host publish checkpoints from memory\n"
+        "to DIR/publish-<r>.sock (ckpt_engine.publish in Python, include/ckpt/publish.h in C;\n"
+        "docs/PUBLISH.md): sealed memfds adopted in place, registered once every part is in\n"
+        "(with --http while idle; otherwise by await-published). Publishing a registered name\n"
+        "again replaces its version once no update runs.\n\n"
         "options:\n"
-        "  --socket-dir DIR     worker sockets DIR/rank-<r>.sock (default: ranks have no worker)\n"
+        "  --socket-dir DIR     worker sockets DIR/rank-<r>.sock and publish sockets\n"
+        "                       DIR/publish-<r>.sock (default: no worker, no publishing)\n"
         "  --commands FILE      read commands from FILE on rank 0 ('-' = stdin, the default\n"
         "                       without --http); with --http the file runs first, then HTTP\n"
         "  --http [ADDR:]PORT   rank 0 serves the HTTP control API (docs/HTTP.md) until\n"
@@ -61,6 +66,10 @@ static void serve_usage(FILE *out)
         "                       P2P: pulls the checkpoint FILE describes from the serving\n"
         "                       ranks (one-sided UCX gets) and updates this deployment\n"
         "  floors               measures memcpy and MPI_Bcast bandwidth for comparison\n"
+        "  await-published NAME [timeout=MS]\n"
+        "                       waits until every part trainers publish under NAME is in and\n"
+        "                       registers it (default timeout: --timeout-ms); parts still\n"
+        "                       missing then are named and the others dropped\n"
         "  list                 registered checkpoints\n"
         "  quit                 stops every rank (also with --http)\n\n"
         "SIGINT or SIGTERM (to mpirun or rank 0) stops every rank cleanly.\n"
@@ -299,6 +308,7 @@ static int run_line(ckpt_engine_t *engine, serve_state_t *st, char *line)
         printf("%s: missing checkpoint name (see ckpt-engine serve --help)\n", cmd);
         return -1;
     }
+    if (strcmp(cmd, "await-published") == 0) return serve_publish_await(st, engine, name, &save);
     if (strcmp(cmd, "export") == 0) {
         char *file = strtok_r(NULL, " \t\r\n", &save);
         char *metas = NULL;
@@ -518,6 +528,7 @@ int cmd_serve(int argc, char **argv)
     int failures = 0;
     if (ckpt_engine_rank(engine) == 0) {
         setvbuf(stdout, NULL, _IOLBF, 0);
+        serve_publish_announce(&st, engine);
         /* Listen before the command file runs, so a busy port fails at once; requests
          * wait in the queue until the file is done. The server's threads start with the
          * stop signals still blocked. */

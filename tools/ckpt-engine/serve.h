@@ -45,4 +45,12 @@ int serve_http_start(serve_state_t *st, const char *addr, int port, const char *
  * Returns the number of failed jobs. */
 int serve_http_run(serve_state_t *st, ckpt_engine_t *engine);
 
+/* Publishing (serve_publish.c, docs/PUBLISH.md). Rank 0: prints the socket paths; registers
+ * what trainers published (HTTP idle loop, at most every 200 ms); the await-published
+ * command (NAME [timeout=MS], rest of the line in *save). */
+void serve_publish_announce(const serve_state_t *st, ckpt_engine_t *engine);
+void serve_publish_tick(serve_state_t *st, ckpt_engine_t *engine);
+int serve_publish_await(serve_state_t *st, ckpt_engine_t *engine, const char *name,
+                        char **save);
+
 #endif

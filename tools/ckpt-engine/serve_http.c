@@ -246,6 +246,7 @@ int serve_http_run(serve_state_t *st, ckpt_engine_t *engine)
     ckpt_http_job_t *job = calloc(1, sizeof *job); /* ~12 KiB: not on the stack */
     while (job && !serve_stop) {
         /* A short wait so that a signal is noticed within a fifth of a second. */
+        serve_publish_tick(st, engine); /* what trainers published, between jobs */
         if (ckpt_http_next_job(st->srv, 200, job) != 0) continue;
         ckpt_http_job_result_t r;
         memset(&r, 0, sizeof r);

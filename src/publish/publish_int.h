@@ -1,0 +1,91 @@
+/* Internals of publishing (docs/PUBLISH.md): the messages of the publish socket, the check
+ * of a received memfd, and the engine rank's listener with its table of pending parts.
+ * libckpt only (no MPI); the engine (src/engine/publish.c) drives registration. */
+#ifndef CKPT_PUBLISH_PUBLISH_INT_H
+#define CKPT_PUBLISH_PUBLISH_INT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/internal.h"
+
+#pragma GCC visibility push(hidden)
+
+/* Seals a publication must carry: without them the trainer could change or truncate the
+ * bytes while workers read them (a truncation would even SIGBUS the engine). */
+#define CKPT__PUB_SEALS_REQUIRED_TEXT "F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW"
+
+#define CKPT__PUB_FLAG_WAIT 1u     /* PUBLISH flags: answer again once registered/refused */
+#define CKPT__PUB_MAX_PARTS 4096u  /* nparts above this is refused */
+#define CKPT__PUB_MAX_PENDING 256  /* parts one rank holds pending at most */
+
+typedef enum {
+    CKPT__PUB_ACCEPTED = 1,   /* pending on this rank; a final answer follows with WAIT */
+    CKPT__PUB_REGISTERED = 2, /* final: the checkpoint is registered as `version` */
+    CKPT__PUB_REFUSED = 3,    /* final: status and text say why; nothing was kept */
+} ckpt__pub_kind_t;
+
+typedef struct {
+    uint32_t part, nparts;
+    uint64_t step;
+    uint64_t size; /* bytes of the memfd the trainer sends */
+    uint32_t flags;
+    char name[CKPT_NAME_MAX];
+} ckpt__pub_request_t;
+
+/* ---- messages (publish_wire.c): pure codecs over bytes, little-endian ---- */
+size_t ckpt__pub_request_size(const ckpt__pub_request_t *r);
+void ckpt__pub_request_encode(const ckpt__pub_request_t *r, uint8_t *out);
+int ckpt__pub_request_decode(const uint8_t *p, size_t len, ckpt__pub_request_t *out);
+size_t ckpt__pub_reply_size(const char *text);
+void ckpt__pub_reply_encode(int32_t status, uint32_t kind, uint64_t version, const char *text,
+                            uint8_t *out);
+int ckpt__pub_reply_decode(const uint8_t *p, size_t len, int32_t *status, uint32_t *kind,
+                           uint64_t *version, char *text, size_t cap);
+/* A checkpoint name a publisher may use: 1..CKPT_NAME_MAX-1 bytes, no control characters
+ * (the engine keeps names starting with a control character for itself). */
+int ckpt__pub_check_name(const char *name);
+
+/* Checks a received fd before anything trusts it: a memfd with the required seals, of the
+ * announced size, holding a safetensors header that parses and covers it exactly. On
+ * success *metas_out (ckpt__free) lists the tensors with their absolute offsets in the fd. */
+int ckpt__pub_inspect_fd(int fd, const char *label, uint64_t announced,
+                         ckpt_tensor_meta_t **metas_out, size_t *count_out);
+
+/* ---- the engine rank's listener (publish_server.c) ---- */
+
+/* A part that arrived and waits until every part of its checkpoint is in. */
+typedef struct ckpt__pub_part {
+    ckpt__pub_request_t req;
+    int fd;                    /* the sealed memfd (owned) */
+    ckpt_tensor_meta_t *metas; /* offset = absolute offset in fd */
+    size_t count;
+    uint64_t arrived_ns;       /* ckpt__now_ns() at arrival */
+    int reply_fd;              /* connection waiting for the final answer (WAIT); -1 none */
+    int pid;                   /* the publisher (for logs) */
+} ckpt__pub_part_t;
+
+typedef struct ckpt__pub_server ckpt__pub_server_t;
+
+/* Listens on `path` (mode 0600; only this uid may connect) on a thread of its own that
+ * accepts, checks and keeps parts. recv_timeout_ms bounds the wait for one request. */
+int ckpt__pub_server_open(const char *path, int recv_timeout_ms, ckpt__pub_server_t **out);
+/* Stops the thread, answers every waiting publisher, closes and unlinks. NULL: no-op. */
+void ckpt__pub_server_close(ckpt__pub_server_t *srv);
+const char *ckpt__pub_server_path(const ckpt__pub_server_t *srv);
+/* Parts pending now. */
+size_t ckpt__pub_server_pending(ckpt__pub_server_t *srv);
+/* Moves every pending part out (the caller owns them and the array: ckpt__free). */
+int ckpt__pub_server_take(ckpt__pub_server_t *srv, ckpt__pub_part_t **parts_out,
+                          size_t *count_out);
+/* Puts a part back as pending. A part of the same name and index that arrived meanwhile
+ * is newer: the older step loses (ties: the one in the table, which came later). */
+void ckpt__pub_server_put_back(ckpt__pub_server_t *srv, ckpt__pub_part_t *part);
+/* Sends the final answer to the part's waiting publisher (if any) and releases the part's
+ * fds and metas (not the struct). status 0 means registered as `version`. */
+void ckpt__pub_part_finish(ckpt__pub_part_t *part, int status, uint64_t version,
+                           const char *text);
+
+#pragma GCC visibility pop
+
+#endif

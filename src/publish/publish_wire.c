@@ -1,0 +1,155 @@
+/* Messages of the publish socket (docs/PUBLISH.md), framed like the worker protocol
+ * (src/ipc/wire.h: 12-byte header, types PUBLISH and PUBLISH_REPLY). Pure codecs: every
+ * length is checked against the bytes present before it is used.
+ *
+ * PUBLISH (+ exactly one fd):  u32 part, u32 nparts, u64 step, u64 size, u32 flags,
+ *                              u16 name_len, name bytes (no NUL)
+ * PUBLISH_REPLY:               i32 status, u32 kind, u64 version, u16 text_len, text */
+#include <string.h>
+
+#include "publish/publish_int.h"
+
+#define REQUEST_FIXED 30u
+#define REPLY_FIXED 18u
+#define TEXT_MAX 1023u
+
+static void put_u16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
+static void put_u32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static void put_u64(uint8_t *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint16_t get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+
+static uint32_t get_u32(const uint8_t *p)
+{
+    uint32_t v = 0;
+    for (int i = 3; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+static uint64_t get_u64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+int ckpt__pub_check_name(const char *name)
+{
+    if (!name || !name[0])
+        return ckpt__error(CKPT_EINVAL, "publish: the checkpoint name is empty");
+    size_t n = strnlen(name, CKPT_NAME_MAX);
+    if (n >= CKPT_NAME_MAX)
+        return ckpt__error(CKPT_ETOOBIG, "publish: checkpoint name longer than %d bytes",
+                           CKPT_NAME_MAX - 1);
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)name[i] < 0x20 || name[i] == 0x7f)
+            return ckpt__error(CKPT_EINVAL, "publish: checkpoint name '%s' holds a control "
+                               "character at byte %zu", name, i);
+    return CKPT_OK;
+}
+
+size_t ckpt__pub_request_size(const ckpt__pub_request_t *r)
+{
+    return REQUEST_FIXED + strnlen(r->name, CKPT_NAME_MAX - 1);
+}
+
+void ckpt__pub_request_encode(const ckpt__pub_request_t *r, uint8_t *out)
+{
+    size_t n = strnlen(r->name, CKPT_NAME_MAX - 1);
+    put_u32(out, r->part);
+    put_u32(out + 4, r->nparts);
+    put_u64(out + 8, r->step);
+    put_u64(out + 16, r->size);
+    put_u32(out + 24, r->flags);
+    put_u16(out + 28, (uint16_t)n);
+    memcpy(out + REQUEST_FIXED, r->name, n);
+}
+
+int ckpt__pub_request_decode(const uint8_t *p, size_t len, ckpt__pub_request_t *out)
+{
+    if (len < REQUEST_FIXED)
+        return ckpt__error(CKPT_EPROTO, "PUBLISH: %zu bytes, at least %u expected", len,
+                           REQUEST_FIXED);
+    memset(out, 0, sizeof(*out));
+    out->part = get_u32(p);
+    out->nparts = get_u32(p + 4);
+    out->step = get_u64(p + 8);
+    out->size = get_u64(p + 16);
+    out->flags = get_u32(p + 24);
+    size_t n = get_u16(p + 28);
+    if (n != len - REQUEST_FIXED)
+        return ckpt__error(CKPT_EPROTO, "PUBLISH: name of %zu bytes in a %zu-byte message", n,
+                           len);
+    if (n >= CKPT_NAME_MAX)
+        return ckpt__error(CKPT_ETOOBIG, "PUBLISH: checkpoint name longer than %d bytes",
+                           CKPT_NAME_MAX - 1);
+    memcpy(out->name, p + REQUEST_FIXED, n);
+    if (memchr(out->name, '\0', n) != NULL)
+        return ckpt__error(CKPT_EPROTO, "PUBLISH: checkpoint name holds a NUL byte");
+    int rc = ckpt__pub_check_name(out->name);
+    if (rc) return rc;
+    if (out->nparts == 0 || out->nparts > CKPT__PUB_MAX_PARTS)
+        return ckpt__error(CKPT_EINVAL, "PUBLISH '%s': %u parts (1..%u allowed)", out->name,
+                           out->nparts, CKPT__PUB_MAX_PARTS);
+    if (out->part >= out->nparts)
+        return ckpt__error(CKPT_EINVAL, "PUBLISH '%s': part %u of %u (parts count from 0)",
+                           out->name, out->part, out->nparts);
+    if (out->flags & ~CKPT__PUB_FLAG_WAIT)
+        return ckpt__error(CKPT_EPROTO, "PUBLISH '%s': unknown flags 0x%x", out->name,
+                           out->flags);
+    return CKPT_OK;
+}
+
+size_t ckpt__pub_reply_size(const char *text)
+{
+    return REPLY_FIXED + (text ? strnlen(text, TEXT_MAX) : 0);
+}
+
+void ckpt__pub_reply_encode(int32_t status, uint32_t kind, uint64_t version, const char *text,
+                            uint8_t *out)
+{
+    size_t n = text ? strnlen(text, TEXT_MAX) : 0;
+    put_u32(out, (uint32_t)status);
+    put_u32(out + 4, kind);
+    put_u64(out + 8, version);
+    put_u16(out + 16, (uint16_t)n);
+    if (n) memcpy(out + REPLY_FIXED, text, n);
+}
+
+int ckpt__pub_reply_decode(const uint8_t *p, size_t len, int32_t *status, uint32_t *kind,
+                           uint64_t *version, char *text, size_t cap)
+{
+    if (len < REPLY_FIXED)
+        return ckpt__error(CKPT_EPROTO, "PUBLISH_REPLY: %zu bytes, at least %u expected", len,
+                           REPLY_FIXED);
+    size_t n = get_u16(p + 16);
+    if (n != len - REPLY_FIXED)
+        return ckpt__error(CKPT_EPROTO, "PUBLISH_REPLY: text of %zu bytes in a %zu-byte "
+                           "message", n, len);
+    *status = (int32_t)get_u32(p);
+    *kind = get_u32(p + 4);
+    *version = get_u64(p + 8);
+    if (*kind < CKPT__PUB_ACCEPTED || *kind > CKPT__PUB_REFUSED)
+        return ckpt__error(CKPT_EPROTO, "PUBLISH_REPLY: unknown kind %u", *kind);
+    if (*status > 0 || (*kind == CKPT__PUB_REFUSED) != (*status < 0))
+        return ckpt__error(CKPT_EPROTO, "PUBLISH_REPLY: status %d does not fit kind %u",
+                           (int)*status, *kind);
+    if (cap) {
+        size_t c = CKPT_MIN(n, cap - 1);
+        memcpy(text, p + REPLY_FIXED, c);
+        text[c] = '\0';
+    }
+    return CKPT_OK;
+}
