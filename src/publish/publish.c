@@ -242,14 +242,31 @@ static int recv_reply(ckpt__ipc_conn_t *c, int timeout_ms, ckpt_publish_reply_t 
     return (int)kind;
 }
 
+static int send_once(ckpt_publication_t *pub, const char *socket_path,
+                     const ckpt_publish_options_t *opts, ckpt_publish_reply_t *reply);
+
 int ckpt_publish_send(ckpt_publication_t *pub, const char *socket_path,
                       const ckpt_publish_options_t *opts, ckpt_publish_reply_t *reply)
 {
-    ckpt_publish_options_t defaults = CKPT_PUBLISH_OPTIONS_INIT;
     ckpt_publish_reply_t local;
-    if (!opts) opts = &defaults;
     if (!reply) reply = &local;
     memset(reply, 0, sizeof(*reply));
+    int rc = send_once(pub, socket_path, opts, reply);
+    /* Whatever failed, the reply says so too (bindings read it instead of thread-local
+     * error text). */
+    if (rc < 0) {
+        reply->status = rc;
+        reply->registered = 0;
+        ckpt__strlcpy(reply->text, ckpt_last_error(), sizeof(reply->text));
+    }
+    return rc;
+}
+
+static int send_once(ckpt_publication_t *pub, const char *socket_path,
+                     const ckpt_publish_options_t *opts, ckpt_publish_reply_t *reply)
+{
+    ckpt_publish_options_t defaults = CKPT_PUBLISH_OPTIONS_INIT;
+    if (!opts) opts = &defaults;
     if (!pub || !socket_path) return ckpt__error(CKPT_EINVAL, "publish: NULL publication or path");
     if (pub->sent)
         return ckpt__error(CKPT_ESTATE, "publish '%s': already sent; make a new publication "
@@ -295,11 +312,7 @@ int ckpt_publish_send(ckpt_publication_t *pub, const char *socket_path,
                              pub->name, opts->part, opts->nparts, timeout_ms, pub->name);
     }
     ckpt__ipc_conn_destroy(&c);
-    if (rc < 0) {
-        if (!reply->text[0]) ckpt__strlcpy(reply->text, ckpt_last_error(), sizeof(reply->text));
-        if (!reply->status) reply->status = rc;
-        return rc;
-    }
+    if (rc < 0) return rc;
     if (rc == CKPT__PUB_REFUSED)
         return ckpt__error(reply->status, "publish '%s' part %u/%u refused by %s: %s",
                            pub->name, opts->part, opts->nparts, socket_path, reply->text);

@@ -72,6 +72,13 @@ int ckpt__pub_inspect_fd(int fd, const char *label, uint64_t announced,
                            "create it with memfd_create(MFD_ALLOW_SEALING) and seal it with "
                            CKPT__PUB_SEALS_REQUIRED_TEXT " (ckpt_publish_send does both)",
                            label, strerror(errno));
+    if ((seals & REQUIRED_SEALS) != REQUIRED_SEALS && (seals & F_SEAL_SEAL))
+        return ckpt__error(CKPT_EPERM, "%s: the memfd is not sealed and cannot be (made without "
+                           "MFD_ALLOW_SEALING), so the trainer could change or truncate it "
+                           "while workers read it: create it with memfd_create(name, "
+                           "MFD_ALLOW_SEALING), unmap it and seal it with "
+                           CKPT__PUB_SEALS_REQUIRED_TEXT " before sending (ckpt_publish_send "
+                           "does)", label);
     if ((seals & REQUIRED_SEALS) != REQUIRED_SEALS)
         return ckpt__error(CKPT_EPERM, "%s: the memfd is not sealed (has: %s; needs "
                            CKPT__PUB_SEALS_REQUIRED_TEXT "), so the trainer could change or "

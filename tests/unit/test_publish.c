@@ -1,0 +1,340 @@
+/* Publishing, trainer side and the engine rank's listener, without MPI: the memfd layout
+ * parses with the safetensors reader, the seals are there, bad inputs are refused with
+ * their cause, and the listener checks what it is sent (seals, uid rule, steps) and answers
+ * a waiting publisher with what registration decided. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ckpt/publish.h"
+#include "ckpt/store.h"
+#include "ipc/conn.h"
+#include "publish/publish_int.h"
+#include "test.h"
+
+#define NT 5
+
+static void sample(ckpt_tensor_meta_t m[NT])
+{
+    int64_t s0[2] = {3, 5}, s1[1] = {7}, s2[2] = {2, 3}, s3[1] = {0}, s4[1] = {0};
+    memset(m, 0, NT * sizeof(*m));
+    ckpt_tensor_meta_init(&m[0], "layers.0.w", CKPT_DTYPE_F32, s0, 2);
+    ckpt_tensor_meta_init(&m[1], "odd.i8", CKPT_DTYPE_I8, s1, 1);
+    ckpt_tensor_meta_init(&m[2], "bf", CKPT_DTYPE_BF16, s2, 2);
+    ckpt_tensor_meta_init(&m[3], "empty", CKPT_DTYPE_U8, s3, 1);
+    ckpt_tensor_meta_init(&m[4], "scalar", CKPT_DTYPE_F64, s4, 0); /* ndim 0: one element */
+}
+
+static uint8_t pattern(size_t t, uint64_t k) { return (uint8_t)(k * 13 + t * 31 + 1); }
+
+static ckpt_publication_t *filled(const char *name)
+{
+    ckpt_tensor_meta_t m[NT];
+    ckpt_publication_t *pub = NULL;
+    sample(m);
+    CHECK_OK(ckpt_publish_begin(name, m, NT, &pub));
+    if (!pub) return NULL;
+    for (size_t t = 0; t < NT; t++) {
+        uint8_t *p = ckpt_publish_tensor_ptr(pub, t);
+        CHECK(p != NULL);
+        for (uint64_t k = 0; p && k < m[t].nbytes; k++) p[k] = pattern(t, k);
+    }
+    return pub;
+}
+
+static void test_layout_parses_and_is_sealed(void)
+{
+    ckpt_tensor_meta_t m[NT];
+    sample(m);
+    ckpt_publication_t *pub = filled("demo");
+    if (!pub) return;
+    int fd = ckpt_publish_fd(pub);
+    CHECK_OK(ckpt_publish_seal(pub));
+    CHECK_OK(ckpt_publish_seal(pub)); /* twice: no-op */
+    CHECK(ckpt_publish_tensor_ptr(pub, 0) == NULL);
+    int seals = fcntl(fd, F_GET_SEALS);
+    CHECK(seals >= 0 && (seals & F_SEAL_WRITE) && (seals & F_SEAL_SHRINK) && (seals & F_SEAL_GROW));
+    /* Sealed for everyone: no writable mapping, no write, no resize. */
+    CHECK(mmap(NULL, 4096, PROT_WRITE, MAP_SHARED, fd, 0) == MAP_FAILED);
+    CHECK(pwrite(fd, "x", 1, 0) < 0 && errno == EPERM);
+    CHECK(ftruncate(fd, 0) < 0);
+
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    ckpt_st_file_t *f = NULL;
+    CHECK_OK(ckpt_st_open(path, &f));
+    if (!f) return;
+    CHECK(ckpt_st_file_size(f) == ckpt_publish_size(pub));
+    CHECK(ckpt_st_data_offset(f) % CKPT_PUBLISH_DATA_ALIGN == 0);
+    CHECK(ckpt_st_num_tensors(f) == NT);
+    for (size_t t = 0; t < NT; t++) {
+        size_t i = 0;
+        CHECK_OK(ckpt_st_find(f, m[t].name, &i));
+        const ckpt_tensor_meta_t *got = ckpt_st_tensor(f, i);
+        CHECK(got->dtype == m[t].dtype && got->ndim == m[t].ndim && got->nbytes == m[t].nbytes);
+        CHECK(got->offset == ckpt_publish_tensor_offset(pub, t));
+        /* every tensor starts on a multiple of its element size */
+        CHECK(got->offset % ckpt_dtype_size(got->dtype) == 0);
+        uint8_t buf[256];
+        CHECK(got->nbytes <= sizeof(buf));
+        CHECK_OK(ckpt_st_read_tensor(f, i, buf, sizeof(buf)));
+        for (uint64_t k = 0; k < got->nbytes; k++) CHECK(buf[k] == pattern(t, k));
+    }
+    ckpt_st_close(f);
+
+    /* What the engine rank checks on arrival accepts it and finds the same tensors. */
+    ckpt_tensor_meta_t *metas = NULL;
+    size_t count = 0;
+    CHECK_OK(ckpt__pub_inspect_fd(fd, "demo", ckpt_publish_size(pub), &metas, &count));
+    CHECK(count == NT);
+    ckpt__free(metas);
+    /* And the store adopts it in place. */
+    ckpt_store_t *s = NULL;
+    CHECK_OK(ckpt_store_create(NULL, &s));
+    int dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    ckpt_store_fd_part_t part = {dup, ckpt_publish_size(pub), 0, NULL, 0};
+    CHECK_OK(ckpt__pub_inspect_fd(dup, "demo", part.size, &metas, &count));
+    part.metas = metas;
+    part.count = count;
+    CHECK_OK(ckpt_store_register_fds(s, "demo", 3, &part, 1, NULL, 0));
+    const ckpt_tensor_meta_t *t;
+    size_t n = 0;
+    CHECK_OK(ckpt_store_tensors(s, "demo", &t, &n));
+    CHECK(n == NT && t[0].owner == 3);
+    ckpt__free(metas);
+    ckpt_store_destroy(s);
+    ckpt_publish_free(pub);
+}
+
+static void test_bad_inputs(void)
+{
+    ckpt_tensor_meta_t m[NT];
+    ckpt_publication_t *pub = NULL;
+    sample(m);
+    CHECK_RC(ckpt_publish_begin("", m, NT, &pub), CKPT_EINVAL);
+    CHECK_RC(ckpt_publish_begin("a\nb", m, NT, &pub), CKPT_EINVAL);
+    CHECK_ERR_HAS("control character");
+    CHECK_RC(ckpt_publish_begin("\001publish-next", m, NT, &pub), CKPT_EINVAL);
+    CHECK_RC(ckpt_publish_begin("x", NULL, 2, &pub), CKPT_EINVAL);
+    ckpt_tensor_meta_t twice[2] = {m[0], m[0]};
+    CHECK_RC(ckpt_publish_begin("x", twice, 2, &pub), CKPT_EINVAL);
+    CHECK_ERR_HAS("layers.0.w");
+    ckpt_tensor_meta_t bad = m[0];
+    bad.dtype = 99;
+    CHECK(ckpt_publish_begin("x", &bad, 1, &pub) < 0);
+    CHECK(pub == NULL);
+
+    pub = filled("x");
+    ckpt_publish_options_t o = CKPT_PUBLISH_OPTIONS_INIT;
+    o.part = 2;
+    o.nparts = 2;
+    CHECK_RC(ckpt_publish_send(pub, "/nonexistent/publish-0.sock", &o, NULL), CKPT_EINVAL);
+    o.part = 0;
+    o.timeout_ms = 1000;
+    ckpt_publish_reply_t reply;
+    CHECK_RC(ckpt_publish_send(pub, "/nonexistent/publish-0.sock", &o, &reply), CKPT_EPEER);
+    CHECK_ERR_HAS("/nonexistent/publish-0.sock");
+    CHECK_ERR_HAS("ckpt-engine serve --socket-dir");
+    CHECK(reply.status == CKPT_EPEER && strstr(reply.text, "publish-0.sock"));
+    ckpt_publish_free(pub);
+    ckpt_publish_free(NULL);
+}
+
+/* A memfd holding a valid safetensors header for one U8 tensor of 16 bytes. */
+static int raw_memfd(unsigned seals, uint64_t *size_out)
+{
+    const char *json = "{\"t\":{\"dtype\":\"U8\",\"shape\":[16],\"data_offsets\":[0,16]}}";
+    size_t jl = strlen(json), pad = (8 - (8 + jl) % 8) % 8;
+    uint64_t hl = jl + pad, size = 8 + hl + 16;
+    int fd = memfd_create("raw", MFD_CLOEXEC | (seals ? MFD_ALLOW_SEALING : 0));
+    uint8_t buf[256];
+    memset(buf, ' ', sizeof(buf));
+    for (int i = 0; i < 8; i++) buf[i] = (uint8_t)(hl >> (8 * i));
+    memcpy(buf + 8, json, jl);
+    memset(buf + 8 + hl, 0xab, 16);
+    CHECK(pwrite(fd, buf, size, 0) == (ssize_t)size);
+    if (seals) CHECK(fcntl(fd, F_ADD_SEALS, seals) == 0);
+    *size_out = size;
+    return fd;
+}
+
+static void test_inspect_refuses(void)
+{
+    ckpt_tensor_meta_t *m = NULL;
+    size_t n = 0;
+    uint64_t size = 0;
+    int fd = raw_memfd(F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW, &size);
+    CHECK_OK(ckpt__pub_inspect_fd(fd, "ok", size, &m, &n));
+    CHECK(n == 1 && m[0].nbytes == 16);
+    ckpt__free(m);
+    CHECK_RC(ckpt__pub_inspect_fd(fd, "size", size + 1, &m, &n), CKPT_EINVAL);
+    CHECK_ERR_HAS("announced");
+    close(fd);
+
+    /* Unsealed: refused naming the seals and the fix. */
+    fd = raw_memfd(0, &size);
+    CHECK_RC(ckpt__pub_inspect_fd(fd, "unsealed", size, &m, &n), CKPT_EPERM);
+    CHECK_ERR_HAS("MFD_ALLOW_SEALING");
+    close(fd);
+    fd = open("/tmp", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600); /* not a memfd at all */
+    if (fd >= 0) {
+        CHECK(ckpt__pub_inspect_fd(fd, "file", 0, &m, &n) < 0);
+        CHECK_ERR_HAS("memfd");
+        close(fd);
+    }
+    fd = raw_memfd(F_SEAL_SHRINK | F_SEAL_GROW, &size); /* sealable, but writable */
+    CHECK_RC(ckpt__pub_inspect_fd(fd, "half", size, &m, &n), CKPT_EPERM);
+    CHECK_ERR_HAS("F_SEAL_WRITE");
+    CHECK_ERR_HAS("F_ADD_SEALS");
+    close(fd);
+
+    /* Sealed, but not a safetensors layout. */
+    fd = memfd_create("junk", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    CHECK(pwrite(fd, "\xff\xff\xff\xff\xff\xff\xff\x7fjunkjunk", 16, 0) == 16);
+    fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW);
+    CHECK_RC(ckpt__pub_inspect_fd(fd, "junk", 16, &m, &n), CKPT_EFORMAT);
+    CHECK_ERR_HAS("junk");
+    close(fd);
+}
+
+/* Sends one PUBLISH carrying `fd` over a raw connection and reads the first answer. */
+static int raw_publish(const char *path, const char *name, int fd, uint64_t size, uint32_t part,
+                       uint64_t step, char *text, size_t cap)
+{
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof(a.sun_path), "%s", path);
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(connect(s, (struct sockaddr *)&a, sizeof(a)) == 0);
+    ckpt__ipc_conn_t c;
+    memset(&c, 0, sizeof(c));
+    ckpt__ipc_conn_init(&c, s, "test");
+    ckpt__pub_request_t r;
+    memset(&r, 0, sizeof(r));
+    r.part = part;
+    r.nparts = 2;
+    r.step = step;
+    r.size = size;
+    snprintf(r.name, sizeof(r.name), "%s", name);
+    uint8_t *p = NULL;
+    size_t len = ckpt__pub_request_size(&r);
+    CHECK_OK(ckpt__ipc_conn_tx_reserve(&c, len, &p));
+    ckpt__pub_request_encode(&r, p);
+    CHECK_OK(ckpt__ipc_conn_send(&c, CKPT_IPC_MSG_PUBLISH, len, &fd, 1, 2000));
+    ckpt__ipc_hdr_t h;
+    int32_t status = -999;
+    uint32_t kind = 0;
+    uint64_t version = 0;
+    CHECK_OK(ckpt__ipc_conn_recv(&c, 5000, NULL, &h));
+    CHECK(h.type == CKPT_IPC_MSG_PUBLISH_REPLY);
+    CHECK_OK(ckpt__pub_reply_decode(c.rx_buf, h.length, &status, &kind, &version, text, cap));
+    ckpt__ipc_conn_destroy(&c);
+    return status;
+}
+
+static void test_listener(void)
+{
+    char dir[] = "/tmp/ckpt-test-publish-XXXXXX", path[128];
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof(path), "%s/publish-0.sock", dir);
+    ckpt__pub_server_t *srv = NULL;
+    CHECK_OK(ckpt__pub_server_open(path, 5000, &srv));
+    if (!srv) return;
+    struct stat st;
+    CHECK(stat(path, &st) == 0 && (st.st_mode & 0777) == 0600);
+    char text[1024];
+
+    /* An unsealed memfd: refused, the text names the missing seals and the fix. */
+    uint64_t size = 0;
+    int fd = raw_memfd(0, &size);
+    CHECK(raw_publish(path, "m", fd, size, 0, 0, text, sizeof(text)) == CKPT_EPERM);
+    CHECK(strstr(text, "not sealed") && strstr(text, "F_SEAL_WRITE"));
+    close(fd);
+    fd = raw_memfd(F_SEAL_GROW, &size);
+    CHECK(raw_publish(path, "m", fd, size, 0, 0, text, sizeof(text)) == CKPT_EPERM);
+    CHECK(strstr(text, "not sealed") && strstr(text, "F_ADD_SEALS"));
+    close(fd);
+    CHECK(ckpt__pub_server_pending(srv) == 0);
+
+    /* Part 0 at step 1, then step 2 replaces it; step 0 after that is refused as older. */
+    unsigned sealed = F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW;
+    fd = raw_memfd(sealed, &size);
+    CHECK(raw_publish(path, "m", fd, size, 0, 1, text, sizeof(text)) == 0);
+    CHECK(strstr(text, "accepted") != NULL);
+    CHECK(raw_publish(path, "m", fd, size, 0, 2, text, sizeof(text)) == 0);
+    CHECK(ckpt__pub_server_pending(srv) == 1);
+    CHECK(raw_publish(path, "m", fd, size, 0, 0, text, sizeof(text)) == CKPT_EINVAL);
+    CHECK(strstr(text, "older") != NULL);
+    CHECK(raw_publish(path, "m", fd, size, 1, 2, text, sizeof(text)) == 0);
+    close(fd);
+    ckpt__pub_part_t *parts = NULL;
+    size_t n = 0;
+    CHECK_OK(ckpt__pub_server_take(srv, &parts, &n));
+    CHECK(n == 2 && ckpt__pub_server_pending(srv) == 0);
+    for (size_t i = 0; i < n; i++) {
+        CHECK(parts[i].req.step == 2 && parts[i].count == 1 && parts[i].fd >= 0);
+        if (i == 0) ckpt__pub_server_put_back(srv, &parts[i]); /* still incomplete */
+        else ckpt__pub_part_finish(&parts[i], CKPT_ETIMEDOUT, 0, "dropped");
+    }
+    ckpt__free(parts);
+    CHECK(ckpt__pub_server_pending(srv) == 1);
+
+    /* A publisher that waits gets what registration decided (here: version 42). */
+    pid_t child = fork();
+    if (child == 0) {
+        ckpt_tensor_meta_t m[NT];
+        sample(m);
+        ckpt_publication_t *pub = filled("w");
+        ckpt_publish_options_t o = CKPT_PUBLISH_OPTIONS_INIT;
+        ckpt_publish_reply_t reply;
+        o.timeout_ms = 10000;
+        int rc = ckpt_publish_send(pub, path, &o, &reply);
+        ckpt_publish_free(pub);
+        _exit(rc == 0 && reply.registered && reply.version == 42 ? 0 : 1);
+    }
+    for (int i = 0; i < 500 && ckpt__pub_server_pending(srv) < 2; i++) usleep(10000);
+    CHECK_OK(ckpt__pub_server_take(srv, &parts, &n));
+    CHECK(n == 2);
+    for (size_t i = 0; i < n; i++) {
+        if (strcmp(parts[i].req.name, "w") == 0) {
+            CHECK(parts[i].reply_fd >= 0 && parts[i].count == NT);
+            ckpt__pub_part_finish(&parts[i], 0, 42, "registered");
+        } else {
+            ckpt__pub_part_finish(&parts[i], CKPT_ECANCELED, 0, "test");
+        }
+    }
+    ckpt__free(parts);
+    int status = -1;
+    CHECK(waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+
+    /* The test hook refuses a uid (this one) as the uid rule refuses another user. */
+    ckpt__pub_server_close(srv);
+    CHECK(access(path, F_OK) != 0); /* unlinked */
+    char uid[32];
+    snprintf(uid, sizeof(uid), "%u", (unsigned)geteuid());
+    setenv("CKPT_TEST_PUBLISH_DENY_UID", uid, 1);
+    CHECK_OK(ckpt__pub_server_open(path, 5000, &srv));
+    unsetenv("CKPT_TEST_PUBLISH_DENY_UID");
+    fd = raw_memfd(sealed, &size);
+    CHECK(raw_publish(path, "m", fd, size, 0, 0, text, sizeof(text)) == CKPT_EPERM);
+    CHECK(strstr(text, "may not publish") != NULL);
+    close(fd);
+    ckpt__pub_server_close(srv);
+    rmdir(dir);
+}
+
+int main(void)
+{
+    RUN_TEST(test_layout_parses_and_is_sealed);
+    RUN_TEST(test_bad_inputs);
+    RUN_TEST(test_inspect_refuses);
+    RUN_TEST(test_listener);
+    TEST_EXIT();
+}
