@@ -251,6 +251,21 @@ static void refuse(int fd, int status, const char *text)
 {
     ckpt_warn("publish: refused: %s", text);
     reply_on(fd, status, CKPT__PUB_REFUSED, 0, text);
+    /* Closing with the request unread would reset the connection, and the publisher could
+     * see ECONNRESET instead of the answer: stop writing, then read (and drop, fds
+     * included) what it sends until it closes, for a bounded while. */
+    shutdown(fd, SHUT_WR);
+    uint64_t deadline = ckpt__now_ns() + 500ull * 1000000ull;
+    char sink[4096];
+    for (;;) {
+        ssize_t n = recv(fd, sink, sizeof(sink), MSG_DONTWAIT);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) break;
+        if (n > 0) continue;
+        uint64_t now = ckpt__now_ns();
+        if (now >= deadline) break;
+        struct pollfd pf = {fd, POLLIN, 0};
+        poll(&pf, 1, (int)((deadline - now) / 1000000ull) + 1);
+    }
     close(fd);
 }
 

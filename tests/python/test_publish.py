@@ -1,0 +1,402 @@
+"""Publishing from trainers (docs/PUBLISH.md) with real processes: `mpirun -np 2
+ckpt-engine serve`, trainers publishing from Python (in this process or their own), real
+ckpt-worker processes updated from what was published and compared byte for byte."""
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import mpijob
+from mpijob import WORKER, Deployment, InteractiveServe, read_checkpoint
+
+SRC = os.environ.get("CKPT_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "..", ".."))
+PYDIR = os.path.join(SRC, "python")
+BUILD = os.environ.get("CKPT_BUILD_DIR", os.path.join(SRC, "build", "release"))
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("CKPT_SANITIZE") == "ON" or not os.path.exists(WORKER),
+    reason="needs the non-sanitizer build (ctypes cannot load an ASan libckpt.so)")
+
+TRAINER = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    sys.path[:0] = [sys.argv[1]]
+    from ckpt_engine import publish
+    a = json.loads(sys.argv[2])
+    data = np.load(a["npz"])
+    tensors = {k: data[k] for k in data.files}
+    try:
+        r = publish(a["name"], tensors, socket_dir=a["dir"], part=a["part"], parts=a["parts"],
+                    step=a["step"], wait=a["wait"], timeout_s=30)
+        print(json.dumps({"ok": True, "registered": r.registered, "version": r.version,
+                          "text": r.text, "socket": r.socket}))
+    except Exception as e:
+        print(json.dumps({"ok": False, "error": str(e)}))
+""")
+
+
+def ckpt_engine():
+    if PYDIR not in sys.path:
+        sys.path.insert(0, PYDIR)
+    os.environ.setdefault("CKPT_BUILD_DIR", BUILD)
+    import ckpt_engine as ce
+    return ce
+
+
+def arrays(seed, names=("layers.0.w", "layers.0.b", "layers.1.w", "layers.1.b", "embed")):
+    """Tensors of several dtypes and odd sizes, different for every seed."""
+    rng = np.random.default_rng(seed)
+    kinds = [((64, 96), np.float32), ((7,), np.int8), ((33, 5), np.float16), ((3,), np.int64),
+             ((300, 17), np.uint16)]
+    out = {}
+    for i, n in enumerate(names):
+        shape, dt = kinds[i % len(kinds)]
+        out[n] = (rng.standard_normal(shape) * 100).astype(dt)
+    return out
+
+
+def start_trainer(tmp, sock, name, tensors, part, parts, step=0, wait=True):
+    npz = os.path.join(str(tmp), "trainer-%s-%d-%d-%d.npz" % (name, part, step, time.monotonic_ns()))
+    np.savez(npz, **tensors)
+    a = {"npz": npz, "name": name, "dir": sock, "part": part, "parts": parts, "step": step,
+         "wait": wait}
+    env = dict(os.environ, CKPT_BUILD_DIR=BUILD)
+    return subprocess.Popen([sys.executable, "-c", TRAINER, PYDIR, json.dumps(a)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def trainer_result(p, timeout=60):
+    out, err = p.communicate(timeout=timeout)
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    assert lines, "trainer printed nothing: " + out + err
+    return json.loads(lines[-1])
+
+
+def no_result(serve, seconds):
+    """True when rank 0 prints no result for `seconds` (the command is still waiting)."""
+    try:
+        serve.result(timeout=seconds)
+    except AssertionError:
+        return True
+    return False
+
+
+def wait_sockets(dep, n=2, timeout=30):
+    deadline = time.monotonic() + timeout
+    paths = [os.path.join(dep.sock, "publish-%d.sock" % r) for r in range(n)]
+    while not all(os.path.exists(p) for p in paths):
+        assert time.monotonic() < deadline, "publish sockets did not appear"
+        time.sleep(0.05)
+
+
+def publish_memfds(pid):
+    """The published memfds a rank process holds (adopted in place: never copied)."""
+    n = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            if "memfd:ckpt-publish" in os.readlink("/proc/%d/fd/%s" % (pid, fd)):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def assert_worker_holds(dep, r, tensors):
+    """Worker r's dump holds exactly `tensors`, byte for byte."""
+    got = read_checkpoint(dep.worker_dump(r))
+    assert set(got) == set(tensors), (sorted(got), sorted(tensors))
+    for name, arr in tensors.items():
+        dt, shape, data = got[name]
+        assert shape == arr.shape, name
+        assert data == np.ascontiguousarray(arr).tobytes(), "worker %d: tensor %s differs" % (r, name)
+
+
+def update_and_check(dep, serve, tensors, name="m"):
+    for r in range(dep.n):
+        dep.start_worker(r, ["--verify"], updates=1)
+    res = serve.command("update %s" % name)
+    assert res["ok"], res
+    dep.wait_workers()
+    for r in range(dep.n):
+        assert_worker_holds(dep, r, tensors)
+    return res
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    dep = Deployment(tmp_path, 2)
+    serve = InteractiveServe(dep, ["--timeout-ms", "20000"])
+    wait_sockets(dep)
+    yield dep, serve
+    serve.close()
+    dep.stop()
+
+
+def test_publish_one_part_then_update(deployment):
+    dep, serve = deployment
+    ce = ckpt_engine()
+    tensors = arrays(1)
+    serve.send("await-published m timeout=30000")
+    res = ce.publish("m", tensors, socket_dir=dep.sock, timeout_s=30)
+    assert res.registered and res.version > 0 and res.socket.endswith("publish-0.sock"), res
+    done = serve.result()
+    assert done["command"] == "await-published" and done["ok"], done
+    assert done["version"] == res.version and done["parts"] == 1 and done["tensors"] == 5
+    assert done["bytes"] == sum(a.nbytes for a in tensors.values())
+    # Adopted in place: rank 0 holds the trainer's memfd itself, the trainer none any more.
+    assert sum(publish_memfds(p) for p in serve.rank_pids()) == 1
+    assert publish_memfds(os.getpid()) == 0
+    upd = update_and_check(dep, serve, tensors)
+    assert upd["version"] == res.version and upd["tensors"] == 5
+
+
+def test_two_trainers_each_publish_a_half(deployment, tmp_path):
+    dep, serve = deployment
+    tensors = arrays(2)
+    names = sorted(tensors)
+    half = [{n: tensors[n] for n in names[0::2]}, {n: tensors[n] for n in names[1::2]}]
+    serve.send("await-published m timeout=30000")
+    first = start_trainer(tmp_path, dep.sock, "m", half[0], part=0, parts=2)
+    # One part is in: nothing is registered, the trainer keeps waiting.
+    assert no_result(serve, 2.0)
+    assert first.poll() is None
+    second = start_trainer(tmp_path, dep.sock, "m", half[1], part=1, parts=2)
+    done = serve.result()
+    assert done["ok"] and done["parts"] == 2 and done["tensors"] == len(tensors), done
+    a, b = trainer_result(first), trainer_result(second)
+    assert a["ok"] and b["ok"] and a["registered"] and a["version"] == b["version"] == done["version"]
+    # Balanced over the ranks: part k went to rank k, each rank adopted its own part.
+    assert a["socket"].endswith("publish-0.sock") and b["socket"].endswith("publish-1.sock")
+    assert sorted(publish_memfds(p) for p in serve.rank_pids()) == [1, 1]
+    update_and_check(dep, serve, tensors)
+
+
+def test_overlapping_parts_are_refused(deployment, tmp_path):
+    dep, serve = deployment
+    t = arrays(3)
+    shared = t["embed"]
+    a = {"layers.0.w": t["layers.0.w"], "embed": shared}
+    b = {"layers.1.w": t["layers.1.w"], "embed": shared}
+    serve.send("await-published m timeout=30000")
+    pa = start_trainer(tmp_path, dep.sock, "m", a, part=0, parts=2)
+    pb = start_trainer(tmp_path, dep.sock, "m", b, part=1, parts=2)
+    done = serve.result()
+    assert not done["ok"] and done["status"] == "CKPT_EINVAL", done
+    assert "'embed'" in done["reason"] and "part 0" in done["reason"] and "part 1" in done["reason"]
+    for p in (pa, pb):
+        r = trainer_result(p)
+        assert not r["ok"] and "'embed'" in r["error"] and "disjoint" in r["error"], r
+    # Nothing registered, every fd given back.
+    res = serve.command("update m")
+    assert not res["ok"] and "not registered" in res["reason"], res
+    assert sum(publish_memfds(p) for p in serve.rank_pids()) == 0
+
+
+def test_missing_part_is_named_after_the_bound(deployment):
+    dep, serve = deployment
+    ce = ckpt_engine()
+    t = arrays(4)
+    for part, name in ((0, "layers.0.w"), (2, "embed")):
+        r = ce.publish("m", {name: t[name]}, socket_dir=dep.sock, part=part, parts=3, wait=False)
+        assert not r.registered and "accepted" in r.text, r
+    t0 = time.monotonic()
+    done = serve.command("await-published m timeout=1500")
+    assert time.monotonic() - t0 < 10
+    assert not done["ok"] and done["status"] == "CKPT_ETIMEDOUT", done
+    assert "part(s) 1 of 3 missing" in done["reason"], done["reason"]
+    # The parts that came were dropped: part 1 alone now misses 0 and 2.
+    assert sum(publish_memfds(p) for p in serve.rank_pids()) == 0
+    ce.publish("m", {"layers.1.w": t["layers.1.w"]}, socket_dir=dep.sock, part=1, parts=3,
+               wait=False)
+    done = serve.command("await-published m timeout=1000")
+    assert not done["ok"] and "part(s) 0, 2 of 3 missing" in done["reason"], done
+
+
+def test_next_step_replaces_the_version(deployment):
+    dep, serve = deployment
+    ce = ckpt_engine()
+    versions = []
+    for step in (1, 2, 3):
+        tensors = arrays(100 + step)
+        serve.send("await-published m timeout=30000")
+        r = ce.publish("m", tensors, socket_dir=dep.sock, step=step, timeout_s=30)
+        done = serve.result()
+        assert done["ok"] and done["version"] == r.version and done["step"] == step, done
+        assert done["replaced"] == (step > 1)
+        versions.append(r.version)
+        # Host memory stays bounded: the previous version's memfd is gone.
+        assert sum(publish_memfds(p) for p in serve.rank_pids()) == 1
+        if step < 3:
+            upd = update_and_check(dep, serve, tensors)
+            assert upd["version"] == r.version
+    assert versions == sorted(versions) and len(set(versions)) == 3
+
+
+def raw_publish(path, name, fd, size, part=0, nparts=1):
+    """One PUBLISH frame by hand (docs/PUBLISH.md), the fd attached; the first answer."""
+    payload = struct.pack("<IIQQIH", part, nparts, 0, size, 0, len(name)) + name.encode()
+    frame = struct.pack("<IHHI", 0x54504B43, 2, 9, len(payload)) + payload
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    socket.send_fds(s, [frame], [fd])
+    hdr = b""
+    while len(hdr) < 12:
+        hdr += s.recv(12 - len(hdr))
+    magic, version, mtype, length = struct.unpack("<IHHI", hdr)
+    body = b""
+    while len(body) < length:
+        body += s.recv(length - len(body))
+    s.close()
+    status, kind, ver, tlen = struct.unpack("<iIQH", body[:18])
+    assert mtype == 10 and magic == 0x54504B43
+    return status, kind, body[18:18 + tlen].decode()
+
+
+def safetensors_memfd(seal):
+    import fcntl
+    header = json.dumps({"t": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]}}).encode()
+    header += b" " * ((8 - len(header) % 8) % 8)
+    data = struct.pack("<Q", len(header)) + header + bytes(range(8))
+    fd = os.memfd_create("raw", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    if seal:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    return fd, len(data)
+
+
+def test_unsealed_memfd_is_refused(deployment):
+    dep, serve = deployment
+    path = os.path.join(dep.sock, "publish-1.sock")
+    fd, size = safetensors_memfd(seal=False)
+    status, kind, text = raw_publish(path, "raw", fd, size)
+    os.close(fd)
+    assert status == -13 and kind == 3, (status, kind, text)  # CKPT_EPERM, REFUSED
+    assert "not sealed" in text and "F_SEAL_WRITE" in text and "F_ADD_SEALS" in text, text
+    # The same bytes, sealed: accepted (the raw client is right; only the seals differ).
+    fd, size = safetensors_memfd(seal=True)
+    status, kind, text = raw_publish(path, "raw", fd, size)
+    os.close(fd)
+    assert status == 0 and kind == 1 and "accepted" in text, text
+    done = serve.command("await-published raw timeout=5000")
+    assert done["ok"] and done["tensors"] == 1, done
+
+
+CHILD = textwrap.dedent("""
+    import fcntl, json, os, socket, struct, sys
+    path = sys.argv[1]
+    header = json.dumps({"t": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]}}).encode()
+    header += b" " * ((8 - len(header) % 8) % 8)
+    data = struct.pack("<Q", len(header)) + header + bytes(range(8))
+    fd = os.memfd_create("raw", os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    payload = struct.pack("<IIQQIH", 0, 1, 0, len(data), 0, 3) + b"uid"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    socket.send_fds(s, [struct.pack("<IHHI", 0x54504B43, 2, 9, len(payload)) + payload], [fd])
+    body = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    status, kind, ver, tlen = struct.unpack("<iIQH", body[12:30])
+    print(json.dumps({"status": status, "kind": kind, "text": body[30:30 + tlen].decode()}))
+""")
+
+
+def test_other_uid_is_refused(tmp_path, monkeypatch):
+    """SO_PEERCRED: a process of another uid is refused even when it can reach the socket.
+    As root the test runs a real uid-65534 process (socket made reachable for it);
+    otherwise the engine's test hook refuses this uid the same way."""
+    # The child needs a python that uid 65534 may run (not one under /root).
+    root = os.geteuid() == 0 and os.path.exists("/usr/bin/python3")
+    if not root:
+        monkeypatch.setitem(mpijob.MPI_ENV, "CKPT_TEST_PUBLISH_DENY_UID", str(os.geteuid()))
+    import shutil
+    import tempfile
+    # pytest's tmp_path sits under a 0700 directory that uid 65534 cannot cross.
+    base = tempfile.mkdtemp(prefix="ckpt-publish-uid-", dir="/tmp") if root else str(tmp_path)
+    dep = Deployment(base, 2)
+    serve = InteractiveServe(dep)
+    try:
+        wait_sockets(dep)
+        path = os.path.join(dep.sock, "publish-0.sock")
+        kw = {}
+        if root:
+            os.chmod(base, 0o755)
+            os.chmod(dep.sock, 0o755)
+            os.chmod(path, 0o666)
+            kw = {"user": 65534, "group": 65534}
+        py = "/usr/bin/python3" if root else sys.executable
+        p = subprocess.run([py, "-c", CHILD, path], capture_output=True, text=True,
+                           timeout=30, cwd="/", **kw)
+        assert p.stdout.strip(), p.stderr
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        uid = 65534 if root else os.geteuid()
+        assert r["status"] == -13 and r["kind"] == 3, r
+        assert "uid %d may not publish" % uid in r["text"], r
+        done = serve.command("await-published uid timeout=500")
+        assert not done["ok"] and "no part of 'uid'" in done["reason"], done
+    finally:
+        serve.close()
+        dep.stop()
+        if root:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def test_published_checkpoint_shows_on_the_http_api(tmp_path):
+    """With --http rank 0 registers what is published while idle: no command needed."""
+    from test_http_engine import HttpServe
+    dep = Deployment(tmp_path, 2)
+    srv = HttpServe(dep)
+    try:
+        wait_sockets(dep)
+        ce = ckpt_engine()
+        tensors = arrays(5)
+        r = ce.publish("m", tensors, socket_dir=dep.sock, part=0, parts=1, timeout_s=30)
+        assert r.registered
+        cps = {c["name"]: c for c in srv.get("/v1/checkpoints")["checkpoints"]}
+        assert cps["m"]["state"] == "ready" and cps["m"]["version"] == r.version, cps
+        assert cps["m"]["tensors"] == len(tensors)
+        r2 = ce.publish("m", arrays(6), socket_dir=dep.sock, step=1, timeout_s=30)
+        cps = {c["name"]: c for c in srv.get("/v1/checkpoints")["checkpoints"]}
+        assert r2.version > r.version and cps["m"]["version"] == r2.version
+        assert any(l.get("command") == "publish" and l["ok"] for l in srv.results())
+    finally:
+        srv.stop()
+        dep.stop()
+
+
+def test_torch_tensors(deployment):
+    try:
+        import torch
+    except ImportError:
+        pytest.skip("torch is not importable in this python (the numpy path is tested above)")
+    dep, serve = deployment
+    ce = ckpt_engine()
+    t = {"bf": torch.randn(17, 9).to(torch.bfloat16), "f": torch.randn(5, 3).t(),
+         "i": torch.arange(10, dtype=torch.int64)}
+    if torch.cuda.is_available():
+        t["cuda"] = torch.randn(33, device="cuda")
+    serve.send("await-published m timeout=30000")
+    r = ce.publish("m", t, socket_dir=dep.sock)
+    assert r.registered and serve.result()["ok"]
+    want = {k: v.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1) for k, v in t.items()}
+    for r_ in range(dep.n):
+        dep.start_worker(r_, ["--verify"], updates=1)
+    assert serve.command("update m")["ok"]
+    dep.wait_workers()
+    got = read_checkpoint(dep.worker_dump(0))
+    assert got["bf"][0] == "BF16" and got["bf"][1] == (17, 9)
+    for k, v in want.items():
+        assert got[k][2] == v.tobytes(), k
