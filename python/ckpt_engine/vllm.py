@@ -183,6 +183,34 @@ class _BucketStream:
                 self.on_bucket(bucket)
 
 
+def _recover_layerwise_reload(model):
+    """After vLLM's layer-wise reload raised (a tensor vLLM refused), its layers are left in
+    the reload state: parameters on the meta device, weight loaders wrapped, refused
+    tensors buffered. The next reload would process those leftovers. This puts every layer
+    back on its own tensors (already-processed layers keep the new values, the others the
+    old ones: the model is mixed, and the status says so) and clears the reload state, so
+    the next update starts clean. vLLM 0.32 internals; returns the error text if that
+    failed (then only a restart of vLLM helps)."""
+    try:
+        from vllm.model_executor.model_loader.reload import layerwise as lw
+        for layer in model.modules():
+            info = lw.LAYERWISE_INFO.get(layer)
+            if info is None or not info.can_load():
+                continue
+            for t in lw.get_layer_tensors(layer).values():
+                if hasattr(t, "weight_loader"):
+                    t.weight_loader = lw._get_original_loader(t)
+            if info.kernel_tensors is not None:
+                lw._place_kernel_tensors(layer, info)
+            info.reset()
+        lw.LOADING_LAYERS.clear()
+        if hasattr(model, "_original_do_torchao_reload"):
+            model._do_torchao_reload = model._original_do_torchao_reload
+        return None
+    except Exception as e:  # noqa: BLE001
+        return "%s: %s" % (type(e).__name__, e)
+
+
 class CkptEngineExtension:
     """Mixed into vLLM's worker class by `worker_extension_cls`. Method names carry the
     `ckpt_engine_` prefix: vLLM's worker already has update_weights / reload_weights."""
@@ -277,6 +305,10 @@ class CkptEngineExtension:
                     runner.get_model().load_weights(weights=iter(stream))
         except Exception as e:  # noqa: BLE001 - reported to the engine and the caller
             reload_error = "vLLM reload: %s: %s" % (type(e).__name__, e)
+            stuck = _recover_layerwise_reload(runner.get_model())
+            if stuck:
+                reload_error += "; vLLM's reload state could not be reset (%s): restart " \
+                                "vLLM" % stuck
         t_reload = time.perf_counter() - t0
         completed, reason = False, ""
         try:

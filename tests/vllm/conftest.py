@@ -41,6 +41,13 @@ class Checkpoints:
             models.make_model(str(p), arch, seed={"A": 1, "B": 2}[which], dtype=dtype)
         return p
 
+    def variant(self, arch, dtype, label, **kw):
+        """Another checkpoint of `arch` with other dimensions (models.make_model's **kw)."""
+        p = self.root / ("%s-%s-%s" % (arch, dtype, label))
+        if not (p / "config.json").exists():
+            models.make_model(str(p), arch, seed=3, dtype=dtype, **kw)
+        return p
+
     def fresh_tokens(self, arch, dtype, which):
         key = (arch, dtype, which)
         if key not in self.tokens:
