@@ -405,9 +405,9 @@ int ckpt__publish_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, ckpt_publish_eve
             status = register_set(e, cmd, &ents[first], cur - first, mine, version, &replaced,
                                   reason, CKPT__REASON_MAX);
             if (status == CKPT_OK)
-                snprintf(reason, CKPT__REASON_MAX, "registered '%s' as version %llu (%u parts, "
+                snprintf(reason, CKPT__REASON_MAX, "registered '%s' as version %llu (%u part%s, "
                          "%u tensors)%s", ents[first].d->name, (unsigned long long)version,
-                         ents[first].d->nparts, ntensors,
+                         ents[first].d->nparts, ents[first].d->nparts == 1 ? "" : "s", ntensors,
                          replaced ? ", replacing the previous version" : "");
             else
                 verdict = -1;
