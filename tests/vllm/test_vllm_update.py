@@ -152,3 +152,34 @@ def test_moe_update_equals_vllms_own_reload(ckpts):
     finally:
         close_llm(llm)
         eng.close()
+
+
+def test_trainer_publishes_torch_tensors_then_vllm_updates(ckpts):
+    """The RL loop without files: a trainer holds torch tensors (here: B's, then A's),
+    publishes them to the engine rank (one copy into a sealed memfd the rank adopts), and
+    vLLM takes each step in place; step 2 under the same name replaces step 1."""
+    from safetensors.torch import load_file
+    from ckpt_engine import publish
+    a, b = ckpts.path("llama", "bfloat16", "A"), ckpts.path("llama", "bfloat16", "B")
+    want_a = ckpts.fresh_tokens("llama", "bfloat16", "A")
+    want_b = ckpts.fresh_tokens("llama", "bfloat16", "B")
+    eng = Engine()
+    llm = make_llm(a, "bfloat16")
+    try:
+        assert greedy(llm) == want_a
+        for step, (path, want) in enumerate([(b, want_b), (a, want_a)], start=1):
+            tensors = load_file(str(path / "model.safetensors"))  # the trainer's memory
+            assert any(t.dtype.is_floating_point and t.element_size() == 2
+                       for t in tensors.values())
+            eng.srv.send("await-published policy timeout=60000")
+            r = publish("policy", tensors, socket_dir=eng.sock, step=step, timeout_s=60)
+            assert r.registered and r.version, r
+            res = eng.srv.result(120)
+            assert res["ok"], res
+            results, upd = update_via_engine(llm, eng, "policy")
+            assert upd["ok"] and results[0]["completed"], (upd, results)
+            assert results[0]["version"] == r.version
+            assert greedy(llm) == want, "step %d" % step
+    finally:
+        close_llm(llm)
+        eng.close()
