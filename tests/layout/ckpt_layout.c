@@ -9,6 +9,7 @@
 #include <stdio.h>
 
 #include "ckpt/ckpt.h"
+#include "ckpt/publish.h"
 #include "ckpt/receiver.h"
 
 /* The kind of an lvalue's type. Arrays decay here, so ARRAY() asks for an element's kind;
@@ -75,6 +76,22 @@ int main(void)
     STRUCT(ckpt_tensor_view_t, 1);
     FIELD(ckpt_tensor_view_t, meta);
     FIELD(ckpt_tensor_view_t, data);
+    END_STRUCT();
+
+    STRUCT(ckpt_publish_options_t, 1);
+    FIELD(ckpt_publish_options_t, field_mask);
+    FIELD(ckpt_publish_options_t, part);
+    FIELD(ckpt_publish_options_t, nparts);
+    FIELD(ckpt_publish_options_t, step);
+    FIELD(ckpt_publish_options_t, wait);
+    FIELD(ckpt_publish_options_t, timeout_ms);
+    END_STRUCT();
+
+    STRUCT(ckpt_publish_reply_t, 1);
+    FIELD(ckpt_publish_reply_t, status);
+    FIELD(ckpt_publish_reply_t, registered);
+    FIELD(ckpt_publish_reply_t, version);
+    ARRAY(ckpt_publish_reply_t, text);
     END_STRUCT();
     printf("\n  },\n");
 
