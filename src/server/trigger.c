@@ -206,6 +206,7 @@ struct ckpt_trigger {
     char err[512];
     /* ckpt_trigger_begin: vLLM's generation was paused at base (resume there) */
     int paused;
+    int keep;  /* paused with mode=keep: vLLM did not clear its prefix cache at the pause */
     char base[CKPT_HTTP_URL_MAX];
 };
 
@@ -405,6 +406,7 @@ int ckpt_trigger_begin(const ckpt_http_job_t *job, const char *socket_dir, int e
         goto cleanup;
     }
     (*out)->paused = paused;
+    (*out)->keep = paused && strcmp(mode, "keep") == 0;
     (*out)->timeout_ms = timeout_ms;
     snprintf((*out)->base, sizeof (*out)->base, "%s", base);
 cleanup:
@@ -415,7 +417,7 @@ cleanup:
 void ckpt_trigger_end(ckpt_trigger_t *t, ckpt_http_job_result_t *r)
 {
     if (!t || !r) return;
-    int paused = t->paused, timeout_ms = t->timeout_ms;
+    int paused = t->paused, keep = t->keep, timeout_ms = t->timeout_ms; /* t is freed below */
     char base[CKPT_HTTP_URL_MAX], uds[108], err[512] = "";
     snprintf(base, sizeof base, "%s", t->base);
     snprintf(uds, sizeof uds, "%s", t->uds);
@@ -432,6 +434,19 @@ void ckpt_trigger_end(ckpt_trigger_t *t, ckpt_http_job_result_t *r)
     if (!paused) return;
     r->paused = 1;
     if (r->status == 0) {
+        /* KV blocks computed with the old weights must not be reused as a prefix of new
+         * requests: reset vLLM's prefix cache before it resumes. pause with wait/abort has
+         * cleared it already (so a refusal only costs a note); after keep it has not, and
+         * vLLM stays paused rather than serve stale prefixes. */
+        rc = vllm_post(base, uds[0] ? uds : NULL, "reset_prefix_cache", NULL, timeout_ms, err,
+                       sizeof err);
+        if (rc && keep) {
+            fail(r, rc, "the new weights reached every worker, but %s; vLLM at %s is still "
+                        "paused (its prefix cache holds blocks of the old weights): POST "
+                        "%s/reset_prefix_cache, then %s/resume", err, base, base, base);
+            return;
+        }
+        if (rc) append(r->reason, sizeof r->reason, "note: %s (the pause cleared it)", err);
         rc = vllm_post(base, uds[0] ? uds : NULL, "resume", NULL, timeout_ms, err, sizeof err);
         if (rc == 0) {
             r->resumed = 1;

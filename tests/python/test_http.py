@@ -227,7 +227,7 @@ class FakeVllm:
     a Unix socket (uds=PATH: checkpoint-engine's trigger over a socket)."""
 
     def __init__(self, rpc_status=200, pause_status=200, results=None, uds=None,
-                 pause_delay=0.0):
+                 pause_delay=0.0, reset_status=200):
         self.calls = []      # request paths (with the query) in arrival order
         self.bodies = {}     # path -> parsed JSON body (the last one)
         self.times = {}      # path -> (arrived, answered) monotonic seconds
@@ -248,6 +248,9 @@ class FakeVllm:
                         reply = {"detail": "Not Found"}
                 elif route == "/resume":
                     status, reply = 200, {"status": "resumed"}
+                elif route == "/reset_prefix_cache":
+                    status, reply = reset_status, {"detail": "reset" if reset_status == 200
+                                                   else "Not Found"}
                 elif route == "/collective_rpc":
                     status = rpc_status
                     reply = ({"results": results if results is not None else [None, None]}
@@ -304,7 +307,8 @@ def test_trigger_shape(srv, model, vllm):
     assert done["state"] == "succeeded", done
     assert done["trigger"] is True and done["paused"] is True and done["resumed"] is True
     # Paused (draining in-flight requests) before the trigger, resumed after the update.
-    assert fake.calls == ["/pause?mode=wait", "/collective_rpc", "/resume"]
+    assert fake.calls == ["/pause?mode=wait", "/collective_rpc", "/reset_prefix_cache",
+                          "/resume"]
     body = fake.bodies["/collective_rpc"]
     assert body["method"] == "ckpt_engine_update" and body["args"] == []
     kw = body["kwargs"]
@@ -314,8 +318,26 @@ def test_trigger_shape(srv, model, vllm):
     assert kw["timeout_s"] == 5.0 and body["timeout"] == 5.0
     up = srv.update("m", update_url=fake.url, trigger_method="my_ext.attach", pause="off")
     assert ended(srv, up)["state"] == "succeeded"
-    assert fake.calls[3:] == ["/collective_rpc"]  # "off": no pause, no resume
+    assert fake.calls[4:] == ["/collective_rpc"]  # "off": no pause, no resume
     assert fake.bodies["/collective_rpc"]["method"] == "my_ext.attach"
+
+
+def test_prefix_cache_reset_before_resume(srv, model, vllm):
+    """KV blocks of the old weights must not serve new requests: vLLM's prefix cache is reset
+    after the update, before it resumes. After a keep-mode pause (which does not clear the
+    cache) a refused reset leaves vLLM paused, naming what to do; after wait it is a note."""
+    srv.register("m", model)
+    fake = vllm(reset_status=404)
+    done = ended(srv, srv.update("m", update_url=fake.url, pause="keep"))
+    assert done["state"] == "failed" and done["paused"] and not done["resumed"], done
+    assert fake.calls == ["/pause?mode=keep", "/collective_rpc", "/reset_prefix_cache"]
+    assert "prefix cache holds blocks of the old weights" in done["reason"], done
+    assert "/reset_prefix_cache, then" in done["reason"], done
+    fake2 = vllm(reset_status=404)
+    done = ended(srv, srv.update("m", update_url=fake2.url))
+    assert done["state"] == "succeeded" and done["resumed"], done
+    assert fake2.calls == ["/pause?mode=wait", "/collective_rpc", "/reset_prefix_cache",
+                           "/resume"]
 
 
 def test_trigger_waits_for_pause(srv, model, vllm):
@@ -324,7 +346,8 @@ def test_trigger_waits_for_pause(srv, model, vllm):
     srv.register("m", model)
     done = ended(srv, srv.update("m", update_url=fake.url, pause="abort"))
     assert done["state"] == "succeeded", done
-    assert fake.calls == ["/pause?mode=abort", "/collective_rpc", "/resume"]
+    assert fake.calls == ["/pause?mode=abort", "/collective_rpc", "/reset_prefix_cache",
+                          "/resume"]
     assert fake.times["/collective_rpc"][0] >= fake.times["/pause?mode=abort"][1]
     assert fake.times["/resume"][0] >= fake.times["/collective_rpc"][1]
 
@@ -409,7 +432,8 @@ def test_trigger_over_unix_socket(srv, model, vllm, tmp_path):
     up = srv.update("m", update_url="http://localhost/collective_rpc", uds=sock)
     done = ended(srv, up)
     assert done["state"] == "succeeded", done
-    assert fake.calls == ["/pause?mode=wait", "/collective_rpc", "/resume"]
+    assert fake.calls == ["/pause?mode=wait", "/collective_rpc", "/reset_prefix_cache",
+                          "/resume"]
     assert done["resumed"] is True
     # Nobody on the socket: the reason names it.
     fake.close()
@@ -571,11 +595,12 @@ def test_cli_vllm_and_files(srv, model, vllm, tmp_path):
     assert r.returncode == 0 and "'two' ready: 300 B" in r.stdout, r.stdout + r.stderr
     r = cli(srv, "update", "two", "--update-url", fake.url, "--pause", "keep", "--wait")
     assert r.returncode == 0 and "vLLM paused for it, resumed" in r.stdout, r.stdout + r.stderr
-    assert fake.calls == ["/pause?mode=keep", "/collective_rpc", "/resume"]
+    assert fake.calls == ["/pause?mode=keep", "/collective_rpc", "/reset_prefix_cache",
+                          "/resume"]
     r = cli(srv, "update", "two", "--update-url", fake.url, "--pause", "off",
             "--inference-group-ranks", "1,0", "--wait")
     assert r.returncode == 0, r.stderr
-    assert fake.calls[3:] == ["/collective_rpc"]
+    assert fake.calls[4:] == ["/collective_rpc"]
     assert fake.bodies["/collective_rpc"]["kwargs"]["socket_paths"]["0"].endswith("rank-1.sock")
     r = cli(srv, "register", "fail-update", model, "--wait")
     r = cli(srv, "update", "fail-update", "--update-url", fake.url, "--wait")

@@ -258,7 +258,8 @@ def test_one_update_at_a_time_and_trigger(tmp_path, model):
         assert u["timings"]["finish_s"] >= 2.5, u
 
         # vLLM's generation paused before the trigger, resumed after the update.
-        assert target.calls == ["/pause?mode=wait", "/collective_rpc", "/resume"], target.calls
+        assert target.calls == ["/pause?mode=wait", "/collective_rpc", "/reset_prefix_cache",
+                                "/resume"], target.calls
         assert u["paused"] and u["resumed"], u
         body = target.rpc_body()
         assert body["method"] == "ckpt_engine_update"
@@ -438,7 +439,8 @@ def test_checkpoint_engine_files_and_vllm_trigger(tmp_path, model):
         assert code == 202, obj
         u = srv.wait_update(obj["update_id"], timeout=60)
         assert u["state"] == "succeeded" and u["paused"] and u["resumed"], u
-        assert target.calls == ["/pause?mode=wait", "/collective_rpc", "/resume"]
+        assert target.calls == ["/pause?mode=wait", "/collective_rpc", "/reset_prefix_cache",
+                                "/resume"]
         assert target.rpc_body()["kwargs"]["socket_paths"] == {
             str(r): os.path.join(os.path.abspath(dep.sock), "rank-%d.sock" % r) for r in range(2)}
         for r in range(2):
@@ -452,7 +454,7 @@ def test_checkpoint_engine_files_and_vllm_trigger(tmp_path, model):
         u = srv.wait_update(obj["update_id"], timeout=60)
         assert u["state"] == "failed" and u["paused"] and not u["resumed"], u
         assert "left paused" in u["reason"], u
-        assert target.calls[3:] == ["/pause?mode=wait", "/collective_rpc"], target.calls
+        assert target.calls[4:] == ["/pause?mode=wait", "/collective_rpc"], target.calls
     finally:
         if srv.proc.poll() is None:
             srv.stop()

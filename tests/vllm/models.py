@@ -48,3 +48,15 @@ def make_model(path, arch="llama", seed=0, dtype="float32", scale=1, layers=None
     with open(os.path.join(path, "ckpt-test-model.json"), "w") as f:
         json.dump({"arch": arch, "seed": seed, "dtype": dtype}, f)
     return path
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Writes a tiny random model (safetensors) that "
+                                             "vLLM can serve, without a download.")
+    ap.add_argument("out")
+    ap.add_argument("--arch", default="llama", choices=ARCHS)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32")
+    a = ap.parse_args()
+    print(make_model(a.out, a.arch, a.seed, a.dtype))
