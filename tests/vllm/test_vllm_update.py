@@ -40,6 +40,14 @@ def update_via_engine(llm, eng, name, extra=""):
     return results, res
 
 
+def register_and_update(llm, eng, name, path):
+    """Registers `path` as `name` and updates vLLM from it; both must succeed."""
+    assert eng.command("register %s %s" % (name, path))["ok"]
+    results, res = update_via_engine(llm, eng, name)
+    assert res["ok"] and results[0]["completed"], (res, results)
+    return results, res
+
+
 @pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("qwen2", "bfloat16")])
 def test_update_from_files_matches_fresh_load(ckpts, arch, dtype):
     a, b = ckpts.path(arch, dtype, "A"), ckpts.path(arch, dtype, "B")
@@ -76,9 +84,7 @@ def test_dummy_start_first_update_brings_the_weights(ckpts):
     llm = make_llm(a, "float32", load_format="dummy")
     try:
         assert greedy(llm) != want_b
-        assert eng.command("register b %s" % b)["ok"]
-        results, res = update_via_engine(llm, eng, "b")
-        assert res["ok"] and results[0]["completed"], (res, results)
+        register_and_update(llm, eng, "b", b)
         assert greedy(llm) == want_b
     finally:
         close_llm(llm)
@@ -110,9 +116,7 @@ def test_engine_killed_mid_update_is_reported_then_a_new_engine_completes(ckpts)
         eng.srv.proc.wait(timeout=60)
 
         eng2 = Engine(sock=eng.sock)
-        assert eng2.command("register b %s" % b)["ok"]
-        results, res = update_via_engine(llm, eng2, "b")
-        assert res["ok"] and results[0]["completed"], (res, results)
+        results, _ = register_and_update(llm, eng2, "b", b)
         assert results[0]["buckets"] >= 1
         assert llm.collective_rpc("ckpt_engine_status")[0]["state"] == "consistent"
         assert greedy(llm) == want_b
@@ -145,9 +149,7 @@ def test_moe_update_equals_vllms_own_reload(ckpts):
     try:
         before = greedy(llm)
         assert before != want
-        assert eng.command("register b %s" % b)["ok"]
-        results, res = update_via_engine(llm, eng, "b")
-        assert res["ok"] and results[0]["completed"], (res, results)
+        register_and_update(llm, eng, "b", b)
         assert greedy(llm) == want
     finally:
         close_llm(llm)
