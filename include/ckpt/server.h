@@ -30,9 +30,18 @@ typedef struct ckpt_http_options {
     size_t max_body;       /* largest request body in bytes; 0: 1 MiB */
     const char *trace_dir; /* where update traces are written; NULL: a private temporary
                             * directory, removed by ckpt_http_stop */
+    /* Abuse limits (docs/HTTP.md "Limits"). A client must deliver a whole request (headers
+     * and body) within request_timeout_s of connecting or of its previous answer, however
+     * it trickles; past it the server answers 408 and closes. 0: 10 s. */
+    double request_timeout_s;
+    unsigned per_ip_limit;    /* open connections per client address; 0: 32 */
+    unsigned max_connections; /* open connections in all (a thread each); 0: 512 */
 } ckpt_http_options_t;
 
-#define CKPT_HTTP_OPTIONS_INIT {0, NULL, 0, NULL, 0, NULL}
+#define CKPT_HTTP_OPTIONS_INIT {0, NULL, 0, NULL, 0, NULL, 0, 0, 0}
+#define CKPT_HTTP_REQUEST_TIMEOUT_S 10.0
+#define CKPT_HTTP_PER_IP_LIMIT 32
+#define CKPT_HTTP_MAX_CONNECTIONS 512
 
 #define CKPT_HTTP_PATH_MAX 4096
 #define CKPT_HTTP_URL_MAX 1024

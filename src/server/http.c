@@ -8,7 +8,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <microhttpd.h>
@@ -325,6 +327,121 @@ static enum MHD_Result route(struct MHD_Connection *conn, ckpt_http_server_t *sr
     return send_error(conn, srv, 404, "no such endpoint (see docs/HTTP.md)", NULL);
 }
 
+/* ---- the request deadline ----------------------------------------------------------
+ * MHD's connection timeout is an idle timeout: each byte a client trickles resets it, so
+ * a few hundred clients sending a header line every few seconds would hold every
+ * connection slot (and a thread each) forever. MHD 0.9.75 has no total deadline, and in
+ * thread-per-connection mode we cannot close its connections ourselves, so a watchdog
+ * thread does it through the socket: every connection is listed from MHD's STARTED to
+ * its CLOSED notification with a deadline; past it the watchdog writes a 408 and shuts
+ * the socket down, which wakes the connection's thread with end-of-file and MHD closes
+ * it. shutdown() never frees the descriptor, and MHD closes it only after CLOSED (which
+ * unlists it under conn_mu), so the watchdog never touches a reused descriptor. The
+ * deadline stops while a handler runs or a response goes out (gather-metas may wait for
+ * minutes; a slow reader meets the idle timeout) and restarts for the next request on
+ * the same connection. */
+
+static double mono_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static srv_conn_t *conn_of(struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    return ci ? (srv_conn_t *)ci->socket_context : NULL;
+}
+
+/* deadline_on: 1 restarts the clock (waiting for a request), 0 stops it. */
+static void conn_deadline(ckpt_http_server_t *srv, struct MHD_Connection *conn, int deadline_on)
+{
+    srv_conn_t *c = conn_of(conn);
+    if (!c) return;
+    pthread_mutex_lock(&srv->conn_mu);
+    c->deadline = deadline_on ? mono_now() + srv->request_timeout_s : 0;
+    pthread_mutex_unlock(&srv->conn_mu);
+}
+
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    ckpt_http_server_t *srv = cls;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        srv_conn_t *c = ci ? calloc(1, sizeof *c) : NULL;
+        if (!c) return; /* unwatched: the idle timeout still bounds it */
+        c->fd = ci->connect_fd;
+        pthread_mutex_lock(&srv->conn_mu);
+        c->deadline = mono_now() + srv->request_timeout_s;
+        c->next = srv->conns;
+        if (srv->conns) srv->conns->prev = c;
+        srv->conns = c;
+        srv->nconns++;
+        pthread_mutex_unlock(&srv->conn_mu);
+        *socket_context = c;
+        return;
+    }
+    srv_conn_t *c = *socket_context;
+    if (!c) return;
+    pthread_mutex_lock(&srv->conn_mu);
+    if (c->prev) c->prev->next = c->next;
+    else srv->conns = c->next;
+    if (c->next) c->next->prev = c->prev;
+    srv->nconns--;
+    pthread_mutex_unlock(&srv->conn_mu);
+    free(c);
+    *socket_context = NULL;
+}
+
+static void *watchdog_main(void *arg)
+{
+    ckpt_http_server_t *srv = arg;
+    char msg[256];
+    int n = snprintf(msg, sizeof msg,
+                     "{\"error\":\"request not received within %g s: send the headers and "
+                     "body at once (the server's request deadline)\",\"code\":408}\n",
+                     srv->request_timeout_s);
+    char resp[512];
+    int rn = snprintf(resp, sizeof resp,
+                      "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+                      "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+                      n, msg);
+    pthread_mutex_lock(&srv->conn_mu);
+    while (srv->watchdog_run) {
+        /* A tenth of a second: cuts land within 0.1 s of the deadline at negligible cost
+         * (a scan of at most max_connections entries). */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 100 * 1000 * 1000;
+        if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+        pthread_cond_timedwait(&srv->conn_cv, &srv->conn_mu, &ts);
+        double now = mono_now();
+        unsigned cut = 0;
+        for (srv_conn_t *c = srv->conns; c; c = c->next) {
+            if (c->cut || c->deadline == 0 || now < c->deadline) continue;
+            /* No handler runs and no response is queued (the deadline would be 0), so
+             * nothing else writes this socket. Non-blocking: a client that reads nothing
+             * gets no 408 but is cut all the same. */
+            if (send(c->fd, resp, (size_t)rn, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) (void)0;
+            shutdown(c->fd, SHUT_RDWR);
+            c->cut = 1;
+            cut++;
+        }
+        srv->requests_timed_out += cut;
+        if (cut) {
+            pthread_mutex_unlock(&srv->conn_mu);
+            for (unsigned i = 0; i < cut; i++) srv_count_request(srv, 408);
+            pthread_mutex_lock(&srv->conn_mu);
+        }
+    }
+    pthread_mutex_unlock(&srv->conn_mu);
+    return NULL;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version,
                                   const char *upload, size_t *upload_size, void **con_cls)
@@ -356,7 +473,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         rq->len += n;
         return MHD_YES;
     }
-    /* Whole request here. healthz stays open so liveness probes need no secret. */
+    /* Whole request here: its deadline stops while we answer (gather-metas waits). */
+    conn_deadline(srv, conn, 0);
+    /* healthz stays open so liveness probes need no secret. */
     if (srv->token && strcmp(url, "/v1/healthz") != 0) {
         const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
                                                        MHD_HTTP_HEADER_AUTHORIZATION);
@@ -376,7 +495,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
-    (void)cls, (void)conn, (void)toe;
+    (void)toe;
+    /* A kept-alive connection has a new deadline for its next request. */
+    conn_deadline(cls, conn, 1);
     req_t *rq = *con_cls;
     if (rq) {
         free(rq->body);
@@ -425,7 +546,25 @@ int ckpt_http_start(const ckpt_http_options_t *opts, ckpt_http_server_t **out)
     pthread_mutex_init(&srv->mu, NULL);
     pthread_cond_init(&srv->cv, NULL);
     pthread_cond_init(&srv->state_cv, NULL);
+    pthread_mutex_init(&srv->conn_mu, NULL);
+    pthread_cond_init(&srv->conn_cv, NULL);
     srv->max_body = opts->max_body ? opts->max_body : (1u << 20);
+    if (!(opts->request_timeout_s >= 0) || opts->request_timeout_s > 86400) {
+        rc = ckpt__error(CKPT_EINVAL, "HTTP request timeout %g s is out of range (0, 86400]",
+                         opts->request_timeout_s);
+        goto fail;
+    }
+    srv->request_timeout_s =
+        opts->request_timeout_s > 0 ? opts->request_timeout_s : CKPT_HTTP_REQUEST_TIMEOUT_S;
+    unsigned per_ip = opts->per_ip_limit ? opts->per_ip_limit : CKPT_HTTP_PER_IP_LIMIT;
+    unsigned max_conns = opts->max_connections ? opts->max_connections
+                                               : CKPT_HTTP_MAX_CONNECTIONS;
+    srv->watchdog_run = 1;
+    if (pthread_create(&srv->watchdog, NULL, watchdog_main, srv) != 0) {
+        rc = ckpt__error(CKPT_EIO, "cannot start the HTTP request watchdog thread");
+        goto fail;
+    }
+    srv->watchdog_started = 1;
     if (opts->token && opts->token[0] && !(srv->token = ckpt__strdup(opts->token))) {
         rc = ckpt__error(CKPT_ENOMEM, "out of memory");
         goto fail;
@@ -450,8 +589,16 @@ int ckpt_http_start(const ckpt_http_options_t *opts, ckpt_http_server_t **out)
     srv->mhd = MHD_start_daemon(flags, (uint16_t)opts->port, NULL, NULL, on_request, srv,
                                 MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
                                 MHD_OPTION_NOTIFY_COMPLETED, on_completed, srv,
+                                MHD_OPTION_NOTIFY_CONNECTION, on_connection, srv,
+                                /* idle: bounds slow readers of a response */
                                 MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30,
-                                MHD_OPTION_CONNECTION_LIMIT, (unsigned)256, MHD_OPTION_END);
+                                MHD_OPTION_CONNECTION_LIMIT, max_conns,
+                                /* one address cannot take every slot alone */
+                                MHD_OPTION_PER_IP_CONNECTION_LIMIT, per_ip,
+                                /* a thread per connection: handlers need little stack,
+                                 * so hundreds of threads stay cheap */
+                                MHD_OPTION_THREAD_STACK_SIZE, (size_t)(1u << 20),
+                                MHD_OPTION_END);
     if (!srv->mhd) {
         rc = ckpt__error(CKPT_EIO, "cannot listen on %s:%d (port in use or not permitted?)",
                          addr, opts->port);
@@ -481,11 +628,20 @@ void ckpt_http_stop(ckpt_http_server_t *srv)
     pthread_mutex_unlock(&srv->mu);
     /* Stops the threads first: no handler runs past this point. */
     if (srv->mhd) MHD_stop_daemon(srv->mhd);
+    if (srv->watchdog_started) {
+        pthread_mutex_lock(&srv->conn_mu);
+        srv->watchdog_run = 0;
+        pthread_cond_broadcast(&srv->conn_cv);
+        pthread_mutex_unlock(&srv->conn_mu);
+        pthread_join(srv->watchdog, NULL);
+    }
     if (srv->own_trace_dir) nftw(srv->trace_dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
     srv_free_state(srv);
     pthread_cond_destroy(&srv->cv);
     pthread_cond_destroy(&srv->state_cv);
     pthread_mutex_destroy(&srv->mu);
+    pthread_cond_destroy(&srv->conn_cv);
+    pthread_mutex_destroy(&srv->conn_mu);
     ckpt__free(srv->token);
     ckpt__free(srv);
 }

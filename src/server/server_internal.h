@@ -36,6 +36,16 @@ typedef struct srv_update {
     double queued_at, started_at, finished_at;
 } srv_update_t;
 
+/* One open connection, watched for the request deadline (http.c). Lives from MHD's
+ * STARTED to its CLOSED notification; in thread-per-connection mode MHD closes the socket
+ * only after CLOSED, so fd stays ours while the entry is listed. */
+typedef struct srv_conn {
+    int fd;
+    double deadline;      /* monotonic seconds; 0: none (a handler runs or answers) */
+    int cut;              /* the watchdog answered 408 and shut the socket down */
+    struct srv_conn *prev, *next;
+} srv_conn_t;
+
 typedef struct srv_job {
     ckpt_http_job_t job;
     struct srv_job *next;
@@ -54,6 +64,16 @@ struct ckpt_http_server {
     int port;
     char *token;             /* NULL: no auth */
     size_t max_body;
+    double request_timeout_s;
+    /* The request-deadline watchdog: its own lock, so a scan never waits on the state. */
+    pthread_mutex_t conn_mu;
+    pthread_cond_t conn_cv;
+    srv_conn_t *conns;
+    int nconns;
+    int watchdog_run;        /* 1 while the watchdog thread should run */
+    int watchdog_started;
+    pthread_t watchdog;
+    uint64_t requests_timed_out; /* under conn_mu */
     char trace_dir[CKPT_HTTP_PATH_MAX];
     int own_trace_dir;       /* created by us: removed on stop */
 

@@ -624,3 +624,130 @@ def test_cli_token_and_unreachable(tmp_path):
                        text=True, timeout=60)
     assert r.returncode == 1 and "cannot reach " + url in r.stderr
     assert "connection refused" in r.stderr and "ckpt-engine serve --http" in r.stderr
+
+
+# ---- abuse: slow clients, per-address limit ------------------------------------------
+
+def _raise_fd_limit(n):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= n
+
+
+def _slow_client(port, source):
+    """A connection from `source` (another loopback address) that has sent a request line
+    and no end of headers."""
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET /v1/healthz HTTP/1.1\r\nHost: x\r\n")
+    return s
+
+
+def _closed_by_server(s):
+    """True when the server closed s: end of file (after an optional 408) or a reset."""
+    import socket
+    s.setblocking(False)
+    try:
+        while True:
+            data = s.recv(4096)
+            if data == b"":
+                return True
+            if not data.startswith(b"HTTP/1.1 408") and b"408" not in data:
+                return False
+    except BlockingIOError:
+        return False
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.error:
+        return True
+
+
+def test_slow_clients_cannot_starve_healthz():
+    """300 clients from 300 other loopback addresses trickle a header line every 2 s (each
+    line resets an idle timeout): healthz from 127.0.0.1 answers within 1 s throughout, and
+    the server drops every slow client once the request deadline (3 s here) passes."""
+    import socket
+    nslow, bound = 300, 3.0
+    if not _raise_fd_limit(nslow * 2 + 256):
+        pytest.skip("cannot raise the open-file limit for 300 sockets")
+    s = Server("--request-timeout", str(bound))  # the fake inherits our fd limit
+    slow, born = [], []
+    worst = 0.0
+    try:
+        for i in range(nslow):
+            src = "127.0.%d.%d" % (1 + i // 250, 2 + i % 250)
+            slow.append(_slow_client(s.port, src))
+            born.append(time.monotonic())
+
+        def healthz():
+            t = time.monotonic()
+            code, obj = http_request(s.port, "GET", "/v1/healthz")
+            dt = time.monotonic() - t
+            assert code == 200 and obj["status"] == "ok"
+            assert dt < 1.0, "healthz took %.2f s with %d slow clients" % (dt, len(slow))
+            return dt
+
+        start = time.monotonic()
+        next_trickle = start
+        open_ = set(range(nslow))
+        while open_ and time.monotonic() - start < bound + 6:
+            worst = max(worst, healthz())
+            if time.monotonic() >= next_trickle:
+                next_trickle += 2.0
+                for i in list(open_):
+                    try:
+                        slow[i].sendall(b"X-Slow: %d\r\n" % i)
+                    except OSError:
+                        pass  # the server closed it: checked below
+            for i in list(open_):
+                if _closed_by_server(slow[i]):
+                    # dropped after the bound, not before, and within bound + slack
+                    age = time.monotonic() - born[i]
+                    assert age >= bound - 0.2, "client %d dropped after %.2f s" % (i, age)
+                    open_.discard(i)
+            time.sleep(0.05)
+        assert not open_, "%d slow clients still connected %.1f s after the deadline" % (
+            len(open_), time.monotonic() - start - bound)
+        worst = max(worst, healthz())
+        code, text = http_request(s.port, "GET", "/metrics", decode=True)
+        assert 'ckpt_http_requests_total{code="408"}' in text
+        print("healthz worst latency with %d slow clients: %.3f s" % (nslow, worst))
+    finally:
+        for c in slow:
+            c.close()
+        s.stop()
+
+
+def test_per_address_connection_limit():
+    """One address holds at most --per-ip connections; the next is refused at once while
+    another address still gets in."""
+    import socket
+    s = Server("--per-ip", "4", "--request-timeout", "20")
+    held = []
+    try:
+        for _ in range(4):
+            held.append(_slow_client(s.port, "127.0.0.9"))
+        time.sleep(0.2)  # the server has accepted them
+        extra = _slow_client(s.port, "127.0.0.9")
+        extra.settimeout(3)
+        try:
+            got = extra.recv(100)
+        except (ConnectionResetError, BrokenPipeError):
+            got = b""
+        assert got == b"", "a 5th connection from one address was served: %r" % got
+        extra.close()
+        for c in held:  # still open: the limit refused the new one, not the old ones
+            c.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                c.recv(1)
+        code, obj = s.request("GET", "/v1/healthz")  # 127.0.0.1 is not limited by them
+        assert code == 200
+    finally:
+        for c in held:
+            c.close()
+        s.stop()

@@ -1,7 +1,8 @@
 /* The HTTP control API: request-body validation, the trigger body, the job queue driven
  * through real HTTP requests (libcurl) against an in-process server.
  *
- * `test_http_server --serve [--token T] [--max-body N] [--update-ms MS] [--ranks N]` is a
+ * `test_http_server --serve [--token T] [--max-body N] [--update-ms MS] [--ranks N]
+ * [--request-timeout S] [--per-ip N] [--max-conns N]` is a
  * fake rank 0 for tests/python/test_http.py: it starts the server on an ephemeral port,
  * prints "port N", and executes jobs with a fake engine of N ranks (default 2; updates take
  * MS milliseconds over 10 buckets, report progress, pause/trigger/resume vLLM through the
@@ -149,6 +150,9 @@ static int serve(int argc, char **argv)
         else if (strcmp(argv[i], "--update-ms") == 0) update_ms = atoi(argv[i + 1]);
         else if (strcmp(argv[i], "--bind") == 0) o.bind_addr = argv[i + 1];
         else if (strcmp(argv[i], "--ranks") == 0) fake_ranks = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--request-timeout") == 0) o.request_timeout_s = atof(argv[i + 1]);
+        else if (strcmp(argv[i], "--per-ip") == 0) o.per_ip_limit = (unsigned)atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--max-conns") == 0) o.max_connections = (unsigned)atoi(argv[i + 1]);
     }
     signal(SIGTERM, on_signal);
     signal(SIGINT, on_signal);
