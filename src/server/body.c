@@ -45,6 +45,59 @@ static int int_value(const cJSON *item, double lo, double hi, double *out)
     return 1;
 }
 
+/* cJSON decodes \u0000 into a NUL and keeps C strings, so "a\u0000b" would arrive as "a":
+ * a path cut at the NUL names another file. cJSON keeps no lengths, so the raw text is
+ * scanned instead: returns 1 when a string holds the escape, with field = the top-level
+ * key it belongs to (the key itself when it is in a key). The body already parsed. */
+static int nul_escape(const char *b, size_t n, char *field, size_t cap)
+{
+    int depth = 0, in_str = 0, key_next = 0, is_key = 0;
+    size_t str_at = 0, key_at = 0, key_len = 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = b[i];
+        if (in_str) {
+            if (c == '\\') {
+                if (i + 5 < n && b[i + 1] == 'u' && memcmp(b + i + 2, "0000", 4) == 0) {
+                    size_t at = is_key ? str_at : key_at, len = is_key ? i - str_at : key_len;
+                    if (cap) snprintf(field, cap, "%.*s", (int)CKPT_MIN(len, cap - 1), b + at);
+                    return 1;
+                }
+                i++; /* the escaped character, so \\u0000 is text, not the escape */
+            } else if (c == '"') {
+                in_str = 0;
+                if (is_key) key_at = str_at, key_len = i - str_at;
+            }
+            continue;
+        }
+        if (c == '"') {
+            in_str = 1;
+            str_at = i + 1;
+            is_key = depth == 1 && key_next;
+            key_next = 0;
+        } else if (c == '{' || c == '[') {
+            if (++depth == 1) key_next = c == '{';
+        } else if (c == '}' || c == ']') {
+            depth--;
+        } else if (c == ',' && depth == 1) {
+            key_next = 1;
+        }
+    }
+    return 0;
+}
+
+/* cJSON keeps every member of an object, duplicates included, and the validators would
+ * let the last one win: a proxy that checked the first sees another request than we run.
+ * Called for each member in order; every field before item is known and distinct (unknown
+ * ones are refused as they come), so this costs at most a dozen comparisons. */
+static int dup_key(const cJSON *root, const cJSON *item, char *field, size_t cap)
+{
+    for (const cJSON *g = root->child; g && g != item; g = g->next)
+        if (strcmp(g->string, item->string) == 0)
+            return bad(field, cap, item->string, CKPT_EINVAL,
+                       "'%s' is given twice: give each field once");
+    return 0;
+}
+
 static int parse_object(const char *body, size_t len, cJSON **out, char *field, size_t cap)
 {
     if (len == 0) {
@@ -64,6 +117,13 @@ static int parse_object(const char *body, size_t len, cJSON **out, char *field, 
         cJSON_Delete(root);
         if (cap) field[0] = '\0';
         return ckpt__error(CKPT_EINVAL, "the body must be a JSON object");
+    }
+    if (nul_escape(body, len, field, cap)) {
+        cJSON_Delete(root);
+        return ckpt__error(CKPT_EINVAL,
+                           "'%s' holds a NUL character (\\u0000): paths, names and URLs "
+                           "cannot contain one",
+                           cap ? field : "");
     }
     *out = root;
     return 0;
@@ -166,6 +226,7 @@ int ckpt_http_parse_register(const char *body, size_t len, ckpt_http_job_t *job,
     const cJSON *item;
     cJSON_ArrayForEach(item, root)
     {
+        if ((rc = dup_key(root, item, field, cap))) goto cleanup;
         if (strcmp(item->string, "path") == 0) {
             if ((rc = get_string(item, job->path, sizeof job->path, field, cap))) goto cleanup;
             have_path = 1;
@@ -346,6 +407,7 @@ int ckpt_http_parse_update(const char *body, size_t len, ckpt_http_job_t *job, c
     const cJSON *item;
     cJSON_ArrayForEach(item, root)
     {
+        if ((rc = dup_key(root, item, field, cap))) goto cleanup;
         if (cJSON_IsNull(item) && known_update_field(item->string)) continue;
         if (strcmp(item->string, "timeout_ms") == 0) have_timeout_ms = 1;
         if ((rc = parse_update_field(item, job, &have_timeout, field, cap))) goto cleanup;
@@ -388,6 +450,7 @@ int ckpt_http_parse_gather_metas(const char *body, size_t len, double *timeout_s
     const cJSON *item;
     cJSON_ArrayForEach(item, root)
     {
+        if ((rc = dup_key(root, item, field, cap))) break;
         if (strcmp(item->string, "timeout") != 0) {
             rc = bad(field, cap, item->string, CKPT_EINVAL, "unknown field '%s'");
             break;

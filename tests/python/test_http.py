@@ -120,6 +120,18 @@ def test_metas_before_export(srv):
     ("POST", "/v1/checkpoints/m/files", {"path": "/x", "extra": 1}, 400, "extra", "unknown field"),
     ("POST", "/v1/checkpoints/m/files", b'{"path": ', 400, None, "malformed JSON"),
     ("POST", "/v1/checkpoints/m/files", b'[1, 2]', 400, None, "JSON object"),
+    # a NUL would cut the path and register another file; a key given twice would let the
+    # last one win behind a proxy that checked the first
+    ("POST", "/v1/checkpoints/m/files", b'{"path": "/a/b\\u0000.safetensors"}', 400, "path", "NUL"),
+    ("POST", "/v1/checkpoints/m/files", b'{"files": ["/a", "/b\\u0000"]}', 400, "files", "NUL"),
+    ("POST", "/v1/checkpoints/m/files", b'{"pa\\u0000th": "/a"}', 400, "pa", "NUL"),
+    ("POST", "/v1/checkpoints/m/files", b'{"path": "/a", "path": "/etc/x"}', 400, "path", "twice"),
+    ("POST", "/v1/checkpoints/unknown/update",
+     b'{"update_url": "http://a/collective_rpc\\u0000x"}', 400, "update_url", "NUL"),
+    ("POST", "/v1/checkpoints/unknown/update", b'{"verify": true, "verify": false}', 400,
+     "verify", "twice"),
+    ("POST", "/v1/checkpoints/m/gather-metas", b'{"timeout": 1, "timeout": 2}', 400, "timeout",
+     "twice"),
     ("POST", "/v1/checkpoints/bad%20name/files", {"path": "/x"}, 400, "name", "bad checkpoint name"),
     ("POST", "/v1/checkpoints/.hidden/files", {"path": "/x"}, 400, "name", "bad checkpoint name"),
     ("POST", "/v1/checkpoints/unknown/update", {}, 404, None, "no checkpoint named 'unknown'"),
