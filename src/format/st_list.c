@@ -131,6 +131,23 @@ static int is_regular(const char *path)
     return stat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
+/* 1 when an index entry leaves the index's folder by its text: absolute, or a ".."
+ * component. Whoever can write an index could otherwise make the engine read (and serve
+ * to workers) any file rank 0 can open. Symlinks inside the folder are followed: the
+ * Hugging Face cache links every shard of a snapshot to ../../blobs/<hash>, and a link
+ * is put there by whoever owns the folder, not by the index's text. */
+static int leaves_dir(const char *name)
+{
+    if (name[0] == '/') return 1;
+    for (const char *p = name; *p;) {
+        size_t n = strcspn(p, "/");
+        if (n == 2 && p[0] == '.' && p[1] == '.') return 1;
+        p += n;
+        while (*p == '/') p++;
+    }
+    return 0;
+}
+
 /* The files named by an index's "weight_map", relative to the index's folder. */
 static int list_index(const char *index, strlist_t *l)
 {
@@ -155,6 +172,14 @@ static int list_index(const char *index, strlist_t *l)
         if (!cJSON_IsString(it) || it->valuestring[0] == '\0') {
             rc = ckpt__error(CKPT_EFORMAT, "%s: weight_map entry '%s' is not a file name", index,
                              it->string);
+            goto out;
+        }
+        if (leaves_dir(it->valuestring)) {
+            rc = ckpt__error(CKPT_EFORMAT,
+                             "%s: weight_map entry '%s' names '%s', outside the index's "
+                             "folder (absolute or '..'): shards must be files beside the "
+                             "index or below it",
+                             index, it->string, it->valuestring);
             goto out;
         }
         char *p = path_join(dir, it->valuestring);

@@ -287,3 +287,36 @@ def test_error_stays_on_one_line(run_tool, tmp_path):
     proc = run_tool("inspect", path, check=False)
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "a?b" in proc.stderr
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute", "nested_dotdot"])
+def test_index_shard_outside_its_folder_is_refused(run_tool, tmp_path, where):
+    """An index naming a shard outside its folder (even one that exists and is a valid
+    safetensors file) is refused naming the entry; a symlinked shard inside the folder (the
+    Hugging Face cache's layout) still loads."""
+    import shutil
+    out = tmp_path / "m"
+    run_tool("gen", "--out", out, "--size", "256KiB", "--layers", "1", "--shards", "2")
+    shard = "model-00002-of-00002.safetensors"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(out / shard, elsewhere / shard)
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    evil = {"dotdot": "../elsewhere/" + shard, "absolute": str(elsewhere / shard),
+            "nested_dotdot": "sub/../../elsewhere/" + shard}[where]
+    (out / "sub").mkdir()
+    tensor = next(k for k, v in index["weight_map"].items() if v == shard)
+    index["weight_map"][tensor] = evil
+    index_path.write_text(json.dumps(index))
+    proc = run_tool("inspect", out, check=False)
+    assert proc.returncode == 1, proc.stdout
+    assert len(proc.stderr.splitlines()) == 1
+    assert tensor in proc.stderr and evil in proc.stderr and "outside" in proc.stderr
+
+    # the HF cache: shards are symlinks to blobs outside the snapshot folder
+    (out / shard).unlink()
+    (out / shard).symlink_to(elsewhere / shard)
+    index["weight_map"][tensor] = shard
+    index_path.write_text(json.dumps(index))
+    run_tool("inspect", out)
