@@ -763,3 +763,50 @@ def test_per_address_connection_limit():
         for c in held:
             c.close()
         s.stop()
+
+
+# ---- exposure: beyond loopback only with a token ---------------------------------------
+
+ENGINE = os.path.join(BUILD, "tools", "ckpt-engine")
+
+
+def _serve(*args):
+    """Starts the real `ckpt-engine serve --http ...` (a singleton MPI rank); returns the
+    process once it listens, or once it exited."""
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    p = subprocess.Popen([ENGINE, "serve", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    line = p.stdout.readline()  # "http: listening on ..." or EOF when it refused
+    return p, line
+
+
+def _stop(p):
+    p.terminate()
+    out, err = p.communicate(timeout=30)
+    return err
+
+
+@pytest.mark.skipif(not os.path.exists(ENGINE), reason="ckpt-engine not built")
+def test_non_loopback_without_token_is_refused(tmp_path):
+    for listen in ["0.0.0.0:0", "[::]:0", "192.0.2.1:0"]:
+        p, line = _serve("--http", listen)
+        err = p.communicate(timeout=30)[1]
+        assert p.returncode == 2 and line == "", (listen, line, err)
+        assert "--token-file" in err and "--insecure-no-token" in err, err
+    # loopback needs no token, nor does a token-protected wildcard
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    for args in (["--http", "127.0.0.2:0"], ["--http", "localhost:0"], ["--http", "[::1]:0"],
+                 ["--http", "0.0.0.0:0", "--token-file", str(token)]):
+        p, line = _serve(*args)
+        err = _stop(p)
+        assert line.startswith("http: listening on"), (args, line, err)
+        assert "warning" not in err, err
+    # asked for explicitly: it listens, with a warning
+    p, line = _serve("--http", "0.0.0.0:0", "--insecure-no-token")
+    err = _stop(p)
+    assert line.startswith("http: listening on http://0.0.0.0:"), (line, err)
+    assert "warning" in err and "--insecure-no-token" in err, err
+    p, line = _serve("--http", "0", "--http-request-timeout", "0")
+    err = p.communicate(timeout=30)[1]
+    assert p.returncode == 2 and "--http-request-timeout" in err, err

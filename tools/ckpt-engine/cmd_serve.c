@@ -1,6 +1,7 @@
 /* ckpt-engine serve: one engine rank. All ranks of a deployment form one MPI job; rank 0
  * reads commands (a file or stdin, one per line) and/or serves the HTTP API
  * (serve_http.c) and leads, the others follow. */
+#include <errno.h>
 #include <getopt.h>
 #include <mpi.h>
 #include <pthread.h>
@@ -38,7 +39,16 @@ static void serve_usage(FILE *out)
         "                       [::] to listen on every interface), PORT 0 picks a free port;\n"
         "                       prints 'http: listening on http://ADDR:PORT'\n"
         "  --token-file FILE    with --http: every request but /v1/healthz must carry\n"
-        "                       'Authorization: Bearer <token>' (the file's text, trimmed)\n"
+        "                       'Authorization: Bearer <token>' (the file's text, trimmed);\n"
+        "                       required when ADDR is not loopback (127.0.0.0/8, ::1,\n"
+        "                       localhost): serve refuses (exit 2) to expose the API bare\n"
+        "  --insecure-no-token  listen beyond loopback without a token anyway (a warning)\n"
+        "  --http-request-timeout S\n"
+        "                       a client must send a whole request within S seconds of\n"
+        "                       connecting or of its previous answer, however it trickles;\n"
+        "                       past it: 408 and the connection is closed (default 10)\n"
+        "  --http-per-ip N      open connections per client address (default 32; beyond:\n"
+        "                       refused at once; 512 in all)\n"
         "  --bucket-max SIZE    largest bucket, e.g. 256MiB (default 256MiB; never below the\n"
         "                       largest tensor; lowered to fit free memory)\n"
         "  --memory-limit SIZE  memory the IPC buffers may use (default: half of free memory)\n"
@@ -440,7 +450,9 @@ int cmd_serve(int argc, char **argv)
     const char *commands = NULL, *http = NULL, *token_file = NULL;
     serve_state_t st;
     memset(&st, 0, sizeof(st));
-    enum { O_HTTP = 256, O_TOKEN, O_UCX_POOLS };
+    enum { O_HTTP = 256, O_TOKEN, O_UCX_POOLS, O_INSECURE, O_REQ_TIMEOUT, O_PER_IP };
+    int insecure_no_token = 0;
+    ckpt_http_options_t http_limits = CKPT_HTTP_OPTIONS_INIT;
     static const struct option longopts[] = {
         {"socket-dir", required_argument, NULL, 's'}, {"commands", required_argument, NULL, 'c'},
         {"bucket-max", required_argument, NULL, 'b'}, {"memory-limit", required_argument, NULL, 'm'},
@@ -448,6 +460,9 @@ int cmd_serve(int argc, char **argv)
         {"share", required_argument, NULL, 'S'},      {"json", no_argument, NULL, 'j'},
         {"direct", required_argument, NULL, 'D'},     {"ucx-pools", required_argument, NULL, O_UCX_POOLS},
         {"http", required_argument, NULL, O_HTTP},    {"token-file", required_argument, NULL, O_TOKEN},
+        {"insecure-no-token", no_argument, NULL, O_INSECURE},
+        {"http-request-timeout", required_argument, NULL, O_REQ_TIMEOUT},
+        {"http-per-ip", required_argument, NULL, O_PER_IP},
         {"help", no_argument, NULL, 'h'},             {NULL, 0, NULL, 0}};
     int c;
     optind = 1;
@@ -492,6 +507,24 @@ int cmd_serve(int argc, char **argv)
             break;
         case O_HTTP: http = optarg; break;
         case O_TOKEN: token_file = optarg; break;
+        case O_INSECURE: insecure_no_token = 1; break;
+        case O_REQ_TIMEOUT:
+        case O_PER_IP: {
+            char *end;
+            errno = 0;
+            double v = strtod(optarg, &end);
+            int per_ip = c == O_PER_IP;
+            if (!*optarg || *end || errno || !(v > 0) || v > (per_ip ? 100000 : 86400) ||
+                (per_ip && v != (double)(unsigned)v)) {
+                fprintf(stderr, "ckpt-engine serve: --%s takes %s, not '%s'\n",
+                        per_ip ? "http-per-ip" : "http-request-timeout",
+                        per_ip ? "a count from 1 to 100000" : "seconds in (0, 86400]", optarg);
+                return 2;
+            }
+            if (per_ip) http_limits.per_ip_limit = (unsigned)v;
+            else http_limits.request_timeout_s = v;
+            break;
+        }
         case 'h': serve_usage(stdout); return 0;
         default: serve_usage(stderr); return 2;
         }
@@ -507,6 +540,9 @@ int cmd_serve(int argc, char **argv)
     char http_addr[64];
     int http_port = 0;
     if (http && serve_http_parse_listen(http, http_addr, sizeof http_addr, &http_port) < 0)
+        return 2;
+    /* Before MPI starts, so a refused exposure costs nothing and exits 2 at once. */
+    if (http && serve_http_check_exposure(http_addr, token_file != NULL, insecure_no_token) < 0)
         return 2;
     /* Without --http rank 0 reads stdin by default; with it, only a file asked for. */
     if (!commands && !http) commands = "-";
@@ -532,7 +568,8 @@ int cmd_serve(int argc, char **argv)
         /* Listen before the command file runs, so a busy port fails at once; requests
          * wait in the queue until the file is done. The server's threads start with the
          * stop signals still blocked. */
-        if (http && serve_http_start(&st, http_addr, http_port, token_file) < 0) failures++;
+        if (http && serve_http_start(&st, http_addr, http_port, token_file, &http_limits) < 0)
+            failures++;
         block_stop_signals(SIG_UNBLOCK);
         int quit = 0;
         if (!failures && commands) failures += run_commands(engine, &st, commands, &quit);

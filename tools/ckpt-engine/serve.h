@@ -38,9 +38,15 @@ void serve_publish_metas(serve_state_t *st, ckpt_engine_t *engine, const char *n
  * 127.0.0.1, PORT 0 picks a free one. Returns 0, or -1 after printing why. */
 int serve_http_parse_listen(const char *text, char *addr, size_t addr_cap, int *port_out);
 
-/* Rank 0: starts the HTTP server (token from token_file, NULL: none) and prints
+/* Before MPI starts: refuses (-1 after printing why, exit 2) to listen beyond loopback
+ * without a token unless insecure_no_token, which only warns. */
+int serve_http_check_exposure(const char *addr, int have_token, int insecure_no_token);
+
+/* Rank 0: starts the HTTP server (token from token_file, NULL: none; limits: the request
+ * deadline and per-address limit, 0 fields for the defaults) and prints
  * "http: listening on http://ADDR:PORT". Returns 0, or -1 after printing why. */
-int serve_http_start(serve_state_t *st, const char *addr, int port, const char *token_file);
+int serve_http_start(serve_state_t *st, const char *addr, int port, const char *token_file,
+                     const ckpt_http_options_t *limits);
 /* Rank 0: runs HTTP jobs against the engine until serve_stop, then stops the server.
  * Returns the number of failed jobs. */
 int serve_http_run(serve_state_t *st, ckpt_engine_t *engine);

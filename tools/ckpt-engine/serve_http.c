@@ -1,6 +1,7 @@
 /* ckpt-engine serve --http: rank 0's main thread runs the jobs the HTTP server queues
  * (docs/HTTP.md) against the engine, which broadcasts each to every rank. The server's
  * threads only validate and queue; everything that touches the engine happens here. */
+#include <arpa/inet.h>
 #include <cjson/cJSON.h>
 #include <ctype.h>
 #include <errno.h>
@@ -28,6 +29,8 @@ int serve_http_parse_listen(const char *text, char *addr, size_t addr_cap, int *
         snprintf(addr, addr_cap, "%.*s", (int)(colon - text), text);
         port = colon + 1;
     }
+    /* The one name we resolve: the server binds literals only. */
+    if (strcmp(addr, "localhost") == 0) snprintf(addr, addr_cap, "127.0.0.1");
     char *end;
     errno = 0;
     long p = strtol(port, &end, 10);
@@ -38,6 +41,38 @@ bad:
     fprintf(stderr, "ckpt-engine serve: --http wants [ADDR:]PORT (e.g. 8080, 0.0.0.0:8080, "
                     "[::1]:8080; PORT 0 picks a free one), got '%s'\n", text);
     return -1;
+}
+
+int serve_http_check_exposure(const char *addr, int have_token, int insecure_no_token)
+{
+    struct in_addr a4;
+    struct in6_addr a6;
+    int loopback;
+    if (inet_pton(AF_INET, addr, &a4) == 1) {
+        loopback = (ntohl(a4.s_addr) >> 24) == 127;
+    } else if (inet_pton(AF_INET6, addr, &a6) == 1) {
+        loopback = IN6_IS_ADDR_LOOPBACK(&a6) ||
+                   (IN6_IS_ADDR_V4MAPPED(&a6) && a6.s6_addr[12] == 127);
+    } else {
+        fprintf(stderr, "ckpt-engine serve: --http address '%s' is not an IPv4 or IPv6 "
+                        "literal (or localhost)\n", addr);
+        return -1;
+    }
+    if (loopback || have_token) return 0;
+    /* Anyone who reaches the port could replace a model's weights: say so loudly. */
+    if (!insecure_no_token) {
+        fprintf(stderr,
+                "ckpt-engine serve: --http %s listens beyond this host without a token: anyone "
+                "who reaches the port could register files and replace the served weights. "
+                "Give --token-file FILE (clients send 'Authorization: Bearer <token>'), listen "
+                "on 127.0.0.1, or pass --insecure-no-token if a firewall guards the port\n",
+                addr);
+        return -1;
+    }
+    fprintf(stderr, "ckpt-engine serve: warning: --http %s without a token "
+                    "(--insecure-no-token): every client that reaches the port controls the "
+                    "engine\n", addr);
+    return 0;
 }
 
 /* The token is the file's text without surrounding whitespace (files end in a newline). */
@@ -69,11 +104,16 @@ static int read_token(const char *file, char *token, size_t cap)
     return 0;
 }
 
-int serve_http_start(serve_state_t *st, const char *addr, int port, const char *token_file)
+int serve_http_start(serve_state_t *st, const char *addr, int port, const char *token_file,
+                     const ckpt_http_options_t *limits)
 {
     char token[512];
     if (token_file && read_token(token_file, token, sizeof token) < 0) return -1;
     ckpt_http_options_t ho = CKPT_HTTP_OPTIONS_INIT;
+    if (limits) {
+        ho.request_timeout_s = limits->request_timeout_s;
+        ho.per_ip_limit = limits->per_ip_limit;
+    }
     ho.bind_addr = addr;
     ho.port = port;
     ho.token = token_file ? token : NULL; /* copied by the server */
