@@ -249,6 +249,10 @@ static void test_parse_register(void)
         {"{\"files\": [\"/a.safetensors\", \"/m\"]}", "files", "each must be a .safetensors"},
         {"{\"files\": [\"/a.safetensors\", \"/a.safetensors\"]}", "files", "twice"},
         {"{\"path\": \"/m\", \"files\": [\"/a.safetensors\"]}", "files", "not both"},
+        /* cJSON cuts strings at \u0000 and keeps duplicate keys: both refused by name */
+        {"{\"path\": \"/m/a\\u0000.safetensors\"}", "path", "NUL"},
+        {"{\"files\": [\"/a.safetensors\", \"/b\\u0000.safetensors\"]}", "files", "NUL"},
+        {"{\"path\": \"/m\", \"path\": \"/etc\"}", "path", "given twice"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         memset(&j, 0, sizeof j);
@@ -496,6 +500,22 @@ static void test_bad_start(void)
     CHECK_RC(ckpt_http_start(&o, &srv), CKPT_EINVAL);
     CHECK_ERR_HAS("localhost");
     CHECK(srv == NULL);
+    o.bind_addr = NULL;
+    o.request_timeout_s = -1; /* out of range: named, not clamped */
+    CHECK_RC(ckpt_http_start(&o, &srv), CKPT_EINVAL);
+    CHECK_ERR_HAS("request timeout");
+    CHECK(srv == NULL);
+}
+
+/* An escaped backslash before u0000 is text, not a NUL: accepted as written. */
+static void test_nul_escape_is_exact(void)
+{
+    ckpt_http_job_t j;
+    memset(&j, 0, sizeof j);
+    char field[64];
+    const char *body = "{\"path\": \"/m/a\\\\u0000\"}";
+    CHECK_OK(ckpt_http_parse_register(body, strlen(body), &j, field, sizeof field));
+    CHECK(strcmp(j.path, "/m/a\\u0000") == 0);
 }
 
 int main(int argc, char **argv)
@@ -510,6 +530,7 @@ int main(int argc, char **argv)
     RUN_TEST(test_trigger_refused);
     RUN_TEST(test_server_jobs);
     RUN_TEST(test_bad_start);
+    RUN_TEST(test_nul_escape_is_exact);
     curl_global_cleanup();
     TEST_EXIT();
 }
