@@ -72,6 +72,52 @@ static void test_checksum(void)
     CHECK(ckpt_checksum(a, 5) != ckpt_checksum(b, 5));
 }
 
+/* XXH3-64 (seed 0) known answers, so that ckpt_checksum is the published function and not
+ * merely a deterministic one: a swap to another hash (or a seeded or truncated XXH3) would
+ * still verify end to end yet break every checksum exchanged with other implementations.
+ * Short inputs: the xxHash project's canonical anchors. The rest: LLVM's xxhashTest vectors
+ * (unittests/Support/xxhashTest.cpp), one per length class (1-3, 4-8, 9-16, 17-128,
+ * 129-240, long with one and several stripes/blocks) over an xorshift buffer. */
+static void test_checksum_known_answers(void)
+{
+    CHECK(ckpt_checksum("", 0) == 0x2D06800538D394C2ull);
+    CHECK(ckpt_checksum(NULL, 0) == 0x2D06800538D394C2ull);
+    CHECK(ckpt_checksum("a", 1) == 0xE6C632B61E964E1Full);
+    CHECK(ckpt_checksum("abc", 3) == 0x78AF5F94892F3950ull);
+    enum { N = 2243 };
+    static uint8_t a[N];
+    uint64_t x = 1;
+    for (size_t i = 0; i < N; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        a[i] = (uint8_t)x;
+    }
+    static const struct { size_t len; uint64_t want; } kat[] = {
+        {0, 0x2d06800538d394c2ull},    {1, 0xd0d496e05c553485ull},
+        {2, 0x84d625edb7055eacull},    {3, 0x6ea2d59aca5c3778ull},
+        {4, 0xbf65290914e80242ull},    {5, 0xc01fd099ad4fc8e4ull},
+        {6, 0x9e3ea8187399caa5ull},    {7, 0x9da8b60540644f5aull},
+        {8, 0xabc1413da6cd0209ull},    {9, 0x8bc89400bfed51f6ull},
+        {16, 0x7e46916754d7c9b8ull},   {17, 0xed4be912ba5f836dull},
+        {32, 0xf59b59b58c304fd1ull},   {33, 0x9013fb74ca603e0cull},
+        {64, 0xfa5271fcce0db1c3ull},   {65, 0x79c42431727f1012ull},
+        {96, 0x591ee0ddf9c9ccd1ull},   {97, 0x8ffc6a3111fe19daull},
+        {128, 0x06a146ee9a2da378ull},  {129, 0xbc7138129bf065daull},
+        {403, 0xcefeb3ffa532ad8cull},  {512, 0xcdfa6b6268e3650full},
+        {513, 0x4bb5d42742f9765full},  {2048, 0x330ce110cbb79eaeull},
+        {2049, 0x3ba6afa0249fef9aull}, {2240, 0xd61d4d2a94e926a8ull},
+        {2243, 0x0979f786a24edde7ull},
+    };
+    for (size_t i = 0; i < sizeof(kat) / sizeof(kat[0]); i++) {
+        uint64_t got = ckpt_checksum(a, kat[i].len);
+        if (got != kat[i].want)
+            fprintf(stderr, "  XXH3-64 of %zu bytes: %016llx, want %016llx\n", kat[i].len,
+                    (unsigned long long)got, (unsigned long long)kat[i].want);
+        CHECK(got == kat[i].want);
+    }
+}
+
 static void test_alloc_hook(void)
 {
     ckpt_testing_fail_alloc_after(1);
@@ -111,6 +157,7 @@ int main(void)
     RUN_TEST(test_dtypes);
     RUN_TEST(test_shapes_and_metas);
     RUN_TEST(test_checksum);
+    RUN_TEST(test_checksum_known_answers);
     RUN_TEST(test_alloc_hook);
     TEST_EXIT();
 }
