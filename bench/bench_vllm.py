@@ -230,7 +230,12 @@ def main():
 
     log("(c) ckpt-engine into the reference worker (ckpt-worker) ...")
     dep2 = mpijob.Deployment(tempfile.mkdtemp(prefix="ckpt-bench-worker-"), 1)
-    dep2.start_worker(0, ["--layout", ck["B"], "--verify"])
+    # Not Deployment.start_worker: it adds --dump, and a worker writing a 1 GiB dump
+    # inside every update's post-hook would measure the disk, not the transfer.
+    wlog = open(os.path.join(dep2.tmp, "worker-0.log"), "ab")
+    dep2.workers[0] = subprocess.Popen(
+        [mpijob.WORKER, "--socket", os.path.join(dep2.sock, "rank-0.sock"), "--layout",
+         ck["B"], "--verify", "--timeout-ms", "60000"], stdout=wlog, stderr=subprocess.STDOUT)
     cmds = ["register b %s" % ck["B"]] + ["update b verify=1"] * args.repeat
     p, results = dep2.serve(cmds, timeout=600)
     dep2.stop()

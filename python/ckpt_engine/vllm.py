@@ -90,6 +90,9 @@ class _BucketStream:
         # Stable buffers (a direct update: the owners' pools) keep their bytes until the
         # update ends, so views vLLM still holds need no copy when a bucket is acknowledged.
         self.stable = bool(info.stable)
+        # The engine asks for verification (`update NAME verify=1`): every tensor's XXH3-64
+        # is checked in the shared buffer before vLLM sees it (one extra read pass).
+        self.verify = bool(info.verify)
         self.timeout_ms = timeout_ms
         self.tensors = 0
         self.bytes = 0
@@ -153,6 +156,16 @@ class _BucketStream:
                 self.error = "the engine ended the update early (%s): %s" % (
                     kind, (lib().ckpt_receiver_reason(self.rx._h) or b"").decode(errors="replace"))
                 return
+            if self.verify:
+                bad = next((v for v in views if lib().ckpt_receiver_verify(v._ptr) < 0), None)
+                if bad is not None:
+                    self.error = "bucket %d: %s" % (bucket, lib().ckpt_last_error().decode(
+                        errors="replace"))
+                    try:
+                        self.rx.fail(self.error)
+                    except CkptError:
+                        pass
+                    return
             held = self._views(views)
             views = None
             for i in range(len(held)):
