@@ -191,3 +191,19 @@ class InteractiveServe:
             self.proc.kill()
             self.proc.wait()
         return self.proc.returncode
+
+
+def wait_log(dep, r, pattern, timeout=20):
+    """Polls worker r's log until the regular expression matches; returns the match. Fails
+    with the log when it never does (a positive check: a fixed sleep followed by a negative
+    check passes when the worker learned nothing)."""
+    import re
+    deadline = time.monotonic() + timeout
+    while True:
+        log = dep.worker_log(r)
+        m = re.search(pattern, log)
+        if m:
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError("worker %d: no %r within %s s; log:\n%s" % (r, pattern, timeout, log))
+        time.sleep(0.1)
