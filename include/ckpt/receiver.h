@@ -3,7 +3,7 @@
  * a weight update from its local engine rank. Plain C types, opaque handle, arrays of plain
  * structs: callable from Python through ctypes. Protocol details: docs/PROTOCOL.md.
  *
- *     ckpt_receiver_connect(path, timeout_ms, &r);
+ *     ckpt_receiver_connect(path, -1, &r);                    // waits for the engine
  *     for (;;) {
  *         ckpt_receiver_wait_update(r, -1, &info);            // BEGIN: buffers mapped
  *         for (;;) {
@@ -34,8 +34,11 @@ extern "C" {
 
 typedef struct ckpt_receiver ckpt_receiver_t;
 
-/* Connects to the engine rank's socket, retrying until timeout_ms while it does not exist
- * yet or refuses (the engine may start after the worker). */
+/* Connects to the engine rank's socket, retrying while it does not exist yet or refuses
+ * (the engine may start after the worker, or be restarting after a crash) until timeout_ms,
+ * or forever when timeout_ms < 0: the one unbounded wait a worker should make, while it is
+ * idle and serving its current weights (waits inside an update are always bounded). Retries
+ * back off to 500 ms; a warning is logged after 1 s of waiting and once a minute after. */
 CKPT_API int ckpt_receiver_connect(const char *socket_path, int timeout_ms,
                                    ckpt_receiver_t **out);
 /* Closes the connection and unmaps the buffers. NULL is a no-op. */

@@ -6,6 +6,9 @@ own) use to take weight updates from their engine rank, through ctypes over libc
         info = rx.apply_update(params)   # params: {name: writable numpy array}
         # info.completed tells whether the whole update arrived (else nothing is trusted)
 
+A worker that should outlive engine restarts iterates `follow(socket_path, params)`: one
+UpdateResult per update, reconnecting (waiting forever by default) whenever the engine goes.
+
 Tensor views are zero-copy numpy arrays over the engine's shared buffers, valid until the
 bucket is answered. Dtypes numpy lacks (BF16, F8_*) come as raw unsigned integers of the
 same width; copy them bytewise (what an inference engine does with its own tensors).
@@ -13,7 +16,8 @@ same width; copy them bytewise (what an inference engine does with its own tenso
 Trainers publish checkpoints from memory with `publish(name, tensors, socket_dir=...)`
 (publish.py, docs/PUBLISH.md).
 """
-from .receiver import CkptError, Receiver, TensorView, UpdateResult
+from .receiver import CkptError, Receiver, TensorView, UpdateResult, follow
 from .publish import PublishResult, publish
 
-__all__ = ["CkptError", "PublishResult", "Receiver", "TensorView", "UpdateResult", "publish"]
+__all__ = ["CkptError", "PublishResult", "Receiver", "TensorView", "UpdateResult", "follow",
+           "publish"]

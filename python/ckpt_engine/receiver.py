@@ -9,6 +9,7 @@ from . import _lib
 _LIB = None
 
 EVENT_BUCKET, EVENT_FINISH, EVENT_ABORT = 1, 2, 3
+EPEER, EBUSY, EPERM = -8, -12, -13  # CKPT_E* codes (include/ckpt/ckpt.h)
 
 # numpy views of safetensors dtypes; those numpy lacks are raw unsigned ints of the width.
 _NUMPY = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
@@ -86,7 +87,11 @@ class Receiver:
         self._h = handle
 
     @classmethod
-    def connect(cls, socket_path, timeout_ms=30000):
+    def connect(cls, socket_path, timeout_ms=-1):
+        """Connects to the engine rank's socket, retrying while it is not there (not started
+        yet, or restarting): by default forever (timeout_ms < 0), logging a line after 1 s
+        and once a minute. Bound it (timeout_ms >= 0) where the caller is itself inside an
+        update, as the vLLM extension is."""
         h = ctypes.c_void_p()
         _check(lib().ckpt_receiver_connect(socket_path.encode(), timeout_ms, ctypes.byref(h)),
                "connect to %s" % socket_path)
@@ -168,3 +173,27 @@ class Receiver:
                 reason = lib().ckpt_receiver_reason(self._h) or b""
                 return UpdateResult(info.update_id, info.name.decode(), info.version, False,
                                     reason.decode(errors="replace"), count)
+
+
+def follow(socket_path, params, verify=None, post_hook=None, engine_wait_ms=-1):
+    """Yields an UpdateResult for every update the engine rank at socket_path sends into
+    `params` (see Receiver.apply_update), for as long as the caller iterates. When the
+    engine goes away (killed, restarted) the connection is made again, waiting for the new
+    engine up to engine_wait_ms (default forever); params keep their last complete weights
+    meanwhile, and an update cut by the engine's death is yielded as not completed.
+    A refusal (another worker holds the socket, another uid) raises CkptError."""
+    rx = None
+    try:
+        while True:
+            if rx is None:
+                rx = Receiver.connect(socket_path, engine_wait_ms)
+            try:
+                yield rx.apply_update(params, verify=verify, post_hook=post_hook)
+            except CkptError as e:
+                if e.status != EPEER:
+                    raise
+                rx.close()  # the engine went away: wait for the next one
+                rx = None
+    finally:
+        if rx is not None:
+            rx.close()

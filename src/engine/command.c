@@ -8,8 +8,14 @@
 int ckpt__cmd_send(ckpt_engine_t *e, ckpt__cmd_t *cmd)
 {
     MPI_Request req;
+    /* Rank 0 waits for every follower to finish the last command. That is a wait between
+     * ranks, so it gets their bound (3 x timeout + 5 s) over the larger of the serve timeout
+     * and the last command's: whatever a follower still waits on its worker for (at most one
+     * timeout) can never look like a dead rank. */
+    int worker_ms = CKPT_MAX(e->opts.timeout_ms, e->last_cmd_timeout_ms);
+    e->last_cmd_timeout_ms = cmd->timeout_ms;
     MPI_Ibcast(cmd, (int)sizeof(*cmd), MPI_BYTE, 0, e->world, &req);
-    return ckpt__mpi_wait(e, &req, e->opts.timeout_ms, 1000, "command broadcast");
+    return ckpt__mpi_wait(e, &req, ckpt__peer_timeout_ms(worker_ms), 1000, "command broadcast");
 }
 
 int ckpt__cmd_recv(ckpt_engine_t *e, ckpt__cmd_t *cmd)

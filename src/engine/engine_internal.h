@@ -80,6 +80,7 @@ struct ckpt_engine {
     uint64_t next_version;
     uint64_t next_update_id;
     int broken; /* a collective timed out: MPI state is unknown, only exit is safe */
+    int last_cmd_timeout_ms; /* rank 0: worker timeout of the last command sent (command.c) */
     /* UCX one-sided transfers (p2p.c), made on first use. The guard page holds, per
      * exported checkpoint, its version (0 once unregistered); joiners read it before and
      * after pulling so that stale metas are refused. */

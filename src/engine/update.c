@@ -216,6 +216,10 @@ static int begin_workers(update_ctx_t *u)
     ckpt_engine_t *e = u->e;
     int rc = CKPT_OK;
     if (e->ipc) {
+        /* Every wait on the worker between two collectives stays within 2 x timeout (a
+         * BUCKET's send and its ack; wait_worker and BEGIN), below the ranks' 3 x timeout
+         * + 5 s: a stalled worker is reported as this rank's worker, never as a dead rank. */
+        ckpt_ipc_server_set_send_timeout(e->ipc, u->cmd->timeout_ms);
         rc = ckpt_ipc_server_wait_worker(e->ipc, u->cmd->timeout_ms);
         if (rc == CKPT_OK) {
             ckpt_ipc_begin_t begin;
@@ -524,6 +528,8 @@ void ckpt__prepare_workers(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
                 b.buffer_fds[i] = src.fds[i];
                 b.buffer_sizes[i] = ckpt__sources_size(&src, i);
             }
+            /* Sent, not waited for: the ranks agreed on the registration already and rank 0
+             * moves on, so a worker that does not answer must not hold this rank. */
             rc = ckpt_ipc_prepare(e->ipc, &b, cmd->timeout_ms);
         }
     }

@@ -95,7 +95,12 @@ int ckpt_receiver_connect(const char *socket_path, int timeout_ms, ckpt_receiver
         return ckpt__error(CKPT_EINVAL, "receiver connect: NULL argument");
     if (ckpt__strlcpy(addr.sun_path, socket_path, sizeof(addr.sun_path)) != CKPT_OK)
         return ckpt__error(CKPT_EINVAL, "receiver: socket path '%s' too long", socket_path);
-    /* The engine may not be up yet: ENOENT / ECONNREFUSED are retried until the deadline. */
+    /* The engine may not be up yet, or be restarting (a stale socket file refuses): ENOENT /
+     * ECONNREFUSED are retried until the deadline, or forever with timeout_ms < 0 (a worker
+     * keeps serving its weights however long the engine is away). The retries back off to
+     * 500 ms; a line is logged after a second of waiting and then once a minute. */
+    uint64_t start = ckpt__now_ns(), next_log = start + 1000000000ull;
+    long nap_ms = 20;
     for (;;) {
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
         if (fd < 0)
@@ -107,11 +112,21 @@ int ckpt_receiver_connect(const char *socket_path, int timeout_ms, ckpt_receiver
             return ckpt__error(err == EACCES ? CKPT_EPERM : CKPT_EIO,
                                "receiver: connect to engine at %s: %s", socket_path,
                                strerror(err));
-        if (ckpt__ipc_ms_left(deadline) == 0)
+        int left = ckpt__ipc_ms_left(deadline);
+        if (left == 0)
             return ckpt__error(CKPT_ETIMEDOUT, "receiver: no engine at %s within %d ms (%s)",
                                socket_path, timeout_ms, strerror(err));
-        struct timespec ts = {0, 20 * 1000 * 1000};
+        uint64_t now = ckpt__now_ns();
+        if (now >= next_log) {
+            ckpt_warn("receiver: waiting for an engine at %s for %llu s (%s); %s", socket_path, (unsigned long long)((now - start) / 1000000000ull),
+                      strerror(err), timeout_ms < 0 ? "retrying until one comes"
+                                                    : "retrying until the timeout");
+            next_log = now + 60ull * 1000000000ull;
+        }
+        long ms = left > 0 && left < nap_ms ? left : nap_ms;
+        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
         nanosleep(&ts, NULL);
+        if (nap_ms < 500) nap_ms *= 2;
     }
     if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) != 0) {
         err = errno;
@@ -269,6 +284,11 @@ int ckpt_receiver_wait_update(ckpt_receiver_t *r, int timeout_ms, ckpt_update_in
         if (rc == CKPT_OK) rc = grow_views(r, m.max_tensors);
         if (rc) { /* tell the engine why, then report it here too */
             int src = send_reply(r, CKPT_IPC_MSG_ERR, rc, ckpt_last_error());
+            /* A PREPARE that failed only costs the mapping ahead: keep waiting for BEGIN. */
+            if (src == 0 && (m.flags & CKPT_IPC_BEGIN_PREPARE)) {
+                ckpt_warn("ipc: mapping ahead of the next update failed (it maps at BEGIN)");
+                continue;
+            }
             return src ? src : rc;
         }
         if (!(m.flags & CKPT_IPC_BEGIN_PREPARE)) break;

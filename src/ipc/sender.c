@@ -33,7 +33,17 @@ struct ckpt_ipc_server {
     uint64_t update_id;
     int nbuffers;
     int send_timeout_ms;
+    /* PREPAREs sent whose READY/ERR has not been read yet: registration never waits for a
+     * worker (a silent one would hold its rank past the other ranks' patience), so the
+     * answers are read later, before the next BEGIN or whenever the connection is probed. */
+    int prepares;
+    uint64_t prepare_sent_ns; /* when the last of them was sent */
 };
+
+/* More unanswered PREPAREs than this: the worker is not reading; skip further ones. */
+#define MAX_PREPARES 4
+/* How long sending a PREPARE may block (see begin_common). */
+#define PREPARE_SEND_MS 100
 
 /* ---- connection management ---- */
 
@@ -44,6 +54,7 @@ void ckpt_ipc_server_drop_worker(ckpt_ipc_server_t *srv, const char *reason)
     ckpt__ipc_conn_reset(&srv->conn);
     srv->state = ST_NONE;
     srv->worker_pid = -1;
+    srv->prepares = 0;
 }
 
 /* Drops the worker after a failure that left the stream unusable, keeping the error text. */
@@ -97,6 +108,7 @@ static int accept_one(ckpt_ipc_server_t *srv)
     ckpt__ipc_conn_init(&srv->conn, fd, peer);
     srv->state = ST_IDLE;
     srv->worker_pid = (int)cred.pid;
+    srv->prepares = 0;
     ckpt_info("ipc: %s connected", peer);
     return 1;
 }
@@ -138,6 +150,36 @@ static int unexpected(ckpt_ipc_server_t *srv, const ckpt__ipc_hdr_t *hdr, const 
 {
     return fail_drop(srv, ckpt__error(CKPT_EPROTO, "%s: got %s in answer to %s",
                                       srv->conn.peer, ckpt__ipc_msg_name(hdr->type), what));
+}
+
+/* Reads the answers of the PREPAREs sent earlier, waiting until `deadline` (0 = forever;
+ * ckpt__ipc_deadline(0) = only what has already arrived). An ERR only cost the worker its
+ * mapping ahead of time (it maps at BEGIN instead). With `last_chance` (before a BEGIN), one
+ * still unanswered at the deadline is CKPT_ETIMEDOUT and the worker is dropped: its late
+ * READY would otherwise be taken for the BEGIN's. Without, it stays pending. */
+static int drain_prepares(ckpt_ipc_server_t *srv, uint64_t deadline, int last_chance)
+{
+    while (srv->prepares > 0 && srv->state == ST_IDLE) {
+        ckpt__ipc_hdr_t hdr;
+        int rc = recv_reply(srv, ckpt__ipc_ms_left(deadline), &hdr);
+        if (rc == CKPT_ETIMEDOUT && !last_chance) return rc;
+        if (rc == CKPT_ETIMEDOUT)
+            return fail_drop(srv, ckpt__error(
+                CKPT_ETIMEDOUT, "%s: no answer to the PREPARE sent %.1f s ago: the worker does "
+                "not read its socket (it is dropped; restart it or fix its event loop)",
+                srv->conn.peer, (double)(ckpt__now_ns() - srv->prepare_sent_ns) / 1e9));
+        if (rc) return fail_drop(srv, ckpt__error_prefix(rc, "PREPARE: "));
+        srv->prepares--;
+        if (hdr.type == CKPT_IPC_MSG_ERR) {
+            worker_error(srv, "PREPARE (it maps the buffers at BEGIN instead)");
+            ckpt_warn("ipc: %s", ckpt_last_error());
+            ckpt__error_clear();
+        } else if (hdr.type != CKPT_IPC_MSG_READY) {
+            return unexpected(srv, &hdr, "PREPARE");
+        }
+    }
+    return srv->state == ST_NONE ? ckpt__error(CKPT_EPEER, "ipc %s: worker dropped", srv->path)
+                                 : CKPT_OK;
 }
 
 /* ---- lifecycle ---- */
@@ -236,6 +278,12 @@ void ckpt_ipc_server_set_send_timeout(ckpt_ipc_server_t *srv, int timeout_ms)
  * unsolicited bytes (protocol violation); either way it is dropped. */
 static void probe_idle(ckpt_ipc_server_t *srv)
 {
+    /* Answers to PREPAREs are expected, not unsolicited: read what has arrived of them. */
+    if (srv->prepares > 0) {
+        drain_prepares(srv, ckpt__ipc_deadline(0), 0);
+        ckpt__error_clear();
+        if (srv->state != ST_IDLE || srv->prepares > 0) return;
+    }
     struct pollfd pf = {srv->conn.fd, POLLIN, 0};
     if (poll(&pf, 1, 0) <= 0) return;
     char b;
@@ -301,6 +349,21 @@ static int begin_common(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, i
         return ckpt__error(CKPT_EPEER, "ipc %s: no worker connected", srv->path);
     if (srv->state != ST_IDLE)
         return ckpt__error(CKPT_ESTATE, "%s: an update is already in progress", srv->conn.peer);
+    /* One deadline for all this call waits on. A PREPARE never waits for its answer
+     * (registration must not wait for a worker); a BEGIN first reads the answers still due. */
+    uint64_t deadline = ckpt__ipc_deadline(timeout_ms);
+    if (prepare) {
+        drain_prepares(srv, ckpt__ipc_deadline(0), 0);
+        ckpt__error_clear();
+        if (srv->state != ST_IDLE)
+            return ckpt__error(CKPT_EPEER, "ipc %s: the worker went away", srv->path);
+        if (srv->prepares >= MAX_PREPARES)
+            return ckpt__error(CKPT_EBUSY, "%s: %d PREPAREs unanswered, the worker does not read "
+                               "its socket: none sent (its next BEGIN maps the buffers)",
+                               srv->conn.peer, srv->prepares);
+    } else if ((rc = drain_prepares(srv, deadline, 1)) != 0) {
+        return ckpt__error_prefix(rc, "update %llu BEGIN: ", (unsigned long long)begin->update_id);
+    }
     memset(&m, 0, sizeof(m));
     if (ckpt__strlcpy(m.name, begin->name, sizeof(m.name)) != CKPT_OK || m.name[0] == '\0')
         return ckpt__error(CKPT_EINVAL, "ipc begin: checkpoint name '%s' empty or too long",
@@ -322,15 +385,22 @@ static int begin_common(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, i
     rc = ckpt__ipc_conn_tx_reserve(&srv->conn, ckpt__ipc_begin_size(&m), &p);
     if (rc) return rc;
     ckpt__ipc_begin_encode(&m, p);
+    /* A PREPARE fits at once in the socket buffer of a worker that reads it; when it does
+     * not, the worker is not reading and registration does not wait for it. */
     rc = ckpt__ipc_conn_send(&srv->conn, CKPT_IPC_MSG_BEGIN, ckpt__ipc_begin_size(&m),
-                             begin->buffer_fds, begin->nbuffers, timeout_ms);
+                             begin->buffer_fds, begin->nbuffers,
+                             prepare ? PREPARE_SEND_MS : ckpt__ipc_ms_left(deadline));
     if (rc) return fail_drop(srv, rc);
-    rc = recv_reply(srv, timeout_ms, &hdr);
+    if (prepare) { /* its READY/ERR is read later: drain_prepares */
+        srv->prepares++;
+        srv->prepare_sent_ns = ckpt__now_ns();
+        return CKPT_OK;
+    }
+    rc = recv_reply(srv, ckpt__ipc_ms_left(deadline), &hdr);
     if (rc) return fail_drop(srv, ckpt__error_prefix(rc, "update %llu BEGIN: ",
                                                      (unsigned long long)m.update_id));
     if (hdr.type == CKPT_IPC_MSG_ERR) return worker_error(srv, "BEGIN");
     if (hdr.type != CKPT_IPC_MSG_READY) return unexpected(srv, &hdr, "BEGIN");
-    if (prepare) return CKPT_OK; /* the worker mapped the buffers and stays idle */
     srv->state = ST_UPDATE;
     srv->update_id = m.update_id;
     srv->nbuffers = begin->nbuffers;

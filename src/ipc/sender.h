@@ -76,14 +76,18 @@ typedef struct {
 
 /* Sends BEGIN with the buffer fds (SCM_RIGHTS) and waits for READY. Needs a connected
  * worker with no update in progress (CKPT_ESTATE otherwise). A worker ERR reply returns
- * its status with the text in ckpt_last_error() and keeps the connection. */
+ * its status with the text in ckpt_last_error() and keeps the connection. The answers of
+ * earlier PREPAREs are read first; everything is waited for within timeout_ms in all. */
 int ckpt_ipc_begin(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int timeout_ms);
 /* Sends BUCKET `bucket` for buffer `buffer` (< the update's nbuffers, CKPT_EINVAL
  * otherwise): tensors[i].offset is the offset in that buffer. Returns as soon as the message is in the socket; the worker's answer is collected
  * by ckpt_ipc_wait_ack. CKPT_ESTATE if an ack is still outstanding. */
 /* Like ckpt_ipc_begin, but only has the worker map the buffers now (they are kept for the
  * next update that hands the same files); no update starts. Name and version are still
- * required. */
+ * required. Asynchronous: it waits for no answer (registration never waits for a worker);
+ * the worker's READY/ERR is read later, when the connection is probed (wait_worker) and at
+ * the latest by the next ckpt_ipc_begin, within that call's timeout. Sending may block
+ * 100 ms at most; CKPT_EBUSY (nothing sent) when 4 PREPAREs are still unanswered. */
 int ckpt_ipc_prepare(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int timeout_ms);
 int ckpt_ipc_send_bucket(ckpt_ipc_server_t *srv, uint32_t bucket, int buffer,
                          const ckpt_tensor_meta_t *tensors, size_t count);

@@ -13,7 +13,7 @@ def test_help_lists_every_option():
     out = subprocess.run([WORKER, "--help"], capture_output=True, text=True, check=True).stdout
     for opt in ["--socket", "--layout", "--tp-rank", "--tp-size", "--verify", "--checksum-out",
                 "--dump", "--timeout-ms", "--updates", "--post-hook-sleep-ms",
-                "--fail-on-bucket", "--stall-on-bucket"]:
+                "--fail-on-bucket", "--stall-on-bucket", "--engine-wait-ms"]:
         assert opt in out, opt
 
 
@@ -25,6 +25,8 @@ def test_bad_arguments():
 
 
 def test_no_engine_times_out(tmp_path):
-    r = subprocess.run([WORKER, "--socket", str(tmp_path / "none.sock"), "--timeout-ms", "200",
-                        "--updates", "1"], capture_output=True, text=True, timeout=20)
-    assert r.returncode == 1 and "no engine" in r.stderr
+    """Only with a bounded --engine-wait-ms: the default waits for an engine forever."""
+    r = subprocess.run([WORKER, "--socket", str(tmp_path / "none.sock"), "--engine-wait-ms",
+                        "1500", "--updates", "1"], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 1 and "no engine" in r.stderr and "within 1500 ms" in r.stderr
+    assert "waiting for an engine at" in r.stderr  # logged after 1 s of waiting

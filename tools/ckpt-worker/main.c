@@ -17,6 +17,7 @@
 typedef struct {
     const char *socket, *layout, *checksum_out, *dump;
     int tp_rank, tp_size, verify, timeout_ms, post_hook_ms;
+    int engine_wait_ms; /* connect / reconnect: < 0 = until an engine comes */
     long updates, fail_on, stall_on;
     int dump_now; /* with --updates K, the dump is written after the last update only */
 } opts_t;
@@ -53,7 +54,12 @@ static void usage(FILE *out)
         "                           (hex) of the bytes this worker holds\n"
         "  --dump DIR               after each completed update (with --updates K: after the\n"
         "                           last one): DIR/model.safetensors\n"
-        "  --timeout-ms N           connect / reconnect and per-message wait (default 30000)\n"
+        "  --timeout-ms N           per-message wait inside an update (default 30000): an\n"
+        "                           engine silent that long mid-update loses the update\n"
+        "  --engine-wait-ms N       how long to wait for an engine to connect to, at start\n"
+        "                           and whenever it goes away (-1, the default: forever,\n"
+        "                           retrying with back-off and logging a line a minute);\n"
+        "                           the model keeps its last complete weights meanwhile\n"
         "  --updates K              exit after K updates (0 = never, the default); exit\n"
         "                           status 0 when every one completed, else 1\n"
         "  --post-hook-sleep-ms N   the post-hook run on FINISH sleeps N ms (default 10)\n"
@@ -71,11 +77,13 @@ static int parse(int argc, char **argv, opts_t *o)
         {"tp-size", 1, 0, 'n'}, {"verify", 0, 0, 'v'}, {"checksum-out", 1, 0, 'c'},
         {"dump", 1, 0, 'd'}, {"timeout-ms", 1, 0, 't'}, {"updates", 1, 0, 'u'},
         {"post-hook-sleep-ms", 1, 0, 'p'}, {"fail-on-bucket", 1, 0, 'F'},
-        {"stall-on-bucket", 1, 0, 'S'}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
+        {"stall-on-bucket", 1, 0, 'S'}, {"engine-wait-ms", 1, 0, 'E'}, {"help", 0, 0, 'h'},
+        {0, 0, 0, 0}};
     int c;
     memset(o, 0, sizeof(*o));
     o->tp_size = 1;
     o->timeout_ms = 30000;
+    o->engine_wait_ms = -1; /* an engine restart, however long, must not end the worker */
     o->post_hook_ms = 10;
     o->fail_on = o->stall_on = -1;
     while ((c = getopt_long(argc, argv, "h", longs, NULL)) != -1) {
@@ -92,6 +100,7 @@ static int parse(int argc, char **argv, opts_t *o)
         case 'p': o->post_hook_ms = atoi(optarg); break;
         case 'F': o->fail_on = atol(optarg); break;
         case 'S': o->stall_on = atol(optarg); break;
+        case 'E': o->engine_wait_ms = atoi(optarg); break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return 2;
         }
@@ -178,7 +187,7 @@ int main(int argc, char **argv)
     while (o.updates == 0 || done < o.updates) {
         ckpt_update_info_t info;
         if (r == NULL) {
-            rc = ckpt_receiver_connect(o.socket, o.timeout_ms, &r);
+            rc = ckpt_receiver_connect(o.socket, o.engine_wait_ms, &r);
             if (rc) {
                 wlog(0, "%s", ckpt_last_error());
                 break;
