@@ -169,7 +169,7 @@ def test_stalled_rank_hits_collective_timeout(setup):
         took = time.monotonic() - t0
         err = srv.proc.stderr.read()
         assert rc == 3, (rc, err)
-        assert re.search(r"rank 0: no answer from the other ranks within 2000 ms during \w", err), err
+        assert re.search(r"rank 0: no answer from the other ranks within \d+ ms during \w", err), err
         assert "aborting the MPI job" in err, err
         assert 1.5 < took < 30, took  # the timeout, not a hang nor an immediate failure
     finally:
