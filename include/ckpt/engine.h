@@ -81,9 +81,13 @@ typedef struct ckpt_update_options {
     int verify;               /* -1: the engine's option, 0 off, 1 on */
     const char *trace_path;   /* write the Chrome trace JSON here (rank 0); NULL: don't */
     int direct;               /* -1: the engine's option, 0: stage, 1: direct when possible */
+    /* 1: the checkpoint is a subset of the workers' models on purpose: workers only check
+     * that its tensors exist and match. 0 (default): a worker whose model has tensors the
+     * update lacks refuses it before any byte lands (no silently mixed weights). */
+    int partial;
 } ckpt_update_options_t;
 
-#define CKPT_UPDATE_OPTIONS_INIT {0, 0, 0, -1, NULL, -1}
+#define CKPT_UPDATE_OPTIONS_INIT {0, 0, 0, -1, NULL, -1, 0}
 
 /* Physical floors measured in this run: single-core memcpy on rank 0, MPI_Bcast on all. */
 typedef struct ckpt_floors {

@@ -13,7 +13,8 @@
  *                 ckpt_receiver_ack(r);                        // or ckpt_receiver_fail(r, "why")
  *             } else if (ev == CKPT_RECV_FINISH) {            // every rank succeeded
  *                 ... post-processing ...
- *                 ckpt_receiver_finish_reply(r, 1, NULL);      // the update is now complete
+ *                 if (ckpt_receiver_finish_reply(r, 1, NULL) == 0)  // waits for COMMIT
+ *                     ... the update is complete: serve the new weights ...
  *                 break;
  *             } else break;                                    // CKPT_RECV_ABORT: incomplete
  *         }
@@ -54,7 +55,42 @@ typedef struct {
      * owners' pools), so views of an acknowledged bucket stay valid until then; 0: the
      * engine refills a buffer once its bucket is acknowledged. */
     int32_t stable;
+    /* 1: the engine marked the update partial (a subset of the model on purpose): the
+     * manifest check only asks that its tensors exist in the model and match. */
+    int32_t partial;
+    uint32_t manifest_count;  /* tensors in the update's manifest */
 } ckpt_update_info_t;
+
+/* The worker's model, optional: name, dtype and shape of every tensor it holds (offset,
+ * checksum, owner ignored; nbytes is used when dtype is CKPT_DTYPE_INVALID = "unknown":
+ * then only shape and nbytes are compared). When set, wait_update checks each update's
+ * manifest before answering READY: every model tensor must be in the manifest with the
+ * same dtype and shape (PARTIAL updates: only the tensors present), and every manifest
+ * tensor must be in the model. A mismatch is answered ERR to the engine, which fails the
+ * update before any byte lands, and returned as CKPT_EINVAL naming up to 4 missing or
+ * mismatched tensors and the counts; the worker's state is unchanged. The metas are
+ * copied; count 0 clears the model (no check). */
+CKPT_API int ckpt_receiver_set_model(ckpt_receiver_t *r, const ckpt_tensor_meta_t *metas,
+                                     size_t count);
+/* The current (or last) update's manifest, for workers that check it themselves: *metas
+ * valid until the next wait_update or close (offset 0, owner -1). */
+CKPT_API int ckpt_receiver_manifest(ckpt_receiver_t *r, const ckpt_tensor_meta_t **metas_out,
+                                    size_t *count_out);
+
+/* What the worker's weights are (ckpt_receiver_state): */
+#define CKPT_RECV_STATE_NONE 0       /* no update took effect yet (version 0) */
+#define CKPT_RECV_STATE_UPDATING 1   /* an update is applying buckets: weights may be mixed;
+                                        version = the last consistent one (0: none) */
+#define CKPT_RECV_STATE_CONSISTENT 2 /* the last update committed: every tensor at version */
+#define CKPT_RECV_STATE_INCOMPLETE 3 /* an update failed after buckets landed: weights mixed
+                                        since `version` (the last consistent one, 0: none) */
+/* The worker's state, version and the id of the update that set it (any output may be
+ * NULL). An inference engine refuses to serve unless the state is CONSISTENT (or NONE
+ * with its own weights). The reason of INCOMPLETE: ckpt_receiver_reason(). An update that
+ * ends before any bucket was handed out (refused, aborted early) leaves the state as it
+ * was. */
+CKPT_API int ckpt_receiver_state(ckpt_receiver_t *r, int *state_out, uint64_t *version_out,
+                                 uint64_t *update_id_out);
 
 /* Waits (timeout_ms < 0: forever) for the engine to begin an update, maps its buffers
  * read-only and answers READY. A refusal by the engine (another worker holds the socket,
@@ -101,12 +137,21 @@ CKPT_API int ckpt_receiver_ack(ckpt_receiver_t *r);
 CKPT_API int ckpt_receiver_fail(ckpt_receiver_t *r, const char *message);
 /* Same with the status the engine should see (e.g. CKPT_ECHECKSUM); fail() sends CKPT_EIO. */
 CKPT_API int ckpt_receiver_fail_status(ckpt_receiver_t *r, int status, const char *message);
-/* Answers FINISH after the post-hook: ok = 1 completes the update, ok = 0 reports
- * `message` to the engine and leaves the update incomplete. */
+/* Answers FINISH after the post-hook (ok = 1; ok = 0 reports `message` to the engine) and
+ * waits for the engine's decision: every rank collects every worker's answer, then sends
+ * COMMIT (all succeeded) or ABORT. Returns 0 on COMMIT: the update is complete (state
+ * CONSISTENT). CKPT_ECANCELED on ABORT (another worker's post-hook failed or it died), on
+ * ok = 0, when the engine went away, or when no decision came within the receiver's
+ * decision timeout (120 s, see finish_reply_timeout): the state is INCOMPLETE and
+ * ckpt_receiver_reason() says why. Connection loss and timeouts also close the connection
+ * (reconnect). */
 CKPT_API int ckpt_receiver_finish_reply(ckpt_receiver_t *r, int ok, const char *message);
+/* The same with an explicit bound on the wait for COMMIT/ABORT (timeout_ms < 0: forever). */
+CKPT_API int ckpt_receiver_finish_reply_timeout(ckpt_receiver_t *r, int ok, const char *message,
+                                                int timeout_ms);
 
 /* The last update this receiver saw (in progress, or the one before): *completed_out is 1
- * only when FINISH was answered ok; 0 while it runs, after an ABORT, a failure or a lost
+ * only when the engine committed it (COMMIT after the FINISH answer); 0 while it runs, after an ABORT, a failure or a lost
  * engine. CKPT_ENOENT before the first update. */
 CKPT_API int ckpt_receiver_last_update(ckpt_receiver_t *r, ckpt_update_info_t *info_out,
                                        int *completed_out);

@@ -51,6 +51,8 @@ class UpdateInfo(ctypes.Structure):
         ("nbuckets", ctypes.c_uint32),
         ("verify", ctypes.c_int32),
         ("stable", ctypes.c_int32),
+        ("partial", ctypes.c_int32),
+        ("manifest_count", ctypes.c_uint32),
     ]
 
 
@@ -105,6 +107,9 @@ def load():
         "ckpt_receiver_ack": ([p], c_int),
         "ckpt_receiver_fail": ([p, ctypes.c_char_p], c_int),
         "ckpt_receiver_finish_reply": ([p, c_int, ctypes.c_char_p], c_int),
+        "ckpt_receiver_finish_reply_timeout": ([p, c_int, ctypes.c_char_p, c_int], c_int),
+        "ckpt_receiver_state": ([p, ctypes.POINTER(c_int), ctypes.POINTER(u64),
+                                 ctypes.POINTER(u64)], c_int),
         "ckpt_receiver_last_update": ([p, ctypes.POINTER(UpdateInfo), ctypes.POINTER(c_int)],
                                       c_int),
         "ckpt_receiver_reason": ([p], ctypes.c_char_p),

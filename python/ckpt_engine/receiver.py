@@ -131,9 +131,23 @@ class Receiver:
         _check(lib().ckpt_receiver_fail(self._h, message.encode()), "fail")
 
     def finish_reply(self, ok=True, message=None):
+        """Answers FINISH and waits for the engine's decision: returns normally on COMMIT
+        (the update is complete); raises CkptError (CKPT_ECANCELED) on ABORT, on ok=False
+        or a lost engine: the update is incomplete (state() says since which version)."""
         _check(lib().ckpt_receiver_finish_reply(self._h, 1 if ok else 0,
                                                 message.encode() if message else None),
                "finish reply")
+
+    STATES = {0: "none", 1: "updating", 2: "consistent", 3: "incomplete"}
+
+    def state(self):
+        """(state, version, update_id): 'consistent' at version V, 'incomplete' since V
+        (the last consistent version, 0: none), 'updating' or 'none'. Serve only when
+        'consistent'."""
+        st, ver, uid = ctypes.c_int(), ctypes.c_uint64(), ctypes.c_uint64()
+        _check(lib().ckpt_receiver_state(self._h, ctypes.byref(st), ctypes.byref(ver),
+                                         ctypes.byref(uid)), "state")
+        return self.STATES.get(st.value, "?"), ver.value, uid.value
 
     def apply_update(self, params, verify=None, post_hook=None, timeout_ms=-1):
         """Runs one whole update into `params` ({name: writable numpy array holding the
@@ -166,7 +180,12 @@ class Receiver:
                         post_hook()
                     except Exception as e:  # the engine reports the worker's reason
                         ok, msg = False, "post-hook: %s" % e
-                self.finish_reply(ok, msg)
+                try:
+                    self.finish_reply(ok, msg)
+                except CkptError as e:  # ABORT after FINISH, or the engine went away
+                    ok = False
+                    reason = lib().ckpt_receiver_reason(self._h) or b""
+                    msg = msg or reason.decode(errors="replace") or str(e)
                 return UpdateResult(info.update_id, info.name.decode(), info.version, ok,
                                     msg or "", count)
             else:

@@ -338,12 +338,24 @@ class CkptEngineExtension:
             else:
                 kind, _, _ = rx.next(timeout_ms)
             if kind == "finish":
+                # finish_reply waits for the engine's decision (protocol 3): complete only
+                # on COMMIT; ABORT (another worker failed or died) raises ECANCELED.
                 if reload_error or stream.error:
-                    rx.finish_reply(False, (reload_error or stream.error)[:900])
                     reason = reload_error or stream.error
+                    try:
+                        rx.finish_reply(False, reason[:900])
+                    except CkptError as e:
+                        if e.status != -17:  # CKPT_ECANCELED: the expected ABORT
+                            raise
                 else:
-                    rx.finish_reply(True)
-                    completed = True
+                    try:
+                        rx.finish_reply(True)
+                        completed = True
+                    except CkptError as e:
+                        if e.status != -17:
+                            raise
+                        reason = (lib().ckpt_receiver_reason(rx._h) or b"").decode(
+                            errors="replace") or str(e)
             elif kind == "abort":
                 reason = (lib().ckpt_receiver_reason(rx._h) or b"").decode(errors="replace") \
                     or stream.error or reload_error or "aborted"

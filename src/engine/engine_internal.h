@@ -32,6 +32,8 @@ typedef struct ckpt__cmd {
     int32_t timeout_ms;
     int32_t verify;
     int32_t direct; /* 1: workers read the owners' pools when all ranks share one host */
+    int32_t partial; /* UPDATE: workers accept a manifest that is a subset of their model */
+    int32_t pad_;
     uint64_t version;
     uint64_t update_id;
     uint64_t bucket_max;

@@ -33,6 +33,8 @@ typedef struct update_ctx {
     ckpt__sources_t sources; /* direct: every pool region of this host, opened */
     ckpt__p2p_t *p2p;        /* P2P: the serving deployment buckets are pulled from */
     int32_t *src_owner;      /* P2P: per bucket, the serving rank that holds it */
+    const ckpt_tensor_meta_t *manifest; /* every tensor of the update, sent with BEGIN */
+    size_t nmanifest;
 } update_ctx_t;
 
 static int fail_result(update_ctx_t *u, int rc, int failed_rank, const char *reason)
@@ -230,6 +232,10 @@ static int begin_workers(update_ctx_t *u)
             begin.nbuckets = (uint32_t)u->plan.nbuckets;
             begin.verify = u->cmd->verify;
             begin.stable = u->direct; /* pools: never written during an update */
+            /* The worker checks the manifest against its model before any byte lands. */
+            begin.manifest = u->manifest;
+            begin.manifest_count = u->nmanifest;
+            begin.partial = u->cmd->partial;
             if (u->direct) {
                 begin.nbuffers = (int)u->sources.count;
                 for (size_t i = 0; i < u->sources.count; i++) {
@@ -459,6 +465,8 @@ static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trac
     int rc = gather_metas(&u, &all, &count);
     res->gather_s = ckpt__now_s() - t;
     if (rc < 0) goto out;
+    u.manifest = all;
+    u.nmanifest = count;
     t = ckpt__now_s();
     rc = plan_update(&u, all, count);
     res->plan_s = ckpt__now_s() - t;
@@ -474,7 +482,7 @@ static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trac
 finish:
     t = ckpt__now_s();
     if (u.worker_begun) {
-        /* Commit only when every rank agreed on every bucket; otherwise the worker learns
+        /* FINISH only when every rank agreed on every bucket; otherwise the worker learns
          * that the update is incomplete and why. */
         int frc = ckpt_ipc_finish(e->ipc, rc == CKPT_OK, rc == CKPT_OK ? NULL : res->reason,
                                   cmd->timeout_ms);
@@ -482,6 +490,17 @@ finish:
         else ckpt__error_clear();
     }
     if (res->status == CKPT_OK) rc = agree(&u, rc, "worker post-hook");
+    /* Second phase: every rank now knows every worker's FINISH answer, so every worker gets
+     * the same outcome: COMMIT, or ABORT when any rank or worker failed (also a worker that
+     * died in its post-hook): no worker reports complete for an update that failed. */
+    if (u.worker_begun && ckpt_ipc_deciding(e->ipc)) {
+        int drc = rc == CKPT_OK ? ckpt_ipc_commit(e->ipc, cmd->timeout_ms)
+                                : ckpt_ipc_finish(e->ipc, 0, res->reason, cmd->timeout_ms);
+        /* A worker lost now only misses the decision; it sees EOF and reports incomplete. */
+        if (drc < 0) ckpt_warn("update %llu: %s", (unsigned long long)cmd->update_id,
+                               ckpt_last_error());
+        ckpt__error_clear();
+    }
     res->finish_s = ckpt__now_s() - t;
     if (u.tl.events) {
         char label[CKPT_NAME_MAX + 32];

@@ -48,6 +48,22 @@ struct ckpt_receiver {
     mapping_t map[CKPT_IPC_MAX_BUFFERS]; /* buffer i of the current update */
     ckpt_tensor_view_t *views; /* sized at BEGIN from max_tensors, grown rarely */
     size_t views_cap;
+    /* The worker's model (set_model) with an open-addressing name index, and the last
+     * BEGIN's manifest. */
+    ckpt_tensor_meta_t *model;
+    size_t nmodel;
+    uint32_t *model_slots; /* model index + 1, 0 = empty; nslots is a power of two */
+    size_t model_nslots;
+    ckpt_tensor_meta_t *manifest;
+    size_t nmanifest, manifest_cap;
+    int decision_timeout_ms; /* finish_reply: wait for COMMIT / ABORT */
+    /* What the worker's weights are (ckpt_receiver_state). */
+    int wstate;
+    uint64_t wversion;       /* CONSISTENT: held; UPDATING / INCOMPLETE: last consistent */
+    uint64_t wupdate;        /* the update that set the state */
+    int prev_wstate;         /* before the update in progress, restored if no bucket landed */
+    uint64_t prev_wupdate;
+    int touched;             /* a bucket of the update in progress was handed out */
 };
 
 static void unmap_one(mapping_t *mp)
@@ -62,12 +78,22 @@ static void unmap_buffers(ckpt_receiver_t *r)
     r->nbuffers = 0;
 }
 
-/* The update in progress ends without completing. */
+/* The update in progress ends without completing. Weights are mixed only if a bucket was
+ * handed out; otherwise the state returns to what it was before BEGIN. */
 static void end_incomplete(ckpt_receiver_t *r, const char *fmt, const char *detail)
 {
     if (r->state == R_UPDATE || r->state == R_BUCKET || r->state == R_FINISH) {
         snprintf(r->reason, sizeof(r->reason), fmt, detail);
         r->completed = 0;
+        if (r->wstate == CKPT_RECV_STATE_UPDATING) {
+            if (r->touched) {
+                r->wstate = CKPT_RECV_STATE_INCOMPLETE;
+                r->wupdate = r->info.update_id;
+            } else {
+                r->wstate = r->prev_wstate;
+                r->wupdate = r->prev_wupdate;
+            }
+        }
         ckpt_warn("ipc: update %llu of '%s' incomplete: %s",
                   (unsigned long long)r->info.update_id, r->info.name, r->reason);
     }
@@ -142,6 +168,7 @@ int ckpt_receiver_connect(const char *socket_path, int timeout_ms, ckpt_receiver
     ckpt__ipc_conn_init(&r->conn, fd, peer);
     r->state = R_IDLE;
     r->reply_timeout_ms = 10000;
+    r->decision_timeout_ms = 120000;
     *out = r;
     return CKPT_OK;
 }
@@ -152,6 +179,9 @@ void ckpt_receiver_close(ckpt_receiver_t *r)
     unmap_buffers(r);
     ckpt__ipc_conn_destroy(&r->conn);
     ckpt__free(r->views);
+    ckpt__free(r->model);
+    ckpt__free(r->model_slots);
+    ckpt__free(r->manifest);
     ckpt__free(r);
 }
 
@@ -258,6 +288,184 @@ out:
     return rc;
 }
 
+/* ---- the worker's model and the update's manifest ---- */
+
+static uint64_t name_hash(const char *s)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a: names are short, this is plenty */
+    for (; *s; s++) h = (h ^ (uint8_t)*s) * 1099511628211ull;
+    return h;
+}
+
+static long model_find(const ckpt_receiver_t *r, const char *name)
+{
+    if (r->model_nslots == 0) return -1;
+    size_t mask = r->model_nslots - 1;
+    for (size_t i = name_hash(name) & mask;; i = (i + 1) & mask) {
+        uint32_t v = r->model_slots[i];
+        if (v == 0) return -1;
+        if (strcmp(r->model[v - 1].name, name) == 0) return (long)(v - 1);
+    }
+}
+
+int ckpt_receiver_set_model(ckpt_receiver_t *r, const ckpt_tensor_meta_t *metas, size_t count)
+{
+    if (r == NULL || (metas == NULL && count > 0))
+        return ckpt__error(CKPT_EINVAL, "receiver set_model: NULL argument");
+    if (count > UINT32_MAX / 4)
+        return ckpt__error(CKPT_ETOOBIG, "receiver set_model: %zu tensors", count);
+    ckpt__free(r->model);
+    ckpt__free(r->model_slots);
+    r->model = NULL;
+    r->model_slots = NULL;
+    r->nmodel = r->model_nslots = 0;
+    if (count == 0) return CKPT_OK;
+    size_t nslots = 16;
+    while (nslots < count * 2) nslots *= 2; /* load <= 1/2: short probes */
+    r->model = ckpt__calloc(count, sizeof(*r->model));
+    r->model_slots = ckpt__calloc(nslots, sizeof(*r->model_slots));
+    if (r->model == NULL || r->model_slots == NULL) {
+        ckpt__free(r->model);
+        ckpt__free(r->model_slots);
+        r->model = NULL;
+        r->model_slots = NULL;
+        return ckpt__error(CKPT_ENOMEM, "receiver set_model: %zu tensors", count);
+    }
+    r->model_nslots = nslots;
+    for (size_t i = 0; i < count; i++) {
+        ckpt_tensor_meta_t *m = &r->model[r->nmodel];
+        *m = metas[i];
+        m->name[CKPT_NAME_MAX - 1] = '\0';
+        if (m->ndim < 0 || m->ndim > CKPT_MAX_DIMS) {
+            int nd = m->ndim;
+            ckpt_receiver_set_model(r, NULL, 0);
+            return ckpt__error(CKPT_EINVAL, "receiver set_model: tensor '%s' has %d dims",
+                               metas[i].name, nd);
+        }
+        if (m->dtype != CKPT_DTYPE_INVALID) {
+            uint64_t numel = 0;
+            if (ckpt_dtype_size(m->dtype) == 0 ||
+                ckpt_shape_numel(m->shape, m->ndim, &numel) != CKPT_OK) {
+                ckpt_receiver_set_model(r, NULL, 0);
+                return ckpt__error(CKPT_EINVAL, "receiver set_model: tensor '%s': bad dtype %d "
+                                   "or shape", metas[i].name, metas[i].dtype);
+            }
+            m->nbytes = numel * ckpt_dtype_size(m->dtype);
+        }
+        if (model_find(r, m->name) >= 0) continue; /* a duplicate name: keep the first */
+        size_t mask = nslots - 1, j = name_hash(m->name) & mask;
+        while (r->model_slots[j]) j = (j + 1) & mask;
+        r->model_slots[j] = (uint32_t)(r->nmodel + 1);
+        r->nmodel++;
+    }
+    return CKPT_OK;
+}
+
+int ckpt_receiver_manifest(ckpt_receiver_t *r, const ckpt_tensor_meta_t **metas_out,
+                           size_t *count_out)
+{
+    if (r == NULL || metas_out == NULL || count_out == NULL)
+        return ckpt__error(CKPT_EINVAL, "receiver manifest: NULL argument");
+    *metas_out = r->manifest;
+    *count_out = r->nmanifest;
+    return CKPT_OK;
+}
+
+static void shape_text(const ckpt_tensor_meta_t *m, char *out, size_t cap)
+{
+    size_t n = (size_t)snprintf(out, cap, "%s[", ckpt_dtype_name(m->dtype));
+    for (int d = 0; d < m->ndim && n < cap; d++)
+        n += (size_t)snprintf(out + n, cap - n, d ? ",%lld" : "%lld", (long long)m->shape[d]);
+    if (n < cap) snprintf(out + n, cap - n, "]");
+}
+
+/* Appends "what 'name'" to a list of at most 4 names, counting the rest. */
+static void note(char *list, size_t cap, size_t *count, const char *item)
+{
+    if ((*count)++ >= 4) return;
+    size_t n = strlen(list);
+    /* Cut to the list's size on purpose: the text names a few, the counts say the rest. */
+    if (snprintf(list + n, cap - n, "%s%s", n ? ", " : "", item) < 0) list[n] = '\0';
+}
+
+/* Reads the manifest of BEGIN into r->manifest and, when the worker set its model, checks
+ * it: every manifest tensor in the model with the same dtype (unless the model's is
+ * unknown), shape and bytes; every model tensor in the manifest unless `partial`. */
+static int take_manifest(ckpt_receiver_t *r, const ckpt__ipc_begin_msg_t *m, size_t len)
+{
+    ckpt__ipc_reader_t rd = {r->conn.rx_buf, len, m->manifest_pos};
+    if (m->manifest_count > r->manifest_cap) {
+        ckpt_tensor_meta_t *a = ckpt__realloc(r->manifest, m->manifest_count * sizeof(*a));
+        if (a == NULL)
+            return ckpt__error(CKPT_ENOMEM, "receiver: manifest of %u tensors",
+                               m->manifest_count);
+        r->manifest = a;
+        r->manifest_cap = m->manifest_count;
+    }
+    r->nmanifest = 0;
+    for (uint32_t i = 0; i < m->manifest_count; i++) {
+        int rc = ckpt__ipc_manifest_decode(&rd, &r->manifest[i]);
+        if (rc) return rc; /* validated by begin_decode: cannot happen */
+        r->nmanifest++;
+    }
+    if (r->nmodel == 0) return CKPT_OK;
+    int partial = (m->flags & CKPT_IPC_BEGIN_PARTIAL) != 0;
+    char unknown[600] = "", mismatched[900] = "", missing[600] = "", item[700], a[160], b[160];
+    size_t nunknown = 0, nmismatched = 0, nmissing = 0, nfound = 0;
+    uint8_t *seen = ckpt__calloc(r->nmodel, 1);
+    if (seen == NULL) return ckpt__error(CKPT_ENOMEM, "receiver: manifest check");
+    for (size_t i = 0; i < r->nmanifest; i++) {
+        const ckpt_tensor_meta_t *t = &r->manifest[i];
+        long j = model_find(r, t->name);
+        if (j < 0) {
+            snprintf(item, sizeof(item), "'%s'", t->name);
+            note(unknown, sizeof(unknown), &nunknown, item);
+            continue;
+        }
+        const ckpt_tensor_meta_t *w = &r->model[j];
+        if (!seen[j]) nfound++;
+        seen[j] = 1;
+        int same = w->ndim == t->ndim && w->nbytes == t->nbytes &&
+                   (w->dtype == CKPT_DTYPE_INVALID || w->dtype == t->dtype);
+        for (int d = 0; same && d < t->ndim; d++) same = w->shape[d] == t->shape[d];
+        if (!same) {
+            shape_text(t, a, sizeof(a));
+            shape_text(w, b, sizeof(b));
+            if (snprintf(item, sizeof(item), "'%s' is %s, the model has %s", t->name, a, b) < 0)
+                item[0] = '\0';
+            note(mismatched, sizeof(mismatched), &nmismatched, item);
+        }
+    }
+    for (size_t j = 0; !partial && j < r->nmodel; j++) {
+        if (seen[j]) continue;
+        snprintf(item, sizeof(item), "'%s'", r->model[j].name);
+        note(missing, sizeof(missing), &nmissing, item);
+    }
+    ckpt__free(seen);
+    if (nunknown + nmismatched + nmissing == 0) return CKPT_OK;
+    char text[CKPT_IPC_MAX_TEXT];
+    size_t n = (size_t)snprintf(text, sizeof(text),
+                                "manifest of '%s' (%zu tensors%s) does not fit this worker's "
+                                "model (%zu tensors):", m->name, r->nmanifest,
+                                partial ? ", partial" : "", r->nmodel);
+    if (nmissing && n < sizeof(text))
+        n += (size_t)snprintf(text + n, sizeof(text) - n, " %zu missing from the update (%s%s);",
+                              nmissing, missing, nmissing > 4 ? ", ..." : "");
+    if (nmismatched && n < sizeof(text))
+        n += (size_t)snprintf(text + n, sizeof(text) - n, " %zu mismatched (%s%s);",
+                              nmismatched, mismatched, nmismatched > 4 ? ", ..." : "");
+    if (nunknown && n < sizeof(text))
+        n += (size_t)snprintf(text + n, sizeof(text) - n, " %zu not in the model (unknown tensor %s%s);",
+                              nunknown, unknown, nunknown > 4 ? ", ..." : "");
+    if (n < sizeof(text))
+        snprintf(text + n, sizeof(text) - n, " %s",
+                 nmissing && !nmismatched && !nunknown
+                     ? "register the whole checkpoint, or update with partial=1 if a subset "
+                       "is meant"
+                     : "update with the checkpoint this model was built for");
+    return ckpt__error(CKPT_EINVAL, "%s", text);
+}
+
 int ckpt_receiver_wait_update(ckpt_receiver_t *r, int timeout_ms, ckpt_update_info_t *info_out)
 {
     ckpt__ipc_hdr_t hdr;
@@ -280,7 +488,11 @@ int ckpt_receiver_wait_update(ckpt_receiver_t *r, int timeout_ms, ckpt_update_in
             ckpt__ipc_conn_drop_fds(&r->conn);
             return io_fail(r, ckpt__error_prefix(rc, "%s: ", r->conn.peer));
         }
-        rc = map_buffers(r, &m);
+        /* The manifest is checked before anything is mapped or answered: a refused update
+         * never starts, the worker's weights and state stay as they are. */
+        rc = (m.flags & CKPT_IPC_BEGIN_PREPARE) ? CKPT_OK : take_manifest(r, &m, hdr.length);
+        if (rc) ckpt__ipc_conn_drop_fds(&r->conn);
+        if (rc == CKPT_OK) rc = map_buffers(r, &m);
         if (rc == CKPT_OK) rc = grow_views(r, m.max_tensors);
         if (rc) { /* tell the engine why, then report it here too */
             int src = send_reply(r, CKPT_IPC_MSG_ERR, rc, ckpt_last_error());
@@ -303,10 +515,19 @@ int ckpt_receiver_wait_update(ckpt_receiver_t *r, int timeout_ms, ckpt_update_in
     r->info.nbuckets = m.nbuckets;
     r->info.verify = (m.flags & CKPT_IPC_BEGIN_VERIFY) != 0;
     r->info.stable = (m.flags & CKPT_IPC_BEGIN_STABLE) != 0;
+    r->info.partial = (m.flags & CKPT_IPC_BEGIN_PARTIAL) != 0;
+    r->info.manifest_count = m.manifest_count;
     r->have_update = 1;
     r->completed = 0;
     r->reason[0] = '\0';
     r->state = R_UPDATE;
+    r->prev_wstate = r->wstate;
+    r->prev_wupdate = r->wupdate;
+    r->touched = 0;
+    if (r->wstate != CKPT_RECV_STATE_INCOMPLETE)
+        r->wversion = r->wstate == CKPT_RECV_STATE_CONSISTENT ? r->wversion : 0;
+    r->wstate = CKPT_RECV_STATE_UPDATING;
+    r->wupdate = m.update_id;
     rc = send_reply(r, CKPT_IPC_MSG_READY, 0, NULL);
     if (rc) return rc;
     ckpt_debug("ipc: update %llu of '%s' version %llu: %u buckets, %d buffers",
@@ -362,6 +583,7 @@ int ckpt_receiver_next(ckpt_receiver_t *r, int timeout_ms, int *event_out, uint3
     if (rc) return io_fail(r, rc);
     switch (hdr.type) {
     case CKPT_IPC_MSG_BUCKET:
+        r->touched = 1; /* from here the model may hold bytes of this update */
         rc = take_bucket(r, hdr.length);
         if (rc < 0) return rc;
         *event_out = CKPT_RECV_BUCKET;
@@ -435,18 +657,65 @@ int ckpt_receiver_fail(ckpt_receiver_t *r, const char *message)
 
 int ckpt_receiver_finish_reply(ckpt_receiver_t *r, int ok, const char *message)
 {
+    return ckpt_receiver_finish_reply_timeout(r, ok, message, r ? r->decision_timeout_ms : 0);
+}
+
+int ckpt_receiver_finish_reply_timeout(ckpt_receiver_t *r, int ok, const char *message,
+                                       int timeout_ms)
+{
+    ckpt__ipc_hdr_t hdr;
     if (r == NULL) return ckpt__error(CKPT_EINVAL, "receiver: NULL handle");
     if (r->state != R_FINISH)
         return ckpt__error(CKPT_ESTATE, "%s: no FINISH to answer", r->conn.peer);
-    if (ok) {
+    int rc = send_reply(r, ok ? CKPT_IPC_MSG_OK : CKPT_IPC_MSG_ERR, ok ? 0 : CKPT_EIO,
+                        message ? message : "post-hook failed");
+    if (rc) return ckpt__error(CKPT_ECANCELED, "update %llu incomplete: %s",
+                               (unsigned long long)r->info.update_id, r->reason);
+    /* The update is complete only when every rank heard every worker's answer: wait for the
+     * engine's decision (COMMIT or ABORT; neither is answered). */
+    rc = ckpt__ipc_conn_recv(&r->conn, timeout_ms, NULL, &hdr);
+    if (rc == CKPT_ETIMEDOUT) {
+        /* A late decision would arrive between updates: the stream is no longer trusted. */
+        rc = ckpt__error(CKPT_EPEER, "%s: no COMMIT or ABORT within %d ms after FINISH",
+                         r->conn.peer, timeout_ms);
+    }
+    if (rc == CKPT_OK && hdr.type == CKPT_IPC_MSG_COMMIT && ok) {
         r->completed = 1;
         r->reason[0] = '\0';
-    } else {
-        end_incomplete(r, "post-hook failed: %s", message ? message : "");
+        r->state = R_IDLE;
+        r->wstate = CKPT_RECV_STATE_CONSISTENT;
+        r->wversion = r->info.version;
+        r->wupdate = r->info.update_id;
+        return CKPT_OK;
     }
-    r->state = R_IDLE;
-    return send_reply(r, ok ? CKPT_IPC_MSG_OK : CKPT_IPC_MSG_ERR, ok ? 0 : CKPT_EIO,
-                      message ? message : "post-hook failed");
+    if (rc == CKPT_OK && hdr.type == CKPT_IPC_MSG_ABORT) {
+        int32_t status;
+        char text[CKPT_IPC_MAX_TEXT + 1];
+        rc = ckpt__ipc_text_decode(r->conn.rx_buf, hdr.length, &status, text, sizeof(text));
+        if (rc == CKPT_OK) {
+            if (ok) end_incomplete(r, "aborted by the engine after FINISH: %s", text);
+            else end_incomplete(r, "post-hook failed: %s", message ? message : "");
+            r->state = R_IDLE;
+            return ckpt__error(CKPT_ECANCELED, "update %llu incomplete: %s",
+                               (unsigned long long)r->info.update_id, r->reason);
+        }
+    } else if (rc == CKPT_OK) {
+        rc = ckpt__error(CKPT_EPROTO, "%s: unexpected %s after the FINISH answer", r->conn.peer,
+                         ckpt__ipc_msg_name(hdr.type));
+    }
+    io_fail(r, rc == CKPT_ETIMEDOUT ? CKPT_EPEER : rc);
+    return ckpt__error(CKPT_ECANCELED, "update %llu incomplete: %s",
+                       (unsigned long long)r->info.update_id, r->reason);
+}
+
+int ckpt_receiver_state(ckpt_receiver_t *r, int *state_out, uint64_t *version_out,
+                        uint64_t *update_id_out)
+{
+    if (r == NULL) return ckpt__error(CKPT_EINVAL, "receiver state: NULL handle");
+    if (state_out) *state_out = r->wstate;
+    if (version_out) *version_out = r->wversion;
+    if (update_id_out) *update_id_out = r->wupdate;
+    return CKPT_OK;
 }
 
 int ckpt_receiver_last_update(ckpt_receiver_t *r, ckpt_update_info_t *info_out,

@@ -20,6 +20,7 @@ typedef enum {
     ST_IDLE,   /* connected, no update in progress */
     ST_UPDATE, /* READY received, no bucket outstanding */
     ST_BUCKET, /* a BUCKET was sent and its answer is outstanding */
+    ST_DECIDE, /* FINISH answered; COMMIT or ABORT is due (no answer follows it) */
 } state_t;
 
 struct ckpt_ipc_server {
@@ -372,7 +373,15 @@ static int begin_common(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, i
     m.version = begin->version;
     m.nbuckets = begin->nbuckets;
     m.flags = (begin->verify ? CKPT_IPC_BEGIN_VERIFY : 0) | (prepare ? CKPT_IPC_BEGIN_PREPARE : 0) |
-              (begin->stable ? CKPT_IPC_BEGIN_STABLE : 0);
+              (begin->stable ? CKPT_IPC_BEGIN_STABLE : 0) |
+              (begin->partial ? CKPT_IPC_BEGIN_PARTIAL : 0);
+    if (!prepare && begin->manifest_count > 0) {
+        if (begin->manifest == NULL || begin->manifest_count > UINT32_MAX)
+            return ckpt__error(CKPT_EINVAL, "ipc begin: manifest of %zu tensors",
+                               begin->manifest_count);
+        m.manifest = begin->manifest;
+        m.manifest_count = (uint32_t)begin->manifest_count;
+    }
     m.nbuffers = (uint32_t)begin->nbuffers;
     m.max_tensors = begin->max_tensors;
     for (int i = 0; i < begin->nbuffers; i++) m.buffer_sizes[i] = begin->buffer_sizes[i];
@@ -382,6 +391,11 @@ static int begin_common(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, i
         rc = ckpt__ipc_conn_tx_reserve(&srv->conn, CKPT_MIN(want, CKPT_IPC_MAX_PAYLOAD), &p);
         if (rc) return rc;
     }
+    if (ckpt__ipc_begin_size(&m) > CKPT_IPC_MAX_PAYLOAD)
+        return ckpt__error(CKPT_ETOOBIG, "update %llu: BEGIN with a manifest of %u tensors "
+                           "takes %zu bytes, more than the protocol's %u",
+                           (unsigned long long)m.update_id, m.manifest_count,
+                           ckpt__ipc_begin_size(&m), CKPT_IPC_MAX_PAYLOAD);
     rc = ckpt__ipc_conn_tx_reserve(&srv->conn, ckpt__ipc_begin_size(&m), &p);
     if (rc) return rc;
     ckpt__ipc_begin_encode(&m, p);
@@ -475,6 +489,17 @@ int ckpt_ipc_finish(ckpt_ipc_server_t *srv, int commit, const char *reason, int 
         return ckpt__error(CKPT_EPEER, "ipc %s: no worker connected", srv->path);
     if (srv->state == ST_IDLE)
         return ckpt__error(CKPT_ESTATE, "%s: %s without an update", srv->conn.peer, what);
+    if (srv->state == ST_DECIDE) {
+        if (commit)
+            return ckpt__error(CKPT_ESTATE, "%s: FINISH already answered; commit or abort",
+                               srv->conn.peer);
+        /* The decision after FINISH: not answered, so nothing to wait for. */
+        rc = ckpt__ipc_conn_send_text(&srv->conn, CKPT_IPC_MSG_ABORT, 0,
+                                      reason ? reason : "aborted", timeout_ms);
+        if (rc) return fail_drop(srv, rc);
+        srv->state = ST_IDLE;
+        return CKPT_OK;
+    }
     if (srv->state == ST_BUCKET) {
         if (commit)
             return ckpt__error(CKPT_ESTATE, "%s: FINISH while the ack of bucket %u is outstanding",
@@ -497,8 +522,25 @@ int ckpt_ipc_finish(ckpt_ipc_server_t *srv, int commit, const char *reason, int 
     if (rc) return fail_drop(srv, rc);
     rc = recv_reply(srv, ckpt__ipc_ms_left(deadline), &hdr);
     if (rc) return fail_drop(srv, ckpt__error_prefix(rc, "%s: ", what));
-    srv->state = ST_IDLE;
+    /* A FINISH answer is not the end: the ranks agree on every worker's answer first, then
+     * COMMIT or ABORT follows (one outcome for every worker). */
+    srv->state = commit ? ST_DECIDE : ST_IDLE;
     if (hdr.type == CKPT_IPC_MSG_OK) return CKPT_OK;
-    if (hdr.type == CKPT_IPC_MSG_ERR) return worker_error(srv, what);
+    if (hdr.type == CKPT_IPC_MSG_ERR) return worker_error(srv, commit ? "post-hook" : what);
     return unexpected(srv, &hdr, what);
+}
+
+int ckpt_ipc_deciding(ckpt_ipc_server_t *srv) { return srv && srv->state == ST_DECIDE; }
+
+int ckpt_ipc_commit(ckpt_ipc_server_t *srv, int timeout_ms)
+{
+    if (srv == NULL) return ckpt__error(CKPT_EINVAL, "ipc commit: NULL server");
+    if (srv->state == ST_NONE)
+        return ckpt__error(CKPT_EPEER, "ipc %s: no worker connected", srv->path);
+    if (srv->state != ST_DECIDE)
+        return ckpt__error(CKPT_ESTATE, "%s: COMMIT before the FINISH answer", srv->conn.peer);
+    int rc = ckpt__ipc_conn_send_text(&srv->conn, CKPT_IPC_MSG_COMMIT, 0, NULL, timeout_ms);
+    if (rc) return fail_drop(srv, ckpt__error_prefix(rc, "COMMIT: "));
+    srv->state = ST_IDLE;
+    return CKPT_OK;
 }

@@ -72,6 +72,11 @@ typedef struct {
     uint32_t max_tensors;   /* optional: most tensors in one bucket (0 = unknown); lets
                                both sides size their per-bucket arrays once */
     int stable;             /* the buffers keep their bytes until FINISH/ABORT (pools) */
+    /* Every tensor of the update (name, dtype, shape, nbytes, checksum): the worker checks
+     * it against its model before any byte lands. NULL/0 for PREPARE. */
+    const ckpt_tensor_meta_t *manifest;
+    size_t manifest_count;
+    int partial;            /* the update carries a subset of the model on purpose */
 } ckpt_ipc_begin_t;
 
 /* Sends BEGIN with the buffer fds (SCM_RIGHTS) and waits for READY. Needs a connected
@@ -97,12 +102,20 @@ int ckpt_ipc_send_bucket(ckpt_ipc_server_t *srv, uint32_t bucket, int buffer,
  * outstanding (call again to keep waiting, or give up with finish/drop). */
 int ckpt_ipc_wait_ack(ckpt_ipc_server_t *srv, int timeout_ms);
 /* Ends the update. commit = 1: FINISH (every rank succeeded; needs every ack collected,
- * CKPT_ESTATE otherwise), waits for the worker's post-hook answer. commit = 0: ABORT with
+ * CKPT_ESTATE otherwise), waits for the worker's post-hook answer (0, or its error); the
+ * update then waits for the decision: ckpt_ipc_commit when every rank's worker answered
+ * OK, else ckpt_ipc_finish(srv, 0, reason, t), which sends ABORT and waits for nothing
+ * (a worker does not answer the decision). commit = 0: ABORT with
  * `reason`; an outstanding ack is collected (and ignored) first, unless wait_ack already
  * timed out on it: then the worker is dropped at once (CKPT_ETIMEDOUT) instead of being
  * waited for a second time. Whatever happens the
  * update is over afterwards; a worker that timed out or failed the protocol is dropped. */
 int ckpt_ipc_finish(ckpt_ipc_server_t *srv, int commit, const char *reason, int timeout_ms);
+/* After a FINISH answered (either way): COMMIT, the worker's update is complete. Not
+ * answered. CKPT_ESTATE when no FINISH was answered. */
+int ckpt_ipc_commit(ckpt_ipc_server_t *srv, int timeout_ms);
+/* 1 when a FINISH was answered and the decision (commit / finish(0)) is still due. */
+int ckpt_ipc_deciding(ckpt_ipc_server_t *srv);
 
 #pragma GCC visibility pop
 

@@ -70,7 +70,7 @@ const char *ckpt__ipc_msg_name(uint32_t type)
 {
     static const char *names[] = {"?", "BEGIN", "READY", "BUCKET", "OK",
                                   "ERR", "FINISH", "ABORT", "REFUSE",
-                                  "PUBLISH", "PUBLISH_REPLY"};
+                                  "PUBLISH", "PUBLISH_REPLY", "COMMIT"};
     return type < CKPT_ARRAY_SIZE(names) ? names[type] : "?";
 }
 
@@ -104,19 +104,24 @@ int ckpt__ipc_hdr_decode(const uint8_t *in, const char *peer, ckpt__ipc_hdr_t *o
 }
 
 /* ---- BEGIN: u64 update_id, u64 version, u32 nbuckets, u32 flags, u32 nbuffers,
- *             u32 max_tensors, u64 sizes[nbuffers], name ---- */
+ *             u32 max_tensors, u64 sizes[nbuffers], name,
+ *             u32 manifest_count, manifest records (version 3) ---- */
 
 #define BEGIN_FIXED (8 + 8 + 4 * 4)
 
 size_t ckpt__ipc_begin_size(const ckpt__ipc_begin_msg_t *m)
 {
     uint32_t n = CKPT_MIN(m->nbuffers, (uint32_t)CKPT_IPC_MAX_BUFFERS);
-    return BEGIN_FIXED + 8 * (size_t)n + 2 + strlen(m->name);
+    size_t size = BEGIN_FIXED + 8 * (size_t)n + 2 + strlen(m->name) + 4;
+    for (uint32_t i = 0; m->manifest && i < m->manifest_count; i++)
+        size += ckpt__ipc_manifest_size(&m->manifest[i]);
+    return size;
 }
 
 void ckpt__ipc_begin_encode(const ckpt__ipc_begin_msg_t *m, uint8_t *out)
 {
     uint32_t n = CKPT_MIN(m->nbuffers, (uint32_t)CKPT_IPC_MAX_BUFFERS);
+    uint32_t count = m->manifest ? m->manifest_count : 0;
     put_u64(out, m->update_id);
     put_u64(out + 8, m->version);
     put_u32(out + 16, m->nbuckets);
@@ -125,7 +130,10 @@ void ckpt__ipc_begin_encode(const ckpt__ipc_begin_msg_t *m, uint8_t *out)
     put_u32(out + 28, m->max_tensors);
     out += BEGIN_FIXED;
     for (uint32_t i = 0; i < n; i++, out += 8) put_u64(out, m->buffer_sizes[i]);
-    put_name(out, m->name);
+    out += put_name(out, m->name);
+    put_u32(out, count);
+    out += 4;
+    for (uint32_t i = 0; i < count; i++) out += ckpt__ipc_manifest_encode(&m->manifest[i], out);
 }
 
 int ckpt__ipc_begin_decode(const uint8_t *p, size_t len, ckpt__ipc_begin_msg_t *out)
@@ -150,9 +158,99 @@ int ckpt__ipc_begin_decode(const uint8_t *p, size_t len, ckpt__ipc_begin_msg_t *
     }
     int rc = rd_name(&rd, m.name, "BEGIN");
     if (rc) return rc;
+    if (rd_u32(&rd, &m.manifest_count))
+        return ckpt__error(CKPT_EPROTO, "BEGIN: truncated payload (no manifest count)");
+    /* Bound the count by the bytes present before anyone sizes an array from it. */
+    if ((uint64_t)m.manifest_count * CKPT_IPC_MANIFEST_MIN > len - rd.pos)
+        return ckpt__error(CKPT_EPROTO, "BEGIN: %u manifest records cannot fit in %zu bytes",
+                           m.manifest_count, len - rd.pos);
+    m.manifest_pos = rd.pos;
+    for (uint32_t i = 0; i < m.manifest_count; i++) {
+        ckpt_tensor_meta_t t;
+        if ((rc = ckpt__ipc_manifest_decode(&rd, &t)) != 0) return rc;
+    }
     rc = ckpt__ipc_reader_done(&rd, "BEGIN");
     if (rc) return rc;
     *out = m;
+    return CKPT_OK;
+}
+
+/* ---- manifest record: name, i32 dtype, u32 ndim, i64 shape[ndim], u64 nbytes,
+ *      u64 checksum ---- */
+
+size_t ckpt__ipc_manifest_size(const ckpt_tensor_meta_t *m)
+{
+    int ndim = m->ndim < 0 ? 0 : CKPT_MIN(m->ndim, CKPT_MAX_DIMS);
+    return 2 + strnlen(m->name, CKPT_NAME_MAX - 1) + 4 + 4 + 8 * (size_t)ndim + 8 + 8;
+}
+
+size_t ckpt__ipc_manifest_encode(const ckpt_tensor_meta_t *m, uint8_t *out)
+{
+    int ndim = m->ndim < 0 ? 0 : CKPT_MIN(m->ndim, CKPT_MAX_DIMS);
+    size_t n = strnlen(m->name, CKPT_NAME_MAX - 1);
+    uint8_t *p = out;
+    put_u16(p, (uint16_t)n);
+    memcpy(p + 2, m->name, n);
+    p += 2 + n;
+    put_u32(p, (uint32_t)m->dtype);
+    put_u32(p + 4, (uint32_t)ndim);
+    p += 8;
+    for (int d = 0; d < ndim; d++, p += 8) put_u64(p, (uint64_t)m->shape[d]);
+    put_u64(p, m->nbytes);
+    put_u64(p + 8, m->checksum);
+    return (size_t)(p + 16 - out);
+}
+
+/* dtype, ndim and shape of a record, then nbytes checked against them. */
+static int rd_dtype_shape(ckpt__ipc_reader_t *rd, ckpt_tensor_meta_t *meta, const char *what)
+{
+    uint32_t dtype, ndim;
+    if (rd_u32(rd, &dtype) || rd_u32(rd, &ndim))
+        return ckpt__error(CKPT_EPROTO, "%s '%s': truncated record", what, meta->name);
+    if (ckpt_dtype_size((int)dtype) == 0)
+        return ckpt__error(CKPT_EPROTO, "%s '%s': unknown dtype %u", what, meta->name, dtype);
+    if (ndim > CKPT_MAX_DIMS)
+        return ckpt__error(CKPT_EPROTO, "%s '%s': %u dims (max %d)", what, meta->name, ndim,
+                           CKPT_MAX_DIMS);
+    meta->dtype = (int32_t)dtype;
+    meta->ndim = (int32_t)ndim;
+    memset(meta->shape, 0, sizeof(meta->shape));
+    for (uint32_t d = 0; d < ndim; d++) {
+        uint64_t v;
+        if (rd_u64(rd, &v))
+            return ckpt__error(CKPT_EPROTO, "%s '%s': truncated shape", what, meta->name);
+        if (v > (uint64_t)INT64_MAX)
+            return ckpt__error(CKPT_EPROTO, "%s '%s': negative dim %u", what, meta->name, d);
+        meta->shape[d] = (int64_t)v;
+    }
+    return CKPT_OK;
+}
+
+static int check_nbytes(const ckpt_tensor_meta_t *meta, const char *what)
+{
+    uint64_t numel, expect;
+    if (ckpt_shape_numel(meta->shape, meta->ndim, &numel) != CKPT_OK ||
+        numel > UINT64_MAX / ckpt_dtype_size(meta->dtype))
+        return ckpt__error(CKPT_EPROTO, "%s '%s': shape overflows", what, meta->name);
+    expect = numel * ckpt_dtype_size(meta->dtype);
+    if (meta->nbytes != expect)
+        return ckpt__error(CKPT_EPROTO, "%s '%s': nbytes %llu, shape says %llu", what,
+                           meta->name, (unsigned long long)meta->nbytes,
+                           (unsigned long long)expect);
+    return CKPT_OK;
+}
+
+int ckpt__ipc_manifest_decode(ckpt__ipc_reader_t *rd, ckpt_tensor_meta_t *meta)
+{
+    const char *what = "BEGIN manifest tensor";
+    memset(meta, 0, sizeof(*meta));
+    int rc = rd_name(rd, meta->name, "BEGIN manifest tensor");
+    if (rc == CKPT_OK) rc = rd_dtype_shape(rd, meta, what);
+    if (rc) return rc;
+    if (rd_u64(rd, &meta->nbytes) || rd_u64(rd, &meta->checksum))
+        return ckpt__error(CKPT_EPROTO, "%s '%s': truncated record", what, meta->name);
+    if ((rc = check_nbytes(meta, what)) != 0) return rc;
+    meta->owner = -1;
     return CKPT_OK;
 }
 
@@ -215,40 +313,12 @@ int ckpt__ipc_bucket_decode_hdr(const uint8_t *p, size_t len, ckpt__ipc_bucket_h
 int ckpt__ipc_tensor_decode(ckpt__ipc_reader_t *rd, uint64_t buffer_size,
                             ckpt_tensor_meta_t *meta)
 {
-    uint32_t dtype, ndim;
-    uint64_t numel, expect;
     int rc = rd_name(rd, meta->name, "BUCKET tensor");
+    if (rc == CKPT_OK) rc = rd_dtype_shape(rd, meta, "BUCKET tensor");
     if (rc) return rc;
-    if (rd_u32(rd, &dtype) || rd_u32(rd, &ndim))
-        return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': truncated record", meta->name);
-    if (ckpt_dtype_size((int)dtype) == 0)
-        return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': unknown dtype %u", meta->name,
-                           dtype);
-    if (ndim > CKPT_MAX_DIMS)
-        return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': %u dims (max %d)", meta->name,
-                           ndim, CKPT_MAX_DIMS);
-    meta->dtype = (int32_t)dtype;
-    meta->ndim = (int32_t)ndim;
-    memset(meta->shape, 0, sizeof(meta->shape));
-    for (uint32_t d = 0; d < ndim; d++) {
-        uint64_t v;
-        if (rd_u64(rd, &v))
-            return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': truncated shape", meta->name);
-        if (v > (uint64_t)INT64_MAX)
-            return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': negative dim %u", meta->name,
-                               d);
-        meta->shape[d] = (int64_t)v;
-    }
     if (rd_u64(rd, &meta->offset) || rd_u64(rd, &meta->nbytes) || rd_u64(rd, &meta->checksum))
         return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': truncated record", meta->name);
-    if (ckpt_shape_numel(meta->shape, meta->ndim, &numel) != CKPT_OK ||
-        numel > UINT64_MAX / ckpt_dtype_size(meta->dtype))
-        return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': shape overflows", meta->name);
-    expect = numel * ckpt_dtype_size(meta->dtype);
-    if (meta->nbytes != expect)
-        return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': nbytes %llu, shape says %llu",
-                           meta->name, (unsigned long long)meta->nbytes,
-                           (unsigned long long)expect);
+    if ((rc = check_nbytes(meta, "BUCKET tensor")) != 0) return rc;
     if (meta->offset > buffer_size || meta->nbytes > buffer_size - meta->offset)
         return ckpt__error(CKPT_EPROTO,
                            "BUCKET tensor '%s': bytes [%llu, +%llu) outside the %llu-byte buffer",

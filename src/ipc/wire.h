@@ -14,7 +14,9 @@
 #pragma GCC visibility push(hidden)
 
 #define CKPT_IPC_MAGIC 0x54504b43u /* "CKPT" as bytes on the wire */
-#define CKPT_IPC_VERSION 2u
+/* 3: BEGIN carries the update's manifest and PARTIAL; FINISH is answered and then
+ * decided by COMMIT or ABORT (docs/PROTOCOL.md, "Versioning"). */
+#define CKPT_IPC_VERSION 3u
 #define CKPT_IPC_HDR_SIZE 12u
 /* Largest payload either side accepts. A BUCKET record is at most ~330 bytes, so this
  * allows ~200k tensors per bucket while bounding what a broken peer can make us allocate. */
@@ -37,7 +39,10 @@ typedef enum {
     /* The trainer-side publish socket (docs/PUBLISH.md) speaks the same framing: */
     CKPT_IPC_MSG_PUBLISH = 9,        /* trainer -> engine: name, part, step + a sealed memfd */
     CKPT_IPC_MSG_PUBLISH_REPLY = 10, /* engine -> trainer: accepted / registered / refused */
-    CKPT_IPC_MSG_LAST = CKPT_IPC_MSG_PUBLISH_REPLY,
+    /* engine -> worker, after every rank collected every worker's FINISH answer: the update
+     * is complete. ABORT in its place says it is not (not answered either way). */
+    CKPT_IPC_MSG_COMMIT = 11,
+    CKPT_IPC_MSG_LAST = CKPT_IPC_MSG_COMMIT,
 } ckpt__ipc_msg_type_t;
 
 #define CKPT_IPC_BEGIN_VERIFY 1u /* BEGIN flags */
@@ -49,6 +54,11 @@ typedef enum {
  * (direct updates: they are the owners' pools), so a worker may keep views of a bucket
  * after acknowledging it (vLLM's layer-wise reload does) without copying them. */
 #define CKPT_IPC_BEGIN_STABLE 4u
+/* BEGIN with PARTIAL: the update carries a subset of the model on purpose; the worker only
+ * checks that the manifest's tensors exist in its model with the same dtype and shape. */
+#define CKPT_IPC_BEGIN_PARTIAL 8u
+/* Shortest manifest record: 1-byte name, 0 dims (name 2+1, dtype, ndim, nbytes, checksum). */
+#define CKPT_IPC_MANIFEST_MIN (2 + 1 + 4 + 4 + 8 + 8)
 
 typedef struct {
     uint32_t type;
@@ -64,6 +74,13 @@ typedef struct {
     uint32_t max_tensors; /* most tensors in one bucket; 0 = unknown (receiver grows) */
     uint64_t buffer_sizes[CKPT_IPC_MAX_BUFFERS]; /* the first nbuffers are on the wire */
     char name[CKPT_NAME_MAX];
+    /* Manifest: every tensor of the update (name, dtype, shape, nbytes, checksum). Encode:
+     * `manifest` points at manifest_count metas (offset, owner ignored). Decode: every
+     * record was validated; manifest_pos is its first byte in the payload, to be read
+     * again with ckpt__ipc_manifest_decode (the decoder allocates nothing). */
+    uint32_t manifest_count;
+    const ckpt_tensor_meta_t *manifest;
+    size_t manifest_pos;
 } ckpt__ipc_begin_msg_t;
 
 typedef struct {
@@ -88,6 +105,11 @@ const char *ckpt__ipc_msg_name(uint32_t type);
 size_t ckpt__ipc_begin_size(const ckpt__ipc_begin_msg_t *m);
 void ckpt__ipc_begin_encode(const ckpt__ipc_begin_msg_t *m, uint8_t *out);
 int ckpt__ipc_begin_decode(const uint8_t *p, size_t len, ckpt__ipc_begin_msg_t *out);
+/* Bytes one manifest record takes, and its codec (the decoder validates as for BUCKET:
+ * dtype known, ndim <= 8, nbytes = product(shape) x dtype size; offset and owner are 0/-1). */
+size_t ckpt__ipc_manifest_size(const ckpt_tensor_meta_t *m);
+size_t ckpt__ipc_manifest_encode(const ckpt_tensor_meta_t *m, uint8_t *out);
+int ckpt__ipc_manifest_decode(ckpt__ipc_reader_t *rd, ckpt_tensor_meta_t *meta);
 
 /* Bytes one tensor record takes; the BUCKET payload is 12 + the sum of these. */
 size_t ckpt__ipc_tensor_size(const ckpt_tensor_meta_t *m);

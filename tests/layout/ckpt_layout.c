@@ -71,6 +71,8 @@ int main(void)
     FIELD(ckpt_update_info_t, nbuckets);
     FIELD(ckpt_update_info_t, verify);
     FIELD(ckpt_update_info_t, stable);
+    FIELD(ckpt_update_info_t, partial);
+    FIELD(ckpt_update_info_t, manifest_count);
     END_STRUCT();
 
     STRUCT(ckpt_tensor_view_t, 1);

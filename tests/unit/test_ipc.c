@@ -156,6 +156,7 @@ static void run_update(ckpt_ipc_server_t *srv, uint64_t id, uint32_t nbuckets)
         CHECK_OK(ckpt_ipc_wait_ack(srv, 5000));
     }
     CHECK_OK(ckpt_ipc_finish(srv, 1, NULL, 5000));
+    CHECK_OK(ckpt_ipc_commit(srv, 5000)); /* protocol 3: the decision after FINISH */
 }
 
 static ckpt_ipc_server_t *open_server(void)
@@ -500,6 +501,7 @@ static void test_many_buffers(void)
             CHECK_OK(ckpt_ipc_wait_ack(srv, 5000));
         }
         CHECK_OK(ckpt_ipc_finish(srv, 1, NULL, 5000));
+        CHECK_OK(ckpt_ipc_commit(srv, 5000)); /* protocol 3: the decision after FINISH */
     }
     CHECK(reap(w) == 0);
     ckpt_ipc_server_close(srv);

@@ -81,6 +81,7 @@ static void test_tp_update_and_failure(void)
     CHECK_OK(ckpt_ipc_send_bucket(srv, 0, 0, m, n));
     CHECK_OK(ckpt_ipc_wait_ack(srv, 5000));
     CHECK_OK(ckpt_ipc_finish(srv, 1, NULL, 5000));
+    CHECK_OK(ckpt_ipc_commit(srv, 5000)); /* protocol 3: the decision after FINISH */
     reap(w);
     FILE *f = fopen(sums, "r");
     CHECK(f != NULL);

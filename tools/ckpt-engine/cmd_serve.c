@@ -67,6 +67,7 @@ static void serve_usage(FILE *out)
         "commands (rank 0's input; '#' starts a comment):\n"
         "  register NAME PATH   each rank loads its share of PATH (file, directory or index)\n"
         "  update NAME [bucket=SIZE] [timeout=MS] [verify=0|1] [direct=0|1] [trace=FILE]\n"
+        "              [partial=1]  (partial: the checkpoint is a subset of the model)\n"
         "                       broadcast update of every worker; trace= writes the timeline\n"
         "                       as Chrome trace JSON (open it in ui.perfetto.dev)\n"
         "  unregister NAME      frees the checkpoint on every rank\n"
@@ -267,9 +268,11 @@ static int parse_update_opts(const char *name, char **save, ckpt_update_options_
             uo->direct = atoi(opt + 7) != 0;
         } else if (strncmp(opt, "trace=", 6) == 0) {
             uo->trace_path = opt + 6;
+        } else if (strncmp(opt, "partial=", 8) == 0) {
+            uo->partial = atoi(opt + 8) != 0;
         } else {
             printf("update '%s': unknown option '%s' (bucket=, timeout=, verify=, direct=, "
-                   "trace=)\n", name, opt);
+                   "trace=, partial=)\n", name, opt);
             return -1;
         }
     }

@@ -3,6 +3,7 @@
  * (checksums, a safetensors dump) so tests and the demo can compare it with the checkpoint.
  * Uses only the public headers, like any inference engine would. */
 #include <getopt.h>
+#include <signal.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -16,7 +17,7 @@
 
 typedef struct {
     const char *socket, *layout, *checksum_out, *dump;
-    int tp_rank, tp_size, verify, timeout_ms, post_hook_ms;
+    int tp_rank, tp_size, verify, timeout_ms, post_hook_ms, die_in_post_hook;
     int engine_wait_ms; /* connect / reconnect: < 0 = until an engine comes */
     long updates, fail_on, stall_on;
     int dump_now; /* with --updates K, the dump is written after the last update only */
@@ -63,6 +64,7 @@ static void usage(FILE *out)
         "  --updates K              exit after K updates (0 = never, the default); exit\n"
         "                           status 0 when every one completed, else 1\n"
         "  --post-hook-sleep-ms N   the post-hook run on FINISH sleeps N ms (default 10)\n"
+        "  --die-in-post-hook       test knob: the post-hook kills this process (SIGKILL)\n"
         "  --fail-on-bucket B       test knob: answer bucket B with \"injected failure\"\n"
         "  --stall-on-bucket B      test knob: never answer bucket B\n"
         "  -h, --help               this text\n\n"
@@ -77,7 +79,7 @@ static int parse(int argc, char **argv, opts_t *o)
         {"tp-size", 1, 0, 'n'}, {"verify", 0, 0, 'v'}, {"checksum-out", 1, 0, 'c'},
         {"dump", 1, 0, 'd'}, {"timeout-ms", 1, 0, 't'}, {"updates", 1, 0, 'u'},
         {"post-hook-sleep-ms", 1, 0, 'p'}, {"fail-on-bucket", 1, 0, 'F'},
-        {"stall-on-bucket", 1, 0, 'S'}, {"engine-wait-ms", 1, 0, 'E'}, {"help", 0, 0, 'h'},
+        {"stall-on-bucket", 1, 0, 'S'}, {"die-in-post-hook", 0, 0, 'K'}, {"engine-wait-ms", 1, 0, 'E'}, {"help", 0, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
     memset(o, 0, sizeof(*o));
@@ -100,6 +102,7 @@ static int parse(int argc, char **argv, opts_t *o)
         case 'p': o->post_hook_ms = atoi(optarg); break;
         case 'F': o->fail_on = atol(optarg); break;
         case 'S': o->stall_on = atol(optarg); break;
+        case 'K': o->die_in_post_hook = 1; break;
         case 'E': o->engine_wait_ms = atoi(optarg); break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return 2;
@@ -120,6 +123,20 @@ static void sleep_ms(int ms)
 {
     struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
+}
+
+/* One line with the worker's state: what an inference engine checks before serving. */
+static void print_state(ckpt_receiver_t *r)
+{
+    int st = 0;
+    uint64_t v = 0, id = 0;
+    ckpt_receiver_state(r, &st, &v, &id);
+    if (st == CKPT_RECV_STATE_CONSISTENT)
+        printf("state: consistent at version %" PRIu64 " (update %" PRIu64 ")\n", v, id);
+    else if (st == CKPT_RECV_STATE_INCOMPLETE)
+        printf("state: incomplete since version %" PRIu64 " (update %" PRIu64 ")\n", v, id);
+    else
+        printf("state: %s\n", st == CKPT_RECV_STATE_UPDATING ? "updating" : "none");
 }
 
 /* Runs one update after BEGIN. Returns 1 completed, 0 aborted / failed, -1 connection lost. */
@@ -153,14 +170,27 @@ static int run_update(ckpt_receiver_t *r, const ckpt_update_info_t *info, wk_mod
             if (rc) return -1;
         } else if (ev == CKPT_RECV_FINISH) {
             sleep_ms(o->post_hook_ms); /* stands in for re-processing the weights */
+            if (o->die_in_post_hook) {
+                wlog(1, "dying in the post-hook (--die-in-post-hook)");
+                fflush(stdout);
+                raise(SIGKILL);
+            }
             printf("post-hook of update %" PRIu64 " done (%d ms)\n", info->update_id,
                    o->post_hook_ms);
-            if (ckpt_receiver_finish_reply(r, 1, NULL) != 0) return -1;
+            /* Complete only at COMMIT: an ABORT here means another worker failed. */
+            if (ckpt_receiver_finish_reply(r, 1, NULL) != 0) {
+                printf("update %" PRIu64 " of '%s' version %" PRIu64 ": incomplete (%s)\n",
+                       info->update_id, info->name, info->version, ckpt_receiver_reason(r));
+                print_state(r);
+                /* ABORT keeps the connection; a lost engine means reconnecting. */
+                return strncmp(ckpt_receiver_reason(r), "aborted", 7) == 0 ? 0 : -1;
+            }
             printf("update %" PRIu64 " of '%s' version %" PRIu64 ": complete\n",
                    info->update_id, info->name, info->version);
             int wrc = 0;
             if (o->checksum_out) wrc |= wk_model_write_checksums(m, o->checksum_out, info);
             if (o->dump && o->dump_now) wrc |= wk_model_dump(m, o->dump, info);
+            print_state(r); /* after the dump: a reader of this line finds it written */
             return wrc ? 0 : 1;
         } else {
             printf("update %" PRIu64 " of '%s' version %" PRIu64 ": aborted (%s)\n",
@@ -169,6 +199,17 @@ static int run_update(ckpt_receiver_t *r, const ckpt_update_info_t *info, wk_mod
         }
         fflush(stdout);
     }
+}
+
+/* Hands the receiver the model's full (un-sliced) tensors for the manifest check. */
+static int set_model(ckpt_receiver_t *r, const wk_model_t *m)
+{
+    ckpt_tensor_meta_t *metas = calloc(m->n + 1, sizeof(*metas));
+    if (metas == NULL) return -1;
+    for (size_t i = 0; i < m->n; i++) metas[i] = m->t[i].full;
+    int rc = ckpt_receiver_set_model(r, metas, m->n);
+    free(metas);
+    return rc;
 }
 
 int main(int argc, char **argv)
@@ -193,11 +234,22 @@ int main(int argc, char **argv)
                 break;
             }
             wlog(2, "connected to %s", o.socket);
+            /* With a layout the model is known: updates that do not fit it (missing,
+             * unknown or reshaped tensors) are refused before any byte lands. */
+            if (o.layout && set_model(r, &model) != 0) {
+                wlog(0, "%s", ckpt_last_error());
+                break;
+            }
         }
         rc = ckpt_receiver_wait_update(r, -1, &info);
         if (rc == CKPT_EBUSY || rc == CKPT_EPERM) { /* refused: retrying cannot help */
             wlog(0, "%s", ckpt_last_error());
             break;
+        }
+        if (rc == CKPT_EINVAL) { /* the manifest did not fit the model: refused, kept */
+            printf("update refused: %s\n", ckpt_last_error());
+            done++;
+            continue;
         }
         if (rc) { /* engine gone: reconnect (it may be restarting) */
             wlog(1, "%s; reconnecting", ckpt_last_error());
