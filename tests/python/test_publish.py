@@ -3,6 +3,7 @@ ckpt-engine serve`, trainers publishing from Python (in this process or their ow
 ckpt-worker processes updated from what was published and compared byte for byte."""
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -19,6 +20,9 @@ from mpijob import WORKER, Deployment, InteractiveServe, read_checkpoint
 SRC = os.environ.get("CKPT_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "..", ".."))
 PYDIR = os.path.join(SRC, "python")
 BUILD = os.environ.get("CKPT_BUILD_DIR", os.path.join(SRC, "build", "release"))
+# Raw frames speak the wire version of this checkout (src/ipc/wire.h), not a copy of it.
+with open(os.path.join(SRC, "src", "ipc", "wire.h")) as _f:
+    WIRE_VERSION = int(re.search(r"#define CKPT_IPC_VERSION (\d+)u", _f.read()).group(1))
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("CKPT_SANITIZE") == "ON" or not os.path.exists(WORKER),
@@ -242,7 +246,7 @@ def test_next_step_replaces_the_version(deployment):
 def raw_publish(path, name, fd, size, part=0, nparts=1):
     """One PUBLISH frame by hand (docs/PUBLISH.md), the fd attached; the first answer."""
     payload = struct.pack("<IIQQIH", part, nparts, 0, size, 0, len(name)) + name.encode()
-    frame = struct.pack("<IHHI", 0x54504B43, 2, 9, len(payload)) + payload
+    frame = struct.pack("<IHHI", 0x54504B43, WIRE_VERSION, 9, len(payload)) + payload
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect(path)
@@ -291,7 +295,7 @@ def test_unsealed_memfd_is_refused(deployment):
 
 CHILD = textwrap.dedent("""
     import fcntl, json, os, socket, struct, sys
-    path = sys.argv[1]
+    path, wire_version = sys.argv[1], int(sys.argv[2])
     header = json.dumps({"t": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]}}).encode()
     header += b" " * ((8 - len(header) % 8) % 8)
     data = struct.pack("<Q", len(header)) + header + bytes(range(8))
@@ -302,7 +306,7 @@ CHILD = textwrap.dedent("""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect(path)
-    socket.send_fds(s, [struct.pack("<IHHI", 0x54504B43, 2, 9, len(payload)) + payload], [fd])
+    socket.send_fds(s, [struct.pack("<IHHI", 0x54504B43, wire_version, 9, len(payload)) + payload], [fd])
     body = b""
     while True:
         chunk = s.recv(4096)
@@ -338,7 +342,7 @@ def test_other_uid_is_refused(tmp_path, monkeypatch):
             os.chmod(path, 0o666)
             kw = {"user": 65534, "group": 65534}
         py = "/usr/bin/python3" if root else sys.executable
-        p = subprocess.run([py, "-c", CHILD, path], capture_output=True, text=True,
+        p = subprocess.run([py, "-c", CHILD, path, str(WIRE_VERSION)], capture_output=True, text=True,
                            timeout=30, cwd="/", **kw)
         assert p.stdout.strip(), p.stderr
         r = json.loads(p.stdout.strip().splitlines()[-1])
