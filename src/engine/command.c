@@ -62,6 +62,57 @@ static int register_list(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *l
     return rc;
 }
 
+/* What a rank registered, as one number: every tensor's name, dtype, shape, size, owner and
+ * pool offset (the plan every rank computes for all ranks). Each rank lists and reads the
+ * files itself; ranks that saw different files (a shard added or removed while they listed,
+ * different file systems) would otherwise hold shares of two different checkpoints. */
+static uint64_t registered_fingerprint(ckpt_engine_t *e, const char *name, size_t *count_out)
+{
+    const ckpt_tensor_meta_t *m = NULL;
+    size_t n = 0;
+    *count_out = 0;
+    if (ckpt_store_tensors(e->store, name, &m, &n) != CKPT_OK) return 0;
+    uint64_t fp = 0x9e3779b97f4a7c15ull ^ n;
+    for (size_t i = 0; i < n; i++) {
+        struct {
+            int32_t dtype, ndim, owner, pad;
+            int64_t shape[CKPT_MAX_DIMS];
+            uint64_t nbytes, offset, name_hash;
+        } rec;
+        memset(&rec, 0, sizeof(rec));
+        rec.dtype = m[i].dtype;
+        rec.ndim = m[i].ndim;
+        rec.owner = m[i].owner;
+        for (int d = 0; d < m[i].ndim && d < CKPT_MAX_DIMS; d++) rec.shape[d] = m[i].shape[d];
+        rec.nbytes = m[i].nbytes;
+        rec.offset = m[i].offset;
+        rec.name_hash = ckpt_checksum(m[i].name, strnlen(m[i].name, CKPT_NAME_MAX));
+        fp = (fp ^ ckpt_checksum(&rec, sizeof(rec))) * 0x100000001b3ull;
+    }
+    *count_out = n;
+    return fp ? fp : 1; /* 0 stands for "this rank registered nothing" */
+}
+
+/* Every rank that registered checks it holds a share of the same checkpoint as the others:
+ * one allreduce of (max fp, max ~fp); a rank whose fp is not both maxima disagrees. */
+static int check_same_checkpoint(ckpt_engine_t *e, const ckpt__cmd_t *cmd, int local)
+{
+    size_t n = 0;
+    uint64_t fp = local == CKPT_OK ? registered_fingerprint(e, cmd->name, &n) : 0;
+    uint64_t mine[2] = {fp, fp ? ~fp : 0}, all[2] = {0, 0};
+    MPI_Request req;
+    MPI_Iallreduce(mine, all, 2, MPI_UINT64_T, MPI_MAX, e->world, &req);
+    int wait_ms = cmd->timeout_ms > INT32_MAX - 600000 ? INT32_MAX : cmd->timeout_ms + 600000;
+    int rc = ckpt__mpi_wait(e, &req, wait_ms, 500, "registration fingerprint");
+    if (rc < 0) return rc;
+    if (local != CKPT_OK || (all[0] == mine[0] && all[1] == mine[1])) return local;
+    return ckpt__error(CKPT_EIO, "registering '%s': rank %d read %zu tensors, another rank read a "
+                       "different checkpoint from the same path (files added, removed or "
+                       "replaced while the ranks listed them, or ranks that see different file "
+                       "systems); register it again once the files are complete and the same "
+                       "on every host", cmd->name, e->rank, n);
+}
+
 static int exec_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *list)
 {
     int rc;
@@ -75,6 +126,12 @@ static int exec_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *l
     int local = cmd->payload_len
                     ? register_list(e, cmd, list)
                     : ckpt_store_register_files(e->store, cmd->name, cmd->path, e->rank, e->size);
+    int registered = local == CKPT_OK;
+    local = check_same_checkpoint(e, cmd, local);
+    if (local == CKPT_ETIMEDOUT && e->broken) {
+        if (registered) ckpt_store_unregister(e->store, cmd->name);
+        return local;
+    }
     /* Ranks wait for each other while the slowest reads its share from disk: the bound is
      * generous (10 minutes on top of the timeout), but there is one. */
     int wait_ms = cmd->timeout_ms > INT32_MAX - 600000 ? INT32_MAX : cmd->timeout_ms + 600000;
@@ -83,7 +140,7 @@ static int exec_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *l
     if (rc == CKPT_ETIMEDOUT && e->broken) return rc;
     if (rc < 0) {
         /* Nobody keeps a share of a checkpoint that failed on some rank. */
-        if (local == CKPT_OK) ckpt_store_unregister(e->store, cmd->name);
+        if (registered) ckpt_store_unregister(e->store, cmd->name);
         return ckpt__error(rc, "registering '%s' failed on %s", cmd->name, reason);
     }
     ckpt__checkpoint_entry_t *c = &e->checkpoints[e->ncheckpoints++];

@@ -43,6 +43,26 @@ out:
     return rc;
 }
 
+/* A directory (or index) is listed once, before the reads: a shard that appeared or vanished
+ * meanwhile means the registered files are not the checkpoint that is there now (rm -rf
+ * while registering, a writer still adding shards). Listed again after the reads. */
+static int check_same_files(const char *path, char *const *paths, size_t nfiles)
+{
+    char **now = NULL;
+    size_t n = 0;
+    int rc = ckpt_st_list_files(path, &now, &n);
+    if (rc) return ckpt__error(CKPT_EIO, "%s changed while it was registered (%s); register it "
+                               "again once it is complete", path, ckpt_last_error());
+    for (size_t i = 0; i < CKPT_MAX(n, nfiles) && rc == CKPT_OK; i++)
+        if (i >= n || i >= nfiles || strcmp(now[i], paths[i]) != 0)
+            rc = ckpt__error(CKPT_EIO, "%s changed while it was registered: %s %s; register it "
+                             "again once it is complete", path,
+                             i >= n || (i < nfiles && strcmp(now[i], paths[i]) > 0) ? paths[i] : now[i],
+                             i >= n || (i < nfiles && strcmp(now[i], paths[i]) > 0) ? "vanished" : "appeared");
+    ckpt_st_paths_free(now, n);
+    return rc;
+}
+
 int ckpt_store_register_files(ckpt_store_t *store, const char *name, const char *path, int rank,
                               int nranks)
 {
@@ -55,6 +75,10 @@ int ckpt_store_register_files(ckpt_store_t *store, const char *name, const char 
     if ((rc = ckpt_st_list_files(path, &paths, &nfiles)))
         return ckpt__error_prefix(rc, "registering '%s': ", name);
     rc = register_paths(store, name, paths, nfiles, rank, nranks);
+    if (rc == CKPT_OK && (rc = check_same_files(path, paths, nfiles))) {
+        ckpt_store_unregister(store, name); /* succeeds: the check's error stays the last */
+        ckpt__error_prefix(rc, "registering '%s': ", name);
+    }
     ckpt_st_paths_free(paths, nfiles);
     return rc;
 }

@@ -23,6 +23,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "plan/share.h"
@@ -47,6 +48,7 @@ typedef struct loader {
     int *fd, *fd_direct;
     uint8_t *tmpfs;
     uint64_t *fsize;
+    struct stat *opened; /* each file as it was opened: the snapshot the reads must match */
     /* this rank's reads */
     ckpt__io_run_t *runs;
     ckpt__io_chunk_t *chunks;
@@ -213,6 +215,7 @@ static int open_files(loader_t *L)
             goto out;
         }
         L->fsize[f] = (uint64_t)st.st_size;
+        L->opened[f] = st;
         if (L->fsize[f] < need[f]) {
             rc = ckpt__error(CKPT_EIO, "%s: truncated: %llu bytes, but tensor '%s' ends at offset %llu",
                              L->paths[f], (unsigned long long)L->fsize[f], longest[f],
@@ -251,6 +254,51 @@ static int open_direct(loader_t *L)
     return rc;
 }
 
+/* The registration is a snapshot: every file must still be, after the reads, the file that
+ * was opened, unchanged. A file deleted, replaced (a new file renamed onto its path) or
+ * written while it was read would otherwise register silently as a mix of old and new
+ * bytes, or as a part of a checkpoint that no longer exists. By path, not by descriptor:
+ * a deleted file stays readable through its descriptor, which is exactly what hides it. */
+static int check_snapshot(const loader_t *L)
+{
+    for (size_t f = 0; f < L->nfiles; f++) {
+        const struct stat *a = &L->opened[f];
+        struct stat b;
+        if (stat(L->paths[f], &b) != 0)
+            return ckpt__error(CKPT_EIO, "%s: %s while it was read (%s); the checkpoint changed "
+                               "during registration, register it again once it is complete",
+                               L->paths[f], errno == ENOENT ? "vanished" : "became unreadable",
+                               strerror(errno));
+        if (a->st_dev != b.st_dev || a->st_ino != b.st_ino)
+            return ckpt__error(CKPT_EIO, "%s: replaced while it was read (another file now has its "
+                               "path); the checkpoint changed during registration, register it "
+                               "again once it is complete", L->paths[f]);
+        if (a->st_size != b.st_size || a->st_mtim.tv_sec != b.st_mtim.tv_sec ||
+            a->st_mtim.tv_nsec != b.st_mtim.tv_nsec)
+            return ckpt__error(CKPT_EIO, "%s: modified while it was read (size %lld -> %lld "
+                               "bytes, mtime %lld.%09ld -> %lld.%09ld); the checkpoint changed "
+                               "during registration, register it again once it is complete",
+                               L->paths[f], (long long)a->st_size, (long long)b.st_size,
+                               (long long)a->st_mtim.tv_sec, a->st_mtim.tv_nsec,
+                               (long long)b.st_mtim.tv_sec, b.st_mtim.tv_nsec);
+    }
+    return CKPT_OK;
+}
+
+/* Tests only: a pause between opening the files and reading them, announced in the log, so
+ * that a test can change the checkpoint mid-registration deterministically. */
+static void test_pause(const loader_t *L)
+{
+    const char *v = getenv("CKPT_TEST_REGISTER_PAUSE_MS");
+    long ms = v ? strtol(v, NULL, 10) : 0;
+    if (ms <= 0) return;
+    ckpt_warn("registering '%s' (rank %d): files opened, pausing %ld ms (CKPT_TEST_REGISTER_PAUSE_MS)",
+              L->name, L->rank, ms);
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
 static const char *human(uint64_t bytes, char *buf, size_t cap)
 {
     static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -283,9 +331,10 @@ int ckpt__store_load(ckpt_store_t *store, const char *name, char *const *paths, 
     L.fd_direct = ckpt__malloc(nfiles * sizeof(*L.fd_direct));
     L.tmpfs = ckpt__calloc(nfiles, 1);
     L.fsize = ckpt__calloc(nfiles, sizeof(*L.fsize));
+    L.opened = ckpt__calloc(nfiles, sizeof(*L.opened));
     data = ckpt__calloc(count, sizeof(*data));
     for (size_t f = 0; L.fd && L.fd_direct && f < nfiles; f++) L.fd[f] = L.fd_direct[f] = -1;
-    if (!L.all || !L.order || !L.members || !L.fd || !L.fd_direct || !L.tmpfs || !L.fsize || !data) {
+    if (!L.all || !L.order || !L.members || !L.fd || !L.fd_direct || !L.tmpfs || !L.fsize || !L.opened || !data) {
         rc = ckpt__error(CKPT_ENOMEM, "registering '%s': out of memory", name);
         goto fail;
     }
@@ -354,7 +403,8 @@ int ckpt__store_load(ckpt_store_t *store, const char *name, char *const *paths, 
                           .paths = paths, .io_depth = store->opts.io_depth,
                           .io_threads = store->opts.io_threads,
                           .use_uring = store->opts.use_uring != 0};
-    if ((rc = ckpt__io_run(&job))) {
+    test_pause(&L);
+    if ((rc = ckpt__io_run(&job)) || (rc = check_snapshot(&L))) {
         ckpt__error_prefix(rc, "registering '%s': ", name);
         goto fail;
     }
@@ -420,6 +470,7 @@ out:
     ckpt__free(L.fd_direct);
     ckpt__free(L.tmpfs);
     ckpt__free(L.fsize);
+    ckpt__free(L.opened);
     ckpt__free(L.runs);
     ckpt__free(L.chunks);
     ckpt__free(L.run_tensors);
