@@ -63,8 +63,8 @@ typedef struct {
 
 /* The worker's model, optional: name, dtype and shape of every tensor it holds (offset,
  * checksum, owner ignored; nbytes is used when dtype is CKPT_DTYPE_INVALID = "unknown":
- * then only shape and nbytes are compared). When set, wait_update checks each update's
- * manifest before answering READY: every model tensor must be in the manifest with the
+ * then only shape and nbytes are compared; with ndim -1 as well, only nbytes, for workers
+ * that hold flat byte buffers). When set, wait_update checks each update's manifest before answering READY: every model tensor must be in the manifest with the
  * same dtype and shape (PARTIAL updates: only the tensors present), and every manifest
  * tensor must be in the model. A mismatch is answered ERR to the engine, which fails the
  * update before any byte lands, and returned as CKPT_EINVAL naming up to 4 missing or

@@ -110,6 +110,7 @@ def load():
         "ckpt_receiver_finish_reply_timeout": ([p, c_int, ctypes.c_char_p, c_int], c_int),
         "ckpt_receiver_state": ([p, ctypes.POINTER(c_int), ctypes.POINTER(u64),
                                  ctypes.POINTER(u64)], c_int),
+        "ckpt_receiver_set_model": ([p, ctypes.POINTER(TensorMeta), ctypes.c_size_t], c_int),
         "ckpt_receiver_last_update": ([p, ctypes.POINTER(UpdateInfo), ctypes.POINTER(c_int)],
                                       c_int),
         "ckpt_receiver_reason": ([p], ctypes.c_char_p),

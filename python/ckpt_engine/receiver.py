@@ -9,7 +9,7 @@ from . import _lib
 _LIB = None
 
 EVENT_BUCKET, EVENT_FINISH, EVENT_ABORT = 1, 2, 3
-EPEER, EBUSY, EPERM = -8, -12, -13  # CKPT_E* codes (include/ckpt/ckpt.h)
+EINVAL, EPEER, EBUSY, EPERM = -1, -8, -12, -13  # CKPT_E* codes (include/ckpt/ckpt.h)
 
 # numpy views of safetensors dtypes; those numpy lacks are raw unsigned ints of the width.
 _NUMPY = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16,
@@ -138,6 +138,33 @@ class Receiver:
                                                 message.encode() if message else None),
                "finish reply")
 
+    def set_model(self, model):
+        """Declares the tensors this worker holds, so that every update's manifest is checked
+        against them before a byte lands (include/ckpt/receiver.h): an update that misses
+        some of them, or names others, is refused naming them, unless the engine marked it
+        partial. `model`: {name: numpy array} (compared by size in bytes: numpy has no
+        bfloat16 or fp8) or {name: (dtype, shape)} with safetensors dtype names ("BF16",
+        "F32", ...) for an exact check; {} clears it."""
+        metas = (_lib.TensorMeta * max(len(model), 1))()
+        for i, (name, spec) in enumerate(model.items()):
+            m = metas[i]
+            raw = name.encode()
+            if len(raw) >= _lib.CKPT_NAME_MAX:
+                raise ValueError("tensor name too long: %r" % name)
+            m.name = raw
+            if isinstance(spec, np.ndarray):
+                m.dtype, m.ndim, m.nbytes = 0, -1, spec.nbytes
+            else:
+                dtype, shape = spec
+                if dtype not in _lib.DTYPES:
+                    raise ValueError("tensor '%s': unknown dtype %r" % (name, dtype))
+                if len(shape) > _lib.CKPT_MAX_DIMS:
+                    raise ValueError("tensor '%s': %d dims" % (name, len(shape)))
+                m.dtype, m.ndim = _lib.DTYPES[dtype][0], len(shape)
+                for d, n in enumerate(shape):
+                    m.shape[d] = n
+        _check(lib().ckpt_receiver_set_model(self._h, metas, len(model)), "set_model")
+
     STATES = {0: "none", 1: "updating", 2: "consistent", 3: "incomplete"}
 
     def state(self):
@@ -149,11 +176,24 @@ class Receiver:
                                          ctypes.byref(uid)), "state")
         return self.STATES.get(st.value, "?"), ver.value, uid.value
 
-    def apply_update(self, params, verify=None, post_hook=None, timeout_ms=-1):
+    def apply_update(self, params, verify=None, post_hook=None, timeout_ms=-1,
+                     check_model=True):
         """Runs one whole update into `params` ({name: writable numpy array holding the
-        tensor's bytes}); unknown names or size mismatches fail the bucket. Returns an
+        tensor's bytes}). With check_model (the default) params are the model (set_model):
+        an update that does not cover every one of them, or names others, is refused
+        before a byte lands, unless it is partial, so params never end up half old and
+        half new. Unknown names or size mismatches in a bucket fail it. Returns an
         UpdateResult; completed is False when the engine aborted the update."""
-        info = self.wait_update(timeout_ms)
+        if check_model:
+            self.set_model(params)
+        try:
+            info = self.wait_update(timeout_ms)
+        except CkptError as e:
+            if e.status != EINVAL:
+                raise
+            # The update's manifest does not match params: refused before any byte landed
+            # (the engine fails the update); params are as they were, the connection lives.
+            return UpdateResult(0, "", 0, False, str(e), 0)
         check = bool(info.verify) if verify is None else verify
         count = 0
         while True:
@@ -194,7 +234,8 @@ class Receiver:
                                     reason.decode(errors="replace"), count)
 
 
-def follow(socket_path, params, verify=None, post_hook=None, engine_wait_ms=-1):
+def follow(socket_path, params, verify=None, post_hook=None, engine_wait_ms=-1,
+           check_model=True):
     """Yields an UpdateResult for every update the engine rank at socket_path sends into
     `params` (see Receiver.apply_update), for as long as the caller iterates. When the
     engine goes away (killed, restarted) the connection is made again, waiting for the new
@@ -207,7 +248,8 @@ def follow(socket_path, params, verify=None, post_hook=None, engine_wait_ms=-1):
             if rx is None:
                 rx = Receiver.connect(socket_path, engine_wait_ms)
             try:
-                yield rx.apply_update(params, verify=verify, post_hook=post_hook)
+                yield rx.apply_update(params, verify=verify, post_hook=post_hook,
+                                      check_model=check_model)
             except CkptError as e:
                 if e.status != EPEER:
                     raise

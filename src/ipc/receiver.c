@@ -336,7 +336,10 @@ int ckpt_receiver_set_model(ckpt_receiver_t *r, const ckpt_tensor_meta_t *metas,
         ckpt_tensor_meta_t *m = &r->model[r->nmodel];
         *m = metas[i];
         m->name[CKPT_NAME_MAX - 1] = '\0';
-        if (m->ndim < 0 || m->ndim > CKPT_MAX_DIMS) {
+        /* ndim -1 with an unknown dtype: a worker that knows its tensors by size only
+         * (flat byte buffers, e.g. the Python binding's numpy params): nbytes is compared. */
+        int bytes_only = m->ndim == -1 && m->dtype == CKPT_DTYPE_INVALID;
+        if ((m->ndim < 0 && !bytes_only) || m->ndim > CKPT_MAX_DIMS) {
             int nd = m->ndim;
             ckpt_receiver_set_model(r, NULL, 0);
             return ckpt__error(CKPT_EINVAL, "receiver set_model: tensor '%s' has %d dims",
@@ -373,6 +376,10 @@ int ckpt_receiver_manifest(ckpt_receiver_t *r, const ckpt_tensor_meta_t **metas_
 
 static void shape_text(const ckpt_tensor_meta_t *m, char *out, size_t cap)
 {
+    if (m->ndim < 0) { /* a size-only model tensor */
+        snprintf(out, cap, "%llu bytes", (unsigned long long)m->nbytes);
+        return;
+    }
     size_t n = (size_t)snprintf(out, cap, "%s[", ckpt_dtype_name(m->dtype));
     for (int d = 0; d < m->ndim && n < cap; d++)
         n += (size_t)snprintf(out + n, cap - n, d ? ",%lld" : "%lld", (long long)m->shape[d]);
@@ -425,9 +432,9 @@ static int take_manifest(ckpt_receiver_t *r, const ckpt__ipc_begin_msg_t *m, siz
         const ckpt_tensor_meta_t *w = &r->model[j];
         if (!seen[j]) nfound++;
         seen[j] = 1;
-        int same = w->ndim == t->ndim && w->nbytes == t->nbytes &&
+        int same = w->nbytes == t->nbytes && (w->ndim < 0 || w->ndim == t->ndim) &&
                    (w->dtype == CKPT_DTYPE_INVALID || w->dtype == t->dtype);
-        for (int d = 0; same && d < t->ndim; d++) same = w->shape[d] == t->shape[d];
+        for (int d = 0; same && w->ndim >= 0 && d < t->ndim; d++) same = w->shape[d] == t->shape[d];
         if (!same) {
             shape_text(t, a, sizeof(a));
             shape_text(w, b, sizeof(b));

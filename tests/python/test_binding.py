@@ -65,3 +65,80 @@ def test_python_worker_beside_c_worker(tmp_path):
     assert "result True m" in lines[0], out + err
     assert lines[1] == "differ 0", out + err
     assert lines[2].startswith("second False"), out + err
+
+
+FOLLOW_SCRIPT = textwrap.dedent("""
+    import hashlib, json, sys
+    import numpy as np
+    sys.path[:0] = [sys.argv[1], sys.argv[2]]
+    from ckpt_engine import follow
+    from mpijob import read_checkpoint
+    params = {n: np.zeros(len(d), dtype=np.uint8)
+              for n, (_, _, d) in read_checkpoint(sys.argv[4]).items()}
+    for res in follow(sys.argv[3], params):  # check_model: params are the model
+        sums = {n: hashlib.sha256(a.tobytes()).hexdigest() for n, a in params.items()}
+        print(json.dumps({"completed": res.completed, "reason": res.reason, "sums": sums}),
+              flush=True)
+""")
+
+
+def test_python_worker_refuses_a_partial_checkpoint_unless_asked(tmp_path):
+    """follow() declares its params as the model (Receiver.set_model): one shard of a
+    two-shard checkpoint is refused before a byte lands, naming the missing tensors, and
+    the params keep the last complete weights; the same shard with partial=1 lands, and
+    only its tensors change."""
+    import hashlib
+    import json
+    import shutil
+    full = gen(tmp_path, size="4MiB", layers=2, shards=2, name="a")
+    new = os.path.join(str(tmp_path), "b")
+    subprocess.run([os.path.join(BUILD, "tools", "ckpt-engine"), "gen", "--out", new,
+                    "--size", "4MiB", "--layers", "2", "--shards", "2", "--seed", "7"],
+                   check=True, capture_output=True)
+    part = os.path.join(str(tmp_path), "part")
+    os.makedirs(part)
+    shard = sorted(f for f in os.listdir(new) if f.endswith(".safetensors"))[0]
+    shutil.copy(os.path.join(new, shard), part)
+    dep = Deployment(tmp_path, 1)
+    srv = InteractiveServe(dep)
+    script = os.path.join(str(tmp_path), "follow.py")
+    with open(script, "w") as f:
+        f.write(FOLLOW_SCRIPT)
+    py = subprocess.Popen([sys.executable, script, PYDIR, os.path.dirname(__file__),
+                           os.path.join(dep.sock, "rank-0.sock"), full],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, CKPT_BUILD_DIR=BUILD))
+
+    def next_result():
+        line = py.stdout.readline()
+        assert line, py.stderr.read()
+        return json.loads(line)
+
+    def sha(d):
+        return hashlib.sha256(d).hexdigest()
+
+    try:
+        assert srv.command("register full %s" % full)["ok"]
+        assert srv.command("update full timeout=10000")["ok"]
+        first = next_result()
+        assert first["completed"], first
+        assert srv.command("register part %s" % part)["ok"]
+        res = srv.command("update part timeout=10000")
+        assert not res["ok"] and "missing from the update" in res["reason"], res
+        refused = next_result()
+        assert not refused["completed"] and "missing from the update" in refused["reason"]
+        assert refused["sums"] == first["sums"], "a refused update changed the params"
+        res = srv.command("update part timeout=10000 partial=1")
+        assert res["ok"], res
+        mixed = next_result()
+        assert mixed["completed"], mixed
+    finally:
+        srv.close()
+        dep.stop()
+        py.kill()
+        py.wait()
+    old, shard_new = read_checkpoint(full), read_checkpoint(os.path.join(part, shard))
+    for name, (_, _, data) in old.items():
+        want = shard_new[name][2] if name in shard_new else data
+        assert mixed["sums"][name] == sha(want), name
+    assert 0 < len(shard_new) < len(old)
