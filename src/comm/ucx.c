@@ -94,6 +94,8 @@ int ckpt__ucx_create(const ckpt__ucx_options_t *opts, ckpt__ucx_t **out)
                          ucs_status_string(st));
         goto fail;
     }
+    rc = ckpt__ucx_addr_build(u);
+    if (rc < 0) goto fail;
     *out = u;
     return CKPT_OK;
 fail:
@@ -108,17 +110,19 @@ void ckpt__ucx_destroy(ckpt__ucx_t *u)
     while (u->peers) ckpt__ucx_disconnect(u->peers, 1000);
     while (u->mems) ckpt__ucx_mem_unregister(u, u->mems);
     if (u->address) ucp_worker_release_address(u->worker, u->address);
+    ckpt__free(u->pub_address);
     if (u->worker) ucp_worker_destroy(u->worker);
     if (u->context) ucp_cleanup(u->context);
     ckpt__free(u->slots);
+    ckpt__free(u->pfds);
     ckpt__free(u);
 }
 
 int ckpt__ucx_address(ckpt__ucx_t *u, const void **addr_out, size_t *len_out)
 {
     if (!u || !addr_out || !len_out) return ckpt__error(CKPT_EINVAL, "ucx address: NULL argument");
-    *addr_out = u->address;
-    *len_out = u->address_len;
+    *addr_out = u->pub_address;
+    *len_out = u->pub_address_len;
     return CKPT_OK;
 }
 
@@ -377,19 +381,27 @@ int ckpt__ucx_connect(ckpt__ucx_t *u, const void *addr, size_t len, int rank, in
     p->ucx = u;
     p->rank = rank;
     p->fail_status = UCS_OK;
+    const void *ucx_addr = NULL;
+    size_t ucx_len = 0;
+    int rc = ckpt__ucx_addr_parse(addr, len, rank, &ucx_addr, &ucx_len, &p->pidfd, &p->pid);
+    if (rc < 0) {
+        ckpt__free(p);
+        return rc;
+    }
     ucp_ep_params_t ep = {0};
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                     UCP_EP_PARAM_FIELD_ERR_HANDLER;
-    ep.address = addr;
+    ep.address = ucx_addr;
     /* PEER mode: a dead owner fails our gets (keepalive, connection reset) instead of
      * leaving them pending forever. */
     ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
     ep.err_handler.cb = peer_failed_cb;
     ep.err_handler.arg = p;
     /* UCX 1.13's shared-memory transports cannot detect a dead peer, so with PEER mode
-     * the endpoint is unreachable over shm. Fall back to NONE there: the batch timeout
-     * then bounds a dead owner (CKPT_ETIMEDOUT instead of CKPT_EPEER). UCX logs the
-     * failed selection as an error; it is expected, so silence it for the attempt. */
+     * the endpoint is unreachable over shm. Fall back to NONE there: the peer's pidfd
+     * (same host, see ucx_addr.c) then tells a dead owner (CKPT_EPEER), and where there
+     * is none the batch timeout bounds it (CKPT_ETIMEDOUT). UCX logs the failed
+     * selection as an error; it is expected, so silence it for the attempt. */
     ucs_status_t st = UCS_ERR_UNREACHABLE;
     if (peer_errors) {
         ucs_log_level_t saved = ucs_global_opts.log_component.log_level;
@@ -405,10 +417,12 @@ int ckpt__ucx_connect(ckpt__ucx_t *u, const void *addr, size_t len, int rank, in
             p->no_peer_errors = 1;
             if (peer_errors)
                 ckpt_debug("ucx connect rank %d: transports lack peer failure detection; a "
-                           "dead peer shows as a timeout", rank);
+                           "dead peer shows %s", rank,
+                           p->pidfd >= 0 ? "by its pidfd" : "as a timeout");
         }
     }
     if (st != UCS_OK) {
+        if (p->pidfd >= 0) close(p->pidfd);
         ckpt__free(p);
         return ckpt__error(st == UCS_ERR_UNREACHABLE ? CKPT_EPEER : ucs_to_ckpt(st),
                            "ucx connect rank %d: ucp_ep_create: %s", rank, ucs_status_string(st));
@@ -421,7 +435,7 @@ int ckpt__ucx_connect(ckpt__ucx_t *u, const void *addr, size_t len, int rank, in
 
 int ckpt__ucx_peer_failed(const ckpt__ucx_peer_t *p)
 {
-    return p && (p->fail_status != UCS_OK || p->closing);
+    return p && (p->fail_status != UCS_OK || p->closing || p->exited);
 }
 
 /* Starts closing the endpoint; forced means: don't flush, complete outstanding requests
@@ -462,6 +476,7 @@ void ckpt__ucx_disconnect(ckpt__ucx_peer_t *p, int timeout_ms)
             break;
         }
     }
+    if (p->pidfd >= 0) close(p->pidfd);
     ckpt__free(p);
 }
 

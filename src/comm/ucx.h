@@ -46,7 +46,10 @@ CKPT_HIDDEN int ckpt__ucx_create(const ckpt__ucx_options_t *opts, ckpt__ucx_t **
 /* Stops the progress thread, closes remaining peers, releases registrations and the
  * context. NULL is ignored. */
 CKPT_HIDDEN void ckpt__ucx_destroy(ckpt__ucx_t *ucx);
-/* The worker address to publish; owned by ucx and valid until ckpt__ucx_destroy. */
+/* The address to publish: the worker's UCX address behind this process's identity (pid,
+ * start time, pid namespace, boot id), which lets a peer on the same host tell that this
+ * process died where the transport cannot (ucx_addr.c). Owned by ucx, valid until
+ * ckpt__ucx_destroy; only ckpt__ucx_connect reads it. */
 CKPT_HIDDEN int ckpt__ucx_address(ckpt__ucx_t *ucx, const void **addr_out, size_t *len_out);
 
 /* Registers existing memory [base, base+len) (no allocation, no copy) for remote access
@@ -81,7 +84,10 @@ CKPT_HIDDEN int ckpt__ucx_rkey_pack(ckpt__ucx_t *ucx, const ckpt__ucx_mem_t *mem
 CKPT_HIDDEN int ckpt__ucx_progress_start(ckpt__ucx_t *ucx);
 CKPT_HIDDEN void ckpt__ucx_progress_stop(ckpt__ucx_t *ucx);
 
-/* Connects to a remote worker by its address. `rank` only names the peer in error texts.
+/* Connects to a remote worker by its published address (ckpt__ucx_address; a bare UCX
+ * worker address is taken too). `rank` only names the peer in error texts. A peer on this
+ * host is watched through a pidfd: CKPT_EPEER here when its process is already gone, and
+ * from ckpt__ucx_get_batch as soon as it exits, whatever the transport.
  * peer_errors = 1: with peer-failure handling where the transports have it, so a dead
  * peer fails requests instead of leaving them to the batch timeout. But UCX 1.13 then
  * leaves out every transport that cannot detect a dead peer, shared memory among them: with
@@ -122,7 +128,8 @@ typedef struct ckpt__ucx_get {
  * ranges of different peers proceed concurrently. Completion is driven by polling this
  * worker; the whole batch is bounded by timeout_ms (<= 0: no bound). On a failure every
  * outstanding chunk is completed or aborted before return (dst may then be partly
- * written): CKPT_EPEER names the failed rank, CKPT_ETIMEDOUT the rank still pending. */
+ * written): CKPT_EPEER names the failed (or exited) rank, CKPT_ETIMEDOUT the rank still
+ * pending (alive, or on another host over a transport that cannot tell). */
 CKPT_HIDDEN int ckpt__ucx_get_batch(ckpt__ucx_t *ucx, const ckpt__ucx_get_t *gets, size_t n,
                                     int max_in_flight, int timeout_ms);
 

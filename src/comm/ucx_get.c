@@ -19,9 +19,16 @@ static int reserve_slots(ckpt__ucx_t *u, size_t want)
 {
     if (u->slot_cap >= want) return CKPT_OK;
     ckpt__ucx_slot_t *s = ckpt__calloc(want, sizeof(*s));
-    if (!s) return ckpt__error(CKPT_ENOMEM, "ucx get batch: out of memory for %zu slots", want);
+    struct pollfd *pfds = ckpt__calloc(want + 1, sizeof(*pfds));
+    if (!s || !pfds) {
+        ckpt__free(s);
+        ckpt__free(pfds);
+        return ckpt__error(CKPT_ENOMEM, "ucx get batch: out of memory for %zu slots", want);
+    }
     ckpt__free(u->slots);
+    ckpt__free(u->pfds);
     u->slots = s;
+    u->pfds = pfds;
     u->slot_cap = want;
     return CKPT_OK;
 }
@@ -36,6 +43,37 @@ static int check_get(const ckpt__ucx_get_t *g, size_t i)
     if (g->remote_addr + g->len < g->remote_addr)
         return ckpt__error(CKPT_EINVAL, "ucx get batch: get %zu: remote range wraps", i);
     return CKPT_OK;
+}
+
+/* Sleeps up to 1 ms on the worker's fd (when it can be armed) and, in the same poll, on
+ * the pidfds of the peers with chunks outstanding: a peer whose process exits wakes the
+ * batch at once, transports that cannot detect it (shared memory) notwithstanding.
+ * Returns the first peer found dead, or NULL. */
+static ckpt__ucx_peer_t *idle_wait(ckpt__ucx_t *u, size_t nslots)
+{
+    nfds_t n = 0;
+    int armed = u->efd >= 0 && ucp_worker_arm(u->worker) == UCS_OK;
+    if (armed) u->pfds[n++] = (struct pollfd){.fd = u->efd, .events = POLLIN};
+    const nfds_t first_pid = n;
+    for (size_t i = 0; i < nslots; i++) {
+        ckpt__ucx_peer_t *p = u->slots[i].req ? u->slots[i].peer : NULL;
+        if (!p || p->pidfd < 0 || p->exited) continue;
+        nfds_t k = first_pid;
+        while (k < n && u->pfds[k].fd != p->pidfd) k++;
+        if (k == n) u->pfds[n++] = (struct pollfd){.fd = p->pidfd, .events = POLLIN};
+    }
+    if (n == 0 || poll(u->pfds, n, armed ? 1 : 0) <= 0) return NULL;
+    for (nfds_t k = first_pid; k < n; k++) {
+        if (!(u->pfds[k].revents & (POLLIN | POLLHUP))) continue;
+        for (size_t i = 0; i < nslots; i++) {
+            ckpt__ucx_peer_t *p = u->slots[i].req ? u->slots[i].peer : NULL;
+            if (p && p->pidfd == u->pfds[k].fd) {
+                ckpt__ucx_peer_mark_exited(p);
+                return p;
+            }
+        }
+    }
+    return NULL;
 }
 
 /* Forces the endpoints that still have chunks outstanding closed, so UCX completes those
@@ -80,10 +118,12 @@ int ckpt__ucx_get_batch(ckpt__ucx_t *u, const ckpt__ucx_get_t *gets, size_t n, i
                 off = 0;
                 continue;
             }
+            /* Once per range (not per chunk): a poll of the peer's pidfd. */
+            if (off == 0) ckpt__ucx_peer_exited(g->peer);
             if (ckpt__ucx_peer_failed(g->peer)) {
-                rc = ckpt__error(CKPT_EPEER, "ucx get from rank %d: peer failed: %s", g->peer->rank,
-                                 ucs_status_string(g->peer->fail_status != UCS_OK
-                                                       ? g->peer->fail_status : UCS_ERR_CANCELED));
+                char why[96];
+                rc = ckpt__error(CKPT_EPEER, "ucx get from rank %d: %s", g->peer->rank,
+                                 ckpt__ucx_peer_fail_text(g->peer, why, sizeof(why)));
                 break;
             }
             size_t len = CKPT_MIN(u->chunk, g->len - off);
@@ -119,20 +159,23 @@ int ckpt__ucx_get_batch(ckpt__ucx_t *u, const ckpt__ucx_get_t *gets, size_t n, i
         }
         if (active == 0 && (rc != CKPT_OK || next >= n)) break;
 
+        ckpt__ucx_peer_t *dead = NULL;
         if (ucp_worker_progress(u->worker)) {
             idle_since = 0;
-        } else if (u->efd >= 0 && active) {
+        } else if (active) {
             /* Nothing moved: after a short spin, sleep until the worker has an event (or
-             * 1 ms), so the peer's side of a software-emulated get gets the CPU. */
+             * 1 ms), so the peer's side of a software-emulated get gets the CPU; and look
+             * whether a peer we wait for has died. */
             uint64_t now = ckpt__now_ns();
             if (!idle_since) idle_since = now;
-            if (now - idle_since > CKPT__UCX_BATCH_SPIN_NS &&
-                ucp_worker_arm(u->worker) == UCS_OK) {
-                struct pollfd pfd = {.fd = u->efd, .events = POLLIN};
-                poll(&pfd, 1, 1);
+            if (now - idle_since > CKPT__UCX_BATCH_SPIN_NS) {
+                dead = idle_wait(u, nslots);
                 idle_since = 0;
             }
         }
+        if (dead && rc == CKPT_OK)
+            rc = ckpt__error(CKPT_EPEER, "ucx get from rank %d: its process (pid %d) exited "
+                             "with %zu chunks outstanding", dead->rank, dead->pid, active);
 
         for (size_t i = 0; i < nslots && active; i++) {
             ckpt__ucx_slot_t *s = &u->slots[i];
@@ -150,7 +193,9 @@ int ckpt__ucx_get_batch(ckpt__ucx_t *u, const ckpt__ucx_get_t *gets, size_t n, i
             active--;
         }
 
-        if (!aborted && active && ckpt__now_ns() > deadline) {
+        /* A dead process never completes its chunks (shared memory has no error path):
+         * abort them now, as at the deadline. */
+        if (!aborted && active && (dead || ckpt__now_ns() > deadline)) {
             if (rc == CKPT_OK) {
                 ckpt__ucx_peer_t *late = NULL;
                 for (size_t i = 0; i < nslots && !late; i++)
