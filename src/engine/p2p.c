@@ -10,8 +10,11 @@
  * bucket (a checkpoint unregistered mid-transfer is never delivered). Region 0 of every
  * rank in the metas is its guard slot (docs/METAS.md). */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "engine/p2p.h"
 
@@ -341,6 +344,39 @@ int ckpt__p2p_export(ckpt_engine_t *e, const ckpt__cmd_t *cmd, char **bytes_out,
 
 /* ---------------------------------------------------------------- pulling side ---- */
 
+/* Test hook, for the tests of a serving rank that dies mid-transfer: a kill timed by a
+ * sleep races the pull (a small pull wins, and the test learns nothing). With
+ * CKPT_TEST_P2P_PAUSE=N:PATH in its environment, a joining rank that has pulled its N-th
+ * bucket (guard re-check passed) writes "rank R paused after bucket N" to PATH.paused and
+ * waits until PATH exists (at most 120 s), then goes on. The test acts in between: kills
+ * the serving ranks, then creates PATH, so the next pull meets a dead rank every time. */
+static void test_hook_parse(ckpt__p2p_t *p)
+{
+    const char *v = getenv("CKPT_TEST_P2P_PAUSE");
+    char *end = NULL;
+    long n = v ? strtol(v, &end, 10) : 0;
+    if (n <= 0 || !end || *end != ':' || !end[1]) return;
+    ckpt__strlcpy(p->test_pause_path, end + 1, sizeof(p->test_pause_path));
+    p->test_pause_after = n;
+}
+
+static void test_hook_pause(ckpt_engine_t *e, ckpt__p2p_t *p)
+{
+    char path[sizeof(p->test_pause_path) + 16];
+    snprintf(path, sizeof(path), "%s.paused", p->test_pause_path);
+    FILE *f = fopen(path, "a");
+    if (f) {
+        fprintf(f, "rank %d paused after bucket %ld\n", e->rank, p->npulls);
+        fclose(f);
+    }
+    ckpt_warn("CKPT_TEST_P2P_PAUSE: rank %d paused after bucket %ld until %s exists", e->rank,
+              p->npulls, p->test_pause_path);
+    for (int i = 0; i < 12000 && access(p->test_pause_path, F_OK) != 0; i++) {
+        struct timespec ts = {0, 10 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+
 int ckpt__p2p_open(ckpt_engine_t *e, const void *bytes, size_t len, ckpt__p2p_t **out)
 {
     ckpt__p2p_t *p = ckpt__calloc(1, sizeof(*p));
@@ -352,6 +388,7 @@ int ckpt__p2p_open(ckpt_engine_t *e, const void *bytes, size_t len, ckpt__p2p_t 
                 rc = ckpt__error(CKPT_EFORMAT, "metas: rank %u has no guard region", r);
     }
     if (rc == CKPT_OK) {
+        test_hook_parse(p);
         ckpt__ucx_options_t o = CKPT__UCX_OPTIONS_INIT;
         o.chunk_size = 64u << 20; /* see ensure_ucx */
         rc = ckpt__ucx_create(&o, &p->ucx);
@@ -529,5 +566,6 @@ int ckpt__p2p_pull(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, const ckpt_tenso
     p->pull_s += ckpt__now_s() - t0;
     p->pull_bytes += bytes;
     rc = read_guard(p, owner, timeout_ms);
+    if (rc == CKPT_OK && ++p->npulls == p->test_pause_after) test_hook_pause(e, p);
     return rc;
 }

@@ -22,6 +22,9 @@ typedef struct ckpt__p2p {
     int nlocal;
     double pull_s;             /* time this rank spent pulling */
     uint64_t pull_bytes;
+    long npulls;               /* buckets this rank pulled in this update */
+    long test_pause_after;     /* CKPT_TEST_P2P_PAUSE (p2p.c); 0: off */
+    char test_pause_path[512];
 } ckpt__p2p_t;
 
 /* Decodes metas (fully validated) and prepares UCX. Local, not collective. */

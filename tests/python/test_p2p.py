@@ -2,13 +2,14 @@
 metas, a joining deployment pulls over UCX (shared memory or TCP) and updates its own
 workers; the serving workers receive nothing."""
 import os
+import re
 import signal
 import time
 
 import pytest
 
 import mpijob
-from mpijob import WORKER, Deployment, InteractiveServe, gen, read_checkpoint
+from mpijob import WORKER, Deployment, InteractiveServe, gen, read_checkpoint, wait_log
 
 pytestmark = pytest.mark.skipif(not os.path.exists(WORKER), reason="ckpt-worker not built")
 
@@ -136,30 +137,63 @@ def test_bench_p2p_runs(tmp_path):
     assert "median of 2 updates" in p.stdout, p.stdout
 
 
-@pytest.mark.parametrize("serving", ["tcp,self"], indirect=True)
-def test_p2p_serving_rank_dies_mid_transfer(serving, tmp_path):
-    """Kill the serving job while the joiner pulls (a larger checkpoint over TCP)."""
-    _, _, srv, sdep, jdep = serving
-    big = gen(tmp_path, size="256MiB", layers=8, shards=2, name="big")
-    assert srv.command("register big %s" % big)["ok"]
-    metas = str(tmp_path / "big.json")
-    assert srv.command("export big %s" % metas)["ok"]
+def process_gone(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(") ", 1)[1][0] in "ZX"  # exited, not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("serving", ["shm,self", "tcp,self"], indirect=True)
+def test_p2p_serving_rank_dies_mid_transfer(serving, tmp_path, monkeypatch):
+    """The serving job dies between two buckets of a pull: the joiner's update fails
+    naming a dead serving rank and its process, its workers learn that the update did not
+    complete, and the joining deployment takes the next command (a full update). The
+    death is placed by the CKPT_TEST_P2P_PAUSE hook (src/engine/p2p.c): the joining rank
+    that pulled its first bucket waits for a file while the serving ranks are killed.
+    Over shared memory the transport cannot see a dead peer at all; the pull names it
+    anyway (the peer's pidfd, src/comm/ucx_addr.c)."""
+    model, metas, srv, sdep, jdep = serving
+    release = str(tmp_path / "release")
+    monkeypatch.setattr(mpijob, "MPI_ENV", dict(mpijob.MPI_ENV,
+                                                CKPT_TEST_P2P_PAUSE="1:" + release))
     for r in range(2):
-        jdep.start_worker(r, ["--layout", big])
+        jdep.start_worker(r, ["--layout", model])
     jsrv = InteractiveServe(jdep)
     try:
-        jsrv.send("p2p-update %s bucket=16MiB timeout=3000" % metas)
-        time.sleep(0.25)
-        for pid in srv.rank_pids():
+        # 8 MiB in 1 MiB buckets: several buckets per joining rank after the pause.
+        jsrv.send("p2p-update %s bucket=1MiB timeout=5000" % metas)
+        deadline = time.monotonic() + 60
+        while not (os.path.exists(release + ".paused") and
+                   "paused after bucket 1" in open(release + ".paused").read()):
+            assert time.monotonic() < deadline, "no joining rank paused after its first bucket"
+            assert jsrv.proc.poll() is None, jsrv.proc.stderr.read()
+            time.sleep(0.05)
+        pids = srv.rank_pids()
+        assert len(pids) == 2, pids
+        for pid in pids:
             os.kill(pid, signal.SIGKILL)
+        srv.proc.wait(timeout=30)
+        for pid in pids:  # gone, not only signalled
+            assert process_gone(pid), pid
+        open(release, "w").close()
         t0 = time.monotonic()
         res = jsrv.result(timeout=90)
-        if res["ok"]:
-            pytest.skip("the pull finished before the serving ranks were killed")
-        assert "serving rank" in res["reason"], res
-        assert time.monotonic() - t0 < 60
-        time.sleep(0.5)
+        assert not res["ok"], res
+        m = re.search(r"serving rank (\d+): .*its process \(pid (\d+)\) exited", res["reason"])
+        assert m and int(m.group(1)) in (0, 1) and int(m.group(2)) in pids, res
+        assert time.monotonic() - t0 < 5, "the dead rank was not noticed at once"
         for r in range(2):  # the joining workers know their update did not complete
-            assert "complete" not in jdep.worker_log(r).replace("incomplete", "")
+            wait_log(jdep, r, r"update \d+ of 'm' version \d+: (aborted|incomplete)")
+            assert not re.search(r": complete", jdep.worker_log(r)), jdep.worker_log(r)
+        # Still up: the next command runs, and the workers get every byte of it.
+        assert jsrv.command("register m %s" % model)["ok"]
+        upd = jsrv.command("update m bucket=1MiB timeout=10000", timeout=90)
+        assert upd["ok"], upd
+        for r in range(2):
+            v = wait_log(jdep, r, r"update \d+ of 'm' version (\d+): complete").group(1)
+            wait_log(jdep, r, r"state: consistent at version %s" % v)  # printed after the dump
+            same(jdep, r, model)
     finally:
         jsrv.close()
