@@ -56,6 +56,7 @@ _TORCH_DTYPES = {
 }
 
 _EPEER = -8  # CKPT_EPEER: the engine went away
+_EINVAL = -1  # CKPT_EINVAL: the update's manifest does not cover the model
 
 # Observers called in the worker process as f(update_id, bucket) after each bucket is
 # acknowledged (progress reporting; the tests use it to kill the engine mid-update).
@@ -64,6 +65,11 @@ AFTER_BUCKET = []
 
 class CkptUpdateIncomplete(RuntimeError):
     """The update did not complete; the worker's weights may be mixed."""
+
+
+class CkptUpdateRefused(RuntimeError):
+    """The update was refused before any byte landed (its tensors do not cover the model
+    and it is not partial); the worker's weights are unchanged."""
 
 
 class _HeldView(RuntimeError):
@@ -104,6 +110,7 @@ class _BucketStream:
         self.broken = False    # the connection can no longer be trusted (lost, timed out)
         self.on_bucket = None  # called with the bucket index after each acknowledgement
         self.wait_s = 0.0      # time spent waiting for the engine's next bucket
+        self.seen = {}         # name -> (dtype, shape) of every tensor streamed
 
     def _views(self, views):
         """Zero-copy torch tensors over the shared buffer, each with a weak reference to
@@ -167,6 +174,7 @@ class _BucketStream:
                         pass
                     return
             held = self._views(views)
+            views_meta = [(v.dtype, v.shape) for v in views]
             views = None
             for i in range(len(held)):
                 name, t = held[i][0], held[i][1]
@@ -174,6 +182,7 @@ class _BucketStream:
                 held[i] = (name, None, held[i][2], held[i][3], held[i][4])
                 self.tensors += 1
                 self.bytes += held[i][4]
+                self.seen[name] = (views_meta[i][0], views_meta[i][1])
                 yield name, t
                 del t
             try:
@@ -231,6 +240,11 @@ class CkptEngineExtension:
     _ckpt_rx = None
     _ckpt_path = None
     _ckpt_state = None
+    # The checkpoint's tensors (name -> (dtype, shape)) as the last complete, non-partial
+    # update delivered them: later updates must cover exactly these (Receiver.set_model),
+    # or they are refused before a byte lands and vLLM keeps serving consistent weights.
+    # Unknown before the first complete update (vLLM loaded its weights itself).
+    _ckpt_model = None
 
     def _ckpt_status(self):
         if self._ckpt_state is None:
@@ -266,6 +280,8 @@ class CkptEngineExtension:
             self._ckpt_rx = None
         self._ckpt_rx = Receiver.connect(path, timeout_ms)
         self._ckpt_path = path
+        if self._ckpt_model:
+            self._ckpt_rx.set_model(self._ckpt_model)
         return self._ckpt_rx
 
     def _ckpt_drop(self):
@@ -285,15 +301,25 @@ class CkptEngineExtension:
         st["socket"] = path
         t_start = time.perf_counter()
         try:
-            rx = self._ckpt_connect(path, timeout_ms)
-            info = rx.wait_update(timeout_ms)
+            try:
+                rx = self._ckpt_connect(path, timeout_ms)
+                info = rx.wait_update(timeout_ms)
+            except CkptError as e:
+                if e.status != _EPEER:
+                    raise
+                # A connection left over from an engine that has gone: one fresh attempt.
+                self._ckpt_drop()
+                rx = self._ckpt_connect(path, timeout_ms)
+                info = rx.wait_update(timeout_ms)
         except CkptError as e:
-            if e.status != _EPEER:
+            if e.status != _EINVAL:
                 raise
-            # A connection left over from an engine that has gone: one fresh attempt.
-            self._ckpt_drop()
-            rx = self._ckpt_connect(path, timeout_ms)
-            info = rx.wait_update(timeout_ms)
+            # The update does not cover the model (and is not partial): refused before
+            # any byte landed; the weights, and the state, are what they were.
+            raise CkptUpdateRefused(
+                "ckpt-engine update refused on vLLM worker %d before any byte landed; the "
+                "model is unchanged (%s at version %d): %s"
+                % (int(getattr(self, "rank", 0) or 0), st["state"], st["version"], e)) from None
         t_begin = time.perf_counter()
         uname = info.name.decode()
         st.update({"state": "updating", "update_id": info.update_id, "name": uname,
@@ -367,6 +393,9 @@ class CkptEngineExtension:
             self._ckpt_drop()
         if completed:
             st.update({"state": "consistent", "version": info.version, "reason": ""})
+            if not info.partial:
+                self._ckpt_model = dict(stream.seen)
+                rx.set_model(self._ckpt_model)
         else:
             st.update({"state": "incomplete", "reason": reason})
         result = {

@@ -209,3 +209,41 @@ def test_verify_refuses_a_corrupt_bucket_before_vllm_sees_it(ckpts, monkeypatch)
     finally:
         close_llm(llm)
         eng.close()
+
+
+def test_update_missing_tensors_is_refused_and_vllm_keeps_serving(ckpts, tmp_path):
+    """After a complete update the extension knows the checkpoint's tensors (set_model): a
+    later checkpoint that lacks one of them (not marked partial) is refused before a byte
+    lands, naming it; vLLM answers exactly as before and stays `consistent`."""
+    from safetensors.torch import load_file, save_file
+    a, b = ckpts.path("llama", "float32", "A"), ckpts.path("llama", "float32", "B")
+    want_b = ckpts.fresh_tokens("llama", "float32", "B")
+    part = tmp_path / "part"
+    part.mkdir()
+    tensors = {}
+    for f in sorted(os.listdir(a)):
+        if f.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(a, f)))
+    dropped = "model.norm.weight"
+    assert dropped in tensors
+    del tensors[dropped]
+    save_file(tensors, str(part / "model.safetensors"))
+    eng = Engine()
+    llm = make_llm(a, "float32")
+    try:
+        _, good = register_and_update(llm, eng, "b", b)
+        assert greedy(llm) == want_b
+        assert eng.command("register part %s" % part)["ok"]
+        eng.srv.send("update part")
+        with pytest.raises(Exception) as err:
+            ckv.update(llm, socket_dir=eng.sock, timeout_s=30)
+        res = eng.srv.result(120)
+        assert not res["ok"] and dropped in res["reason"], res
+        assert "missing from the update" in res["reason"], res
+        assert "refused" in str(err.value) and "before any byte landed" in str(err.value), err.value
+        st = llm.collective_rpc("ckpt_engine_status")[0]
+        assert st["state"] == "consistent" and st["version"] == good["version"], st
+        assert greedy(llm) == want_b
+    finally:
+        close_llm(llm)
+        eng.close()
