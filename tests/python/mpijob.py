@@ -207,3 +207,23 @@ def wait_log(dep, r, pattern, timeout=20):
         if time.monotonic() > deadline:
             raise AssertionError("worker %d: no %r within %s s; log:\n%s" % (r, pattern, timeout, log))
         time.sleep(0.1)
+
+
+def pool_files(pid):
+    """The regular files process `pid` (an engine rank) holds open, one (path, link, size)
+    per file, opened through /proc/PID/fd: its pools among them. Left out: the IPC buffers
+    (ckpt-engine-*) and Open MPI's segment."""
+    import stat
+    seen, out = set(), []
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        path = "/proc/%d/fd/%s" % (pid, fd)
+        try:
+            link, st = os.readlink(path), os.stat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0 or "ckpt-engine-" in link or \
+                "open_mpi" in link or (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        out.append((path, link, st.st_size))
+    return out

@@ -4,32 +4,13 @@ must still catch a byte that changed in a pool after registration. The staged pa
 own test (test_update_failures.py: test_corrupted_ipc_buffer_is_detected, which forces the
 staged path)."""
 import os
-import re
-import stat
 
 import pytest
 
-from mpijob import WORKER, Deployment, InteractiveServe, gen, read_checkpoint, wait_log
+from mpijob import (WORKER, Deployment, InteractiveServe, gen, pool_files, read_checkpoint,
+                    wait_log)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(WORKER), reason="ckpt-worker not built")
-
-
-def pool_files(pid):
-    """The regular files rank `pid` holds open, one fd per file, without the IPC buffers
-    (ckpt-engine-*: unused by a direct update) and Open MPI's segment."""
-    seen, out = set(), []
-    for fd in os.listdir("/proc/%d/fd" % pid):
-        path = "/proc/%d/fd/%s" % (pid, fd)
-        try:
-            link, st = os.readlink(path), os.stat(path)
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode) or st.st_size == 0 or "ckpt-engine-" in link or \
-                "open_mpi" in link or (st.st_dev, st.st_ino) in seen:
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        out.append((path, link, st.st_size))
-    return out
 
 
 def corrupt_pool_byte(pids, needle):
