@@ -21,8 +21,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         /* An accepted BEGIN has a sane buffer count and re-encodes to the same bytes (the
          * layout is canonical: nothing was skipped or read twice). */
         static uint8_t again[CKPT_IPC_MAX_PAYLOAD / 1024];
+        /* The fuzzer's inputs stay under 4 KiB: at most 4096 / CKPT_IPC_MANIFEST_MIN
+         * manifest records fit in one. */
+        static ckpt_tensor_meta_t manifest[4096 / CKPT_IPC_MANIFEST_MIN + 1];
         ckpt__ipc_begin_msg_t m;
         if (ckpt__ipc_begin_decode(p, len, &m) != CKPT_OK) break;
+        /* The decoder validated the manifest and left it in place (manifest_pos): read it
+         * back as the receiver does, so the re-encoding below covers it too. */
+        if (m.manifest_count > CKPT_ARRAY_SIZE(manifest)) __builtin_trap();
+        ckpt__ipc_reader_t rd = {p, len, m.manifest_pos};
+        for (uint32_t i = 0; i < m.manifest_count; i++)
+            if (ckpt__ipc_manifest_decode(&rd, &manifest[i]) != CKPT_OK) __builtin_trap();
+        m.manifest = manifest;
         if (strlen(m.name) >= CKPT_NAME_MAX || m.nbuffers < 1 ||
             m.nbuffers > CKPT_IPC_MAX_BUFFERS || ckpt__ipc_begin_size(&m) != len ||
             len > sizeof(again))
