@@ -48,6 +48,17 @@ typedef struct ckpt_engine_options {
 
 #define CKPT_ENGINE_OPTIONS_INIT {0, NULL, 256ull << 20, 30000, 0, CKPT_SHARE_NODE, 0, -1, -1}
 
+/* A worker cut out of an update run with ckpt_update_options_t.isolate. */
+typedef struct ckpt_isolated_worker {
+    int rank;          /* the engine rank whose worker it is */
+    int worker_pid;    /* -1: no worker was connected to that rank */
+    int status;        /* why: the worker's own status, CKPT_EPEER (gone), CKPT_ETIMEDOUT
+                          (stalled past the timeout), ... */
+    char reason[256];  /* names the phase (BEGIN, bucket B, post-hook) and the cause */
+} ckpt_isolated_worker_t;
+
+#define CKPT_ISOLATED_MAX 16
+
 /* Result of an update, filled on rank 0 (status on every rank). */
 typedef struct ckpt_update_result {
     int status;               /* 0 or the failing status */
@@ -72,6 +83,12 @@ typedef struct ckpt_update_result {
     int p2p;                  /* 1: pulled from a serving deployment over UCX */
     double pull_s;            /* P2P: time the ranks spent pulling, summed over ranks */
     uint64_t pull_bytes;      /* P2P: bytes pulled (each byte once) */
+    /* isolate: workers cut out of the update (their ranks went on without them). status 0
+     * with nisolated > 0: every other worker completed the update and is consistent; the
+     * isolated ones were told it is incomplete for them. When every worker was isolated the
+     * update fails. The first CKPT_ISOLATED_MAX by rank are listed (rank 0 only). */
+    uint32_t nisolated;
+    ckpt_isolated_worker_t isolated[CKPT_ISOLATED_MAX];
 } ckpt_update_result_t;
 
 typedef struct ckpt_update_options {
@@ -85,9 +102,15 @@ typedef struct ckpt_update_options {
      * that its tensors exist and match. 0 (default): a worker whose model has tensors the
      * update lacks refuses it before any byte lands (no silently mixed weights). */
     int partial;
+    /* 1: one bad worker does not stop the fleet. A worker that fails (an error answer, a
+     * refused BEGIN), stalls past timeout_ms or whose connection dies is cut out of the rest
+     * of the update (no more buckets; ABORT when it is still connected) while its rank and
+     * every other worker go on; the result lists it (nisolated, isolated[]). A rank's own
+     * failure still aborts the update everywhere. 0 (default): one worker fails, all abort. */
+    int isolate;
 } ckpt_update_options_t;
 
-#define CKPT_UPDATE_OPTIONS_INIT {0, 0, 0, -1, NULL, -1, 0}
+#define CKPT_UPDATE_OPTIONS_INIT {0, 0, 0, -1, NULL, -1, 0, 0}
 
 /* Physical floors measured in this run: single-core memcpy on rank 0, MPI_Bcast on all. */
 typedef struct ckpt_floors {

@@ -73,6 +73,10 @@ typedef struct ckpt_http_job {
     uint64_t bucket_max;              /* 0: the engine's option */
     int timeout_ms;                   /* 0: the engine's option */
     int verify;                       /* -1: the engine's option, 0 off, 1 on */
+    int partial;                      /* 1: the checkpoint is a subset of the model on
+                                       * purpose (ckpt_update_options_t.partial) */
+    int isolate;                      /* 1: a failing worker is cut out, the others go on
+                                       * (ckpt_update_options_t.isolate) */
     char update_url[CKPT_HTTP_URL_MAX];   /* "": no trigger; else ckpt_trigger_begin it */
     char trigger_method[128];             /* collective_rpc method ("": ckpt_engine_update) */
     /* worker i of the inference instance attaches to engine rank group_ranks[i]
@@ -93,6 +97,16 @@ typedef struct ckpt_http_job {
  * per job taken with ckpt_http_next_job, after ckpt_http_job_done. */
 CKPT_API void ckpt_http_job_release(ckpt_http_job_t *job);
 
+/* A worker an update with "isolate" cut out (mirrors ckpt_isolated_worker_t). */
+typedef struct ckpt_http_isolated {
+    int rank;
+    int worker_pid;  /* -1: none was connected */
+    int status;      /* CKPT_E* */
+    char reason[256];
+} ckpt_http_isolated_t;
+
+#define CKPT_HTTP_ISOLATED_MAX 16
+
 /* What the main thread reports for a job. Fields an engine call does not produce stay 0. */
 typedef struct ckpt_http_job_result {
     int status;             /* 0 or the failing CKPT_E* status */
@@ -107,6 +121,10 @@ typedef struct ckpt_http_job_result {
     double gather_s, plan_s, begin_s, pipeline_s, finish_s, total_s; /* update phases */
     int paused;             /* update: vLLM's generation was paused for it */
     int resumed;            /* update: ... and resumed after it succeeded */
+    /* update with "isolate": workers cut out of it (nisolated in all, the first
+     * CKPT_HTTP_ISOLATED_MAX by rank listed) */
+    int nisolated;
+    ckpt_http_isolated_t isolated[CKPT_HTTP_ISOLATED_MAX];
 } ckpt_http_job_result_t;
 
 /* Progress of the running update (mirrors ckpt_update_progress_t). */

@@ -5,7 +5,12 @@
  * Invariant that makes the overlap safe: bucket b is written into buffer b % nbuffers only
  * after every rank agreed on bucket b - nbuffers, i.e. after every worker acknowledged
  * that it finished reading that buffer. With one buffer (memory short) the loop
- * degenerates to stage, reload, agree in sequence. */
+ * degenerates to stage, reload, agree in sequence.
+ *
+ * With cmd->isolate a worker's failure (an error answer, a stall past the timeout, a lost
+ * connection, a refused BEGIN or post-hook) is not this rank's: the rank tells the worker
+ * ABORT (or drops it), agrees "ok" and keeps taking part in every collective without it;
+ * the isolations are gathered on rank 0 once, after the post-hooks. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +40,10 @@ typedef struct update_ctx {
     int32_t *src_owner;      /* P2P: per bucket, the serving rank that holds it */
     const ckpt_tensor_meta_t *manifest; /* every tensor of the update, sent with BEGIN */
     size_t nmanifest;
+    int worker_pid;          /* of the worker BEGIN went to (kept after a drop) */
+    int isolated;            /* isolate: this rank's worker is out of the update */
+    int isolated_status;
+    char isolated_reason[CKPT__REASON_MAX];
 } update_ctx_t;
 
 static int fail_result(update_ctx_t *u, int rc, int failed_rank, const char *reason)
@@ -43,6 +52,45 @@ static int fail_result(update_ctx_t *u, int rc, int failed_rank, const char *rea
     u->res->failed_rank = failed_rank;
     snprintf(u->res->reason, sizeof(u->res->reason), "%s", reason);
     return rc;
+}
+
+/* The worker still takes buckets: it exists and was not cut out of the update. */
+static int worker_active(const update_ctx_t *u)
+{
+    return u->e->ipc != NULL && !u->isolated;
+}
+
+/* With isolate, a failure of this rank's worker (rc < 0, its text in ckpt_last_error())
+ * cuts the worker out of the rest of the update: it is told ABORT when it is still
+ * connected (a stalled one is dropped at once, see ckpt_ipc_finish), the failure is
+ * recorded for the result and the rank reports OK to the agreement. Without isolate, or
+ * for rc == 0, rc is returned unchanged. */
+static int isolate_worker(update_ctx_t *u, int rc, const char *what)
+{
+    ckpt_engine_t *e = u->e;
+    if (rc == CKPT_OK || !u->cmd->isolate || !e->ipc || u->isolated) return rc;
+    u->isolated = 1;
+    u->isolated_status = rc;
+    /* The sender's texts mostly name the phase already ("...: bucket 3: ..."). */
+    const char *why = ckpt_last_error();
+    snprintf(u->isolated_reason, sizeof(u->isolated_reason), "%s%s%s", strstr(why, what) ? "" : what,
+             strstr(why, what) ? "" : ": ", why);
+    ckpt_warn("update %llu: rank %d isolates its worker (pid %d), the other workers go on: %s",
+              (unsigned long long)u->cmd->update_id, e->rank, u->worker_pid,
+              u->isolated_reason);
+    if (u->worker_begun && ckpt_ipc_server_has_worker(e->ipc)) {
+        char told[CKPT__REASON_MAX + 128];
+        snprintf(told, sizeof(told),
+                 "update %llu: this worker was isolated (%s); the other workers complete the "
+                 "update without it",
+                 (unsigned long long)u->cmd->update_id, u->isolated_reason);
+        int arc = ckpt_ipc_finish(e->ipc, 0, told, u->cmd->timeout_ms);
+        if (arc < 0) ckpt_info("update %llu: telling the isolated worker: %s",
+                               (unsigned long long)u->cmd->update_id, ckpt_last_error());
+    }
+    u->worker_begun = 0; /* no FINISH, no decision: it has its outcome */
+    ckpt__error_clear();
+    return CKPT_OK;
 }
 
 /* Agreement with the result recorded; a broken deployment is fatal. */
@@ -222,8 +270,10 @@ static int begin_workers(update_ctx_t *u)
          * BUCKET's send and its ack; wait_worker and BEGIN), below the ranks' 3 x timeout
          * + 5 s: a stalled worker is reported as this rank's worker, never as a dead rank. */
         ckpt_ipc_server_set_send_timeout(e->ipc, u->cmd->timeout_ms);
+        u->worker_pid = -1;
         rc = ckpt_ipc_server_wait_worker(e->ipc, u->cmd->timeout_ms);
         if (rc == CKPT_OK) {
+            u->worker_pid = ckpt_ipc_server_worker_pid(e->ipc);
             ckpt_ipc_begin_t begin;
             memset(&begin, 0, sizeof(begin));
             begin.update_id = u->cmd->update_id;
@@ -252,6 +302,7 @@ static int begin_workers(update_ctx_t *u)
             rc = ckpt_ipc_begin(e->ipc, &begin, u->cmd->timeout_ms);
             u->worker_begun = rc == CKPT_OK;
         }
+        rc = isolate_worker(u, rc, "BEGIN");
     }
     return agree(u, rc, "worker");
 }
@@ -312,7 +363,7 @@ static int send_bucket(update_ctx_t *u, size_t b)
     ckpt_engine_t *e = u->e;
     const ckpt_bucket_t *bk = &u->plan.buckets[b];
     u->sent_at = ckpt__now_s();
-    if (!e->ipc) return CKPT_OK;
+    if (!worker_active(u)) return CKPT_OK;
     int buffer = u->direct ? bk->source : (int)(b % (size_t)e->buffers.nbuffers);
     return ckpt_ipc_send_bucket(e->ipc, (uint32_t)b, buffer, &u->plan.tensors[bk->first],
                                 bk->count);
@@ -336,14 +387,23 @@ static int agree_bucket(update_ctx_t *u, size_t b, int local_rc)
     return rc;
 }
 
+/* The worker's answer to bucket b (send_rc: how sending it went); with isolate a failure
+ * cuts the worker out and reads as OK. */
+static int bucket_ack(update_ctx_t *u, size_t b, int send_rc)
+{
+    int rc = send_rc;
+    if (rc == CKPT_OK && worker_active(u)) rc = ckpt_ipc_wait_ack(u->e->ipc, u->cmd->timeout_ms);
+    ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_RELOAD, u->sent_at);
+    if (rc == CKPT_OK) return rc;
+    char what[32];
+    snprintf(what, sizeof(what), "bucket %zu", b);
+    return isolate_worker(u, rc, what);
+}
+
 /* Waits for the worker's ack of bucket b and agrees on it across ranks. */
 static int complete_bucket(update_ctx_t *u, size_t b, int send_rc)
 {
-    ckpt_engine_t *e = u->e;
-    int rc = send_rc;
-    if (rc == CKPT_OK && e->ipc) rc = ckpt_ipc_wait_ack(e->ipc, u->cmd->timeout_ms);
-    ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_RELOAD, u->sent_at);
-    return agree_bucket(u, b, rc);
+    return agree_bucket(u, b, bucket_ack(u, b, send_rc));
 }
 
 static int run_pipeline(update_ctx_t *u)
@@ -359,9 +419,7 @@ static int run_pipeline(update_ctx_t *u)
         if (nb == 0) return CKPT_OK;
         send_rc = send_bucket(u, 0);
         for (size_t b = 0; b < nb; b++) {
-            int ack = send_rc;
-            if (ack == CKPT_OK && u->e->ipc) ack = ckpt_ipc_wait_ack(u->e->ipc, u->cmd->timeout_ms);
-            ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_RELOAD, u->sent_at);
+            int ack = bucket_ack(u, b, send_rc);
             if (ack == CKPT_OK && b + 1 < nb) send_rc = send_bucket(u, b + 1);
             if ((rc = agree_bucket(u, b, ack)) < 0) return rc;
         }
@@ -376,6 +434,59 @@ static int run_pipeline(update_ctx_t *u)
     }
     if (nb > 0) rc = complete_bucket(u, nb - 1, send_rc);
     return rc;
+}
+
+/* One isolated worker as rank 0 gathers it. */
+typedef struct {
+    int32_t isolated, pid, status, pad;
+    char reason[sizeof(((ckpt_isolated_worker_t *)0)->reason)];
+} isolated_msg_t;
+
+/* isolate: rank 0 learns which workers were cut out (one integer allreduce when none was;
+ * a gather otherwise) and lists them in the result. When no worker is left the update
+ * failed after all: nobody holds the new weights. Returns the update's status. */
+static int gather_isolated(update_ctx_t *u, int rc)
+{
+    ckpt_engine_t *e = u->e;
+    ckpt_update_result_t *res = u->res;
+    int mine[2] = {u->isolated, e->ipc != NULL}, sum[2] = {0, 0};
+    MPI_Request req;
+    MPI_Iallreduce(mine, sum, 2, MPI_INT, MPI_SUM, e->world, &req);
+    if (ckpt__mpi_wait(e, &req, u->coll_ms, 200, "isolated workers") < 0)
+        ckpt__engine_fatal(e, ckpt_last_error());
+    res->nisolated = (uint32_t)sum[0];
+    if (sum[0] == 0) return rc;
+    isolated_msg_t msg, *all = NULL;
+    memset(&msg, 0, sizeof(msg));
+    msg.isolated = u->isolated;
+    msg.pid = u->worker_pid;
+    msg.status = u->isolated_status;
+    ckpt__strlcpy(msg.reason, u->isolated_reason, sizeof(msg.reason));
+    if (e->rank == 0) {
+        all = ckpt__calloc((size_t)e->size, sizeof(*all));
+        if (!all) ckpt__engine_fatal(e, "no memory to gather isolated workers");
+    }
+    MPI_Igather(&msg, (int)sizeof(msg), MPI_BYTE, all, (int)sizeof(msg), MPI_BYTE, 0, e->world,
+                &req);
+    if (ckpt__mpi_wait(e, &req, u->coll_ms, 200, "isolated workers") < 0)
+        ckpt__engine_fatal(e, ckpt_last_error());
+    uint32_t n = 0;
+    for (int r = 0; all && r < e->size; r++) {
+        if (!all[r].isolated || n == CKPT_ISOLATED_MAX) continue;
+        ckpt_isolated_worker_t *w = &res->isolated[n++];
+        w->rank = r;
+        w->worker_pid = all[r].pid;
+        w->status = all[r].status < 0 ? all[r].status : CKPT_EPEER;
+        ckpt__strlcpy(w->reason, all[r].reason, sizeof(w->reason));
+    }
+    ckpt__free(all);
+    if (rc < 0 || sum[0] < sum[1]) return rc;
+    /* No worker is left: the same verdict on every rank (rank 0 names the first). */
+    res->failed_rank = e->rank == 0 ? res->isolated[0].rank : -1;
+    snprintf(res->reason, sizeof(res->reason), "every worker was isolated (%d of %d)%s%s",
+             sum[0], sum[1], e->rank == 0 ? "; the first: " : "",
+             e->rank == 0 ? res->isolated[0].reason : "");
+    return ckpt__error(e->rank == 0 ? res->isolated[0].status : CKPT_EPEER, "%s", res->reason);
 }
 
 static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace_path,
@@ -486,10 +597,12 @@ finish:
          * that the update is incomplete and why. */
         int frc = ckpt_ipc_finish(e->ipc, rc == CKPT_OK, rc == CKPT_OK ? NULL : res->reason,
                                   cmd->timeout_ms);
-        if (rc == CKPT_OK) rc = frc;
+        if (rc == CKPT_OK) rc = isolate_worker(&u, frc, "post-hook");
         else ckpt__error_clear();
     }
     if (res->status == CKPT_OK) rc = agree(&u, rc, "worker post-hook");
+    /* Every rank reaches this point with the same rc (agreed), so the gather is safe. */
+    if (cmd->isolate) rc = gather_isolated(&u, rc);
     /* Second phase: every rank now knows every worker's FINISH answer, so every worker gets
      * the same outcome: COMMIT, or ABORT when any rank or worker failed (also a worker that
      * died in its post-hook): no worker reports complete for an update that failed. */

@@ -328,10 +328,14 @@ static int parse_update_field(const cJSON *item, ckpt_http_job_t *job, int *have
             if ((rc = get_int(item, 1, 9007199254740992.0, &v, field, cap))) return rc;
             job->bucket_max = (uint64_t)v;
         }
-    } else if (strcmp(k, "verify") == 0) {
+    } else if (strcmp(k, "verify") == 0 || strcmp(k, "partial") == 0 ||
+               strcmp(k, "isolate") == 0) {
         if (!cJSON_IsBool(item))
             return bad(field, cap, k, CKPT_EINVAL, "'%s' must be true or false");
-        job->verify = cJSON_IsTrue(item) ? 1 : 0;
+        int on = cJSON_IsTrue(item) ? 1 : 0;
+        if (k[0] == 'v') job->verify = on;
+        else if (k[0] == 'p') job->partial = on;
+        else job->isolate = on;
     } else if (strcmp(k, "update_url") == 0) {
         if ((rc = get_string(item, job->update_url, sizeof job->update_url, field, cap)))
             return rc;
@@ -376,7 +380,8 @@ static int known_update_field(const char *k)
 {
     static const char *const known[] = {"mode", "ranks", "inference_group_ranks", "timeout_ms",
                                         "timeout", "bucket_max", "verify", "update_url",
-                                        "metas_url", "trigger_method", "uds", "pause"};
+                                        "metas_url", "trigger_method", "uds", "pause",
+                                        "partial", "isolate"};
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
         if (strcmp(k, known[i]) == 0) return 1;
     return 0;
@@ -401,6 +406,8 @@ int ckpt_http_parse_update(const char *body, size_t len, ckpt_http_job_t *job, c
     if (rc) return rc;
     snprintf(job->mode, sizeof job->mode, "broadcast");
     job->verify = -1;
+    job->partial = 0;
+    job->isolate = 0;
     job->nranks = 0;
     job->ngroup_ranks = 0;
     int have_timeout = 0, have_timeout_ms = 0;

@@ -30,6 +30,7 @@ typedef struct srv_update {
     char mode[16];
     int state;           /* srv_update_state_t */
     int has_trigger;
+    int partial, isolate; /* the options it was asked with */
     ckpt_http_progress_t progress;
     ckpt_http_job_result_t result;
     char trace_path[CKPT_HTTP_PATH_MAX];

@@ -144,6 +144,8 @@ int srv_submit(ckpt_http_server_t *srv, ckpt_http_job_t *job, char *err, size_t 
         ckpt__strlcpy(u->mode, job->mode, sizeof u->mode);
         u->state = UP_QUEUED;
         u->has_trigger = job->update_url[0] != '\0';
+        u->partial = job->partial;
+        u->isolate = job->isolate;
         u->result.failed_rank = -1;
         u->queued_at = ckpt__now_s();
         snprintf(job->trace_path, sizeof job->trace_path, "%.4000s/update-%llu.json", srv->trace_dir,
@@ -478,6 +480,8 @@ cJSON *srv_render_update(ckpt_http_server_t *srv, uint64_t id, int *code)
     cJSON_AddNumberToObject(o, "update_id", (double)u->id);
     cJSON_AddStringToObject(o, "name", u->name);
     cJSON_AddStringToObject(o, "mode", u->mode);
+    cJSON_AddBoolToObject(o, "partial", u->partial);
+    cJSON_AddBoolToObject(o, "isolate", u->isolate);
     cJSON_AddStringToObject(o, "state", update_state_name(u->state));
     add_progress(o, &u->progress, u->state == UP_RUNNING);
     if (u->state == UP_SUCCEEDED || u->state == UP_FAILED) {
@@ -503,6 +507,17 @@ cJSON *srv_render_update(ckpt_http_server_t *srv, uint64_t id, int *code)
          * means it is still paused now. */
         cJSON_AddBoolToObject(o, "paused", r->paused);
         cJSON_AddBoolToObject(o, "resumed", r->resumed);
+        /* "isolate": workers cut out of the update; the others completed it. */
+        cJSON_AddNumberToObject(o, "nisolated", r->nisolated);
+        cJSON *iso = cJSON_AddArrayToObject(o, "isolated");
+        for (int i = 0; i < r->nisolated && i < CKPT_HTTP_ISOLATED_MAX; i++) {
+            cJSON *w = cJSON_CreateObject();
+            cJSON_AddNumberToObject(w, "rank", r->isolated[i].rank);
+            cJSON_AddNumberToObject(w, "worker", r->isolated[i].worker_pid);
+            cJSON_AddStringToObject(w, "status", ckpt_status_name(r->isolated[i].status));
+            cJSON_AddStringToObject(w, "reason", r->isolated[i].reason);
+            cJSON_AddItemToArray(iso, w);
+        }
         char url[64];
         snprintf(url, sizeof url, "/v1/updates/%llu/trace", (unsigned long long)u->id);
         if (access(u->trace_path, R_OK) == 0) cJSON_AddStringToObject(o, "trace_url", url);

@@ -274,6 +274,11 @@ static void test_parse_update(void)
     CHECK_OK(parse_upd("", field));
     CHECK_STR(job_buf.mode, "broadcast");
     CHECK(job_buf.verify == -1 && job_buf.bucket_max == 0 && job_buf.timeout_ms == 0);
+    CHECK(job_buf.partial == 0 && job_buf.isolate == 0);
+    CHECK_OK(parse_upd("{\"partial\": true, \"isolate\": true}", field));
+    CHECK(job_buf.partial == 1 && job_buf.isolate == 1 && job_buf.verify == -1);
+    CHECK_OK(parse_upd("{\"partial\": null, \"isolate\": false}", field));
+    CHECK(job_buf.partial == 0 && job_buf.isolate == 0);
     CHECK_OK(parse_upd("{\"mode\":\"p2p\",\"ranks\":[3,1],\"timeout_ms\":5000,"
                        "\"bucket_max\":\"64MiB\",\"verify\":true,"
                        "\"update_url\":\"http://127.0.0.1:8000/collective_rpc\","
@@ -323,6 +328,8 @@ static void test_parse_update(void)
         {"{\"bucket_max\": 0}", "bucket_max", CKPT_EINVAL},
         {"{\"mode\": \"multicast\"}", "mode", CKPT_EINVAL},
         {"{\"verify\": 1}", "verify", CKPT_EINVAL},
+        {"{\"partial\": \"yes\"}", "partial", CKPT_EINVAL},
+        {"{\"isolate\": 1}", "isolate", CKPT_EINVAL},
         {"{\"ranks\": [0, 0], \"mode\": \"p2p\"}", "ranks", CKPT_EINVAL},
         {"{\"ranks\": [-1], \"mode\": \"p2p\"}", "ranks", CKPT_EINVAL},
         {"{\"ranks\": [1.5]}", "ranks", CKPT_EINVAL},

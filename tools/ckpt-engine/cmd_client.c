@@ -187,6 +187,11 @@ static int wait_update(const client_t *c, const char *status_url)
                         num(u, "update_id"), str(u, "name"),
                         num(u, "failed_rank") >= 0 ? " on rank " : "",
                         num(u, "failed_rank") >= 0 ? num(u, "failed_rank") : 0, str(u, "reason"));
+            /* isolate: the workers cut out, whatever the outcome for the others. */
+            const cJSON *w;
+            cJSON_ArrayForEach(w, cJSON_GetObjectItem(u, "isolated"))
+                fprintf(stderr, "ckpt-engine update: isolated rank %.0f's worker (pid %.0f): %s\n",
+                        num(w, "rank"), num(w, "worker"), str(w, "reason"));
             cJSON_Delete(u);
             return ok ? 0 : 1;
         }
@@ -298,7 +303,7 @@ static void usage(FILE *out)
         "                   (one PATH: a .safetensors file, a directory or an index.json;\n"
         "                   several: .safetensors files registered as one checkpoint)\n"
         "       ckpt-engine update NAME [--bucket-max SIZE] [--timeout-ms MS] [--verify]\n"
-        "                   [--mode broadcast|p2p] [--ranks R,R..] [--update-url URL]\n"
+        "                   [--partial] [--isolate] [--mode broadcast|p2p] [--ranks R,R..] [--update-url URL]\n"
         "                   [--trigger-method M] [--inference-group-ranks R,R..]\n"
         "                   [--uds PATH] [--pause wait|abort|keep|off] [--metas-url URL]\n"
         "                   [--wait]\n"
@@ -306,7 +311,13 @@ static void usage(FILE *out)
         "                   serving deployment whose GET .../metas URL is given;\n"
         "                   --update-url .../collective_rpc: vLLM, paused around the update\n"
         "                   (--pause, default wait: in-flight requests finish first) and\n"
-        "                   resumed only after it succeeded)\n"
+        "                   resumed only after it succeeded;\n"
+        "                   --partial: NAME is a subset of the workers' models on purpose,\n"
+        "                   without it a worker whose model has tensors NAME lacks refuses\n"
+        "                   the update;\n"
+        "                   --isolate: a worker that fails, stalls or dies is cut out of the\n"
+        "                   update and listed, the others complete it (default: one fails,\n"
+        "                   all abort); the exit status is 0 when the others completed)\n"
         "       ckpt-engine status [UPDATE_ID]\n"
         "       ckpt-engine unregister NAME\n"
         "       ckpt-engine list\n"
@@ -335,7 +346,7 @@ static int add_ranks(cJSON *o, const char *key, const char *opt, const char *ran
     return 0;
 }
 
-static cJSON *update_body(int verify, const char *bucket, const char *timeout,
+static cJSON *update_body(int verify, int partial, int isolate, const char *bucket, const char *timeout,
                           const char *mode, const char *ranks, const char *url,
                           const char *method, const char *metas_url, const char *group_ranks,
                           const char *uds, const char *pause)
@@ -354,6 +365,8 @@ static cJSON *update_body(int verify, const char *bucket, const char *timeout,
         cJSON_AddNumberToObject(o, "timeout_ms", (double)t);
     }
     if (verify) cJSON_AddBoolToObject(o, "verify", 1);
+    if (partial) cJSON_AddBoolToObject(o, "partial", 1);
+    if (isolate) cJSON_AddBoolToObject(o, "isolate", 1);
     if (metas_url && !mode) mode = "p2p";
     if (mode) cJSON_AddStringToObject(o, "mode", mode);
     if (metas_url) cJSON_AddStringToObject(o, "metas_url", metas_url);
@@ -389,9 +402,9 @@ int cmd_client(int argc, char **argv)
     const char *token_file = getenv("CKPT_TOKEN_FILE"), *out = NULL, *bucket = NULL,
                *timeout = NULL, *mode = NULL, *ranks = NULL, *url = NULL, *method = NULL,
                *metas_url = NULL, *group_ranks = NULL, *uds = NULL, *pause = NULL;
-    int wait = 0, verify = 0, rc = 2;
+    int wait = 0, verify = 0, partial = 0, isolate = 0, rc = 2;
     enum { O_SERVER = 256, O_TOKEN, O_BUCKET, O_TIMEOUT, O_MODE, O_RANKS, O_URL, O_METHOD,
-           O_METAS, O_GROUP, O_UDS, O_PAUSE };
+           O_METAS, O_GROUP, O_UDS, O_PAUSE, O_PARTIAL, O_ISOLATE };
     static const struct option longopts[] = {
         {"server", required_argument, NULL, O_SERVER},
         {"token-file", required_argument, NULL, O_TOKEN},
@@ -406,6 +419,8 @@ int cmd_client(int argc, char **argv)
         {"uds", required_argument, NULL, O_UDS},
         {"pause", required_argument, NULL, O_PAUSE},
         {"verify", no_argument, NULL, 'v'},
+        {"partial", no_argument, NULL, O_PARTIAL},
+        {"isolate", no_argument, NULL, O_ISOLATE},
         {"wait", no_argument, NULL, 'w'},
         {"output", required_argument, NULL, 'o'},
         {"help", no_argument, NULL, 'h'},
@@ -427,6 +442,8 @@ int cmd_client(int argc, char **argv)
         case O_UDS: uds = optarg; break;
         case O_PAUSE: pause = optarg; break;
         case 'v': verify = 1; break;
+        case O_PARTIAL: partial = 1; break;
+        case O_ISOLATE: isolate = 1; break;
         case 'w': wait = 1; break;
         case 'o': out = optarg; break;
         case 'h': usage(stdout); return 0;
@@ -448,7 +465,7 @@ int cmd_client(int argc, char **argv)
     if (strcmp(cmd, "register") == 0 && npos >= 2) {
         rc = do_register(&c, pos[0], pos + 1, npos - 1, wait);
     } else if (strcmp(cmd, "update") == 0 && npos == 1) {
-        cJSON *body = update_body(verify, bucket, timeout, mode, ranks, url, method, metas_url,
+        cJSON *body = update_body(verify, partial, isolate, bucket, timeout, mode, ranks, url, method, metas_url,
                                   group_ranks, uds, pause);
         rc = body ? do_update(&c, pos[0], body, wait) : 2;
         cJSON_Delete(body);

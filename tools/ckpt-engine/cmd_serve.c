@@ -67,13 +67,18 @@ static void serve_usage(FILE *out)
         "commands (rank 0's input; '#' starts a comment):\n"
         "  register NAME PATH   each rank loads its share of PATH (file, directory or index)\n"
         "  update NAME [bucket=SIZE] [timeout=MS] [verify=0|1] [direct=0|1] [trace=FILE]\n"
-        "              [partial=1]  (partial: the checkpoint is a subset of the model)\n"
+        "              [partial=1] [isolate=1]\n"
         "                       broadcast update of every worker; trace= writes the timeline\n"
-        "                       as Chrome trace JSON (open it in ui.perfetto.dev)\n"
+        "                       as Chrome trace JSON (open it in ui.perfetto.dev); partial:\n"
+        "                       the checkpoint is a subset of the workers' models on purpose;\n"
+        "                       isolate: a worker that fails, stalls or dies is cut out and\n"
+        "                       listed under \"isolated\", the others complete (default: one\n"
+        "                       fails, all abort)\n"
         "  unregister NAME      frees the checkpoint on every rank\n"
         "  export NAME FILE     P2P: registers NAME's pools with UCX and writes the metas a\n"
         "                       joining deployment needs to FILE (docs/METAS.md)\n"
         "  p2p-update FILE [bucket=SIZE] [timeout=MS] [verify=0|1] [trace=FILE]\n"
+        "              [partial=1] [isolate=1]\n"
         "                       P2P: pulls the checkpoint FILE describes from the serving\n"
         "                       ranks (one-sided UCX gets) and updates this deployment\n"
         "  floors               measures memcpy and MPI_Bcast bandwidth for comparison\n"
@@ -141,16 +146,34 @@ void serve_print_update(const serve_state_t *st, const ckpt_update_result_t *r)
         cJSON_AddNumberToObject(o, "memcpy_gbps", st->floors.memcpy_gbps);
         cJSON_AddNumberToObject(o, "memcpy_concurrent_gbps", st->floors.memcpy_concurrent_gbps);
         cJSON_AddNumberToObject(o, "bcast_gbps", st->floors.bcast_gbps);
+        cJSON_AddNumberToObject(o, "nisolated", r->nisolated);
+        cJSON *iso = cJSON_AddArrayToObject(o, "isolated");
+        for (uint32_t i = 0; i < r->nisolated && i < CKPT_ISOLATED_MAX; i++) {
+            cJSON *w = cJSON_CreateObject();
+            cJSON_AddNumberToObject(w, "rank", r->isolated[i].rank);
+            cJSON_AddNumberToObject(w, "worker", r->isolated[i].worker_pid);
+            cJSON_AddStringToObject(w, "status", ckpt_status_name(r->isolated[i].status));
+            cJSON_AddStringToObject(w, "reason", r->isolated[i].reason);
+            cJSON_AddItemToArray(iso, w);
+        }
         print_json_line(o);
         return;
     }
+    for (uint32_t i = 0; i < r->nisolated && i < CKPT_ISOLATED_MAX; i++)
+        printf("update '%s' #%llu: isolated rank %d's worker (pid %d): %s\n", r->name,
+               (unsigned long long)r->update_id, r->isolated[i].rank, r->isolated[i].worker_pid,
+               r->isolated[i].reason);
+    if (r->nisolated > CKPT_ISOLATED_MAX)
+        printf("update '%s' #%llu: ... %u workers isolated in all\n", r->name,
+               (unsigned long long)r->update_id, r->nisolated);
     if (r->status != 0) {
         printf("update '%s' #%llu FAILED after %.3f s: %s\n", r->name,
                (unsigned long long)r->update_id, r->total_s, r->reason);
         return;
     }
-    printf("update '%s' #%llu (version %llu): ok\n", r->name, (unsigned long long)r->update_id,
-           (unsigned long long)r->version);
+    printf("update '%s' #%llu (version %llu): ok%s\n", r->name, (unsigned long long)r->update_id,
+           (unsigned long long)r->version,
+           r->nisolated ? " for every worker but the isolated ones" : "");
     printf("  %-28s %d\n", "ranks (workers)", r->nranks);
     printf("  %-28s %s in %u tensors\n", "checkpoint",
            ckpt_format_size(r->bytes, total, sizeof(total)), r->ntensors);
@@ -270,9 +293,11 @@ static int parse_update_opts(const char *name, char **save, ckpt_update_options_
             uo->trace_path = opt + 6;
         } else if (strncmp(opt, "partial=", 8) == 0) {
             uo->partial = atoi(opt + 8) != 0;
+        } else if (strncmp(opt, "isolate=", 8) == 0) {
+            uo->isolate = atoi(opt + 8) != 0;
         } else {
             printf("update '%s': unknown option '%s' (bucket=, timeout=, verify=, direct=, "
-                   "trace=, partial=)\n", name, opt);
+                   "trace=, partial=, isolate=)\n", name, opt);
             return -1;
         }
     }

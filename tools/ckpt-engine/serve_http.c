@@ -198,6 +198,8 @@ static void run_update(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http
     uo.bucket_max = job->bucket_max;
     uo.timeout_ms = job->timeout_ms;
     uo.verify = job->verify;
+    uo.partial = job->partial;
+    uo.isolate = job->isolate;
     uo.trace_path = job->trace_path[0] ? job->trace_path : NULL;
     ckpt_update_result_t res;
     memset(&res, 0, sizeof res);
@@ -226,6 +228,15 @@ static void run_update(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http
     r->pipeline_s = res.pipeline_s;
     r->finish_s = res.finish_s;
     r->total_s = res.total_s;
+    r->nisolated = (int)res.nisolated;
+    for (uint32_t i = 0; i < res.nisolated && i < CKPT_ISOLATED_MAX && i < CKPT_HTTP_ISOLATED_MAX;
+         i++) {
+        r->isolated[i].rank = res.isolated[i].rank;
+        r->isolated[i].worker_pid = res.isolated[i].worker_pid;
+        r->isolated[i].status = res.isolated[i].status;
+        snprintf(r->isolated[i].reason, sizeof r->isolated[i].reason, "%s",
+                 res.isolated[i].reason);
+    }
     /* Joins the trigger (its failure fails the update) and resumes vLLM only after a good
      * update; a failed one leaves it paused and says so in the reason. */
     if (trig) {

@@ -19,7 +19,7 @@ typedef struct {
     const char *socket, *layout, *checksum_out, *dump;
     int tp_rank, tp_size, verify, timeout_ms, post_hook_ms, die_in_post_hook;
     int engine_wait_ms; /* connect / reconnect: < 0 = until an engine comes */
-    long updates, fail_on, stall_on;
+    long updates, fail_on, stall_on, die_on;
     int dump_now; /* with --updates K, the dump is written after the last update only */
 } opts_t;
 
@@ -67,6 +67,8 @@ static void usage(FILE *out)
         "  --die-in-post-hook       test knob: the post-hook kills this process (SIGKILL)\n"
         "  --fail-on-bucket B       test knob: answer bucket B with \"injected failure\"\n"
         "  --stall-on-bucket B      test knob: never answer bucket B\n"
+        "  --die-on-bucket B        test knob: kill this process (SIGKILL) when bucket B\n"
+        "                           arrives, before answering it\n"
         "  -h, --help               this text\n\n"
         "stdout gets one line per update:\n"
         "  update <id> of '<name>' version <v>: complete | aborted (<reason>)\n");
@@ -79,7 +81,8 @@ static int parse(int argc, char **argv, opts_t *o)
         {"tp-size", 1, 0, 'n'}, {"verify", 0, 0, 'v'}, {"checksum-out", 1, 0, 'c'},
         {"dump", 1, 0, 'd'}, {"timeout-ms", 1, 0, 't'}, {"updates", 1, 0, 'u'},
         {"post-hook-sleep-ms", 1, 0, 'p'}, {"fail-on-bucket", 1, 0, 'F'},
-        {"stall-on-bucket", 1, 0, 'S'}, {"die-in-post-hook", 0, 0, 'K'}, {"engine-wait-ms", 1, 0, 'E'}, {"help", 0, 0, 'h'},
+        {"stall-on-bucket", 1, 0, 'S'}, {"die-in-post-hook", 0, 0, 'K'},
+        {"die-on-bucket", 1, 0, 'X'}, {"engine-wait-ms", 1, 0, 'E'}, {"help", 0, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
     memset(o, 0, sizeof(*o));
@@ -87,7 +90,7 @@ static int parse(int argc, char **argv, opts_t *o)
     o->timeout_ms = 30000;
     o->engine_wait_ms = -1; /* an engine restart, however long, must not end the worker */
     o->post_hook_ms = 10;
-    o->fail_on = o->stall_on = -1;
+    o->fail_on = o->stall_on = o->die_on = -1;
     while ((c = getopt_long(argc, argv, "h", longs, NULL)) != -1) {
         switch (c) {
         case 's': o->socket = optarg; break;
@@ -102,6 +105,7 @@ static int parse(int argc, char **argv, opts_t *o)
         case 'p': o->post_hook_ms = atoi(optarg); break;
         case 'F': o->fail_on = atol(optarg); break;
         case 'S': o->stall_on = atol(optarg); break;
+        case 'X': o->die_on = atol(optarg); break;
         case 'K': o->die_in_post_hook = 1; break;
         case 'E': o->engine_wait_ms = atoi(optarg); break;
         case 'h': usage(stdout); exit(0);
@@ -161,6 +165,11 @@ static int run_update(ckpt_receiver_t *r, const ckpt_update_info_t *info, wk_mod
                 wlog(1, "stalling on bucket %u (--stall-on-bucket)", b);
                 for (;;) pause();
             }
+            if ((long)b == o->die_on) {
+                wlog(1, "dying on bucket %u (--die-on-bucket)", b);
+                fflush(stdout);
+                raise(SIGKILL);
+            }
             if ((long)b == o->fail_on) rc = ckpt_receiver_fail(r, "injected failure");
             else {
                 int st = wk_model_apply(m, v, n, o->verify || info->verify, why, sizeof(why));
@@ -195,6 +204,7 @@ static int run_update(ckpt_receiver_t *r, const ckpt_update_info_t *info, wk_mod
         } else {
             printf("update %" PRIu64 " of '%s' version %" PRIu64 ": aborted (%s)\n",
                    info->update_id, info->name, info->version, ckpt_receiver_reason(r));
+            print_state(r);
             return 0;
         }
         fflush(stdout);
