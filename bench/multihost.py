@@ -1,0 +1,88 @@
+"""Update time on one host vs two hosts (network namespaces joined by a bridge, MPI over
+TCP between them; tests/multihost/hosts.py), same checkpoint, same number of workers: the
+figures a cost model of multi-host updates is checked against. Needs root.
+
+  python3 bench/multihost.py [--size 64MiB] [--repeat 3]
+
+Rows (median of --repeat updates after one warm-up; each row a fresh deployment):
+  1 host x 2 ranks, direct   the default on one host: workers read the owners' pools
+  1 host x 2 ranks, staged   direct=0: through the host's IPC buffers, no network
+  2 hosts x 1 rank           the other host's bytes cross the veth/bridge link (MPI_Ibcast)
+The MPI_Bcast floor (serve's `floors`) of each deployment is printed beside it.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "multihost"))
+
+import hosts as hostsmod  # noqa: E402
+from deploy import Deployment, gen  # noqa: E402
+
+ROWS = [
+    # label, hosts used, ranks per host, extra update options
+    ("1 host x 2 ranks, direct", [0], 2, ""),
+    ("1 host x 2 ranks, staged", [0], 2, " direct=0"),
+    ("2 hosts x 1 rank", [0, 1], 1, ""),
+]
+
+
+def measure(workdir, size="64MiB", repeat=3, timeout=120):
+    """[(label, median update s, [each update s], result of the last update, floors)]:
+    one fresh deployment per row on one set of 2 namespace hosts."""
+    workdir = str(workdir)
+    model = gen(os.path.join(workdir, "model"), size, shards=2)
+    out = []
+    with hostsmod.make_hosts(2, workdir) as H:
+        for k, (label, hosts, slots, opts) in enumerate(ROWS):
+            dep = Deployment(H, hosts, workdir, slots=slots, tag="bench-%d" % k)
+            dep.start_workers(["--layout", model], updates=repeat + 1)
+            dep.start()
+            try:
+                floors = dep.command("floors", timeout=timeout)
+                assert dep.command("register m %s" % model, timeout=timeout)["ok"]
+                times = []
+                for i in range(repeat + 1):
+                    res = dep.command("update m timeout=60000" + opts, timeout=timeout)
+                    assert res["ok"], res
+                    if i:  # the first one maps the buffers and faults the pools in
+                        times.append(res["total_s"])
+                out.append((label, statistics.median(times), times, res, floors))
+                assert dep.close() == 0, dep.stderr()
+                dep.wait_workers(timeout=60)
+            finally:
+                dep.close(timeout=10)
+                dep.stop_workers()
+    return out
+
+
+def table(rows, size):
+    lines = ["update time, %s checkpoint, 2 workers (median of %d updates):"
+             % (size, len(rows[0][2]) if rows else 0)]
+    base = rows[0][1] if rows else 0
+    for label, med, times, res, floors in rows:
+        bcast = floors.get("bcast_gbps", 0) if isinstance(floors, dict) else 0
+        lines.append("  %-26s %7.3f s  (%.2fx of the first row; buckets %d x %d MiB; "
+                     "%.2f GB/s per worker; MPI_Bcast floor %.2f GB/s)"
+                     % (label, med, med / base if base else 0, res["buckets"],
+                        res["bucket_size"] >> 20, res["per_worker_gbps"], bcast))
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="64MiB")
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    try:
+        with tempfile.TemporaryDirectory(prefix="ckpt-multihost-") as d:
+            print(table(measure(d, a.size, a.repeat), a.size))
+    except hostsmod.HostsUnavailable as e:
+        sys.exit("bench/multihost.py: %s" % e)
+
+
+if __name__ == "__main__":
+    main()

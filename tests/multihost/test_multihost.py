@@ -1,0 +1,157 @@
+"""Updates across hosts: engine ranks and workers in separate network namespaces joined by
+a bridge (hosts.py), MPI and UCX over TCP between them. Every worker is verified byte for
+byte against the checkpoint; the bytes are shown to have crossed the links (the hosts'
+receive counters)."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from deploy import Deployment, assert_dump_equals, gen, ucx_tcp_env
+
+SIZE = "32MiB"
+
+
+def total_bytes(model):
+    from deploy import read_checkpoint
+    return sum(len(d) for _, _, d in read_checkpoint(model).values())
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_broadcast_across_hosts(make_hosts, tmp_path, n):
+    H = make_hosts(n)
+    model = gen(tmp_path / "model", SIZE, shards=n)
+    dep = Deployment(H, range(n), tmp_path, serve_args=["--timeout-ms", "30000"])
+    dep.start_workers(["--layout", model, "--verify"])
+    dep.start()
+    assert dep.command("register m %s" % model, timeout=90)["ok"]
+    dep.assert_placement()
+    rx0 = [H.rx_bytes(i) for i in range(n)]
+    upd = dep.command("update m bucket=4MiB verify=1 timeout=30000", timeout=120)
+    assert upd["ok"], upd
+    assert upd["ranks"] == n and upd["direct"] == 0, upd
+    total = total_bytes(model)
+    assert upd["bytes"] == total, upd
+    # Every bucket reached each of the n-1 hosts that do not own it over the bridge.
+    rx = sum(H.rx_bytes(i) - rx0[i] for i in range(n))
+    assert rx >= (n - 1) * total, (rx, total)
+    assert dep.close() == 0, dep.stderr()
+    assert dep.wait_workers() == {r: 0 for r in range(n)}
+    for r in range(n):
+        assert_dump_equals(dep.dump_dir(r), model, "worker %d (host %d)" % (r, r))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_p2p_across_hosts(make_hosts, tmp_path, n):
+    """A serving deployment on the first half of the hosts exports; a joining deployment
+    on the other half pulls every byte over UCX/TCP across the bridge and updates its own
+    workers; the serving workers receive nothing."""
+    H = make_hosts(n)
+    env = ucx_tcp_env()
+    half = n // 2
+    serving, joining = list(range(half)), list(range(half, n))
+    model = gen(tmp_path / "model", SIZE, shards=2)
+    sdep = Deployment(H, serving, tmp_path, slots=2 // half, env=env, tag="serving")
+    sdep.start_workers(["--layout", model], updates=0)
+    sdep.start()
+    jdep = Deployment(H, joining, tmp_path, slots=2 // half, env=env, tag="joining")
+    jdep.start_workers(["--layout", model, "--verify"])
+    jdep.start()
+    assert sdep.command("register m %s" % model, timeout=90)["ok"]
+    metas = str(tmp_path / "metas.json")
+    assert sdep.command("export m %s" % metas, timeout=60)["ok"]
+    sdep.assert_placement()
+    jdep.assert_placement()
+    rx0 = sum(H.rx_bytes(i) for i in joining)
+    upd = jdep.command("p2p-update %s bucket=4MiB verify=1 timeout=30000" % metas, timeout=120)
+    assert upd["ok"] and upd["p2p"] == 1, upd
+    total = total_bytes(model)
+    assert upd["pull_bytes"] == total, upd
+    # Pulled over the joining hosts' links (no shared memory between the hosts).
+    assert sum(H.rx_bytes(i) for i in joining) - rx0 >= total
+    assert jdep.close() == 0, jdep.stderr()
+    assert jdep.wait_workers() == {r: 0 for r in range(jdep.n)}
+    for r in range(jdep.n):
+        assert_dump_equals(jdep.dump_dir(r), model,
+                           "joining worker %d (host %d)" % (r, jdep.host_of_rank(r)))
+    for r in range(sdep.n):
+        assert "update" not in sdep.worker_log(r), sdep.worker_log(r)
+    assert sdep.close() == 0, sdep.stderr()
+    sdep.stop_workers()
+
+
+def test_link_cut_mid_update(make_hosts, tmp_path):
+    """Host 3's link goes down while an update flows into it. Every rank that can no
+    longer hear the others gives up within the bound of waits between ranks (3 T + 5 s,
+    docs/DESIGN-NOTES.md), names itself and the phase, tells its worker the update is
+    aborted, and exits; the workers exit. What Open MPI leaves hanging in its abort
+    (mpirun, the cut host's daemon) is killed by the harness, and nothing else is left."""
+    n, cut, T = 4, 3, 2000
+    bound = 3 * T / 1000 + 5
+    H = make_hosts(n)
+    model = gen(tmp_path / "model", SIZE, shards=n)
+    dep = Deployment(H, range(n), tmp_path, serve_args=["--timeout-ms", str(T)])
+    dep.start_workers(["--layout", model])
+    dep.start()
+    assert dep.command("register m %s" % model, timeout=90)["ok"]
+    dep.assert_placement()
+    ranks = dep.ranks()
+    # ~5 MB/s into host 3: its ~24 MiB take seconds, long enough to cut the link mid-way.
+    H.limit_rate(cut, "40mbit")
+    rx0 = H.rx_bytes(cut)
+    dep.send("update m bucket=1MiB timeout=%d" % T)
+    deadline = time.monotonic() + 60
+    while H.rx_bytes(cut) - rx0 < (4 << 20):  # the update's bytes are flowing into host 3
+        assert time.monotonic() < deadline, "no update traffic into host %d" % cut
+        assert dep.job.poll() is None, dep.stderr()
+        time.sleep(0.05)
+    H.link_down(cut)
+    t0 = time.monotonic()
+    # Rank 0 (on host 0, where mpirun runs) reports; its JSON result never comes: a
+    # collective that timed out leaves MPI unusable, so the rank aborts the job.
+    m = dep.wait_stderr(r"rank 0: no answer from the other ranks within (\d+) ms during "
+                        r"([a-z ]+) \(a rank died or stalled\); the deployment cannot continue",
+                        timeout=bound + 30)
+    took = time.monotonic() - t0
+    assert int(m.group(1)) == 3 * T + 5000, m.group(0)
+    assert took < bound + 10, "rank 0 gave up %.1f s after the cut (bound %.0f s)" % (took, bound)
+    # Every worker, the cut host's too, learns that the update was aborted and by which
+    # rank (its own: the one that gave up waiting).
+    for r in range(n):
+        dep.wait_worker_log(r, r"update \d+ of 'm' version \d+: aborted \(aborted by the "
+                               r"engine: rank %d: no answer from the other ranks" % r, timeout=30)
+    assert dep.wait_workers(timeout=30) == {r: 1 for r in range(n)}
+    # Every engine rank exits by itself (MPI_Abort), on both sides of the cut.
+    deadline = time.monotonic() + 20
+    while dep.ranks():
+        assert time.monotonic() < deadline, "engine ranks still running 20 s after the " \
+            "report: %s" % dep.ranks()
+        time.sleep(0.2)
+    assert all(h == r for r, (_, h) in ranks.items())
+    # mpirun gets a bound to finish its abort, then the harness kills what is left.
+    try:
+        dep.job.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    killed = H.down()
+    left = sorted({os.path.basename(c.split()[0]) for c in killed.values()})
+    assert set(left) <= {"mpirun", "orted"}, killed
+    print("link cut: rank 0 gave up %.1f s after the cut; left hanging and killed: %s"
+          % (took, left or "nothing"))
+
+
+def test_update_time_one_vs_two_hosts(netns, tmp_path, capsys):
+    """Figures, not assertions (bench/multihost.py): the update time of one checkpoint on
+    1 host x 2 ranks vs 2 hosts x 1 rank, printed in the test output and saved next to the
+    test's files. Asserted only that every update completed (measure() checks each)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                    "bench"))
+    import multihost
+    rows = multihost.measure(tmp_path, size="64MiB", repeat=3)
+    text = multihost.table(rows, "64MiB")
+    (tmp_path / "multihost-bench.txt").write_text(text + "\n")
+    with capsys.disabled():
+        print("\n" + text)
+    assert [r[0] for r in rows] == [r[0] for r in multihost.ROWS]
