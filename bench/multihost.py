@@ -65,10 +65,10 @@ def table(rows, size):
     base = rows[0][1] if rows else 0
     for label, med, times, res, floors in rows:
         bcast = floors.get("bcast_gbps", 0) if isinstance(floors, dict) else 0
-        lines.append("  %-26s %7.3f s  (%.2fx of the first row; buckets %d x %d MiB; "
-                     "%.2f GB/s per worker; MPI_Bcast floor %.2f GB/s)"
-                     % (label, med, med / base if base else 0, res["buckets"],
-                        res["bucket_size"] >> 20, res["per_worker_gbps"], bcast))
+        lines.append("  %-26s %7.3f s  (%.2fx of the first row; %.2f GB/s per worker; %d buckets; "
+                     "MPI_Bcast floor %.2f GB/s)"
+                     % (label, med, med / base if base else 0, res["bytes"] / med / 1e9,
+                        res["buckets"], bcast))
     return "\n".join(lines)
 
 
