@@ -41,12 +41,15 @@ def flipped_shard(model, tmp_path):
     return out
 
 
-def test_one_shard_refused_unless_partial(tmp_path):
+@pytest.mark.parametrize("layout", [True, False], ids=["layout", "model-from-first-update"])
+def test_one_shard_refused_unless_partial(tmp_path, layout):
+    """With --layout the worker knows its model from the start; without, the first
+    complete update defines it: either way one shard alone is refused unless partial."""
     model = gen(tmp_path, size="4MiB", layers=2, shards=2)
     part = flipped_shard(model, tmp_path)
     dep = Deployment(tmp_path, 2)
     for r in range(2):
-        dep.start_worker(r, ["--layout", model])
+        dep.start_worker(r, ["--layout", model] if layout else [])
     srv = InteractiveServe(dep)
     try:
         assert srv.command("register m %s" % model)["ok"]

@@ -235,6 +235,7 @@ int main(int argc, char **argv)
     wk_model_init(&model, o.tp_rank, o.tp_size);
     if (o.layout && wk_model_load_layout(&model, o.layout) != 0) return 1;
     if (o.layout) wlog(2, "layout %s: %zu tensors", o.layout, model.n);
+    int model_known = o.layout != NULL;
     while (o.updates == 0 || done < o.updates) {
         ckpt_update_info_t info;
         if (r == NULL) {
@@ -246,7 +247,7 @@ int main(int argc, char **argv)
             wlog(2, "connected to %s", o.socket);
             /* With a layout the model is known: updates that do not fit it (missing,
              * unknown or reshaped tensors) are refused before any byte lands. */
-            if (o.layout && set_model(r, &model) != 0) {
+            if (model_known && set_model(r, &model) != 0) {
                 wlog(0, "%s", ckpt_last_error());
                 break;
             }
@@ -271,6 +272,16 @@ int main(int argc, char **argv)
         int res = run_update(r, &info, &model, &o);
         done++;
         ok += res == 1;
+        /* Without a layout, the first complete, non-partial update defines the model:
+         * later ones must cover it, or they would leave it half old, half new. */
+        if (res == 1 && !model_known && !info.partial) {
+            if (set_model(r, &model) != 0) {
+                wlog(0, "%s", ckpt_last_error());
+                break;
+            }
+            model_known = 1;
+            wlog(2, "model: %zu tensors (from update %" PRIu64 ")", model.n, info.update_id);
+        }
         if (res < 0) {
             ckpt_receiver_close(r);
             r = NULL;
