@@ -44,6 +44,7 @@ int ckpt_engine_create(const ckpt_engine_options_t *opts, ckpt_engine_t **engine
     if (e->opts.timeout_ms <= 0) e->opts.timeout_ms = defaults.timeout_ms;
     e->buffers.fds[0] = e->buffers.fds[1] = -1;
     e->leaders = MPI_COMM_NULL;
+    e->agree_comm = MPI_COMM_NULL;
     e->group = MPI_COMM_NULL;
     MPI_Comm_dup(MPI_COMM_WORLD, &e->world);
     MPI_Comm_rank(e->world, &e->rank);
@@ -54,6 +55,8 @@ int ckpt_engine_create(const ckpt_engine_options_t *opts, ckpt_engine_t **engine
     e->next_update_id = 1;
 
     rc = make_groups(e);
+    MPI_Comm_dup(e->world, &e->agree_comm);
+    if (rc == CKPT_OK) rc = ckpt__peers_init(e);
     ckpt_store_options_t sopts = CKPT_STORE_OPTIONS_INIT;
     e->ucx_pools_off = e->opts.ucx_pools == 0;
     sopts.field_mask |= CKPT_STORE_OPT_POOL_ALLOCATOR;
@@ -104,8 +107,10 @@ void ckpt_engine_destroy(ckpt_engine_t *e)
     ckpt__p2p_shutdown(e);
     if (e->leaders != MPI_COMM_NULL) MPI_Comm_free(&e->leaders);
     if (e->group != MPI_COMM_NULL) MPI_Comm_free(&e->group);
+    if (e->agree_comm != MPI_COMM_NULL) MPI_Comm_free(&e->agree_comm);
     MPI_Comm_free(&e->world);
     ckpt__free(e->group_of_rank);
+    ckpt__free(e->peers);
     ckpt__free(e);
 }
 

@@ -64,6 +64,12 @@ typedef struct ckpt__checkpoint_entry {
 #define CKPT__GUARD_SLOTS 64
 #define CKPT__GUARD_SLOT_BYTES 64
 
+/* A rank's identity, gathered at start (peers.c): named when it does not answer. */
+typedef struct ckpt__peer {
+    int32_t pid;
+    char host[60];
+} ckpt__peer_t;
+
 struct ckpt_engine {
     ckpt_engine_options_t opts;
     char socket_dir[CKPT__PATH_MAX];
@@ -74,6 +80,9 @@ struct ckpt_engine {
     int group_rank, group_size;
     int ngroups;
     int *group_of_rank;  /* world rank -> index of its group among the leaders */
+    ckpt__peer_t *peers; /* per world rank: pid and host (peers.c) */
+    MPI_Comm agree_comm; /* the agreement's own traffic (coll.c): point-to-point tags
+                          * there never meet anyone else's */
     ckpt_store_t *store;
     ckpt_ipc_server_t *ipc; /* NULL when the rank has no worker */
     ckpt__buffers_t buffers;
@@ -102,6 +111,14 @@ struct ckpt_engine {
         _Atomic uint64_t start_ns, end_ns;
     } progress;
 };
+
+/* ---- who the ranks are (peers.c) ---- */
+
+int ckpt__peers_init(ckpt_engine_t *e);
+/* "rank R (pid P on host H)", with what /proc says when R runs on this host. */
+size_t ckpt__peer_describe(const ckpt_engine_t *e, int r, char *out, size_t cap);
+/* Ranks on this host whose process exited or is stopped ("" when none). */
+size_t ckpt__peers_local_suspects(const ckpt_engine_t *e, char *out, size_t cap);
 
 /* ---- timed collectives (coll.c) ---- */
 

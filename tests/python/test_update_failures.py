@@ -170,8 +170,50 @@ def test_stalled_rank_hits_collective_timeout(setup):
         err = srv.proc.stderr.read()
         assert rc == 3, (rc, err)
         assert re.search(r"rank 0: no answer from the other ranks within \d+ ms during \w", err), err
+        # The stopped rank is on this host: it is named, with its pid and state.
+        stopped = re.search(r"on this host: rank 1 \(pid (\d+)\) is stopped", err)
+        assert stopped and int(stopped.group(1)) == pids[1], err
         assert "aborting the MPI job" in err, err
         assert 1.5 < took < 30, took  # the timeout, not a hang nor an immediate failure
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        srv.close()
+
+
+def rank_of(pid):
+    with open("/proc/%d/environ" % pid, "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    return int(env[b"OMPI_COMM_WORLD_RANK"])
+
+
+def test_rank_stopped_mid_update_is_named(setup):
+    """A rank stopped (SIGSTOP) in the middle of an update, between two buckets: rank 0
+    hears every rank's word in the agreement itself, so it names the silent one, with its
+    pid and what /proc says (stopped), not just "a rank died or stalled"."""
+    model, dep = setup
+    dep.start_worker(0, ["--layout", model])
+    dep.start_worker(1, ["--layout", model, "--stall-on-bucket", "2"])
+    srv = InteractiveServe(dep, extra_args=["--timeout-ms", "2000"])
+    pids = []
+    try:
+        assert srv.command("register m %s" % model)["ok"]
+        pids = srv.rank_pids()
+        by_rank = {rank_of(p): p for p in pids}
+        srv.send("update m bucket=512KiB timeout=2000 direct=0")
+        # Rank 1 now waits (at most the timeout) for its stalled worker: stop it there.
+        wait_log(dep, 1, r"stalling on bucket 2")
+        os.kill(by_rank[1], signal.SIGSTOP)
+        rc = srv.proc.wait(timeout=60)
+        err = srv.proc.stderr.read()
+        assert rc == 3, (rc, err)
+        assert re.search(r"rank 0: 1 of 1 ranks did not answer within \d+ ms during agreement "
+                         r"\(dead, stalled or unreachable\): rank 1 \(pid %d on this host, "
+                         r"[^)]*\) is stopped" % by_rank[1], err), err
     finally:
         for pid in pids:
             try:
