@@ -151,17 +151,10 @@ def test_openai_server_updated_through_http_trigger(ckpts):
     try:
         srv = VllmServer(a, tmp)
         assert srv.greedy(PROMPTS) == want_a
-        r = eng.cli("register", "b", str(b), "--wait")
-        assert r.returncode == 0, r.stdout + r.stderr
-        r = eng.cli("update", "b", "--update-url", srv.url + "/collective_rpc", "--wait")
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert not srv.paused()
-        assert srv.greedy(PROMPTS) == want_b
-        st = srv.status()
-        assert st["state"] == "consistent", st
 
-        # A checkpoint vLLM cannot take: the update fails, vLLM is left paused, the
-        # worker's status says incomplete, and the CLI says why.
+        # A checkpoint vLLM cannot take, before the extension knows the model (vLLM loaded
+        # A itself): vLLM refuses it after the first tensors landed, the update fails,
+        # vLLM is left paused, the worker's status says incomplete, and the CLI says why.
         r = eng.cli("register", "bad", str(bad), "--wait")
         assert r.returncode == 0, r.stdout + r.stderr
         r = eng.cli("update", "bad", "--update-url", srv.url + "/collective_rpc", "--wait")
@@ -171,6 +164,25 @@ def test_openai_server_updated_through_http_trigger(ckpts):
         assert srv.status()["state"] == "incomplete"
 
         # The next good update resumes it.
+        r = eng.cli("register", "b", str(b), "--wait")
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = eng.cli("update", "b", "--update-url", srv.url + "/collective_rpc", "--wait")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert not srv.paused()
+        assert srv.greedy(PROMPTS) == want_b
+        st = srv.status()
+        assert st["state"] == "consistent", st
+
+        # Now the extension knows the checkpoint's tensors: the same bad checkpoint is
+        # refused at BEGIN, before a byte lands, naming the mismatch; the weights stay
+        # consistent. The trigger still leaves vLLM paused on a failed update (it does not
+        # tell a refusal from a mixed model); the next good update resumes it.
+        r = eng.cli("update", "bad", "--update-url", srv.url + "/collective_rpc", "--wait")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "the model has" in (r.stdout + r.stderr), r.stdout + r.stderr
+        assert srv.paused()
+        st = srv.status()
+        assert st["state"] == "consistent" and st["version"] > 0, st
         r = eng.cli("update", "b", "--update-url", srv.url + "/collective_rpc", "--wait")
         assert r.returncode == 0, r.stdout + r.stderr
         assert not srv.paused()
