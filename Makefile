@@ -6,7 +6,7 @@ BUILD ?= build/release
 ASAN_BUILD ?= build/asan
 PREFIX ?= /usr/local
 
-.PHONY: all deps build build-asan demo install test test-release test-asan clean
+.PHONY: all deps build build-asan demo bench install test test-release test-asan clean
 
 all: build
 
@@ -28,6 +28,13 @@ install: build
 
 demo: build
 	@scripts/demo $(BUILD)
+
+# ckpt-engine beside save-and-reload, torch.distributed and hand-written MPI on the same
+# checkpoint in one run: table, $(BENCH_OUT)/peers.json and the plots (docs/BENCH.md).
+# BENCH_ARGS=--quick, --full, --dir MODEL.
+BENCH_OUT ?= $(BUILD)/bench-out
+bench: build
+	@CKPT_BUILD_DIR=$(BUILD) scripts/bench --out $(BENCH_OUT) $(BENCH_ARGS)
 
 test: test-release test-asan
 
