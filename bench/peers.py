@@ -638,7 +638,7 @@ def plot(rows, planning, out_png, out_plan):
     ns = sorted({r["workers"] for r in rows})
     # The worker count present at most sizes is the one the lines are drawn for.
     n = max(ns, key=lambda k: len({r["bytes"] for r in rows if r["workers"] == k}))
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 6.4))
     for mid, label in METHODS:
         if mid in ("engine.direct", "engine.staged"):
             continue
@@ -657,10 +657,11 @@ def plot(rows, planning, out_png, out_plan):
         a.set_ylabel(yl)
         a.set_title(t, fontsize=10)
         a.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle("ckpt-engine and its peers, %d worker%s, one run on %s (%d cores)" % (
         n, "" if n == 1 else "s", platform.node(), os.cpu_count()), fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     ok = {k: v for k, v in planning.items() if v.get("ok")}
