@@ -55,6 +55,9 @@ def test_200_updates_keep_rss_and_fds_flat(tmp_path):
                 for label, a, b in (("resident", rss0, rss1), ("anonymous", anon0, anon1)):
                     assert b - a <= RSS_SLACK, "%s: %s memory grew %.1f MiB over %d " \
                         "updates" % (what, label, (b - a) / 2**20, UPDATES - WARMUP - 3)
+                print("soak: %-28s resident %+.2f MiB, anonymous %+.2f MiB, fds %d -> %d, "
+                      "mappings %d -> %d" % (what, (rss1 - rss0) / 2**20,
+                                             (anon1 - anon0) / 2**20, fds0, fds1, maps0, maps1))
         dep.wait_workers(timeout=120)
         for r in range(2):
             assert dep.workers[r].returncode == 0, dep.worker_log(r)
