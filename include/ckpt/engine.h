@@ -120,6 +120,11 @@ typedef struct ckpt_floors {
     /* every rank copying out of shared memory (a memfd) at the same time, as the workers
      * of an update do: the slowest rank's bandwidth */
     double memcpy_concurrent_gbps;
+    /* the same two copies with streaming (non-temporal) stores, the copy the workers and
+     * the staging use for large tensors: on some machines faster than memcpy, so the
+     * higher of the two is the floor that counts */
+    double stream_gbps;
+    double stream_concurrent_gbps;
 } ckpt_floors_t;
 
 /* Collective over MPI_COMM_WORLD: every rank calls it. */

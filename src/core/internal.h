@@ -48,6 +48,15 @@ CKPT_HIDDEN void ckpt__checksum_reset(XXH3_state_t *state);
 CKPT_HIDDEN void ckpt__checksum_update(XXH3_state_t *state, const void *data, size_t len);
 CKPT_HIDDEN uint64_t ckpt__checksum_digest(const XXH3_state_t *state);
 
+/* Bulk copies (copy.c). ckpt__copy_stream writes with non-temporal stores, which are
+ * weakly ordered: call ckpt__copy_fence before the destination is handed to anyone.
+ * ckpt__copy_bulk streams copies of CKPT__STREAM_MIN bytes or more (and fences them),
+ * memcpy below. */
+#define CKPT__STREAM_MIN (256u * 1024u)
+CKPT_HIDDEN void ckpt__copy_stream(void *dst, const void *src, size_t n);
+CKPT_HIDDEN void ckpt__copy_fence(void);
+CKPT_HIDDEN void ckpt__copy_bulk(void *dst, const void *src, size_t n);
+
 /* Monotonic clock in nanoseconds and seconds. */
 CKPT_HIDDEN uint64_t ckpt__now_ns(void);
 CKPT_HIDDEN double ckpt__now_s(void);

@@ -237,9 +237,11 @@ static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
         /* Pure function of agreed input: fails the same way everywhere. */
         if (rc < 0) return fail_result(u, rc, -1, ckpt_last_error());
     } else {
-        uint64_t largest = ckpt__plan_min_bucket(all, count);
-        rc = ckpt__plan_bucket_size(largest, u->cmd->bucket_max, min_avail, &bucket_size,
-                                    &nbuffers);
+        uint64_t largest = ckpt__plan_min_bucket(all, count), total = 0;
+        for (size_t i = 0; i < count; i++) total += all[i].nbytes;
+        rc = ckpt__plan_bucket_size(largest,
+                                    ckpt__plan_pipeline_limit(total, u->cmd->bucket_max),
+                                    min_avail, &bucket_size, &nbuffers);
         int owners = u->p2p ? (int)u->p2p->metas.nranks : e->size;
         if (rc == CKPT_OK) rc = ckpt__plan_buckets(all, count, owners, bucket_size, &u->plan);
         /* The plan is a pure function of agreed input: it fails the same way on every rank. */
@@ -323,7 +325,7 @@ static int prepare_bucket(update_ctx_t *u, size_t b)
     } else if (bk->owner == e->rank) {
         for (uint32_t i = bk->first; i < bk->first + bk->count; i++) {
             const ckpt_tensor_meta_t *t = &u->plan.tensors[i];
-            memcpy(buf + t->offset, u->local_data[t->reserved], t->nbytes);
+            ckpt__copy_bulk(buf + t->offset, u->local_data[t->reserved], t->nbytes);
         }
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_STAGE, t0);
         if ((long)b == u->corrupt_bucket && bk->count > 0) {

@@ -745,38 +745,6 @@ const char *ckpt_receiver_reason(ckpt_receiver_t *r) { return r ? r->reason : ""
  * be in L2 when it is copied. */
 #define CKPT__COPY_CHUNK (128u * 1024u)
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-
-/* n bytes from s to d: memcpy up to the first 64-byte aligned byte of d (so every streamed
- * line is written whole and _mm_stream_si128 gets its 16-byte alignment), 64-byte blocks
- * of streaming stores, memcpy for the tail. The caller issues the sfence. */
-static void copy_stream(uint8_t *d, const uint8_t *s, size_t n)
-{
-    size_t head = CKPT_MIN((size_t)(-(uintptr_t)d & 63u), n); /* whole lines after */
-    memcpy(d, s, head);
-    d += head;
-    s += head;
-    n -= head;
-    size_t body = n & ~(size_t)63;
-    for (size_t i = 0; i < body; i += 64) {
-        __m128i a = _mm_loadu_si128((const __m128i *)(s + i));
-        __m128i b = _mm_loadu_si128((const __m128i *)(s + i + 16));
-        __m128i c = _mm_loadu_si128((const __m128i *)(s + i + 32));
-        __m128i e = _mm_loadu_si128((const __m128i *)(s + i + 48));
-        _mm_stream_si128((__m128i *)(d + i), a);
-        _mm_stream_si128((__m128i *)(d + i + 16), b);
-        _mm_stream_si128((__m128i *)(d + i + 32), c);
-        _mm_stream_si128((__m128i *)(d + i + 48), e);
-    }
-    memcpy(d + body, s + body, n - body);
-}
-/* Streaming stores are weakly ordered: fence them before dst is handed to anyone else. */
-#define copy_fence() _mm_sfence()
-#else
-static void copy_stream(uint8_t *d, const uint8_t *s, size_t n) { memcpy(d, s, n); }
-#define copy_fence() ((void)0)
-#endif
 
 int ckpt_receiver_copy(const ckpt_tensor_view_t *view, uint64_t offset, void *dst,
                        uint64_t len, int verify)
@@ -790,8 +758,8 @@ int ckpt_receiver_copy(const ckpt_tensor_view_t *view, uint64_t offset, void *ds
                            (unsigned long long)len, (unsigned long long)m->nbytes);
     const uint8_t *src = view->data;
     if (!verify || m->checksum == 0) {
-        /* Nothing to hash: glibc's memcpy already streams large copies past the cache. */
-        if (len > 0) memcpy(dst, src + offset, (size_t)len);
+        /* Nothing to hash: streamed past the cache when large (core/copy.c). */
+        ckpt__copy_bulk(dst, src + offset, (size_t)len);
         return CKPT_OK;
     }
     XXH3_state_t state; /* on the stack: no allocation per tensor */
@@ -801,9 +769,9 @@ int ckpt_receiver_copy(const ckpt_tensor_view_t *view, uint64_t offset, void *ds
         size_t n = (size_t)CKPT_MIN((uint64_t)CKPT__COPY_CHUNK, len - done);
         const uint8_t *s = src + offset + done;
         ckpt__checksum_update(&state, s, n);
-        copy_stream((uint8_t *)dst + done, s, n);
+        ckpt__copy_stream((uint8_t *)dst + done, s, n);
     }
-    copy_fence();
+    ckpt__copy_fence();
     uint64_t end = offset + len;
     if (end < m->nbytes) ckpt__checksum_update(&state, src + end, (size_t)(m->nbytes - end));
     uint64_t got = ckpt__checksum_digest(&state);

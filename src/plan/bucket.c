@@ -94,6 +94,12 @@ uint64_t ckpt__plan_min_bucket(const ckpt_tensor_meta_t *metas, size_t count)
     return largest;
 }
 
+uint64_t ckpt__plan_pipeline_limit(uint64_t total_bytes, uint64_t bucket_max)
+{
+    uint64_t deep = CKPT_MAX(total_bytes / CKPT__PIPELINE_DEPTH, CKPT__PIPELINE_MIN_BUCKET);
+    return CKPT_MIN(bucket_max, deep);
+}
+
 int ckpt__plan_bucket_size(uint64_t largest_tensor, uint64_t bucket_max, uint64_t avail_bytes,
                            uint64_t *bucket_size_out, int *nbuffers_out)
 {

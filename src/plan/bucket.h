@@ -47,6 +47,16 @@ int ckpt__plan_windows(const ckpt_tensor_meta_t *metas, size_t count, uint64_t b
 /* Largest aligned tensor size in metas (the smallest workable bucket). */
 uint64_t ckpt__plan_min_bucket(const ckpt_tensor_meta_t *metas, size_t count);
 
+/* The bucket limit a staged update of `total_bytes` plans with: `bucket_max`, lowered to
+ * total / CKPT__PIPELINE_DEPTH (never below CKPT__PIPELINE_MIN_BUCKET) so the pipeline has
+ * that many buckets. Its fill (the first stage) and drain (the last reload) run without
+ * overlap and cost about one bucket each: with 4 buckets of 256 MiB for 1 GiB they were
+ * 70 of 245 ms. Below the floor the fixed cost per bucket (worker round trip, agreement)
+ * would start to count. */
+#define CKPT__PIPELINE_DEPTH 16
+#define CKPT__PIPELINE_MIN_BUCKET (32ull << 20)
+uint64_t ckpt__plan_pipeline_limit(uint64_t total_bytes, uint64_t bucket_max);
+
 /* Chooses the bucket size: at most `bucket_max`, at most `avail_bytes / reserve_divisor`
  * per buffer, never below the largest tensor. Sets *nbuffers_out to 2 when two buffers fit
  * in the available memory, 1 when only one does (the pipeline then runs without overlap),

@@ -147,6 +147,11 @@ static void test_bucket_size(void)
     CHECK(size == 100 << 20 && nbuf == 1); /* short memory: one buffer, no overlap */
     CHECK_RC(ckpt__plan_bucket_size(100 << 20, 64 << 20, 50 << 20, &size, &nbuf), CKPT_ENOMEM);
     CHECK_ERR_HAS("largest tensor");
+    /* A staged update is cut into CKPT__PIPELINE_DEPTH buckets, within the limits. */
+    CHECK(ckpt__plan_pipeline_limit(1ull << 30, 256 << 20) == (1ull << 30) / 16);
+    CHECK(ckpt__plan_pipeline_limit(1ull << 40, 256 << 20) == 256 << 20);
+    CHECK(ckpt__plan_pipeline_limit(64 << 20, 256 << 20) == CKPT__PIPELINE_MIN_BUCKET);
+    CHECK(ckpt__plan_pipeline_limit(1ull << 30, 16 << 20) == 16 << 20); /* the user's limit */
 }
 
 static void test_windows(void)

@@ -145,6 +145,8 @@ void serve_print_update(const serve_state_t *st, const ckpt_update_result_t *r)
         cJSON_AddNumberToObject(o, "per_worker_gbps", per_worker);
         cJSON_AddNumberToObject(o, "memcpy_gbps", st->floors.memcpy_gbps);
         cJSON_AddNumberToObject(o, "memcpy_concurrent_gbps", st->floors.memcpy_concurrent_gbps);
+        cJSON_AddNumberToObject(o, "stream_gbps", st->floors.stream_gbps);
+        cJSON_AddNumberToObject(o, "stream_concurrent_gbps", st->floors.stream_concurrent_gbps);
         cJSON_AddNumberToObject(o, "bcast_gbps", st->floors.bcast_gbps);
         cJSON_AddNumberToObject(o, "nisolated", r->nisolated);
         cJSON *iso = cJSON_AddArrayToObject(o, "isolated");
@@ -197,10 +199,17 @@ void serve_print_update(const serve_state_t *st, const ckpt_update_result_t *r)
     if (st->have_floors) {
         printf("  %-28s %8.2f GB/s   ratio %.2f\n", "memcpy, 1 core (floor)",
                st->floors.memcpy_gbps, per_worker / st->floors.memcpy_gbps);
+        if (st->floors.stream_gbps > 0)
+            printf("  %-28s %8.2f GB/s   ratio %.2f\n", "streaming copy, 1 core",
+                   st->floors.stream_gbps, per_worker / st->floors.stream_gbps);
         if (r->nranks > 1 && st->floors.memcpy_concurrent_gbps > 0)
             printf("  %-28s %8.2f GB/s   ratio %.2f\n", "memcpy from shm, all at once",
                    st->floors.memcpy_concurrent_gbps,
                    per_worker / st->floors.memcpy_concurrent_gbps);
+        if (r->nranks > 1 && st->floors.stream_concurrent_gbps > 0)
+            printf("  %-28s %8.2f GB/s   ratio %.2f\n", "stream from shm, all at once",
+                   st->floors.stream_concurrent_gbps,
+                   per_worker / st->floors.stream_concurrent_gbps);
         if (st->floors.bcast_gbps > 0)
             printf("  %-28s %8.2f GB/s   ratio %.2f\n", "MPI_Bcast (floor)",
                    st->floors.bcast_gbps, per_worker / st->floors.bcast_gbps);
@@ -331,13 +340,19 @@ static int run_line(ckpt_engine_t *engine, serve_state_t *st, char *line)
             cJSON_AddStringToObject(o, "command", "floors");
             cJSON_AddBoolToObject(o, "ok", rc == 0);
             cJSON_AddNumberToObject(o, "memcpy_gbps", st->floors.memcpy_gbps);
-        cJSON_AddNumberToObject(o, "memcpy_concurrent_gbps", st->floors.memcpy_concurrent_gbps);
+            cJSON_AddNumberToObject(o, "memcpy_concurrent_gbps",
+                                    st->floors.memcpy_concurrent_gbps);
+            cJSON_AddNumberToObject(o, "stream_gbps", st->floors.stream_gbps);
+            cJSON_AddNumberToObject(o, "stream_concurrent_gbps",
+                                    st->floors.stream_concurrent_gbps);
             cJSON_AddNumberToObject(o, "bcast_gbps", st->floors.bcast_gbps);
             print_json_line(o);
         } else {
             printf("floors: memcpy (1 core) %.2f GB/s, memcpy from shared memory (all ranks at "
-                   "once) %.2f GB/s each, MPI_Bcast (%llu MiB) %.2f GB/s\n",
+                   "once) %.2f GB/s each; streaming copy %.2f / %.2f GB/s; MPI_Bcast (%llu "
+                   "MiB) %.2f GB/s\n",
                    st->floors.memcpy_gbps, st->floors.memcpy_concurrent_gbps,
+                   st->floors.stream_gbps, st->floors.stream_concurrent_gbps,
                    (unsigned long long)(st->floors.bcast_bytes >> 20), st->floors.bcast_gbps);
         }
         return rc == 0 ? 0 : -1;
