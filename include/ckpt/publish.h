@@ -69,6 +69,17 @@ CKPT_API int ckpt_publish_begin(const char *name, const ckpt_tensor_meta_t *meta
 /* Where tensor `index` (of the metas given to begin) goes: nbytes writable bytes. NULL when
  * index is out of range or the publication is sealed. */
 CKPT_API void *ckpt_publish_tensor_ptr(ckpt_publication_t *pub, size_t index);
+/* Pulled publishing: the same layout, but no memfd here. The caller names where each
+ * tensor lies in its own memory (ckpt_publish_set_source) and ckpt_publish_send asks the
+ * engine rank to read them itself (process_vm_readv) into a memfd it owns and refills at
+ * the next step but one: no new pages per step, the one copy is the engine's read. The
+ * sources must stay valid and unchanged until ckpt_publish_send returns. The engine must
+ * see this process under the same pid (same pid namespace) and be allowed to read its
+ * memory (same user; under Yama ptrace_scope 1 the send names the engine rank as the
+ * allowed tracer until the answer). ckpt_publish_tensor_ptr is NULL for these. */
+CKPT_API int ckpt_publish_begin_pull(const char *name, const ckpt_tensor_meta_t *metas,
+                                     size_t count, ckpt_publication_t **pub_out);
+CKPT_API int ckpt_publish_set_source(ckpt_publication_t *pub, size_t index, const void *data);
 /* Offset of tensor `index` in the memfd (the safetensors file), or UINT64_MAX. */
 CKPT_API uint64_t ckpt_publish_tensor_offset(const ckpt_publication_t *pub, size_t index);
 /* Size of the memfd in bytes (the safetensors file's size). */

@@ -117,6 +117,9 @@ def load():
         # publishing (include/ckpt/publish.h); options and reply structs: publish.py
         "ckpt_publish_begin": ([ctypes.c_char_p, ctypes.POINTER(TensorMeta), ctypes.c_size_t,
                                 ctypes.POINTER(p)], c_int),
+        "ckpt_publish_begin_pull": ([ctypes.c_char_p, ctypes.POINTER(TensorMeta),
+                                     ctypes.c_size_t, ctypes.POINTER(p)], c_int),
+        "ckpt_publish_set_source": ([p, ctypes.c_size_t, p], c_int),
         "ckpt_publish_tensor_ptr": ([p, ctypes.c_size_t], p),
         "ckpt_publish_size": ([p], u64),
         "ckpt_publish_seal": ([p], c_int),

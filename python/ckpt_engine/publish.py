@@ -123,8 +123,20 @@ def socket_path(socket_dir, rank=None, part=0):
     return os.path.join(socket_dir, "publish-%d.sock" % ranks[part % len(ranks)])
 
 
+def _host_source(src):
+    """(address, keep-alive object) of a CPU tensor's bytes, contiguous; None for a CUDA
+    tensor (the engine cannot read GPU memory)."""
+    if _is_torch(src):
+        if src.device.type != "cpu":
+            return None
+        c = src.contiguous()
+        return c.data_ptr(), c
+    c = np.ascontiguousarray(src)
+    return c.ctypes.data, c
+
+
 def publish(name, tensors, socket_dir=None, rank=None, part=0, parts=1, step=0, wait=True,
-            timeout_s=60.0):
+            timeout_s=60.0, pull=False):
     """Publishes `tensors` ({name: numpy array | torch tensor | (array, dtype name)}) as
     part `part` of `parts` of checkpoint `name` to the engine rank on this host.
 
@@ -132,7 +144,13 @@ def publish(name, tensors, socket_dir=None, rank=None, part=0, parts=1, step=0, 
     (default: chosen from the sockets present by part). step: the training step (a newer
     step replaces a pending older one). wait: return once the checkpoint is registered
     (every part in), else once this part is accepted. Raises CkptError with the engine's
-    reason when refused (overlapping parts name the tensor, missing parts their index)."""
+    reason when refused (overlapping parts name the tensor, missing parts their index).
+
+    pull: the engine rank reads the tensors straight from this process's memory into
+    shared memory it reuses from step to step (no new pages per step: the fast path of an
+    RL loop; docs/PUBLISH.md). The tensors must not change until publish() returns. CUDA
+    tensors cannot be read that way: with any of them the publication falls back to the
+    sealed memfd."""
     socket_dir = socket_dir or os.environ.get("CKPT_SOCKET_DIR")
     if not socket_dir:
         raise ValueError("publish: pass socket_dir (the engine's --socket-dir) or set "
@@ -150,14 +168,21 @@ def publish(name, tensors, socket_dir=None, rank=None, part=0, parts=1, step=0, 
         for d, n in enumerate(shape):
             metas[i].shape[d] = n
     L = lib()
+    sources = [_host_source(it[3]) for it in items] if pull else []
+    pull = pull and all(s is not None for s in sources)
     pub = ctypes.c_void_p()
-    rc = L.ckpt_publish_begin(name.encode(), metas, len(items), ctypes.byref(pub))
+    begin = L.ckpt_publish_begin_pull if pull else L.ckpt_publish_begin
+    rc = begin(name.encode(), metas, len(items), ctypes.byref(pub))
     if rc < 0:
         raise CkptError(rc, "publish %r" % name)
     try:
         for i, (tname, dt, shape, src) in enumerate(items):
             nbytes = int(np.prod(shape, dtype=np.int64)) * _lib.DTYPES[dt][1]
-            if nbytes:
+            if pull:
+                rc = L.ckpt_publish_set_source(pub, i, sources[i][0] if nbytes else None)
+                if rc < 0:
+                    raise CkptError(rc, "publish %r: tensor %r" % (name, tname))
+            elif nbytes:
                 _copy_into(L.ckpt_publish_tensor_ptr(pub, i), nbytes, shape, src)
         opts = PublishOptions(0, part, parts, step, 1 if wait else 0, int(timeout_s * 1000))
         reply = PublishReply()

@@ -17,6 +17,7 @@
  * being registered). */
 #include <stdio.h>
 #include <stdlib.h>
+#include <fcntl.h>
 #include <string.h>
 
 #include "engine/engine_internal.h"
@@ -194,6 +195,23 @@ static int checkpoint_index(const ckpt_engine_t *e, const char *name)
     return -1;
 }
 
+/* Unregisters the replaced version; the memfds a pull filled go back to the publish
+ * listener, which refills them at the next step (no new pages). Nothing reads the old
+ * version any more: updates run on this thread, joiners were refused by the unexport,
+ * and workers drop their mappings of it when the new version is prepared. */
+static void recycle_regions(ckpt_engine_t *e, const char *name)
+{
+    const ckpt_pool_region_t *rg = NULL;
+    size_t n = 0;
+    int fds[64];
+    size_t nfds = 0;
+    if (e->pub && ckpt_store_regions(e->store, name, &rg, &n) == CKPT_OK)
+        for (size_t i = 0; i < n && nfds < CKPT_ARRAY_SIZE(fds); i++)
+            if (rg[i].fd >= 0 && (fds[nfds] = fcntl(rg[i].fd, F_DUPFD_CLOEXEC, 0)) >= 0) nfds++;
+    ckpt_store_unregister(e->store, name);
+    for (size_t i = 0; i < nfds; i++) ckpt__pub_server_recycle(e->pub, fds[i]);
+}
+
 /* Registers a complete, disjoint set on every rank (collective). */
 static int register_set(ckpt_engine_t *e, const ckpt__cmd_t *cmd, entry_t *ents, size_t n,
                         ckpt__pub_part_t *mine, uint64_t version, int *replaced, char *reason,
@@ -257,7 +275,7 @@ static int register_set(ckpt_engine_t *e, const ckpt__cmd_t *cmd, entry_t *ents,
     if (existing >= 0) {
         ckpt__checkpoint_entry_t *c = &e->checkpoints[existing];
         ckpt__p2p_unexport(e, c); /* joiners refuse the old version from now on */
-        ckpt_store_unregister(e->store, name);
+        recycle_regions(e, name);
         ckpt_store_rename(e->store, SCRATCH_NAME, name); /* cannot fail: name is free */
         c->version = version;
         *replaced = 1;

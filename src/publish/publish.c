@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -15,6 +16,7 @@
 #include "ipc/conn.h"
 #include "format/st_internal.h"
 #include "publish/publish_int.h"
+#include "core/le.h"
 
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23 /* Linux 5.14; older kernels answer EINVAL: no harm */
@@ -30,6 +32,12 @@ struct ckpt_publication {
     size_t count;
     uint64_t *offsets; /* per caller index: absolute offset in the memfd */
     uint64_t *nbytes;
+    /* pull (ckpt_publish_begin_pull): no memfd here; the engine reads each tensor from
+     * sources[i] in this process. header: the 8-byte length and JSON it writes first. */
+    int pull;
+    const void **sources;
+    uint8_t *header;
+    uint64_t header_len;
 };
 
 typedef struct {
@@ -53,11 +61,40 @@ void ckpt_publish_free(ckpt_publication_t *pub)
     if (pub->fd >= 0) close(pub->fd);
     ckpt__free(pub->offsets);
     ckpt__free(pub->nbytes);
+    ckpt__free(pub->sources);
+    ckpt__free(pub->header);
     ckpt__free(pub);
 }
 
+static int begin(const char *name, const ckpt_tensor_meta_t *metas, size_t count, int pull,
+                 ckpt_publication_t **pub_out);
+
 int ckpt_publish_begin(const char *name, const ckpt_tensor_meta_t *metas, size_t count,
                        ckpt_publication_t **pub_out)
+{
+    return begin(name, metas, count, 0, pub_out);
+}
+
+int ckpt_publish_begin_pull(const char *name, const ckpt_tensor_meta_t *metas, size_t count,
+                            ckpt_publication_t **pub_out)
+{
+    return begin(name, metas, count, 1, pub_out);
+}
+
+int ckpt_publish_set_source(ckpt_publication_t *pub, size_t index, const void *data)
+{
+    if (!pub || index >= pub->count)
+        return ckpt__error(CKPT_EINVAL, "publish: no tensor %zu", index);
+    if (!pub->pull)
+        return ckpt__error(CKPT_ESTATE, "publish '%s': set_source is for pulled publications "
+                           "(ckpt_publish_begin_pull); copy into ckpt_publish_tensor_ptr",
+                           pub->name);
+    pub->sources[index] = data;
+    return CKPT_OK;
+}
+
+static int begin(const char *name, const ckpt_tensor_meta_t *metas, size_t count, int pull,
+                 ckpt_publication_t **pub_out)
 {
     int rc = ckpt__pub_check_name(name);
     if (rc) return rc;
@@ -112,6 +149,22 @@ int ckpt_publish_begin(const char *name, const ckpt_tensor_meta_t *metas, size_t
         pos += sorted[k].nbytes;
     }
     pub->size = pos;
+    if (pull) {
+        pub->pull = 1;
+        pub->header_len = 8 + jlen;
+        pub->header = ckpt__malloc((size_t)pub->header_len);
+        pub->sources = ckpt__calloc(count ? count : 1, sizeof(*pub->sources));
+        if (!pub->header || !pub->sources) {
+            rc = ckpt__error(CKPT_ENOMEM, "%s: out of memory", label);
+            goto out;
+        }
+        for (int i = 0; i < 8; i++) pub->header[i] = (uint8_t)((uint64_t)jlen >> (8 * i));
+        memcpy(pub->header + 8, json, jlen);
+        *pub_out = pub;
+        pub = NULL;
+        rc = CKPT_OK;
+        goto out;
+    }
     /* MFD_ALLOW_SEALING: the engine accepts only sealed fds (it must know nobody can
      * change the bytes while workers read them). */
     pub->fd = memfd_create("ckpt-publish", MFD_CLOEXEC | MFD_ALLOW_SEALING);
@@ -168,7 +221,7 @@ int ckpt_publish_fd(const ckpt_publication_t *pub) { return pub ? pub->fd : -1; 
 int ckpt_publish_seal(ckpt_publication_t *pub)
 {
     if (!pub) return ckpt__error(CKPT_EINVAL, "publish seal: NULL publication");
-    if (pub->sealed) return CKPT_OK;
+    if (pub->sealed || pub->pull) return CKPT_OK; /* pulled: nothing of ours to seal */
     /* F_SEAL_WRITE is refused (EBUSY) while any writable shared mapping exists: ours goes
      * first. After the seal nobody can write, shrink or grow the memfd, us included. */
     if (pub->base) munmap(pub->base, pub->size);
@@ -277,9 +330,35 @@ static int send_once(ckpt_publication_t *pub, const char *socket_path,
     int timeout_ms = opts->timeout_ms > 0 ? opts->timeout_ms : defaults.timeout_ms;
     int rc = ckpt_publish_seal(pub);
     if (rc) return rc;
+    uint8_t *segs = NULL;
+    if (pub->pull) {
+        segs = ckpt__malloc(pub->count ? pub->count * CKPT__PUB_SEG_BYTES : 1);
+        if (!segs) return ckpt__error(CKPT_ENOMEM, "publish '%s': out of memory", pub->name);
+        for (size_t i = 0; i < pub->count; i++) {
+            if (!pub->sources[i] && pub->nbytes[i]) {
+                ckpt__free(segs);
+                return ckpt__error(CKPT_EINVAL, "publish '%s': tensor %zu has no source "
+                                   "(ckpt_publish_set_source)", pub->name, i);
+            }
+            put_u64(segs + i * CKPT__PUB_SEG_BYTES, pub->offsets[i]);
+            put_u64(segs + i * CKPT__PUB_SEG_BYTES + 8, (uint64_t)(uintptr_t)pub->sources[i]);
+        }
+    }
     int fd = -1;
     rc = connect_socket(socket_path, timeout_ms, &fd);
-    if (rc) return rc;
+    if (rc) {
+        ckpt__free(segs);
+        return rc;
+    }
+    int ptracer_set = 0;
+    if (pub->pull) {
+        /* Under Yama's ptrace_scope 1 only a process we name may read our memory: the
+         * engine rank at the other end of this socket, until its answer. */
+        struct ucred cred;
+        socklen_t clen = sizeof(cred);
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) == 0)
+            ptracer_set = prctl(PR_SET_PTRACER, (unsigned long)cred.pid, 0, 0, 0) == 0;
+    }
     char peer[320];
     snprintf(peer, sizeof(peer), "engine rank on %s", socket_path);
     ckpt__ipc_conn_t c;
@@ -293,15 +372,27 @@ static int send_once(ckpt_publication_t *pub, const char *socket_path,
     req.size = pub->size;
     req.flags = opts->wait ? CKPT__PUB_FLAG_WAIT : 0;
     ckpt__strlcpy(req.name, pub->name, sizeof(req.name));
+    if (pub->pull) {
+        req.flags |= CKPT__PUB_FLAG_PULL;
+        req.pid = (uint32_t)getpid();
+        req.nsegs = (uint32_t)pub->count;
+        req.header_len = pub->header_len;
+        req.header = pub->header;
+        req.segs = segs;
+    }
     uint8_t *payload = NULL;
     size_t len = ckpt__pub_request_size(&req);
     rc = ckpt__ipc_conn_tx_reserve(&c, len, &payload);
     if (rc == CKPT_OK) {
         ckpt__pub_request_encode(&req, payload);
-        rc = ckpt__ipc_conn_send(&c, CKPT_IPC_MSG_PUBLISH, len, &pub->fd, 1, timeout_ms);
+        rc = ckpt__ipc_conn_send(&c, CKPT_IPC_MSG_PUBLISH, len, pub->pull ? NULL : &pub->fd,
+                                 pub->pull ? 0 : 1, timeout_ms);
     }
+    ckpt__free(segs);
     if (rc == CKPT_OK) pub->sent = 1;
     if (rc == CKPT_OK) rc = recv_reply(&c, timeout_ms, reply);
+    /* Any answer means the engine has read our tensors (or gave up). */
+    if (ptracer_set) prctl(PR_SET_PTRACER, 0, 0, 0, 0);
     if (rc == CKPT__PUB_ACCEPTED && opts->wait) {
         rc = recv_reply(&c, timeout_ms, reply);
         if (rc == CKPT_ETIMEDOUT)

@@ -16,6 +16,8 @@
 #define CKPT__PUB_SEALS_REQUIRED_TEXT "F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW"
 
 #define CKPT__PUB_FLAG_WAIT 1u     /* PUBLISH flags: answer again once registered/refused */
+#define CKPT__PUB_FLAG_PULL 2u     /* no fd: the engine reads the tensors from the trainer */
+#define CKPT__PUB_MAX_SPARE 8      /* pulled memfds kept for reuse, per rank */
 #define CKPT__PUB_MAX_PARTS 4096u  /* nparts above this is refused */
 #define CKPT__PUB_MAX_PENDING 256  /* parts one rank holds pending at most */
 
@@ -31,7 +33,16 @@ typedef struct {
     uint64_t size; /* bytes of the memfd the trainer sends */
     uint32_t flags;
     char name[CKPT_NAME_MAX];
+    /* PULL only. header: the safetensors header (8-byte length + JSON) the memfd starts
+     * with; segs: nsegs x (u64 offset in the memfd, u64 address in the trainer), one per
+     * tensor; pid: the trainer's pid as it sees itself. Both point into the message. */
+    uint32_t pid, nsegs;
+    uint64_t header_len;
+    const uint8_t *header;
+    const uint8_t *segs;
 } ckpt__pub_request_t;
+
+#define CKPT__PUB_SEG_BYTES 16u
 
 /* ---- messages (publish_wire.c): pure codecs over bytes, little-endian ---- */
 size_t ckpt__pub_request_size(const ckpt__pub_request_t *r);
@@ -51,6 +62,21 @@ int ckpt__pub_check_name(const char *name);
  * success *metas_out (ckpt__free) lists the tensors with their absolute offsets in the fd. */
 int ckpt__pub_inspect_fd(int fd, const char *label, uint64_t announced,
                          ckpt_tensor_meta_t **metas_out, size_t *count_out);
+
+/* Parses the safetensors header at the start of fd (of `size` bytes) into metas with
+ * absolute offsets (ckpt__free). */
+int ckpt__pub_parse_fd(int fd, const char *label, uint64_t size, ckpt_tensor_meta_t **metas_out,
+                       size_t *count_out);
+
+/* ---- pulling (publish_pull.c): the engine reads a trainer's tensors into a memfd ---- */
+
+/* Fills memfd `fd` (already `req->size` bytes) from the trainer `pid`: the header, then
+ * every tensor of the header from the address its segment names (process_vm_readv). On
+ * success *metas_out lists the tensors (absolute offsets). Errors name the tensor and the
+ * cause (the trainer exited, an address it does not map, a segment that does not match
+ * the header). */
+int ckpt__pub_pull(int fd, int pid, const ckpt__pub_request_t *req, const char *label,
+                   ckpt_tensor_meta_t **metas_out, size_t *count_out);
 
 /* ---- the engine rank's listener (publish_server.c) ---- */
 
@@ -81,6 +107,11 @@ int ckpt__pub_server_take(ckpt__pub_server_t *srv, ckpt__pub_part_t **parts_out,
 /* Puts a part back as pending. A part of the same name and index that arrived meanwhile
  * is newer: the older step loses (ties: the one in the table, which came later). */
 void ckpt__pub_server_put_back(ckpt__pub_server_t *srv, ckpt__pub_part_t *part);
+/* Gives back the fd of a replaced version's region (the caller's dup; always taken): a
+ * memfd this listener filled by pulling is kept for the next pull (up to
+ * CKPT__PUB_MAX_SPARE), so a step's publish reuses pages that are already allocated;
+ * anything else is closed. */
+void ckpt__pub_server_recycle(ckpt__pub_server_t *srv, int fd);
 /* Sends the final answer to the part's waiting publisher (if any) and releases the part's
  * fds and metas (not the struct). status 0 means registered as `version`. */
 void ckpt__pub_part_finish(ckpt__pub_part_t *part, int status, uint64_t version,

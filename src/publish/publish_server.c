@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -33,6 +34,13 @@ struct ckpt__pub_server {
     pthread_mutex_t mu;
     ckpt__pub_part_t *parts; /* pending, under mu */
     size_t count, cap;
+    /* Pulled publishing, under mu: memfds of replaced versions kept for the next pull, and
+     * the inodes of the memfds this listener made (only those may be refilled: a trainer's
+     * memfd is sealed). */
+    int spare[CKPT__PUB_MAX_SPARE];
+    int nspare;
+    ino_t made[64];
+    size_t nmade;
 };
 
 /* ---- the received fd ---- */
@@ -95,6 +103,12 @@ int ckpt__pub_inspect_fd(int fd, const char *label, uint64_t announced,
         return ckpt__error(CKPT_EINVAL, "%s: the memfd holds %llu bytes, the message announced "
                            "%llu", label, (unsigned long long)size,
                            (unsigned long long)announced);
+    return ckpt__pub_parse_fd(fd, label, size, metas_out, count_out);
+}
+
+int ckpt__pub_parse_fd(int fd, const char *label, uint64_t size, ckpt_tensor_meta_t **metas_out,
+                       size_t *count_out)
+{
     uint8_t lenbuf[8];
     if (size < 8 || pread_full(fd, lenbuf, 8, 0) != 0)
         return ckpt__error(CKPT_EFORMAT, "%s: %llu bytes, too short for a safetensors header",
@@ -164,6 +178,70 @@ void ckpt__pub_part_finish(ckpt__pub_part_t *p, int status, uint64_t version, co
         reply_on(p->reply_fd, status, status < 0 ? CKPT__PUB_REFUSED : CKPT__PUB_REGISTERED,
                  version, text);
     part_release(p);
+}
+
+/* ---- memfds for pulled parts ---- */
+
+static int made_here(const ckpt__pub_server_t *s, ino_t ino)
+{
+    for (size_t i = 0; i < s->nmade && i < CKPT_ARRAY_SIZE(s->made); i++)
+        if (s->made[i] == ino) return 1;
+    return 0;
+}
+
+/* A memfd of `size` bytes to pull into: a spare one (its pages stay allocated; resized to
+ * the new size when the layout changed), else a new one. */
+static int pull_memfd(ckpt__pub_server_t *s, uint64_t size, const char *label, int *fd_out)
+{
+    int fd = -1;
+    pthread_mutex_lock(&s->mu);
+    int pick = -1;
+    for (int i = 0; i < s->nspare; i++) {
+        struct stat st;
+        if (fstat(s->spare[i], &st) == 0 && (uint64_t)st.st_size == size) pick = i;
+    }
+    if (pick < 0 && s->nspare > 0) pick = s->nspare - 1;
+    if (pick >= 0) {
+        fd = s->spare[pick];
+        s->spare[pick] = s->spare[--s->nspare];
+    }
+    pthread_mutex_unlock(&s->mu);
+    int fresh = fd < 0;
+    if (fresh) fd = memfd_create("ckpt-pulled", MFD_CLOEXEC);
+    if (fd < 0)
+        return ckpt__error(CKPT_ENOMEM, "%s: memfd_create: %s", label, strerror(errno));
+    if (ftruncate(fd, (off_t)size) != 0) {
+        int err = errno;
+        close(fd);
+        return ckpt__error(CKPT_ENOMEM, "%s: sizing a %llu-byte memfd: %s", label,
+                           (unsigned long long)size, strerror(err));
+    }
+    if (fresh) {
+        struct stat st;
+        if (fstat(fd, &st) == 0) {
+            pthread_mutex_lock(&s->mu);
+            s->made[s->nmade++ % CKPT_ARRAY_SIZE(s->made)] = st.st_ino;
+            pthread_mutex_unlock(&s->mu);
+        }
+    }
+    ckpt_debug("publish: %s: %s memfd", label, fresh ? "a new" : "a reused");
+    *fd_out = fd;
+    return CKPT_OK;
+}
+
+void ckpt__pub_server_recycle(ckpt__pub_server_t *s, int fd)
+{
+    if (fd < 0) return;
+    struct stat st;
+    if (!s || fstat(fd, &st) != 0) {
+        close(fd);
+        return;
+    }
+    pthread_mutex_lock(&s->mu);
+    int keep = made_here(s, st.st_ino) && s->nspare < CKPT__PUB_MAX_SPARE;
+    if (keep) s->spare[s->nspare++] = fd;
+    pthread_mutex_unlock(&s->mu);
+    if (!keep) close(fd);
 }
 
 /* ---- the table ---- */
@@ -298,17 +376,35 @@ static void serve_one(ckpt__pub_server_t *s, int fd)
     if (rc == CKPT_OK && hdr.type != CKPT_IPC_MSG_PUBLISH)
         rc = ckpt__error(CKPT_EPROTO, "%s: sent %s; this socket takes PUBLISH only (workers "
                          "connect to DIR/rank-<r>.sock)", label, ckpt__ipc_msg_name(hdr.type));
-    if (rc == CKPT_OK && c.rx_nfds != 1)
-        rc = ckpt__error(CKPT_EPROTO, "%s: PUBLISH carries %d fds; exactly one (the memfd) is "
-                         "expected", label, c.rx_nfds);
     if (rc == CKPT_OK) rc = ckpt__pub_request_decode(c.rx_buf, hdr.length, &part.req);
-    if (rc == CKPT_OK) {
+    int pull = rc == CKPT_OK && (part.req.flags & CKPT__PUB_FLAG_PULL);
+    if (rc == CKPT_OK && c.rx_nfds != (pull ? 0 : 1))
+        rc = ckpt__error(CKPT_EPROTO, "%s: PUBLISH carries %d fds; %s expected", label,
+                         c.rx_nfds, pull ? "none (pull)" : "exactly one (the memfd)");
+    if (rc == CKPT_OK)
         snprintf(label, sizeof(label), "publish '%s' part %u/%u from pid %d", part.req.name,
                  part.req.part, part.req.nparts, (int)cred.pid);
+    if (rc == CKPT_OK && pull && part.req.pid != (uint32_t)cred.pid)
+        rc = ckpt__error(CKPT_EINVAL, "%s: the trainer calls itself pid %u, which is pid %d "
+                         "here (another pid namespace): publish without pull", label,
+                         part.req.pid, (int)cred.pid);
+    if (rc == CKPT_OK && pull) {
+        /* The copy happens now, before the answer: the trainer waits for it and may change
+         * its tensors once it has the answer. */
+        rc = pull_memfd(s, part.req.size, label, &part.fd);
+        if (rc == CKPT_OK)
+            rc = ckpt__pub_pull(part.fd, (int)cred.pid, &part.req, label, &part.metas,
+                                &part.count);
+        if (rc < 0 && part.fd >= 0) {
+            ckpt__pub_server_recycle(s, part.fd); /* pages kept for the next try */
+            part.fd = -1;
+        }
+    } else if (rc == CKPT_OK) {
         part.fd = c.rx_fds[0];
         c.rx_nfds = 0; /* the fd is the part's now */
         rc = ckpt__pub_inspect_fd(part.fd, label, part.req.size, &part.metas, &part.count);
     }
+    part.req.header = part.req.segs = NULL; /* pointed into the message */
     c.fd = -1; /* the socket stays ours below */
     ckpt__ipc_conn_destroy(&c);
     if (rc < 0) {
@@ -462,6 +558,7 @@ void ckpt__pub_server_close(ckpt__pub_server_t *s)
         ckpt__pub_part_finish(&s->parts[i], CKPT_ECANCELED, 0,
                               "the engine rank stopped before every part was in");
     ckpt__free(s->parts);
+    for (int i = 0; i < s->nspare; i++) close(s->spare[i]);
     if (s->listen_fd >= 0) {
         close(s->listen_fd);
         unlink(s->path);

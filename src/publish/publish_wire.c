@@ -4,6 +4,8 @@
  *
  * PUBLISH (+ exactly one fd):  u32 part, u32 nparts, u64 step, u64 size, u32 flags,
  *                              u16 name_len, name bytes (no NUL)
+ *   with flag PULL (no fd):    then u32 pid, u32 nsegs, u64 header_len, header bytes,
+ *                              nsegs x (u64 offset, u64 address)
  * PUBLISH_REPLY:               i32 status, u32 kind, u64 version, u16 text_len, text */
 #include <string.h>
 
@@ -30,9 +32,14 @@ int ckpt__pub_check_name(const char *name)
     return CKPT_OK;
 }
 
+#define PULL_FIXED 16u
+
 size_t ckpt__pub_request_size(const ckpt__pub_request_t *r)
 {
-    return REQUEST_FIXED + strnlen(r->name, CKPT_NAME_MAX - 1);
+    size_t n = REQUEST_FIXED + strnlen(r->name, CKPT_NAME_MAX - 1);
+    if (r->flags & CKPT__PUB_FLAG_PULL)
+        n += PULL_FIXED + (size_t)r->header_len + (size_t)r->nsegs * CKPT__PUB_SEG_BYTES;
+    return n;
 }
 
 void ckpt__pub_request_encode(const ckpt__pub_request_t *r, uint8_t *out)
@@ -45,6 +52,13 @@ void ckpt__pub_request_encode(const ckpt__pub_request_t *r, uint8_t *out)
     put_u32(out + 24, r->flags);
     put_u16(out + 28, (uint16_t)n);
     memcpy(out + REQUEST_FIXED, r->name, n);
+    if (!(r->flags & CKPT__PUB_FLAG_PULL)) return;
+    uint8_t *q = out + REQUEST_FIXED + n;
+    put_u32(q, r->pid);
+    put_u32(q + 4, r->nsegs);
+    put_u64(q + 8, r->header_len);
+    memcpy(q + PULL_FIXED, r->header, (size_t)r->header_len);
+    memcpy(q + PULL_FIXED + r->header_len, r->segs, (size_t)r->nsegs * CKPT__PUB_SEG_BYTES);
 }
 
 int ckpt__pub_request_decode(const uint8_t *p, size_t len, ckpt__pub_request_t *out)
@@ -59,9 +73,25 @@ int ckpt__pub_request_decode(const uint8_t *p, size_t len, ckpt__pub_request_t *
     out->size = get_u64(p + 16);
     out->flags = get_u32(p + 24);
     size_t n = get_u16(p + 28);
-    if (n != len - REQUEST_FIXED)
+    int pull = (out->flags & CKPT__PUB_FLAG_PULL) != 0;
+    if (pull ? n + PULL_FIXED > len - REQUEST_FIXED : n != len - REQUEST_FIXED)
         return ckpt__error(CKPT_EPROTO, "PUBLISH: name of %zu bytes in a %zu-byte message", n,
                            len);
+    if (pull) {
+        const uint8_t *q = p + REQUEST_FIXED + n;
+        size_t rest = len - REQUEST_FIXED - n - PULL_FIXED;
+        out->pid = get_u32(q);
+        out->nsegs = get_u32(q + 4);
+        out->header_len = get_u64(q + 8);
+        if (out->header_len < 8 || out->header_len > rest ||
+            (rest - out->header_len) / CKPT__PUB_SEG_BYTES != out->nsegs ||
+            (rest - out->header_len) % CKPT__PUB_SEG_BYTES != 0)
+            return ckpt__error(CKPT_EPROTO, "PUBLISH (pull): a %llu-byte header and %u segments "
+                               "do not fill the %zu bytes after the name",
+                               (unsigned long long)out->header_len, out->nsegs, rest);
+        out->header = q + PULL_FIXED;
+        out->segs = out->header + out->header_len;
+    }
     if (n >= CKPT_NAME_MAX)
         return ckpt__error(CKPT_ETOOBIG, "PUBLISH: checkpoint name longer than %d bytes",
                            CKPT_NAME_MAX - 1);
@@ -76,7 +106,7 @@ int ckpt__pub_request_decode(const uint8_t *p, size_t len, ckpt__pub_request_t *
     if (out->part >= out->nparts)
         return ckpt__error(CKPT_EINVAL, "PUBLISH '%s': part %u of %u (parts count from 0)",
                            out->name, out->part, out->nparts);
-    if (out->flags & ~CKPT__PUB_FLAG_WAIT)
+    if (out->flags & ~(CKPT__PUB_FLAG_WAIT | CKPT__PUB_FLAG_PULL))
         return ckpt__error(CKPT_EPROTO, "PUBLISH '%s': unknown flags 0x%x", out->name,
                            out->flags);
     return CKPT_OK;

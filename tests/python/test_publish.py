@@ -404,3 +404,81 @@ def test_torch_tensors(deployment):
     assert got["bf"][0] == "BF16" and got["bf"][1] == (17, 9)
     for k, v in want.items():
         assert got[k][2] == v.tobytes(), k
+
+
+def pulled_memfds(pid):
+    """(inode, size) of every memfd a rank filled by pulling from a trainer."""
+    out = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            if "memfd:ckpt-pulled" in os.readlink("/proc/%d/fd/%s" % (pid, fd)):
+                st = os.stat("/proc/%d/fd/%s" % (pid, fd))
+                out.add((st.st_ino, st.st_size))
+        except OSError:
+            pass
+    return out
+
+
+def test_pull_reuses_the_memory_of_the_step_before_last(deployment):
+    """publish(pull=True): the engine rank reads the trainer's arrays itself into a memfd
+    of its own; step 3 lands in step 1's memfd (no new pages), step 4 in step 2's; workers
+    get every step's bytes exactly; the rank never holds more than two such memfds."""
+    dep, serve = deployment
+    ce = ckpt_engine()
+    inodes = []
+    for step in (1, 2, 3, 4):
+        tensors = arrays(200 + step)
+        serve.send("await-published m timeout=30000")
+        r = ce.publish("m", tensors, socket_dir=dep.sock, step=step, timeout_s=30, pull=True,
+                       rank=0)
+        done = serve.result()
+        assert done["ok"] and done["version"] == r.version and done["step"] == step, done
+        # Nothing of the trainer's is held: no sealed memfd came over.
+        assert sum(publish_memfds(p) for p in serve.rank_pids()) == 0
+        held = pulled_memfds(serve.rank_pids()[0])
+        assert 1 <= len(held) <= 2, held
+        upd = update_and_check(dep, serve, tensors)
+        assert upd["version"] == r.version
+        # Which memfd holds this step: the one that is new since the last step, or the only
+        # one rank 0 holds that is not the previous step's.
+        mine = [h for h in held if not inodes or h[0] != inodes[-1]]
+        assert len(mine) == 1, (held, inodes)
+        inodes.append(mine[0][0])
+    assert inodes[2] == inodes[0] and inodes[3] == inodes[1], inodes
+    assert inodes[0] != inodes[1]
+
+
+def test_pull_of_memory_the_trainer_does_not_map_is_refused(deployment):
+    """A source address the trainer does not map: refused naming the tensor, the registered
+    version stays and still updates the workers; the next good pull works."""
+    dep, serve = deployment
+    ce = ckpt_engine()
+    good = arrays(7)
+    serve.send("await-published m timeout=30000")
+    ce.publish("m", good, socket_dir=dep.sock, timeout_s=30, pull=True, rank=0)
+    assert serve.result()["ok"]
+    L = ce.receiver.lib()
+    import ctypes
+    from ckpt_engine import _lib
+    from ckpt_engine.publish import PublishOptions, PublishReply
+    metas = (_lib.TensorMeta * 1)()
+    metas[0].name = b"w"
+    metas[0].dtype = _lib.DTYPES["F32"][0]
+    metas[0].ndim = 1
+    metas[0].shape[0] = 1 << 20
+    pub = ctypes.c_void_p()
+    assert L.ckpt_publish_begin_pull(b"m", metas, 1, ctypes.byref(pub)) == 0
+    try:
+        assert L.ckpt_publish_set_source(pub, 0, 0x10000) == 0  # never mapped
+        opts = PublishOptions(0, 0, 1, 9, 0, 10000)
+        reply = PublishReply()
+        path = os.path.join(dep.sock, "publish-0.sock").encode()
+        rc = L.ckpt_publish_send(pub, path, ctypes.byref(opts), ctypes.byref(reply))
+    finally:
+        L.ckpt_publish_free(pub)
+    text = reply.text.decode()
+    assert rc < 0 and "tensor 'w'" in text and "does not map" in text, text
+    update_and_check(dep, serve, good)  # the registered version is untouched
+    serve.send("await-published m timeout=30000")
+    ce.publish("m", arrays(8), socket_dir=dep.sock, step=10, timeout_s=30, pull=True, rank=0)
+    assert serve.result()["ok"]
