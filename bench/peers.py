@@ -223,10 +223,10 @@ class Bench:
                 c.row(mid)["verified"] = c.row("engine.direct" if "staged" not in mid
                                                 else "engine.staged")["verified"]
             ps = {k: median(v) for k, v in c.row("engine.publish")["stages"].items()}
-            progress("%s x %d: ckpt-engine publish %.2f s (memfd %.2f, copy %.2f, send + "
+            progress("%s x %d: ckpt-engine publish (%s) %.2f s (memfd %.2f, copy %.2f, send + "
                      "register %.2f), direct %.2f s, staged %.2f s" % (
-                c.label, c.n, median(c.row("engine.publish")["samples"]), ps.get("memfd", 0),
-                ps.get("copy", 0), ps.get("send+register", 0),
+                c.label, c.n, self.a.publish, median(c.row("engine.publish")["samples"]),
+                ps.get("memfd", 0), ps.get("copy", 0), ps.get("send+register", 0),
                 median(c.row("engine.direct")["samples"]),
                 median(c.row("engine.staged")["samples"])))
             # The joining deployment: its own ranks and workers; the serving workers go,
@@ -270,7 +270,8 @@ class Bench:
         """A training step (every byte changes, untimed), then publish() until registered."""
         sums = self.mutate(trainer, state)
         serve.send("await-published bench timeout=600000")
-        trainer.send({"op": "publish", "name": "bench", "dir": sock, "step": state["step"]})
+        trainer.send({"op": "publish", "name": "bench", "dir": sock, "step": state["step"],
+                      "pull": self.a.publish == "pull"})
         tr = trainer.recv()
         res = serve.result()
         if "error" in tr or not tr.get("registered") or not res.get("ok"):
@@ -695,6 +696,10 @@ def parse_args(argv):
     ap.add_argument("--dir", action="append", default=[],
                     help="also a safetensors file or directory (with 2 workers; repeatable)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per row (default 3)")
+    ap.add_argument("--publish", choices=("pull", "memfd"), default="pull",
+                    help="how the trainer publishes: pull (the engine reads the trainer's "
+                    "memory into shared memory it reuses every other step; default) or memfd "
+                    "(a new sealed memfd per step)")
     ap.add_argument("--out", default=None,
                     help="folder for peers.json and the plots (default: BUILD/bench-out)")
     ap.add_argument("--work", default=None,

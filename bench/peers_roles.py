@@ -4,7 +4,7 @@ time.monotonic() (CLOCK_MONOTONIC, one clock for every process of the host), so 
 subtracts the trainer's start from the last worker's end.
 
   python3 peers_roles.py trainer CHECKPOINT   holds every tensor in its memory, then:
-      {"op": "publish", "name", "dir", "step"}  ckpt_engine.publish, until registered
+      {"op": "publish", "name", "dir", "step", "pull"}  ckpt_engine.publish, until registered
       {"op": "save", "path", "fsync"}           a safetensors file, written with writev
       {"op": "mutate", "byte"}                  a training step: every byte XORed (untimed)
   python3 peers_roles.py reader CHECKPOINT    a worker holding its tensors (shapes from
@@ -70,7 +70,7 @@ def trainer(path):
                 t0 = time.monotonic()
                 res = publish(req["name"], {n: (a, dtypes[n]) for n, a in tensors.items()},
                               socket_dir=req["dir"], step=req["step"], wait=True,
-                              timeout_s=req.get("timeout_s", 600))
+                              timeout_s=req.get("timeout_s", 600), pull=req.get("pull", False))
                 t1 = time.monotonic()
                 say({"t0": t0, "t1": t1, "registered": res.registered, "version": res.version,
                      "text": res.text, "stages": _publish_stages(t0, marks, t1)})
@@ -105,7 +105,7 @@ def _watch_publish():
     class Timed:
         def __getattr__(self, name):
             fn = getattr(real, name)
-            if name not in ("ckpt_publish_begin", "ckpt_publish_send"):
+            if name not in ("ckpt_publish_begin", "ckpt_publish_begin_pull", "ckpt_publish_send"):
                 return fn
 
             def call(*a):
@@ -119,9 +119,13 @@ def _watch_publish():
 
 
 def _publish_stages(t0, m, t1):
+    """memfd: the layout and (memfd mode) the memfd with its pages; copy: the trainer's
+    copy into it (memfd mode; with pull, naming the sources); send+register: the rest, in
+    pull mode the engine's read of the trainer's memory included."""
+    begin = "ckpt_publish_begin_pull" if "ckpt_publish_begin_pull.end" in m else "ckpt_publish_begin"
     try:
-        return {"memfd": m["ckpt_publish_begin.end"] - t0,
-                "copy": m["ckpt_publish_send.start"] - m["ckpt_publish_begin.end"],
+        return {"memfd": m[begin + ".end"] - t0,
+                "copy": m["ckpt_publish_send.start"] - m[begin + ".end"],
                 "send+register": t1 - m["ckpt_publish_send.start"]}
     except KeyError:
         return {}

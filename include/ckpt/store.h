@@ -138,7 +138,10 @@ typedef struct ckpt_store_fd_part {
  * offset = part offset + offset in the fd). `remote` lists tensors held by other ranks
  * (owner and pool offset taken as given, no data), so the tensor list names the whole
  * checkpoint. nparts may be 0 (this rank holds none of it). Tensor names must be unique
- * over parts and remote. Takes ownership of every fd on success only. */
+ * over parts and remote. A part's meta with a non-zero `checksum` is taken as the XXH3-64
+ * of its bytes (the caller computed it while writing them; a wrong one fails the workers'
+ * verification, never silently); 0: computed here. Takes ownership of every fd on success
+ * only. */
 CKPT_API int ckpt_store_register_fds(ckpt_store_t *store, const char *name, int rank,
                                      const ckpt_store_fd_part_t *parts, size_t nparts,
                                      const ckpt_tensor_meta_t *remote, size_t nremote);

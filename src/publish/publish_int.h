@@ -18,6 +18,7 @@
 #define CKPT__PUB_FLAG_WAIT 1u     /* PUBLISH flags: answer again once registered/refused */
 #define CKPT__PUB_FLAG_PULL 2u     /* no fd: the engine reads the tensors from the trainer */
 #define CKPT__PUB_MAX_SPARE 8      /* pulled memfds kept for reuse, per rank */
+#define CKPT__PUB_SPARE_KEEP_S 120 /* ... for at most this long without a pull */
 #define CKPT__PUB_MAX_PARTS 4096u  /* nparts above this is refused */
 #define CKPT__PUB_MAX_PENDING 256  /* parts one rank holds pending at most */
 
@@ -70,13 +71,14 @@ int ckpt__pub_parse_fd(int fd, const char *label, uint64_t size, ckpt_tensor_met
 
 /* ---- pulling (publish_pull.c): the engine reads a trainer's tensors into a memfd ---- */
 
-/* Fills memfd `fd` (already `req->size` bytes) from the trainer `pid`: the header, then
+/* Fills memfd `fd` (already `req->size` bytes, mapped read-write at `base`) from the
+ * trainer `pid`: the header, then
  * every tensor of the header from the address its segment names (process_vm_readv). On
  * success *metas_out lists the tensors (absolute offsets). Errors name the tensor and the
  * cause (the trainer exited, an address it does not map, a segment that does not match
  * the header). */
-int ckpt__pub_pull(int fd, int pid, const ckpt__pub_request_t *req, const char *label,
-                   ckpt_tensor_meta_t **metas_out, size_t *count_out);
+int ckpt__pub_pull(int fd, uint8_t *base, int pid, const ckpt__pub_request_t *req,
+                   const char *label, ckpt_tensor_meta_t **metas_out, size_t *count_out);
 
 /* ---- the engine rank's listener (publish_server.c) ---- */
 

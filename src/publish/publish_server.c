@@ -2,6 +2,7 @@
  * what they send (peer uid, seals, safetensors header) and keeps the parts pending under a
  * mutex. It never touches MPI or the store: rank 0's main thread takes the parts between
  * commands and registers them collectively (src/engine/publish.c). */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -19,6 +20,10 @@
 #include "ipc/conn.h"
 #include "publish/publish_int.h"
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14; older kernels: EINVAL, pages fault in later */
+#endif
+
 #define REQUIRED_SEALS (F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW)
 /* Bound of sending one answer: answers are ~100 bytes on an idle socket. */
 #define REPLY_TIMEOUT_MS 1000
@@ -34,12 +39,23 @@ struct ckpt__pub_server {
     pthread_mutex_t mu;
     ckpt__pub_part_t *parts; /* pending, under mu */
     size_t count, cap;
-    /* Pulled publishing, under mu: memfds of replaced versions kept for the next pull, and
-     * the inodes of the memfds this listener made (only those may be refilled: a trainer's
-     * memfd is sealed). */
-    int spare[CKPT__PUB_MAX_SPARE];
+    /* Pulled publishing. spare (under mu): memfds of replaced versions, kept for the next
+     * pull. made (membership under mu, mappings touched by the listener thread only): the
+     * memfds this listener made, each with the read-write mapping it fills them through,
+     * kept while any fd of this process still refers to the memfd, so that refilling one
+     * does not enter 262144 pages per GiB in the page table again (~0.2 s per GiB here). A
+     * trainer's memfd is sealed and never among them. */
+    struct spare {
+        int fd;
+        uint64_t size;
+        double since; /* ckpt__now_s() when it came back */
+    } spare[CKPT__PUB_MAX_SPARE];
     int nspare;
-    ino_t made[64];
+    struct made {
+        ino_t ino;
+        uint8_t *base; /* MAP_SHARED read-write, pages populated; NULL: not mapped */
+        uint64_t size;
+    } made[2 * CKPT__PUB_MAX_SPARE + 2];
     size_t nmade;
 };
 
@@ -182,50 +198,122 @@ void ckpt__pub_part_finish(ckpt__pub_part_t *p, int status, uint64_t version, co
 
 /* ---- memfds for pulled parts ---- */
 
-static int made_here(const ckpt__pub_server_t *s, ino_t ino)
+static struct made *made_find(ckpt__pub_server_t *s, ino_t ino)
 {
-    for (size_t i = 0; i < s->nmade && i < CKPT_ARRAY_SIZE(s->made); i++)
-        if (s->made[i] == ino) return 1;
-    return 0;
+    for (size_t i = 0; i < s->nmade; i++)
+        if (s->made[i].ino == ino) return &s->made[i];
+    return NULL;
 }
 
-/* A memfd of `size` bytes to pull into: a spare one (its pages stay allocated; resized to
- * the new size when the layout changed), else a new one. */
-static int pull_memfd(ckpt__pub_server_t *s, uint64_t size, const char *label, int *fd_out)
+/* Listener thread: forgets the memfds no fd of this process refers to any more (the store
+ * closed them at an unregister that did not recycle them, or at shutdown), so that its
+ * mapping does not keep their pages alive. */
+static void reap_made(ckpt__pub_server_t *s)
 {
+    /* A spare not refilled for a while goes: a name that is no longer published, or was
+     * unregistered, does not keep a version's memory. */
+    double now = ckpt__now_s();
+    pthread_mutex_lock(&s->mu);
+    for (int i = s->nspare; i-- > 0;)
+        if (now - s->spare[i].since > CKPT__PUB_SPARE_KEEP_S) {
+            close(s->spare[i].fd);
+            s->spare[i] = s->spare[--s->nspare];
+        }
+    pthread_mutex_unlock(&s->mu);
+    if (s->nmade == 0) return;
+    int held[CKPT_ARRAY_SIZE(s->made)] = {0};
+    DIR *d = opendir("/proc/self/fd");
+    if (!d) return;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        struct stat st;
+        if (de->d_name[0] == '.' || fstatat(dirfd(d), de->d_name, &st, 0) != 0) continue;
+        for (size_t i = 0; i < s->nmade; i++)
+            if (s->made[i].ino == st.st_ino) held[i] = 1;
+    }
+    closedir(d);
+    pthread_mutex_lock(&s->mu);
+    for (size_t i = s->nmade; i-- > 0;) {
+        if (held[i]) continue;
+        if (s->made[i].base) munmap(s->made[i].base, s->made[i].size);
+        s->made[i] = s->made[--s->nmade];
+    }
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Maps a memfd read-write with every page mapped (MADV_POPULATE_WRITE: allocated in one
+ * call for a new memfd; a full tmpfs is an error here, not a SIGBUS during the read). */
+static uint8_t *map_pages(int fd, uint64_t size)
+{
+    if (size == 0) return NULL;
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) return NULL;
+    if (madvise(p, size, MADV_POPULATE_WRITE) != 0 && errno != EINVAL) {
+        munmap(p, size);
+        return NULL;
+    }
+    return p;
+}
+
+/* Listener thread: a memfd of `size` bytes to pull into and its read-write mapping: a
+ * spare one (its pages and, when the size is unchanged, its mapping are there already),
+ * else a new one. Both stay the listener's: the caller neither closes nor unmaps. */
+static int pull_memfd(ckpt__pub_server_t *s, uint64_t size, const char *label, int *fd_out,
+                      uint8_t **base_out)
+{
+    reap_made(s);
     int fd = -1;
     pthread_mutex_lock(&s->mu);
     int pick = -1;
-    for (int i = 0; i < s->nspare; i++) {
-        struct stat st;
-        if (fstat(s->spare[i], &st) == 0 && (uint64_t)st.st_size == size) pick = i;
-    }
-    if (pick < 0 && s->nspare > 0) pick = s->nspare - 1;
+    for (int i = 0; i < s->nspare; i++)
+        if (pick < 0 || s->spare[i].size == size) pick = i;
     if (pick >= 0) {
-        fd = s->spare[pick];
+        fd = s->spare[pick].fd;
         s->spare[pick] = s->spare[--s->nspare];
     }
+    int room = s->nmade < CKPT_ARRAY_SIZE(s->made);
     pthread_mutex_unlock(&s->mu);
     int fresh = fd < 0;
+    if (fresh && !room)
+        return ckpt__error(CKPT_EBUSY, "%s: %zu pulled memfds are in use on this rank; "
+                           "unregister published checkpoints first", label, s->nmade);
     if (fresh) fd = memfd_create("ckpt-pulled", MFD_CLOEXEC);
-    if (fd < 0)
-        return ckpt__error(CKPT_ENOMEM, "%s: memfd_create: %s", label, strerror(errno));
-    if (ftruncate(fd, (off_t)size) != 0) {
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) {
         int err = errno;
-        close(fd);
-        return ckpt__error(CKPT_ENOMEM, "%s: sizing a %llu-byte memfd: %s", label,
-                           (unsigned long long)size, strerror(err));
+        if (fd >= 0) close(fd);
+        return ckpt__error(CKPT_ENOMEM, "%s: memfd_create: %s", label, strerror(err));
     }
-    if (fresh) {
-        struct stat st;
-        if (fstat(fd, &st) == 0) {
-            pthread_mutex_lock(&s->mu);
-            s->made[s->nmade++ % CKPT_ARRAY_SIZE(s->made)] = st.st_ino;
-            pthread_mutex_unlock(&s->mu);
+    struct made *m = made_find(s, st.st_ino);
+    if (!m) {
+        pthread_mutex_lock(&s->mu);
+        m = &s->made[s->nmade++];
+        *m = (struct made){st.st_ino, NULL, 0};
+        pthread_mutex_unlock(&s->mu);
+    }
+    int reused = m->base && m->size == size;
+    if (!reused) {
+        if (m->base) munmap(m->base, m->size);
+        m->base = NULL;
+        m->size = 0;
+        if ((uint64_t)st.st_size != size && ftruncate(fd, (off_t)size) != 0) {
+            int err = errno;
+            close(fd); /* reaped with its entry */
+            return ckpt__error(CKPT_ENOMEM, "%s: sizing a %llu-byte memfd: %s", label,
+                               (unsigned long long)size, strerror(err));
         }
+        if (size > 0 && !(m->base = map_pages(fd, size))) {
+            int err = errno;
+            close(fd);
+            return ckpt__error(CKPT_ENOMEM, "%s: mapping and allocating %llu bytes of shared "
+                               "memory: %s", label, (unsigned long long)size, strerror(err));
+        }
+        m->size = size;
     }
-    ckpt_debug("publish: %s: %s memfd", label, fresh ? "a new" : "a reused");
+    ckpt_debug("publish: %s: %s", label, reused ? "refilling a memfd through its mapping"
+                                                : fresh ? "a new memfd" : "a reused memfd");
     *fd_out = fd;
+    *base_out = m->base;
     return CKPT_OK;
 }
 
@@ -238,8 +326,8 @@ void ckpt__pub_server_recycle(ckpt__pub_server_t *s, int fd)
         return;
     }
     pthread_mutex_lock(&s->mu);
-    int keep = made_here(s, st.st_ino) && s->nspare < CKPT__PUB_MAX_SPARE;
-    if (keep) s->spare[s->nspare++] = fd;
+    int keep = made_find(s, st.st_ino) && s->nspare < CKPT__PUB_MAX_SPARE;
+    if (keep) s->spare[s->nspare++] = (struct spare){fd, (uint64_t)st.st_size, ckpt__now_s()};
     pthread_mutex_unlock(&s->mu);
     if (!keep) close(fd);
 }
@@ -391,9 +479,10 @@ static void serve_one(ckpt__pub_server_t *s, int fd)
     if (rc == CKPT_OK && pull) {
         /* The copy happens now, before the answer: the trainer waits for it and may change
          * its tensors once it has the answer. */
-        rc = pull_memfd(s, part.req.size, label, &part.fd);
+        uint8_t *base = NULL;
+        rc = pull_memfd(s, part.req.size, label, &part.fd, &base);
         if (rc == CKPT_OK)
-            rc = ckpt__pub_pull(part.fd, (int)cred.pid, &part.req, label, &part.metas,
+            rc = ckpt__pub_pull(part.fd, base, (int)cred.pid, &part.req, label, &part.metas,
                                 &part.count);
         if (rc < 0 && part.fd >= 0) {
             ckpt__pub_server_recycle(s, part.fd); /* pages kept for the next try */
@@ -472,6 +561,7 @@ static void *listener(void *arg)
             break;
         }
         if (pf[1].revents) break;
+        if (n == 0) reap_made(s); /* idle: let go of what the store no longer holds */
         if (n > 0 && (pf[0].revents & POLLIN)) {
             int fd = accept4(s->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
             if (fd >= 0) serve_one(s, fd);
@@ -558,7 +648,9 @@ void ckpt__pub_server_close(ckpt__pub_server_t *s)
         ckpt__pub_part_finish(&s->parts[i], CKPT_ECANCELED, 0,
                               "the engine rank stopped before every part was in");
     ckpt__free(s->parts);
-    for (int i = 0; i < s->nspare; i++) close(s->spare[i]);
+    for (int i = 0; i < s->nspare; i++) close(s->spare[i].fd);
+    for (size_t i = 0; i < s->nmade; i++)
+        if (s->made[i].base) munmap(s->made[i].base, s->made[i].size);
     if (s->listen_fd >= 0) {
         close(s->listen_fd);
         unlink(s->path);

@@ -104,6 +104,7 @@ static int check_part(const char *name, size_t k, const ckpt_store_fd_part_t *p,
     for (size_t i = 0; i < p->count && rc == CKPT_OK; i++) {
         if ((rc = clean_meta(name, &p->metas[i], &m[i]))) break;
         m[i].offset = p->metas[i].offset;
+        m[i].checksum = p->metas[i].checksum; /* 0: computed at registration */
         if (m[i].offset > p->size || m[i].nbytes > p->size - m[i].offset)
             rc = ckpt__error(CKPT_EINVAL, "registering '%s': tensor '%s' at offset %llu + %llu bytes lies outside the %llu-byte fd",
                              name, m[i].name, (unsigned long long)m[i].offset,
@@ -164,7 +165,9 @@ int ckpt_store_register_fds(ckpt_store_t *store, const char *name, int rank,
         for (size_t i = 0; i < p->count; i++) {
             const uint8_t *d = rg[k].pub.base ? (const uint8_t *)rg[k].pub.base + pm[i].offset : NULL;
             ptrs[at + i] = d ? d : (const void *)&rg[k]; /* any non-NULL address marks "local" */
-            pm[i].checksum = ckpt_checksum(d, pm[i].nbytes);
+            /* A checksum the caller computed while it wrote the bytes (a pulled
+             * publication) saves reading them again, through new page faults. */
+            if (pm[i].checksum == 0 || !d) pm[i].checksum = ckpt_checksum(d, pm[i].nbytes);
             pm[i].offset += p->offset; /* from fd offset to pool offset */
             pm[i].owner = rank;
             local += pm[i].nbytes;

@@ -373,8 +373,16 @@ def test_published_checkpoint_shows_on_the_http_api(tmp_path):
         assert cps["m"]["state"] == "ready" and cps["m"]["version"] == r.version, cps
         assert cps["m"]["tensors"] == len(tensors)
         r2 = ce.publish("m", arrays(6), socket_dir=dep.sock, step=1, timeout_s=30)
-        cps = {c["name"]: c for c in srv.get("/v1/checkpoints")["checkpoints"]}
-        assert r2.version > r.version and cps["m"]["version"] == r2.version
+        assert r2.version > r.version
+        # The trainer hears "registered" from inside the engine's poll; the HTTP listing is
+        # updated right after it, on the same thread (a window of microseconds to ms).
+        deadline = time.monotonic() + 5
+        while True:
+            cps = {c["name"]: c for c in srv.get("/v1/checkpoints")["checkpoints"]}
+            if cps["m"]["version"] == r2.version or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert cps["m"]["version"] == r2.version, cps
         assert any(l.get("command") == "publish" and l["ok"] for l in srv.results())
     finally:
         srv.stop()
@@ -446,6 +454,18 @@ def test_pull_reuses_the_memory_of_the_step_before_last(deployment):
         inodes.append(mine[0][0])
     assert inodes[2] == inodes[0] and inodes[3] == inodes[1], inodes
     assert inodes[0] != inodes[1]
+    # Unregistered: the version's memfd is closed and the listener lets go of its mapping
+    # (checked when idle, every second); the one spare left is an fd, not a mapping.
+    assert serve.command("unregister m")["ok"]
+    pid = serve.rank_pids()[0]
+    deadline = time.monotonic() + 10
+    while True:
+        with open("/proc/%d/maps" % pid) as f:
+            mapped = {l.split()[4] for l in f if "memfd:ckpt-pulled" in l}
+        if inodes[3] not in {int(x) for x in mapped} or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert inodes[3] not in {int(x) for x in mapped}, mapped
 
 
 def test_pull_of_memory_the_trainer_does_not_map_is_refused(deployment):
