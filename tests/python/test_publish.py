@@ -502,3 +502,46 @@ def test_pull_of_memory_the_trainer_does_not_map_is_refused(deployment):
     serve.send("await-published m timeout=30000")
     ce.publish("m", arrays(8), socket_dir=dep.sock, step=10, timeout_s=30, pull=True, rank=0)
     assert serve.result()["ok"]
+
+
+def pulled_maps(pid):
+    """{inode: start address} of the ckpt-pulled memfds a process maps."""
+    out = {}
+    with open("/proc/%d/maps" % pid) as f:
+        for l in f:
+            if "memfd:ckpt-pulled" in l:
+                parts = l.split()
+                out[int(parts[4])] = parts[0].split("-")[0]
+    return out
+
+
+def test_workers_keep_the_mapping_of_a_refilled_memfd(deployment):
+    """Running workers across pulled steps: a worker keeps its mapping of the memfd of the
+    version before (the engine refills it at the next step), so at step 3 it reads through
+    the very mapping it made at step 1; it never maps more than two; every step verified
+    (--verify) and the last one compared byte for byte."""
+    dep, serve = deployment
+    ce = ckpt_engine()
+    steps = 4
+    for r in range(dep.n):
+        dep.start_worker(r, ["--verify"], updates=steps)
+    seen = []
+    for step in range(1, steps + 1):
+        tensors = arrays(300 + step)
+        serve.send("await-published m timeout=30000")
+        ce.publish("m", tensors, socket_dir=dep.sock, step=step, timeout_s=30, pull=True, rank=0)
+        assert serve.result()["ok"]
+        res = serve.command("update m")
+        assert res["ok"], res
+        maps = pulled_maps(dep.workers[0].pid)
+        assert 1 <= len(maps) <= 2, maps
+        seen.append(maps)
+    dep.wait_workers()
+    for r in range(dep.n):
+        assert dep.workers[r].returncode == 0, dep.worker_log(r)
+        assert_worker_holds(dep, r, tensors)
+    # After step 2 the worker still maps step 1's memfd (kept: the engine refills it at
+    # step 3), and step 3 reads through that very mapping.
+    assert set(seen[0]) < set(seen[1]) and len(seen[1]) == 2, seen
+    shared = set(seen[0]) & set(seen[2])
+    assert shared and all(seen[0][i] == seen[2][i] for i in shared), seen
