@@ -387,7 +387,9 @@ class Bench:
 
     # ---- hand-written MPI ------------------------------------------------------------
     def mpi_block(self, c):
-        for mode, mid, extra in (("floor", "floor.bcast", c.nbytes),
+        # Every rank (trainer and workers) holds the tensors; the floor also a flat copy
+        # of them on every rank (it was OOM-killed at 4 GiB x 2 with one flat copy counted).
+        for mode, mid, extra in (("floor", "floor.bcast", c.nbytes * (1 + c.n)),
                                  ("pertensor", "mpi.pertensor", 0),
                                  ("bucketed", "mpi.bucketed", BUCKET * (c.n + 1))):
             if not c.fits([mid], c.nbytes * (1 + c.n) + extra):
