@@ -135,8 +135,14 @@ def _host_source(src):
     return c.ctypes.data, c
 
 
+# Engine sockets that refused to read this process's memory (another pid namespace, a
+# ptrace restriction): auto mode publishes through a sealed memfd there from then on.
+_NO_PULL = set()
+_NO_PULL_MARK = "publish without pull"  # the engine's refusals that say pull cannot work
+
+
 def publish(name, tensors, socket_dir=None, rank=None, part=0, parts=1, step=0, wait=True,
-            timeout_s=60.0, pull=False):
+            timeout_s=60.0, pull=None):
     """Publishes `tensors` ({name: numpy array | torch tensor | (array, dtype name)}) as
     part `part` of `parts` of checkpoint `name` to the engine rank on this host.
 
@@ -146,11 +152,14 @@ def publish(name, tensors, socket_dir=None, rank=None, part=0, parts=1, step=0, 
     (every part in), else once this part is accepted. Raises CkptError with the engine's
     reason when refused (overlapping parts name the tensor, missing parts their index).
 
-    pull: the engine rank reads the tensors straight from this process's memory into
-    shared memory it reuses from step to step (no new pages per step: the fast path of an
-    RL loop; docs/PUBLISH.md). The tensors must not change until publish() returns. CUDA
-    tensors cannot be read that way: with any of them the publication falls back to the
-    sealed memfd."""
+    pull: True: the engine rank reads the tensors straight from this process's memory
+    into shared memory it reuses from step to step (no new pages per step: the fast path
+    of an RL loop; docs/PUBLISH.md); the tensors must not change until publish() returns.
+    False: the tensors are copied into a new sealed memfd that the engine adopts. None (the
+    default): pull when every tensor is in host memory, and fall back to the memfd (with a
+    warning, and for that engine socket from then on) when the engine says it cannot read
+    this process (another pid namespace, a ptrace restriction). CUDA tensors always go
+    through the memfd."""
     socket_dir = socket_dir or os.environ.get("CKPT_SOCKET_DIR")
     if not socket_dir:
         raise ValueError("publish: pass socket_dir (the engine's --socket-dir) or set "
@@ -167,9 +176,28 @@ def publish(name, tensors, socket_dir=None, rank=None, part=0, parts=1, step=0, 
         metas[i].ndim = len(shape)
         for d, n in enumerate(shape):
             metas[i].shape[d] = n
-    L = lib()
+    auto = pull is None
+    if auto:
+        pull = path not in _NO_PULL
     sources = [_host_source(it[3]) for it in items] if pull else []
     pull = pull and all(s is not None for s in sources)
+    opts = PublishOptions(0, part, parts, step, 1 if wait else 0, int(timeout_s * 1000))
+    try:
+        return _publish_once(name, metas, items, sources, pull, path, opts)
+    except CkptError as e:
+        if not (auto and pull and _NO_PULL_MARK in str(e)):
+            raise
+        import warnings
+        warnings.warn("publish: the engine on %s cannot read this process's memory (%s); "
+                      "publishing through a sealed memfd instead (slower: new pages every "
+                      "step)" % (path, e))
+        _NO_PULL.add(path)
+        return _publish_once(name, metas, items, [], False, path, opts)
+
+
+def _publish_once(name, metas, items, sources, pull, path, opts):
+    part, parts = opts.part, opts.nparts
+    L = lib()
     pub = ctypes.c_void_p()
     begin = L.ckpt_publish_begin_pull if pull else L.ckpt_publish_begin
     rc = begin(name.encode(), metas, len(items), ctypes.byref(pub))
@@ -184,7 +212,6 @@ def publish(name, tensors, socket_dir=None, rank=None, part=0, parts=1, step=0, 
                     raise CkptError(rc, "publish %r: tensor %r" % (name, tname))
             elif nbytes:
                 _copy_into(L.ckpt_publish_tensor_ptr(pub, i), nbytes, shape, src)
-        opts = PublishOptions(0, part, parts, step, 1 if wait else 0, int(timeout_s * 1000))
         reply = PublishReply()
         rc = L.ckpt_publish_send(pub, path.encode(), ctypes.byref(opts), ctypes.byref(reply))
         if rc < 0:

@@ -36,6 +36,7 @@ struct ckpt__pub_server {
     int started;
     int recv_timeout_ms;
     long deny_uid; /* test hook (CKPT_TEST_PUBLISH_DENY_UID): refuse this uid too; -1 none */
+    int deny_pull; /* test hook (CKPT_TEST_PUBLISH_DENY_PULL=1): refuse every pull as EPERM */
     pthread_mutex_t mu;
     ckpt__pub_part_t *parts; /* pending, under mu */
     size_t count, cap;
@@ -472,6 +473,10 @@ static void serve_one(ckpt__pub_server_t *s, int fd)
     if (rc == CKPT_OK)
         snprintf(label, sizeof(label), "publish '%s' part %u/%u from pid %d", part.req.name,
                  part.req.part, part.req.nparts, (int)cred.pid);
+    if (rc == CKPT_OK && pull && s->deny_pull)
+        rc = ckpt__error(CKPT_EPERM, "%s: may not read the memory of pid %d (test hook "
+                         "CKPT_TEST_PUBLISH_DENY_PULL): publish without pull", label,
+                         (int)cred.pid);
     if (rc == CKPT_OK && pull && part.req.pid != (uint32_t)cred.pid)
         rc = ckpt__error(CKPT_EINVAL, "%s: the trainer calls itself pid %u, which is pid %d "
                          "here (another pid namespace): publish without pull", label,
@@ -599,6 +604,8 @@ int ckpt__pub_server_open(const char *path, int recv_timeout_ms, ckpt__pub_serve
     s->recv_timeout_ms = recv_timeout_ms > 0 ? recv_timeout_ms : 10000;
     const char *deny = getenv("CKPT_TEST_PUBLISH_DENY_UID");
     s->deny_uid = deny && *deny ? strtol(deny, NULL, 10) : -1;
+    const char *deny_pull = getenv("CKPT_TEST_PUBLISH_DENY_PULL");
+    s->deny_pull = deny_pull && strcmp(deny_pull, "1") == 0;
     pthread_mutex_init(&s->mu, NULL);
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) {

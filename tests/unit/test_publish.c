@@ -330,11 +330,116 @@ static void test_listener(void)
     rmdir(dir);
 }
 
+/* Pulled publishing (no fd): the listener reads this process's tensors into a memfd of
+ * its own (the same pid both ways here), the bytes and checksums are right, a memfd given
+ * back is refilled at the next pull (same inode), and a bad source address or a lying pid
+ * is refused with its cause. The request codec round-trips and refuses a short trailer. */
+static void test_pull(void)
+{
+    char dir[] = "/tmp/ckpt-test-pull-XXXXXX", path[128];
+    CHECK(mkdtemp(dir) != NULL);
+    snprintf(path, sizeof(path), "%s/publish-0.sock", dir);
+    ckpt__pub_server_t *srv = NULL;
+    CHECK_OK(ckpt__pub_server_open(path, 5000, &srv));
+    if (!srv) return;
+    ckpt_tensor_meta_t m[NT];
+    sample(m);
+    static uint8_t src[NT][64];
+    ino_t first_ino = 0;
+    for (int round = 0; round < 2; round++) {
+        ckpt_publication_t *pub = NULL;
+        CHECK_OK(ckpt_publish_begin_pull("p", m, NT, &pub));
+        if (!pub) break;
+        CHECK(ckpt_publish_tensor_ptr(pub, 0) == NULL);
+        for (size_t t = 0; t < NT; t++) {
+            for (uint64_t k = 0; k < m[t].nbytes; k++) src[t][k] = pattern(t, k + (uint64_t)round);
+            CHECK_OK(ckpt_publish_set_source(pub, t, src[t]));
+        }
+        ckpt_publish_options_t o = CKPT_PUBLISH_OPTIONS_INIT;
+        o.wait = 0;
+        o.step = (uint64_t)round + 1;
+        ckpt_publish_reply_t reply;
+        CHECK_OK(ckpt_publish_send(pub, path, &o, &reply));
+        ckpt_publish_free(pub);
+        ckpt__pub_part_t *parts = NULL;
+        size_t n = 0;
+        CHECK_OK(ckpt__pub_server_take(srv, &parts, &n));
+        CHECK(n == 1);
+        if (n != 1) break;
+        ckpt__pub_part_t *pt = &parts[0];
+        CHECK(pt->count == NT && pt->fd >= 0);
+        struct stat st;
+        CHECK(fstat(pt->fd, &st) == 0);
+        if (round == 0) first_ino = st.st_ino;
+        else CHECK(st.st_ino == first_ino); /* refilled, not new */
+        for (size_t i = 0; i < pt->count; i++) {
+            size_t t = 0;
+            while (t < NT && strcmp(m[t].name, pt->metas[i].name) != 0) t++;
+            CHECK(t < NT && pt->metas[i].nbytes == m[t].nbytes);
+            if (t >= NT) continue;
+            uint8_t got[64];
+            CHECK(pread(pt->fd, got, m[t].nbytes, (off_t)pt->metas[i].offset) ==
+                  (ssize_t)m[t].nbytes);
+            CHECK(memcmp(got, src[t], m[t].nbytes) == 0);
+            CHECK(pt->metas[i].checksum == ckpt_checksum(src[t], m[t].nbytes));
+        }
+        /* The store would hold it; here it goes back as a replaced version's would. */
+        ckpt__pub_server_recycle(srv, dup(pt->fd));
+        ckpt__pub_part_finish(pt, 0, 1, "ok");
+        ckpt__free(parts);
+    }
+
+    /* A source this process does not map: refused, naming the tensor. */
+    ckpt_publication_t *pub = NULL;
+    CHECK_OK(ckpt_publish_begin_pull("p", m, NT, &pub));
+    for (size_t t = 0; pub && t < NT; t++)
+        CHECK_OK(ckpt_publish_set_source(pub, t, t == 0 ? (const void *)0x1000 : src[t]));
+    ckpt_publish_options_t o = CKPT_PUBLISH_OPTIONS_INIT;
+    o.wait = 0;
+    o.step = 9;
+    ckpt_publish_reply_t reply;
+    CHECK(ckpt_publish_send(pub, path, &o, &reply) == CKPT_EINVAL);
+    CHECK(strstr(reply.text, "tensor 'layers.0.w'") && strstr(reply.text, "does not map"));
+    ckpt_publish_free(pub);
+    CHECK(ckpt__pub_server_pending(srv) == 0);
+    /* A tensor without a source is refused before anything is sent. */
+    CHECK_OK(ckpt_publish_begin_pull("p", m, NT, &pub));
+    CHECK(ckpt_publish_send(pub, path, &o, &reply) == CKPT_EINVAL);
+    CHECK(strstr(reply.text, "no source") != NULL);
+    ckpt_publish_free(pub);
+
+    /* Codec: round trip, then a trailer one byte short is refused. */
+    ckpt__pub_request_t r, back;
+    memset(&r, 0, sizeof(r));
+    uint8_t header[16] = {8}, segs[2 * CKPT__PUB_SEG_BYTES] = {0};
+    r.nparts = 1;
+    r.size = 4096;
+    r.flags = CKPT__PUB_FLAG_PULL;
+    r.pid = 77;
+    r.nsegs = 2;
+    r.header_len = sizeof(header);
+    r.header = header;
+    r.segs = segs;
+    snprintf(r.name, sizeof(r.name), "codec");
+    uint8_t buf[256];
+    size_t len = ckpt__pub_request_size(&r);
+    CHECK(len <= sizeof(buf));
+    ckpt__pub_request_encode(&r, buf);
+    CHECK_OK(ckpt__pub_request_decode(buf, len, &back));
+    CHECK(back.pid == 77 && back.nsegs == 2 && back.header_len == sizeof(header) &&
+          back.header == buf + len - sizeof(segs) - sizeof(header) &&
+          back.segs == buf + len - sizeof(segs) && strcmp(back.name, "codec") == 0);
+    CHECK(ckpt__pub_request_decode(buf, len - 1, &back) == CKPT_EPROTO);
+    ckpt__pub_server_close(srv);
+    rmdir(dir);
+}
+
 int main(void)
 {
     RUN_TEST(test_layout_parses_and_is_sealed);
     RUN_TEST(test_bad_inputs);
     RUN_TEST(test_inspect_refuses);
     RUN_TEST(test_listener);
+    RUN_TEST(test_pull);
     TEST_EXIT();
 }
