@@ -367,21 +367,24 @@ def test_published_checkpoint_shows_on_the_http_api(tmp_path):
         wait_sockets(dep)
         ce = ckpt_engine()
         tensors = arrays(5)
+        def listing(version):
+            # The trainer hears "registered" from inside the engine's poll; the HTTP listing
+            # is updated right after it, on rank 0's main thread (a window of milliseconds).
+            deadline = time.monotonic() + 5
+            while True:
+                cps = {c["name"]: c for c in srv.get("/v1/checkpoints")["checkpoints"]}
+                if cps.get("m", {}).get("version") == version or time.monotonic() > deadline:
+                    return cps
+                time.sleep(0.02)
+
         r = ce.publish("m", tensors, socket_dir=dep.sock, part=0, parts=1, timeout_s=30)
         assert r.registered
-        cps = {c["name"]: c for c in srv.get("/v1/checkpoints")["checkpoints"]}
+        cps = listing(r.version)
         assert cps["m"]["state"] == "ready" and cps["m"]["version"] == r.version, cps
         assert cps["m"]["tensors"] == len(tensors)
         r2 = ce.publish("m", arrays(6), socket_dir=dep.sock, step=1, timeout_s=30)
         assert r2.version > r.version
-        # The trainer hears "registered" from inside the engine's poll; the HTTP listing is
-        # updated right after it, on the same thread (a window of microseconds to ms).
-        deadline = time.monotonic() + 5
-        while True:
-            cps = {c["name"]: c for c in srv.get("/v1/checkpoints")["checkpoints"]}
-            if cps["m"]["version"] == r2.version or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
+        cps = listing(r2.version)
         assert cps["m"]["version"] == r2.version, cps
         assert any(l.get("command") == "publish" and l["ok"] for l in srv.results())
     finally:
