@@ -57,6 +57,11 @@ CKPT_HIDDEN void ckpt__copy_stream(void *dst, const void *src, size_t n);
 CKPT_HIDDEN void ckpt__copy_fence(void);
 CKPT_HIDDEN void ckpt__copy_bulk(void *dst, const void *src, size_t n);
 
+/* The name of the memfds a publish listener fills by pulling and refills later
+ * (src/publish/publish_server.c); workers keep their mapping of those one version longer
+ * (src/ipc/receiver.c), recognising them by it. */
+#define CKPT__PULLED_MEMFD "ckpt-pulled"
+
 /* Monotonic clock in nanoseconds and seconds. */
 CKPT_HIDDEN uint64_t ckpt__now_ns(void);
 CKPT_HIDDEN double ckpt__now_s(void);

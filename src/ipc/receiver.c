@@ -87,9 +87,8 @@ static void unmap_buffers(ckpt_receiver_t *r)
     r->nbuffers = 0;
 }
 
-/* The engine names the memfds it refills "ckpt-pulled" (src/publish/publish_server.c). Only
- * their mappings are worth keeping a version longer: any other pool's memory would stay
- * alive for nothing. */
+/* The engine names the memfds it refills CKPT__PULLED_MEMFD. Only their mappings are worth
+ * keeping a version longer: any other pool's memory would stay alive for nothing. */
 static int is_refilled(int fd)
 {
     char link[64], target[128];
@@ -97,7 +96,8 @@ static int is_refilled(int fd)
     ssize_t n = readlink(link, target, sizeof(target) - 1);
     if (n <= 0) return 0;
     target[n] = '\0';
-    return strncmp(target, "/memfd:ckpt-pulled", 18) == 0;
+    static const char want[] = "/memfd:" CKPT__PULLED_MEMFD;
+    return strncmp(target, want, sizeof(want) - 1) == 0;
 }
 
 /* The update in progress ends without completing. Weights are mixed only if a bucket was

@@ -18,10 +18,6 @@
 #include "publish/publish_int.h"
 #include "core/le.h"
 
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23 /* Linux 5.14; older kernels answer EINVAL: no harm */
-#endif
-
 struct ckpt_publication {
     char name[CKPT_NAME_MAX];
     int fd;

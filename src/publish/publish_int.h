@@ -15,6 +15,10 @@
  * bytes while workers read them (a truncation would even SIGBUS the engine). */
 #define CKPT__PUB_SEALS_REQUIRED_TEXT "F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW"
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14; older kernels answer EINVAL: pages fault later */
+#endif
+
 #define CKPT__PUB_FLAG_WAIT 1u     /* PUBLISH flags: answer again once registered/refused */
 #define CKPT__PUB_FLAG_PULL 2u     /* no fd: the engine reads the tensors from the trainer */
 #define CKPT__PUB_MAX_SPARE 8      /* pulled memfds kept for reuse, per rank */

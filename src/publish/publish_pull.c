@@ -10,9 +10,7 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/uio.h>
-#include <unistd.h>
 
 #include "publish/publish_int.h"
 #include "core/le.h"
@@ -32,19 +30,6 @@ static int meta_by_offset(const void *a, const void *b)
 {
     const ckpt_tensor_meta_t *x = a, *y = b;
     return x->offset < y->offset ? -1 : x->offset > y->offset;
-}
-
-static int write_full(int fd, const uint8_t *p, size_t n, uint64_t off)
-{
-    while (n > 0) {
-        ssize_t w = pwrite(fd, p, n, (off_t)off);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) return -1;
-        p += w;
-        n -= (size_t)w;
-        off += (uint64_t)w;
-    }
-    return 0;
 }
 
 /* Copies every tensor from the trainer into base, batching up to IOV_MAX segments per
@@ -71,8 +56,8 @@ static int read_tensors(int pid, uint8_t *base, const ckpt_tensor_meta_t *m, con
         if (got < 0 && errno == EINTR) continue;
         if (got <= 0) {
             int err = got < 0 ? errno : EFAULT;
-            while (i < n && m[i].nbytes == done) i++, done = 0; /* name the tensor it stopped in */
-            const char *t = i < n ? m[i].name : "?";
+            /* the tensor it stopped in (one with bytes left exists: k > 0) */
+            while (m[i].nbytes == done) i++, done = 0;
             if (err == ESRCH)
                 return ckpt__error(CKPT_EPEER, "%s: the trainer (pid %d) exited before its "
                                    "tensors were read", label, pid);
@@ -83,9 +68,8 @@ static int read_tensors(int pid, uint8_t *base, const ckpt_tensor_meta_t *m, con
                                    "without pull", label, pid, strerror(err));
             return ckpt__error(CKPT_EINVAL, "%s: tensor '%s': reading %llu bytes at 0x%llx of "
                                "pid %d failed (%s): the trainer does not map that memory",
-                               label, t, (unsigned long long)(m[i < n ? i : 0].nbytes - done),
-                               (unsigned long long)(i < n ? segs[i].addr + done : 0), pid,
-                               strerror(err));
+                               label, m[i].name, (unsigned long long)(m[i].nbytes - done),
+                               (unsigned long long)(segs[i].addr + done), pid, strerror(err));
         }
         uint64_t left = (uint64_t)got;
         while (i < n && left >= m[i].nbytes - done) {
@@ -105,9 +89,9 @@ int ckpt__pub_pull(int fd, uint8_t *base, int pid, const ckpt__pub_request_t *re
         return ckpt__error(CKPT_EINVAL, "%s: a %llu-byte header in a %llu-byte checkpoint",
                            label, (unsigned long long)req->header_len,
                            (unsigned long long)req->size);
-    if (write_full(fd, req->header, (size_t)req->header_len, 0) != 0)
-        return ckpt__error(CKPT_ENOMEM, "%s: writing the header into the memfd: %s", label,
-                           strerror(errno));
+    /* The header goes in through the mapping; the memfd is then checked by the same
+     * reader as a trainer's sealed memfd. */
+    memcpy(base, req->header, (size_t)req->header_len);
     ckpt_tensor_meta_t *m = NULL;
     size_t n = 0;
     int rc = ckpt__pub_parse_fd(fd, label, req->size, &m, &n);
@@ -128,25 +112,18 @@ int ckpt__pub_pull(int fd, uint8_t *base, int pid, const ckpt__pub_request_t *re
     }
     /* Segment i must name tensor i once both are in offset order (tensors of one file
      * never share an offset unless empty, and empty ones read nothing). */
-    ckpt_tensor_meta_t *sorted = ckpt__malloc((n ? n : 1) * sizeof(*sorted));
-    if (!sorted) {
-        rc = ckpt__error(CKPT_ENOMEM, "%s: out of memory", label);
-        goto out;
-    }
-    memcpy(sorted, m, n * sizeof(*sorted));
-    qsort(sorted, n, sizeof(*sorted), meta_by_offset);
+    qsort(m, n, sizeof(*m), meta_by_offset);
     qsort(segs, n, sizeof(*segs), by_offset);
     for (size_t i = 0; i < n; i++)
-        if (segs[i].offset != sorted[i].offset) {
+        if (segs[i].offset != m[i].offset) {
             rc = ckpt__error(CKPT_EINVAL, "%s: segment at offset %llu does not start a tensor "
                              "(tensor '%s' starts at %llu)", label,
-                             (unsigned long long)segs[i].offset, sorted[i].name,
-                             (unsigned long long)sorted[i].offset);
-            ckpt__free(sorted);
+                             (unsigned long long)segs[i].offset, m[i].name,
+                             (unsigned long long)m[i].offset);
             goto out;
         }
     double t1 = ckpt__now_s();
-    rc = read_tensors(pid, base, sorted, segs, n, label);
+    rc = read_tensors(pid, base, m, segs, n, label);
     double t2 = ckpt__now_s();
     /* Checksums now, through this mapping whose pages are mapped: the store would read the
      * bytes again through a new mapping, one page fault per 4 KiB. A tensor that hashes to
@@ -155,7 +132,6 @@ int ckpt__pub_pull(int fd, uint8_t *base, int pid, const ckpt__pub_request_t *re
         m[i].checksum = ckpt_checksum(base + m[i].offset, m[i].nbytes);
     ckpt_debug("publish: %s: read %.3f s, checksums %.3f s (%llu bytes)", label, t2 - t1,
                ckpt__now_s() - t2, (unsigned long long)req->size);
-    ckpt__free(sorted);
 out:
     ckpt__free(segs);
     if (rc) {

@@ -20,10 +20,6 @@
 #include "ipc/conn.h"
 #include "publish/publish_int.h"
 
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23 /* Linux 5.14; older kernels: EINVAL, pages fault in later */
-#endif
-
 #define REQUIRED_SEALS (F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW)
 /* Bound of sending one answer: answers are ~100 bytes on an idle socket. */
 #define REPLY_TIMEOUT_MS 1000
@@ -278,7 +274,7 @@ static int pull_memfd(ckpt__pub_server_t *s, uint64_t size, const char *label, i
     if (fresh && !room)
         return ckpt__error(CKPT_EBUSY, "%s: %zu pulled memfds are in use on this rank; "
                            "unregister published checkpoints first", label, s->nmade);
-    if (fresh) fd = memfd_create("ckpt-pulled", MFD_CLOEXEC);
+    if (fresh) fd = memfd_create(CKPT__PULLED_MEMFD, MFD_CLOEXEC);
     struct stat st;
     if (fd < 0 || fstat(fd, &st) != 0) {
         int err = errno;

@@ -205,9 +205,10 @@ static void test_inspect_refuses(void)
     close(fd);
 }
 
-/* Sends one PUBLISH carrying `fd` over a raw connection and reads the first answer. */
-static int raw_publish(const char *path, const char *name, int fd, uint64_t size, uint32_t part,
-                       uint64_t step, char *text, size_t cap)
+/* Sends one PUBLISH request over a raw connection, with `fd` attached unless it is -1,
+ * and reads the first answer. */
+static int raw_request(const char *path, const ckpt__pub_request_t *r, int fd, char *text,
+                       size_t cap)
 {
     struct sockaddr_un a = {.sun_family = AF_UNIX};
     snprintf(a.sun_path, sizeof(a.sun_path), "%s", path);
@@ -216,18 +217,12 @@ static int raw_publish(const char *path, const char *name, int fd, uint64_t size
     ckpt__ipc_conn_t c;
     memset(&c, 0, sizeof(c));
     ckpt__ipc_conn_init(&c, s, "test");
-    ckpt__pub_request_t r;
-    memset(&r, 0, sizeof(r));
-    r.part = part;
-    r.nparts = 2;
-    r.step = step;
-    r.size = size;
-    snprintf(r.name, sizeof(r.name), "%s", name);
     uint8_t *p = NULL;
-    size_t len = ckpt__pub_request_size(&r);
+    size_t len = ckpt__pub_request_size(r);
     CHECK_OK(ckpt__ipc_conn_tx_reserve(&c, len, &p));
-    ckpt__pub_request_encode(&r, p);
-    CHECK_OK(ckpt__ipc_conn_send(&c, CKPT_IPC_MSG_PUBLISH, len, &fd, 1, 2000));
+    ckpt__pub_request_encode(r, p);
+    CHECK_OK(ckpt__ipc_conn_send(&c, CKPT_IPC_MSG_PUBLISH, len, fd >= 0 ? &fd : NULL,
+                                 fd >= 0 ? 1 : 0, 2000));
     ckpt__ipc_hdr_t h;
     int32_t status = -999;
     uint32_t kind = 0;
@@ -237,6 +232,20 @@ static int raw_publish(const char *path, const char *name, int fd, uint64_t size
     CHECK_OK(ckpt__pub_reply_decode(c.rx_buf, h.length, &status, &kind, &version, text, cap));
     ckpt__ipc_conn_destroy(&c);
     return status;
+}
+
+/* One PUBLISH carrying `fd`: part `part` of 2 of `name` at `step`. */
+static int raw_publish(const char *path, const char *name, int fd, uint64_t size, uint32_t part,
+                       uint64_t step, char *text, size_t cap)
+{
+    ckpt__pub_request_t r;
+    memset(&r, 0, sizeof(r));
+    r.part = part;
+    r.nparts = 2;
+    r.step = step;
+    r.size = size;
+    snprintf(r.name, sizeof(r.name), "%s", name);
+    return raw_request(path, &r, fd, text, cap);
 }
 
 static void test_listener(void)
@@ -408,10 +417,67 @@ static void test_pull(void)
     CHECK(strstr(reply.text, "no source") != NULL);
     ckpt_publish_free(pub);
 
+    /* Raw pull requests: a pid that is not the peer's (another pid namespace), and
+     * segments that do not match the header's tensors, are refused by name. */
+    uint8_t hdr[4096];
+    uint64_t hlen = 0, fsize = 0;
+    {
+        /* the layout a pulled publication sends: taken from a memfd publication's file */
+        ckpt_publication_t *mp = filled("p");
+        fsize = ckpt_publish_size(mp);
+        uint8_t lenbuf[8];
+        CHECK(pread(ckpt_publish_fd(mp), lenbuf, 8, 0) == 8);
+        for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | lenbuf[i];
+        hlen += 8;
+        CHECK(hlen <= sizeof(hdr));
+        CHECK(pread(ckpt_publish_fd(mp), hdr, (size_t)hlen, 0) == (ssize_t)hlen);
+        ckpt_publish_free(mp);
+    }
+    uint8_t segs[NT * CKPT__PUB_SEG_BYTES];
+    ckpt_publication_t *lay = NULL;
+    CHECK_OK(ckpt_publish_begin_pull("p", m, NT, &lay));
+    for (size_t t = 0; lay && t < NT; t++) {
+        uint64_t off = ckpt_publish_tensor_offset(lay, t), addr = (uint64_t)(uintptr_t)src[t];
+        for (int b = 0; b < 8; b++) {
+            segs[t * CKPT__PUB_SEG_BYTES + (size_t)b] = (uint8_t)(off >> (8 * b));
+            segs[t * CKPT__PUB_SEG_BYTES + 8 + (size_t)b] = (uint8_t)(addr >> (8 * b));
+        }
+    }
+    ckpt_publish_free(lay);
+    ckpt__pub_request_t pr;
+    memset(&pr, 0, sizeof(pr));
+    pr.nparts = 1;
+    pr.size = fsize;
+    pr.flags = CKPT__PUB_FLAG_PULL;
+    pr.pid = (uint32_t)getpid();
+    pr.nsegs = NT;
+    pr.header_len = hlen;
+    pr.header = hdr;
+    pr.segs = segs;
+    snprintf(pr.name, sizeof(pr.name), "raw");
+    char text[1024];
+    CHECK(raw_request(path, &pr, -1, text, sizeof(text)) == 0); /* well formed: accepted */
+    pr.pid = (uint32_t)getpid() + 1;
+    CHECK(raw_request(path, &pr, -1, text, sizeof(text)) == CKPT_EINVAL);
+    CHECK(strstr(text, "another pid namespace") && strstr(text, "publish without pull"));
+    pr.pid = (uint32_t)getpid();
+    segs[0] ^= 8; /* the first segment no longer starts its tensor */
+    CHECK(raw_request(path, &pr, -1, text, sizeof(text)) == CKPT_EINVAL);
+    CHECK(strstr(text, "does not start a tensor") != NULL);
+    pr.nsegs = NT - 1;
+    CHECK(raw_request(path, &pr, -1, text, sizeof(text)) == CKPT_EINVAL);
+    CHECK(strstr(text, "segments for the header's") != NULL);
+    ckpt__pub_part_t *parts = NULL;
+    size_t np = 0;
+    CHECK_OK(ckpt__pub_server_take(srv, &parts, &np));
+    CHECK(np == 1); /* only the well-formed one is pending */
+    for (size_t i = 0; i < np; i++) ckpt__pub_part_finish(&parts[i], CKPT_ECANCELED, 0, "test");
+    ckpt__free(parts);
+
     /* Codec: round trip, then a trailer one byte short is refused. */
     ckpt__pub_request_t r, back;
     memset(&r, 0, sizeof(r));
-    uint8_t header[16] = {8}, segs[2 * CKPT__PUB_SEG_BYTES] = {0};
+    uint8_t header[16] = {8}, csegs[2 * CKPT__PUB_SEG_BYTES] = {0};
     r.nparts = 1;
     r.size = 4096;
     r.flags = CKPT__PUB_FLAG_PULL;
@@ -419,7 +485,7 @@ static void test_pull(void)
     r.nsegs = 2;
     r.header_len = sizeof(header);
     r.header = header;
-    r.segs = segs;
+    r.segs = csegs;
     snprintf(r.name, sizeof(r.name), "codec");
     uint8_t buf[256];
     size_t len = ckpt__pub_request_size(&r);
@@ -427,8 +493,8 @@ static void test_pull(void)
     ckpt__pub_request_encode(&r, buf);
     CHECK_OK(ckpt__pub_request_decode(buf, len, &back));
     CHECK(back.pid == 77 && back.nsegs == 2 && back.header_len == sizeof(header) &&
-          back.header == buf + len - sizeof(segs) - sizeof(header) &&
-          back.segs == buf + len - sizeof(segs) && strcmp(back.name, "codec") == 0);
+          back.header == buf + len - sizeof(csegs) - sizeof(header) &&
+          back.segs == buf + len - sizeof(csegs) && strcmp(back.name, "codec") == 0);
     CHECK(ckpt__pub_request_decode(buf, len - 1, &back) == CKPT_EPROTO);
     ckpt__pub_server_close(srv);
     rmdir(dir);
