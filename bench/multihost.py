@@ -8,10 +8,15 @@ Rows (median of --repeat updates after one warm-up; each row a fresh deployment)
   1 host x 2 ranks, direct   the default on one host: workers read the owners' pools
   1 host x 2 ranks, staged   direct=0: through the host's IPC buffers, no network
   2 hosts x 1 rank           the other host's bytes cross the veth/bridge link (MPI_Ibcast)
-The MPI_Bcast floor (serve's `floors`) of each deployment is printed beside it.
+The MPI_Bcast floor (serve's `floors`) of each deployment is printed beside it, and what
+the cost model (`ckpt-engine plan`, src/plan/cost.c) predicts for that row from the floors
+measured in the same deployment: the copy floor with streaming stores (rank 0 alone, and all
+ranks at once), the MPI_Bcast floor between the hosts.
 """
 import argparse
+import json
 import os
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -21,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "multihost"))
 
 import hosts as hostsmod  # noqa: E402
 from deploy import Deployment, gen  # noqa: E402
+from mpijob import ENGINE  # noqa: E402
 
 ROWS = [
     # label, hosts used, ranks per host, extra update options
@@ -50,7 +56,8 @@ def measure(workdir, size="64MiB", repeat=3, timeout=120):
                     assert res["ok"], res
                     if i:  # the first one maps the buffers and faults the pools in
                         times.append(res["total_s"])
-                out.append((label, statistics.median(times), times, res, floors))
+                pred = predict(model, len(hosts), slots, "direct=0" not in opts, floors)
+                out.append((label, statistics.median(times), times, res, floors, pred))
                 assert dep.close() == 0, dep.stderr()
                 dep.wait_workers(timeout=60)
             finally:
@@ -59,16 +66,34 @@ def measure(workdir, size="64MiB", repeat=3, timeout=120):
     return out
 
 
+def predict(model, nhosts, slots, direct, floors, bucket_us=1000):
+    """The cost model's update time for a row, from the floors of its deployment."""
+    args = [ENGINE, "plan", model, "--json", "--hosts", str(nhosts),
+            "--ranks-per-host", str(slots), "--direct", "on" if direct and nhosts == 1 else "off",
+            "--copy", "%.3f" % floors["stream_gbps"],
+            "--host-copy", "%.3f" % (floors["stream_concurrent_gbps"] * slots),
+            "--bucket-us", str(bucket_us),
+            # the namespace hosts share this machine's cores
+            "--cores", str(os.cpu_count()), "--one-machine"]
+    if nhosts > 1:
+        args += ["--inter", "%.3f" % floors["bcast_gbps"]]
+    out = subprocess.run(args, check=True, capture_output=True, text=True, timeout=60).stdout
+    return json.loads(out)
+
+
 def table(rows, size):
     lines = ["update time, %s checkpoint, 2 workers (median of %d updates):"
              % (size, len(rows[0][2]) if rows else 0)]
     base = rows[0][1] if rows else 0
-    for label, med, times, res, floors in rows:
+    for label, med, times, res, floors, pred in rows:
         bcast = floors.get("bcast_gbps", 0) if isinstance(floors, dict) else 0
-        lines.append("  %-26s %7.3f s  (%.2fx of the first row; %.2f GB/s per worker; %d buckets; "
-                     "MPI_Bcast floor %.2f GB/s)"
-                     % (label, med, med / base if base else 0, res["bytes"] / med / 1e9,
-                        res["buckets"], bcast))
+        p = pred["full"]["total_s"]
+        lines.append("  %-26s %7.3f s  predicted %.3f s (measured/predicted %.2f, bound: %s); "
+                     "%.2fx of the first row; %.2f GB/s per worker; %d buckets; "
+                     "copy floor %.2f GB/s alone, %.2f all ranks; MPI_Bcast floor %.2f GB/s"
+                     % (label, med, p, med / p if p else 0, pred["full"]["bound"],
+                        med / base if base else 0, res["bytes"] / med / 1e9, res["buckets"],
+                        floors["stream_gbps"], floors["stream_concurrent_gbps"], bcast))
     return "\n".join(lines)
 
 

@@ -10,5 +10,6 @@ int cmd_serve(int argc, char **argv);
 int cmd_gen(int argc, char **argv);
 int cmd_verify(int argc, char **argv);
 int cmd_client(int argc, char **argv);
+int cmd_plan(int argc, char **argv);
 
 #endif

@@ -14,6 +14,7 @@ static const struct {
     {"serve", cmd_serve, "run an engine rank (all ranks of a deployment form one MPI job)"},
     {"bench", cmd_bench, "measure a part against its physical floor (bench load, ...)"},
     {"gen", cmd_gen, "generate a synthetic checkpoint with transformer-like shapes"},
+    {"plan", cmd_plan, "predict an update's time per stage on a deployment (cost model)"},
     {"verify", cmd_verify, "compare two checkpoints tensor by tensor, byte for byte"},
     {"register", cmd_client, "client: register a checkpoint on a running server (--server URL)"},
     {"update", cmd_client, "client: start an update (--wait shows progress)"},
