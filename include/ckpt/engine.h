@@ -89,6 +89,15 @@ typedef struct ckpt_update_result {
      * update fails. The first CKPT_ISOLATED_MAX by rank are listed (rank 0 only). */
     uint32_t nisolated;
     ckpt_isolated_worker_t isolated[CKPT_ISOLATED_MAX];
+    /* Workers' declared needs (ckpt_receiver_declare_need): bytes the busiest worker needs
+     * and every worker's need summed (a worker that declared nothing needs every byte);
+     * tensors left out because no worker needs them (ignore_unneeded). */
+    uint64_t need_bytes_max;
+    uint64_t need_bytes_total;
+    uint32_t unneeded;
+    /* Bytes the busiest host received from the other hosts (bucket broadcasts between host
+     * leaders; 0 on one host). */
+    uint64_t host_bytes_max;
 } ckpt_update_result_t;
 
 typedef struct ckpt_update_options {
@@ -108,9 +117,12 @@ typedef struct ckpt_update_options {
      * every other worker go on; the result lists it (nisolated, isolated[]). A rank's own
      * failure still aborts the update everywhere. 0 (default): one worker fails, all abort. */
     int isolate;
+    /* 1: when every worker declared its need, tensors that no worker needs are left out of
+     * the update. 0 (default): such a tensor fails the update before any byte moves. */
+    int ignore_unneeded;
 } ckpt_update_options_t;
 
-#define CKPT_UPDATE_OPTIONS_INIT {0, 0, 0, -1, NULL, -1, 0, 0}
+#define CKPT_UPDATE_OPTIONS_INIT {0, 0, 0, -1, NULL, -1, 0, 0, 0}
 
 /* Physical floors measured in this run: single-core memcpy on rank 0, MPI_Bcast on all. */
 typedef struct ckpt_floors {

@@ -77,6 +77,30 @@ CKPT_API int ckpt_receiver_set_model(ckpt_receiver_t *r, const ckpt_tensor_meta_
 CKPT_API int ckpt_receiver_manifest(ckpt_receiver_t *r, const ckpt_tensor_meta_t **metas_out,
                                     size_t *count_out);
 
+/* What a worker needs of one tensor (ckpt_receiver_declare_need): the whole tensor
+ * (dim = -1, start = length = 0) or `length` indices from `start` along dimension `dim`
+ * (rows of dim 0 for a column-parallel linear, columns of dim 1 for a row-parallel one). */
+typedef struct {
+    char name[CKPT_NAME_MAX];
+    int32_t dim;
+    int32_t reserved; /* 0 */
+    uint64_t start;
+    uint64_t length;
+} ckpt_need_decl_t;
+
+/* Tells the engine which tensors this worker needs, between updates (protocol version 4,
+ * message NEED; not answered). From the next update on, the engine sends the worker only
+ * buckets' records of these tensors, checks that every tensor of a checkpoint is needed by
+ * some worker (an update of a tensor nobody needs fails before any byte moves, unless asked
+ * with unneeded=ignore, which leaves such tensors out), and counts the bytes each worker
+ * needs. A worker that declares nothing needs every tensor (the default); count 0 declares
+ * that it needs none. A later call replaces the declaration; a new connection starts
+ * undeclared. The records are checked here first (CKPT_EINVAL: a name given twice, a
+ * dimension outside -1..7, an empty range); whether ranges fit the tensors is checked by
+ * the engine at the update. CKPT_ESTATE during an update. */
+CKPT_API int ckpt_receiver_declare_need(ckpt_receiver_t *r, const ckpt_need_decl_t *needs,
+                                        size_t count);
+
 /* What the worker's weights are (ckpt_receiver_state): */
 #define CKPT_RECV_STATE_NONE 0       /* no update took effect yet (version 0) */
 #define CKPT_RECV_STATE_UPDATING 1   /* an update is applying buckets: weights may be mixed;

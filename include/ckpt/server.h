@@ -77,6 +77,8 @@ typedef struct ckpt_http_job {
                                        * purpose (ckpt_update_options_t.partial) */
     int isolate;                      /* 1: a failing worker is cut out, the others go on
                                        * (ckpt_update_options_t.isolate) */
+    int ignore_unneeded;              /* "unneeded": "ignore": tensors no worker needs are
+                                       * left out (ckpt_update_options_t.ignore_unneeded) */
     char update_url[CKPT_HTTP_URL_MAX];   /* "": no trigger; else ckpt_trigger_begin it */
     char trigger_method[128];             /* collective_rpc method ("": ckpt_engine_update) */
     /* worker i of the inference instance attaches to engine rank group_ranks[i]
@@ -125,6 +127,10 @@ typedef struct ckpt_http_job_result {
      * CKPT_HTTP_ISOLATED_MAX by rank listed) */
     int nisolated;
     ckpt_http_isolated_t isolated[CKPT_HTTP_ISOLATED_MAX];
+    /* update: the workers' declared needs (ckpt_update_result_t) */
+    uint64_t need_bytes_max, need_bytes_total;
+    uint32_t unneeded;
+    uint64_t host_bytes_max; /* update: bytes the busiest host received from the others */
 } ckpt_http_job_result_t;
 
 /* Progress of the running update (mirrors ckpt_update_progress_t). */

@@ -56,6 +56,16 @@ class UpdateInfo(ctypes.Structure):
     ]
 
 
+class NeedDecl(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_char * CKPT_NAME_MAX),
+        ("dim", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+        ("start", ctypes.c_uint64),
+        ("length", ctypes.c_uint64),
+    ]
+
+
 class TensorView(ctypes.Structure):
     _fields_ = [("meta", TensorMeta), ("data", ctypes.c_void_p)]
 
@@ -111,6 +121,7 @@ def load():
         "ckpt_receiver_state": ([p, ctypes.POINTER(c_int), ctypes.POINTER(u64),
                                  ctypes.POINTER(u64)], c_int),
         "ckpt_receiver_set_model": ([p, ctypes.POINTER(TensorMeta), ctypes.c_size_t], c_int),
+        "ckpt_receiver_declare_need": ([p, ctypes.POINTER(NeedDecl), ctypes.c_size_t], c_int),
         "ckpt_receiver_last_update": ([p, ctypes.POINTER(UpdateInfo), ctypes.POINTER(c_int)],
                                       c_int),
         "ckpt_receiver_reason": ([p], ctypes.c_char_p),

@@ -165,6 +165,24 @@ class Receiver:
                     m.shape[d] = n
         _check(lib().ckpt_receiver_set_model(self._h, metas, len(model)), "set_model")
 
+    def declare_need(self, needs):
+        """Tells the engine which tensors this worker needs, between updates (protocol
+        version 4, include/ckpt/receiver.h): from the next update on it sends only those,
+        and a tensor that no worker needs fails the update unless it asks unneeded=ignore.
+        `needs`: {name: None} for a whole tensor, {name: (dim, start, length)} for a slice
+        (rows of dim 0, columns of dim 1, ...); {} declares that it needs nothing."""
+        decls = (_lib.NeedDecl * max(len(needs), 1))()
+        for i, (name, part) in enumerate(needs.items()):
+            raw = name.encode()
+            if len(raw) >= _lib.CKPT_NAME_MAX:
+                raise ValueError("tensor name too long: %r" % name)
+            decls[i].name = raw
+            if part is None:
+                decls[i].dim = -1
+            else:
+                decls[i].dim, decls[i].start, decls[i].length = part
+        _check(lib().ckpt_receiver_declare_need(self._h, decls, len(needs)), "declare_need")
+
     STATES = {0: "none", 1: "updating", 2: "consistent", 3: "incomplete"}
 
     def state(self):

@@ -244,6 +244,7 @@ int ckpt_engine_update(ckpt_engine_t *e, const char *name, const ckpt_update_opt
     cmd.verify = opts->verify >= 0 ? opts->verify : e->opts.verify;
     cmd.partial = opts->partial != 0;
     cmd.isolate = opts->isolate != 0;
+    cmd.ignore_unneeded = opts->ignore_unneeded != 0;
     cmd.direct = opts->direct >= 0 ? opts->direct : e->opts.direct != 0;
     ckpt_update_result_t local;
     rc = leader_run(e, &cmd, result ? result : &local, opts, NULL);
@@ -309,6 +310,7 @@ int ckpt_engine_p2p_update(ckpt_engine_t *e, const void *metas, size_t len,
     cmd.verify = opts->verify >= 0 ? opts->verify : e->opts.verify;
     cmd.partial = opts->partial != 0;
     cmd.isolate = opts->isolate != 0;
+    cmd.ignore_unneeded = opts->ignore_unneeded != 0;
     cmd.payload_len = len;
     if (ckpt__cmd_send(e, &cmd) < 0) ckpt__engine_fatal(e, ckpt_last_error());
     char *payload = (char *)metas;

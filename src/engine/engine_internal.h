@@ -34,6 +34,8 @@ typedef struct ckpt__cmd {
     int32_t direct; /* 1: workers read the owners' pools when all ranks share one host */
     int32_t partial; /* UPDATE: workers accept a manifest that is a subset of their model */
     int32_t isolate; /* UPDATE/P2P_UPDATE: a failing worker is cut out, the others go on */
+    int32_t ignore_unneeded; /* UPDATE/P2P_UPDATE: tensors no worker needs are left out */
+    int32_t pad;
     uint64_t version;
     uint64_t update_id;
     uint64_t bucket_max;

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "engine/engine_internal.h"
+#include "engine/needs.h"
 #include "engine/p2p.h"
 #include "engine/sources.h"
 #include "ipc/wire.h"
@@ -41,6 +42,9 @@ typedef struct update_ctx {
     const ckpt_tensor_meta_t *manifest; /* every tensor of the update, sent with BEGIN */
     size_t nmanifest;
     int worker_pid;          /* of the worker BEGIN went to (kept after a drop) */
+    ckpt__needs_t needs;     /* what the workers declared they need (needs.c) */
+    ckpt_tensor_meta_t *records; /* a bucket's records this worker needs (declared needs) */
+    size_t records_cap;
     int isolated;            /* isolate: this rank's worker is out of the update */
     int isolated_status;
     char isolated_reason[CKPT__REASON_MAX];
@@ -252,6 +256,16 @@ static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
         rc = agree(u, rc, "IPC buffers");
         if (rc < 0) return rc;
     }
+    /* Bytes the busiest host receives from other hosts: every bucket another host owns
+     * (the leaders' broadcast); 0 on one host. */
+    if (!u->direct && e->ngroups > 1) {
+        for (int g = 0; g < e->ngroups; g++) {
+            uint64_t in = 0;
+            for (size_t b = 0; b < u->plan.nbuckets; b++)
+                if (e->group_of_rank[u->plan.buckets[b].owner] != g) in += u->plan.buckets[b].bytes;
+            if (in > u->res->host_bytes_max) u->res->host_bytes_max = in;
+        }
+    }
     u->res->direct = u->direct;
     u->res->bucket_size = bucket_size;
     u->res->nbuffers = nbuffers;
@@ -284,9 +298,20 @@ static int begin_workers(update_ctx_t *u)
             begin.nbuckets = (uint32_t)u->plan.nbuckets;
             begin.verify = u->cmd->verify;
             begin.stable = u->direct; /* pools: never written during an update */
-            /* The worker checks the manifest against its model before any byte lands. */
+            /* The worker checks the manifest against its model before any byte lands: the
+             * tensors it will be sent (all of them, or what it declared it needs). */
             begin.manifest = u->manifest;
             begin.manifest_count = u->nmanifest;
+            ckpt_tensor_meta_t *mine = NULL;
+            if (u->needs.declared && (mine = malloc((u->nmanifest + 1) * sizeof(*mine)))) {
+                size_t n = 0;
+                for (size_t i = 0; i < u->nmanifest; i++)
+                    if (ckpt__needs_wants(&u->needs, &u->manifest[i])) mine[n++] = u->manifest[i];
+                begin.manifest = mine;
+                begin.manifest_count = n;
+            } else if (u->needs.declared) {
+                rc = ckpt__error(CKPT_ENOMEM, "BEGIN: the manifest of %zu tensors", u->nmanifest);
+            }
             begin.partial = u->cmd->partial;
             if (u->direct) {
                 begin.nbuffers = (int)u->sources.count;
@@ -301,7 +326,8 @@ static int begin_workers(update_ctx_t *u)
                     begin.buffer_sizes[i] = e->buffers.size;
                 }
             }
-            rc = ckpt_ipc_begin(e->ipc, &begin, u->cmd->timeout_ms);
+            if (rc == CKPT_OK) rc = ckpt_ipc_begin(e->ipc, &begin, u->cmd->timeout_ms);
+            free(mine);
             u->worker_begun = rc == CKPT_OK;
         }
         rc = isolate_worker(u, rc, "BEGIN");
@@ -367,8 +393,24 @@ static int send_bucket(update_ctx_t *u, size_t b)
     u->sent_at = ckpt__now_s();
     if (!worker_active(u)) return CKPT_OK;
     int buffer = u->direct ? bk->source : (int)(b % (size_t)e->buffers.nbuffers);
-    return ckpt_ipc_send_bucket(e->ipc, (uint32_t)b, buffer, &u->plan.tensors[bk->first],
-                                bk->count);
+    const ckpt_tensor_meta_t *records = &u->plan.tensors[bk->first];
+    size_t count = bk->count;
+    if (u->needs.declared) {
+        /* Only what the worker needs; a bucket with none of it still goes (empty) so the
+         * worker answers every bucket and the ranks stay in step. */
+        if (u->records_cap < count) {
+            ckpt_tensor_meta_t *grown = realloc(u->records, count * sizeof(*grown));
+            if (!grown) return ckpt__error(CKPT_ENOMEM, "bucket %zu: %zu records", b, count);
+            u->records = grown;
+            u->records_cap = count;
+        }
+        size_t kept = 0;
+        for (size_t i = 0; i < count; i++)
+            if (ckpt__needs_wants(&u->needs, &records[i])) u->records[kept++] = records[i];
+        records = u->records;
+        count = kept;
+    }
+    return ckpt_ipc_send_bucket(e->ipc, (uint32_t)b, buffer, records, count);
 }
 
 static void progress_bucket_done(update_ctx_t *u, size_t b)
@@ -576,6 +618,15 @@ static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trac
     ckpt_tensor_meta_t *all = NULL;
     size_t count = 0;
     int rc = gather_metas(&u, &all, &count);
+    if (rc == CKPT_OK) {
+        rc = agree(&u, ckpt__needs_local(e, all, count, cmd->partial, &u.needs), "worker needs");
+        if (rc == CKPT_OK &&
+            (rc = ckpt__needs_union(e, all, &count, cmd->ignore_unneeded, u.coll_ms, &u.needs)) < 0)
+            fail_result(&u, rc, -1, ckpt_last_error()); /* the same text on every rank */
+        res->need_bytes_max = u.needs.bytes_max;
+        res->need_bytes_total = u.needs.bytes_total;
+        res->unneeded = u.needs.unneeded;
+    }
     res->gather_s = ckpt__now_s() - t;
     if (rc < 0) goto out;
     u.manifest = all;
@@ -618,9 +669,15 @@ finish:
     }
     res->finish_s = ckpt__now_s() - t;
     if (u.tl.events) {
-        char label[CKPT_NAME_MAX + 32];
-        snprintf(label, sizeof(label), "%s #%llu", cmd->name,
-                 (unsigned long long)cmd->update_id);
+        char label[CKPT_NAME_MAX + 160];
+        if (u.needs.any_declared) /* the bytes the workers asked for, in the trace's title */
+            snprintf(label, sizeof(label), "%s #%llu (declared needs: busiest worker %llu "
+                     "bytes, all workers %llu)", cmd->name, (unsigned long long)cmd->update_id,
+                     (unsigned long long)res->need_bytes_max,
+                     (unsigned long long)res->need_bytes_total);
+        else
+            snprintf(label, sizeof(label), "%s #%llu", cmd->name,
+                     (unsigned long long)cmd->update_id);
         int trc = ckpt__timeline_write(e, &u.tl, trace_path, label, u.coll_ms);
         if (trc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());
         if (trc < 0) ckpt_warn("%s", ckpt_last_error());
@@ -633,6 +690,8 @@ out:
     if (rc < 0 && res->reason[0] == '\0')
         snprintf(res->reason, sizeof(res->reason), "%s", ckpt_last_error());
     ckpt__timeline_free(&u.tl);
+    ckpt__needs_free(&u.needs);
+    free(u.records);
     ckpt__sources_close(&u.sources);
     ckpt__plan_free(&u.plan);
     ckpt__free(u.src_owner);

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <sys/mman.h>
@@ -351,6 +352,39 @@ static long model_find(const ckpt_receiver_t *r, const char *name)
         if (v == 0) return -1;
         if (strcmp(r->model[v - 1].name, name) == 0) return (long)(v - 1);
     }
+}
+
+int ckpt_receiver_declare_need(ckpt_receiver_t *r, const ckpt_need_decl_t *needs, size_t count)
+{
+    if (r == NULL || (needs == NULL && count > 0))
+        return ckpt__error(CKPT_EINVAL, "receiver declare_need: NULL argument");
+    if (r->state == R_DEAD)
+        return ckpt__error(CKPT_EPEER, "%s: connection lost; reconnect, then declare",
+                           r->conn.peer);
+    if (r->state != R_IDLE)
+        return ckpt__error(CKPT_ESTATE, "%s: needs are declared between updates",
+                           r->conn.peer);
+    size_t len = ckpt__ipc_need_size(needs, count);
+    if (count > UINT32_MAX || len > CKPT_IPC_MAX_PAYLOAD)
+        return ckpt__error(CKPT_ETOOBIG, "declare_need: %zu records (%zu bytes) exceed the "
+                           "%u-byte message limit", count, len, CKPT_IPC_MAX_PAYLOAD);
+    uint8_t *p = NULL;
+    int rc = ckpt__ipc_conn_tx_reserve(&r->conn, len, &p);
+    if (rc) return rc;
+    ckpt__ipc_need_encode(needs, count, p);
+    /* The engine checks the same way; checking here names the mistake to its author. */
+    ckpt_need_decl_t *copy = count ? malloc(count * sizeof(*copy)) : NULL;
+    uint32_t n = 0;
+    if (count && !copy) return ckpt__error(CKPT_ENOMEM, "declare_need: %zu records", count);
+    rc = ckpt__ipc_need_decode(p, len, copy, &n);
+    free(copy);
+    if (rc) return ckpt__error(CKPT_EINVAL, "declare_need: %s", ckpt_last_error());
+    for (size_t i = 0; i < count; i++)
+        if (needs[i].reserved != 0 || strnlen(needs[i].name, CKPT_NAME_MAX) == CKPT_NAME_MAX)
+            return ckpt__error(CKPT_EINVAL, "declare_need: record %zu: name not terminated or "
+                               "reserved field not 0", i);
+    rc = ckpt__ipc_conn_send(&r->conn, CKPT_IPC_MSG_NEED, len, NULL, 0, r->reply_timeout_ms);
+    return rc ? io_fail(r, rc == CKPT_ETIMEDOUT ? CKPT_EPEER : rc) : CKPT_OK;
 }
 
 int ckpt_receiver_set_model(ckpt_receiver_t *r, const ckpt_tensor_meta_t *metas, size_t count)

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -39,6 +40,11 @@ struct ckpt_ipc_server {
      * answers are read later, before the next BEGIN or whenever the connection is probed. */
     int prepares;
     uint64_t prepare_sent_ns; /* when the last of them was sent */
+    /* The worker's declared need (NEED, version 4): need_declared = 0 until it sends one
+     * (it needs everything); cleared when the connection goes. */
+    int need_declared;
+    ckpt_need_decl_t *need;
+    uint32_t nneed;
 };
 
 /* More unanswered PREPAREs than this: the worker is not reading; skip further ones. */
@@ -56,6 +62,10 @@ void ckpt_ipc_server_drop_worker(ckpt_ipc_server_t *srv, const char *reason)
     srv->state = ST_NONE;
     srv->worker_pid = -1;
     srv->prepares = 0;
+    free(srv->need);
+    srv->need = NULL;
+    srv->nneed = 0;
+    srv->need_declared = 0;
 }
 
 /* Drops the worker after a failure that left the stream unusable, keeping the error text. */
@@ -124,14 +134,45 @@ static void refuse_pending(void *arg)
     for (int i = 0; i < 16 && srv->state != ST_NONE && poll(&pf, 1, 0) > 0; i++) accept_one(srv);
 }
 
+/* Takes a NEED the worker sent (not answered): decoded and kept for the next update. A
+ * malformed one is a protocol error (the caller drops the worker). */
+static int take_need(ckpt_ipc_server_t *srv)
+{
+    uint32_t n = 0;
+    const uint8_t *p = srv->conn.rx_buf;
+    uint32_t len = srv->conn.rx_hdr.length;
+    int rc = ckpt__ipc_need_decode(p, len, NULL, &n);
+    ckpt_need_decl_t *need = NULL;
+    if (rc == CKPT_OK && n > 0 && !(need = malloc(n * sizeof(*need))))
+        rc = ckpt__error(CKPT_ENOMEM, "%s: NEED of %u tensors", srv->conn.peer, n);
+    if (rc == CKPT_OK) rc = ckpt__ipc_need_decode(p, len, need, &n);
+    if (rc) {
+        free(need);
+        return ckpt__error_prefix(rc, "%s: ", srv->conn.peer);
+    }
+    free(srv->need);
+    srv->need = need;
+    srv->nneed = n;
+    srv->need_declared = 1;
+    ckpt_info("ipc: %s declared its need: %u tensors", srv->conn.peer, n);
+    return CKPT_OK;
+}
+
 static int recv_reply(ckpt_ipc_server_t *srv, int timeout_ms, ckpt__ipc_hdr_t *hdr)
 {
-    /* Also before receiving: when every reply is already queued the wait below never
-     * blocks, and a second worker knocking would not be told until one did (seen as a
-     * flaky test_second_worker_refused under load). */
-    refuse_pending(srv);
-    ckpt__ipc_watch_t watch = {srv->listen_fd, refuse_pending, srv};
-    return ckpt__ipc_conn_recv(&srv->conn, timeout_ms, &watch, hdr);
+    uint64_t deadline = ckpt__ipc_deadline(timeout_ms);
+    for (;;) {
+        /* Also before receiving: when every reply is already queued the wait below never
+         * blocks, and a second worker knocking would not be told until one did (seen as a
+         * flaky test_second_worker_refused under load). */
+        refuse_pending(srv);
+        ckpt__ipc_watch_t watch = {srv->listen_fd, refuse_pending, srv};
+        int rc = ckpt__ipc_conn_recv(&srv->conn, timeout_ms < 0 ? -1 : ckpt__ipc_ms_left(deadline),
+                                     &watch, hdr);
+        /* A NEED is no answer: it may cross a BEGIN or a PREPARE on the way. */
+        if (rc || hdr->type != CKPT_IPC_MSG_NEED) return rc;
+        if ((rc = take_need(srv)) != CKPT_OK) return rc;
+    }
 }
 
 /* Turns an ERR payload into the worker's status with its text as the detail. */
@@ -247,6 +288,7 @@ fail:
 void ckpt_ipc_server_close(ckpt_ipc_server_t *srv)
 {
     if (srv == NULL) return;
+    free(srv->need);
     ckpt__ipc_conn_destroy(&srv->conn);
     if (srv->listen_fd >= 0) {
         close(srv->listen_fd);
@@ -285,13 +327,51 @@ static void probe_idle(ckpt_ipc_server_t *srv)
         ckpt__error_clear();
         if (srv->state != ST_IDLE || srv->prepares > 0) return;
     }
-    struct pollfd pf = {srv->conn.fd, POLLIN, 0};
-    if (poll(&pf, 1, 0) <= 0) return;
-    char b;
-    ssize_t n = recv(srv->conn.fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
-    ckpt_ipc_server_drop_worker(srv, n == 0 || n < 0 ? "disconnected"
-                                                    : "sent a message while idle");
+    for (;;) {
+        struct pollfd pf = {srv->conn.fd, POLLIN, 0};
+        if (poll(&pf, 1, 0) <= 0) return;
+        char b;
+        ssize_t n = recv(srv->conn.fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+        if (n <= 0) {
+            ckpt_ipc_server_drop_worker(srv, "disconnected");
+            return;
+        }
+        /* The only message an idle worker may send is NEED; it is short and whole once
+         * its first byte is here, so a brief bound suffices. */
+        ckpt__ipc_hdr_t hdr;
+        int rc = ckpt__ipc_conn_recv(&srv->conn, 1000, NULL, &hdr);
+        if (rc == CKPT_OK && hdr.type == CKPT_IPC_MSG_NEED) rc = take_need(srv);
+        else if (rc == CKPT_OK) rc = ckpt__error(CKPT_EPROTO, "%s: sent %s while idle",
+                                                 srv->conn.peer, ckpt__ipc_msg_name(hdr.type));
+        if (rc) {
+            ckpt_warn("ipc: %s", ckpt_last_error());
+            fail_drop(srv, rc);
+            ckpt__error_clear();
+            return;
+        }
+    }
+}
+
+void ckpt_ipc_server_poll(ckpt_ipc_server_t *srv)
+{
+    if (srv == NULL) return;
+    if (srv->state == ST_NONE) {
+        struct pollfd pf = {srv->listen_fd, POLLIN, 0};
+        if (poll(&pf, 1, 0) > 0) accept_one(srv);
+    }
+    if (srv->state == ST_IDLE) probe_idle(srv);
+}
+
+int ckpt_ipc_server_need(ckpt_ipc_server_t *srv, const ckpt_need_decl_t **need_out,
+                         uint32_t *count_out)
+{
+    *need_out = NULL;
+    *count_out = 0;
+    if (srv == NULL || srv->state == ST_NONE || !srv->need_declared) return 0;
+    *need_out = srv->need;
+    *count_out = srv->nneed;
+    return 1;
 }
 
 int ckpt_ipc_server_wait_worker(ckpt_ipc_server_t *srv, int timeout_ms)

@@ -45,6 +45,15 @@ void ckpt_ipc_server_close(ckpt_ipc_server_t *srv);
 int ckpt_ipc_server_wait_worker(ckpt_ipc_server_t *srv, int timeout_ms);
 /* 1 when a worker connection is open (not probed for liveness), else 0. */
 int ckpt_ipc_server_has_worker(ckpt_ipc_server_t *srv);
+/* Without waiting: accepts a worker that is connecting and reads what an idle worker sent
+ * (its NEED; EOF or anything else drops it). */
+void ckpt_ipc_server_poll(ckpt_ipc_server_t *srv);
+/* The connected worker's declared need (NEED): 1 with *need_out / *count_out (valid until
+ * the next call on srv that reads from the worker, or a drop) when it declared one, 0 when
+ * it did not (it needs everything) or none is connected. Read between updates by
+ * wait_worker (and while waiting for any answer). */
+int ckpt_ipc_server_need(ckpt_ipc_server_t *srv, const ckpt_need_decl_t **need_out,
+                         uint32_t *count_out);
 /* pid of the connected worker (SO_PEERCRED), -1 when none. */
 int ckpt_ipc_server_worker_pid(ckpt_ipc_server_t *srv);
 /* The fd to poll for the engine's own loop: the worker connection when one is open (readable

@@ -1,6 +1,7 @@
 /* Codecs of the engine <-> worker protocol. Decoders treat the payload as hostile: every
  * read is bounds-checked, every count is checked against the bytes that could hold it, and
  * every failure says which field of which message was wrong. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "core/le.h"
@@ -70,7 +71,7 @@ const char *ckpt__ipc_msg_name(uint32_t type)
 {
     static const char *names[] = {"?", "BEGIN", "READY", "BUCKET", "OK",
                                   "ERR", "FINISH", "ABORT", "REFUSE",
-                                  "PUBLISH", "PUBLISH_REPLY", "COMMIT"};
+                                  "PUBLISH", "PUBLISH_REPLY", "COMMIT", "NEED"};
     return type < CKPT_ARRAY_SIZE(names) ? names[type] : "?";
 }
 
@@ -104,7 +105,7 @@ int ckpt__ipc_hdr_decode(const uint8_t *in, const char *peer, ckpt__ipc_hdr_t *o
 }
 
 /* ---- BEGIN: u64 update_id, u64 version, u32 nbuckets, u32 flags, u32 nbuffers,
- *             u32 max_tensors, u64 sizes[nbuffers], name,
+ *             u32 max_tensors, {u64 size, u32 kind}[nbuffers] (kind: version 4), name,
  *             u32 manifest_count, manifest records (version 3) ---- */
 
 #define BEGIN_FIXED (8 + 8 + 4 * 4)
@@ -112,7 +113,7 @@ int ckpt__ipc_hdr_decode(const uint8_t *in, const char *peer, ckpt__ipc_hdr_t *o
 size_t ckpt__ipc_begin_size(const ckpt__ipc_begin_msg_t *m)
 {
     uint32_t n = CKPT_MIN(m->nbuffers, (uint32_t)CKPT_IPC_MAX_BUFFERS);
-    size_t size = BEGIN_FIXED + 8 * (size_t)n + 2 + strlen(m->name) + 4;
+    size_t size = BEGIN_FIXED + 12 * (size_t)n + 2 + strlen(m->name) + 4;
     for (uint32_t i = 0; m->manifest && i < m->manifest_count; i++)
         size += ckpt__ipc_manifest_size(&m->manifest[i]);
     return size;
@@ -129,7 +130,10 @@ void ckpt__ipc_begin_encode(const ckpt__ipc_begin_msg_t *m, uint8_t *out)
     put_u32(out + 24, n);
     put_u32(out + 28, m->max_tensors);
     out += BEGIN_FIXED;
-    for (uint32_t i = 0; i < n; i++, out += 8) put_u64(out, m->buffer_sizes[i]);
+    for (uint32_t i = 0; i < n; i++, out += 12) {
+        put_u64(out, m->buffer_sizes[i]);
+        put_u32(out + 8, CKPT_IPC_BUFFER_HOST);
+    }
     out += put_name(out, m->name);
     put_u32(out, count);
     out += 4;
@@ -149,9 +153,13 @@ int ckpt__ipc_begin_decode(const uint8_t *p, size_t len, ckpt__ipc_begin_msg_t *
         return ckpt__error(CKPT_EPROTO, "BEGIN: %u buffers, want 1..%d", m.nbuffers,
                            CKPT_IPC_MAX_BUFFERS);
     for (uint32_t i = 0; i < m.nbuffers; i++) {
-        if (rd_u64(&rd, &m.buffer_sizes[i]))
+        uint32_t kind;
+        if (rd_u64(&rd, &m.buffer_sizes[i]) || rd_u32(&rd, &kind))
             return ckpt__error(CKPT_EPROTO, "BEGIN: truncated payload (%zu bytes, %u buffers)",
                                len, m.nbuffers);
+        if (kind != CKPT_IPC_BUFFER_HOST)
+            return ckpt__error(CKPT_EPROTO, "BEGIN: buffer %u is of kind %u (device memory?): "
+                               "this receiver maps host-memory buffers only", i, kind);
         if (m.buffer_sizes[i] == 0 || m.buffer_sizes[i] > (uint64_t)SIZE_MAX / 2)
             return ckpt__error(CKPT_EPROTO, "BEGIN: buffer %u has size %llu", i,
                                (unsigned long long)m.buffer_sizes[i]);
@@ -172,6 +180,83 @@ int ckpt__ipc_begin_decode(const uint8_t *p, size_t len, ckpt__ipc_begin_msg_t *
     rc = ckpt__ipc_reader_done(&rd, "BEGIN");
     if (rc) return rc;
     *out = m;
+    return CKPT_OK;
+}
+
+/* ---- NEED: u32 count, records {name, i32 dim, u64 start, u64 length} ---- */
+
+size_t ckpt__ipc_need_size(const ckpt_need_decl_t *needs, size_t count)
+{
+    size_t size = 4;
+    for (size_t i = 0; i < count; i++)
+        size += 2 + strnlen(needs[i].name, CKPT_NAME_MAX - 1) + 4 + 8 + 8;
+    return size;
+}
+
+void ckpt__ipc_need_encode(const ckpt_need_decl_t *needs, size_t count, uint8_t *out)
+{
+    put_u32(out, (uint32_t)count);
+    out += 4;
+    for (size_t i = 0; i < count; i++) {
+        size_t n = strnlen(needs[i].name, CKPT_NAME_MAX - 1);
+        put_u16(out, (uint16_t)n);
+        memcpy(out + 2, needs[i].name, n);
+        out += 2 + n;
+        put_u32(out, (uint32_t)needs[i].dim);
+        put_u64(out + 4, needs[i].start);
+        put_u64(out + 12, needs[i].length);
+        out += 20;
+    }
+}
+
+static int name_cmp(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+int ckpt__ipc_need_decode(const uint8_t *p, size_t len, ckpt_need_decl_t *out,
+                          uint32_t *count_out)
+{
+    ckpt__ipc_reader_t rd = {p, len, 0};
+    uint32_t count;
+    if (rd_u32(&rd, &count)) return ckpt__error(CKPT_EPROTO, "NEED: truncated payload");
+    if ((uint64_t)count * CKPT_IPC_NEED_MIN > len - rd.pos)
+        return ckpt__error(CKPT_EPROTO, "NEED: %u records cannot fit in %zu bytes", count,
+                           len - rd.pos);
+    for (uint32_t i = 0; i < count; i++) {
+        ckpt_need_decl_t d;
+        uint32_t dim;
+        memset(&d, 0, sizeof(d));
+        int rc = rd_name(&rd, d.name, "NEED");
+        if (rc) return rc;
+        if (rd_u32(&rd, &dim) || rd_u64(&rd, &d.start) || rd_u64(&rd, &d.length))
+            return ckpt__error(CKPT_EPROTO, "NEED: truncated record %u ('%s')", i, d.name);
+        d.dim = (int32_t)dim;
+        if (d.dim < -1 || d.dim >= CKPT_MAX_DIMS)
+            return ckpt__error(CKPT_EPROTO, "NEED: tensor '%s': dimension %d (want -1 for the "
+                               "whole tensor, or 0..%d)", d.name, d.dim, CKPT_MAX_DIMS - 1);
+        if (d.dim < 0 ? d.start || d.length : d.length == 0 || d.start + d.length < d.start)
+            return ckpt__error(CKPT_EPROTO, "NEED: tensor '%s': range [%llu, +%llu) of "
+                               "dimension %d", d.name, (unsigned long long)d.start,
+                               (unsigned long long)d.length, d.dim);
+        if (out) out[i] = d;
+    }
+    int rc = ckpt__ipc_reader_done(&rd, "NEED");
+    if (rc) return rc;
+    if (out && count > 1) {
+        const char **names = malloc(count * sizeof(*names));
+        if (!names) return ckpt__error(CKPT_ENOMEM, "NEED: %u records", count);
+        for (uint32_t i = 0; i < count; i++) names[i] = out[i].name;
+        qsort(names, count, sizeof(*names), name_cmp);
+        for (uint32_t i = 1; i < count; i++)
+            if (strcmp(names[i - 1], names[i]) == 0) {
+                rc = ckpt__error(CKPT_EPROTO, "NEED: tensor '%s' declared twice", names[i]);
+                break;
+            }
+        free(names);
+        if (rc) return rc;
+    }
+    *count_out = count;
     return CKPT_OK;
 }
 

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "ckpt/ckpt.h"
+#include "ckpt/receiver.h"
 #include "core/internal.h"
 
 /* Everything below is internal to libckpt (and tests linking the static archive). */
@@ -15,8 +16,9 @@
 
 #define CKPT_IPC_MAGIC 0x54504b43u /* "CKPT" as bytes on the wire */
 /* 3: BEGIN carries the update's manifest and PARTIAL; FINISH is answered and then
- * decided by COMMIT or ABORT (docs/PROTOCOL.md, "Versioning"). */
-#define CKPT_IPC_VERSION 3u
+ * decided by COMMIT or ABORT. 4: NEED (a worker declares which tensors and slices it
+ * needs) and a kind per BEGIN buffer (docs/PROTOCOL.md, "Versioning"). */
+#define CKPT_IPC_VERSION 4u
 #define CKPT_IPC_HDR_SIZE 12u
 /* Largest payload either side accepts. A BUCKET record is at most ~330 bytes, so this
  * allows ~200k tensors per bucket while bounding what a broken peer can make us allocate. */
@@ -42,7 +44,9 @@ typedef enum {
     /* engine -> worker, after every rank collected every worker's FINISH answer: the update
      * is complete. ABORT in its place says it is not (not answered either way). */
     CKPT_IPC_MSG_COMMIT = 11,
-    CKPT_IPC_MSG_LAST = CKPT_IPC_MSG_COMMIT,
+    /* worker -> engine, between updates: the tensors (and slices) it needs; not answered */
+    CKPT_IPC_MSG_NEED = 12,
+    CKPT_IPC_MSG_LAST = CKPT_IPC_MSG_NEED,
 } ckpt__ipc_msg_type_t;
 
 #define CKPT_IPC_BEGIN_VERIFY 1u /* BEGIN flags */
@@ -57,6 +61,11 @@ typedef enum {
 /* BEGIN with PARTIAL: the update carries a subset of the model on purpose; the worker only
  * checks that the manifest's tensors exist in its model with the same dtype and shape. */
 #define CKPT_IPC_BEGIN_PARTIAL 8u
+/* Kinds of BEGIN buffers (version 4): host memory, its fd attached. Device memory (a CUDA
+ * IPC handle in place of the fd) is the kind the GPU path will add. */
+#define CKPT_IPC_BUFFER_HOST 0u
+/* Shortest NEED record: 1-byte name, dim, start, length. */
+#define CKPT_IPC_NEED_MIN (2 + 1 + 4 + 8 + 8)
 /* Shortest manifest record: 1-byte name, 0 dims (name 2+1, dtype, ndim, nbytes, checksum). */
 #define CKPT_IPC_MANIFEST_MIN (2 + 1 + 4 + 4 + 8 + 8)
 
@@ -125,6 +134,15 @@ int ckpt__ipc_tensor_decode(ckpt__ipc_reader_t *rd, uint64_t buffer_size,
                             ckpt_tensor_meta_t *meta);
 /* Says whether the reader consumed the payload exactly. */
 int ckpt__ipc_reader_done(const ckpt__ipc_reader_t *rd, const char *what);
+
+/* NEED: u32 count, then per tensor name, i32 dim (-1: whole), u64 start, u64 length
+ * (along dim). The decoder validates each record (a name, dim in -1..7, whole records with
+ * start = length = 0, length > 0 otherwise) and rejects a name given twice or trailing
+ * bytes; decoded records go to out[0 .. count) (out may be NULL to validate only). */
+size_t ckpt__ipc_need_size(const ckpt_need_decl_t *needs, size_t count);
+void ckpt__ipc_need_encode(const ckpt_need_decl_t *needs, size_t count, uint8_t *out);
+int ckpt__ipc_need_decode(const uint8_t *p, size_t len, ckpt_need_decl_t *out,
+                          uint32_t *count_out);
 
 /* Status payloads (ERR, REFUSE: status + text; ABORT: status 0 + reason). */
 size_t ckpt__ipc_text_size(const char *text);

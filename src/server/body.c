@@ -336,6 +336,12 @@ static int parse_update_field(const cJSON *item, ckpt_http_job_t *job, int *have
         if (k[0] == 'v') job->verify = on;
         else if (k[0] == 'p') job->partial = on;
         else job->isolate = on;
+    } else if (strcmp(k, "unneeded") == 0) {
+        char how[8];
+        if (get_string(item, how, sizeof how, field, cap) ||
+            (strcmp(how, "ignore") != 0 && strcmp(how, "error") != 0))
+            return bad(field, cap, k, CKPT_EINVAL, "'%s' must be \"ignore\" or \"error\"");
+        job->ignore_unneeded = strcmp(how, "ignore") == 0;
     } else if (strcmp(k, "update_url") == 0) {
         if ((rc = get_string(item, job->update_url, sizeof job->update_url, field, cap)))
             return rc;
@@ -381,7 +387,7 @@ static int known_update_field(const char *k)
     static const char *const known[] = {"mode", "ranks", "inference_group_ranks", "timeout_ms",
                                         "timeout", "bucket_max", "verify", "update_url",
                                         "metas_url", "trigger_method", "uds", "pause",
-                                        "partial", "isolate"};
+                                        "partial", "isolate", "unneeded"};
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++)
         if (strcmp(k, known[i]) == 0) return 1;
     return 0;
@@ -408,6 +414,7 @@ int ckpt_http_parse_update(const char *body, size_t len, ckpt_http_job_t *job, c
     job->verify = -1;
     job->partial = 0;
     job->isolate = 0;
+    job->ignore_unneeded = 0;
     job->nranks = 0;
     job->ngroup_ranks = 0;
     int have_timeout = 0, have_timeout_ms = 0;

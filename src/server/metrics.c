@@ -57,6 +57,11 @@ char *srv_render_metrics(ckpt_http_server_t *srv)
     head(&t, "ckpt_update_bytes_total", "counter",
          "Checkpoint bytes delivered to each worker by successful updates.");
     put(&t, "ckpt_update_bytes_total %llu\n", (unsigned long long)srv->update_bytes);
+    head(&t, "ckpt_update_worker_need_bytes_total", "counter",
+         "Bytes the workers need (their declared slices; all of it for a worker that "
+         "declared nothing), summed over workers and successful updates.");
+    put(&t, "ckpt_update_worker_need_bytes_total %llu\n",
+        (unsigned long long)srv->update_need_bytes);
 
     head(&t, "ckpt_update_duration_seconds", "histogram", "Wall time of finished updates.");
     uint64_t cum = 0;

@@ -96,6 +96,7 @@ struct ckpt_http_server {
 
     /* metrics */
     uint64_t updates_ok, updates_failed, update_bytes;
+    uint64_t update_need_bytes; /* sum over successful updates of every worker's need */
     uint64_t duration_counts[SRV_DURATION_BUCKETS + 1]; /* last: +Inf */
     double duration_sum;
     uint64_t requests[600];  /* by HTTP status code */

@@ -233,6 +233,7 @@ static void finish_update(ckpt_http_server_t *srv, const ckpt_http_job_t *job,
         u->progress.buckets_done = r->nbuckets;
         srv->updates_ok++;
         srv->update_bytes += r->bytes;
+        srv->update_need_bytes += r->need_bytes_total;
         srv_ckpt_t *c = find_ckpt(srv, job->name);
         if (c && r->version) c->info.version = r->version;
     } else {
@@ -496,6 +497,10 @@ cJSON *srv_render_update(ckpt_http_server_t *srv, uint64_t id, int *code)
         cJSON_AddNumberToObject(o, "buckets", r->nbuckets);
         cJSON_AddNumberToObject(o, "bucket_size", (double)r->bucket_size);
         cJSON_AddNumberToObject(o, "ranks", r->nranks);
+        cJSON_AddNumberToObject(o, "need_bytes_max", (double)r->need_bytes_max);
+        cJSON_AddNumberToObject(o, "need_bytes_total", (double)r->need_bytes_total);
+        cJSON_AddNumberToObject(o, "unneeded", r->unneeded);
+        cJSON_AddNumberToObject(o, "host_bytes_max", (double)r->host_bytes_max);
         cJSON *t = cJSON_AddObjectToObject(o, "timings");
         cJSON_AddNumberToObject(t, "gather_s", r->gather_s);
         cJSON_AddNumberToObject(t, "plan_s", r->plan_s);

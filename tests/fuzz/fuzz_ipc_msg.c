@@ -1,4 +1,4 @@
-/* libFuzzer target: the worker protocol decoders (frame header, BEGIN, BUCKET, status text)
+/* libFuzzer target: the worker protocol decoders (frame header, BEGIN, BUCKET, NEED, status text)
  * over arbitrary bytes. Byte 0 picks the decoder; the rest is the frame or payload. The
  * decoders must reject garbage with a status, never crash, read out of bounds or leak. */
 #include <stdint.h>
@@ -11,7 +11,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (size < 1) return 0;
     const uint8_t *p = data + 1;
     size_t len = size - 1;
-    switch (data[0] % 4) {
+    switch (data[0] % 5) {
     case 0: {
         ckpt__ipc_hdr_t h;
         if (len >= CKPT_IPC_HDR_SIZE) ckpt__ipc_hdr_decode(p, "fuzz", &h);
@@ -55,6 +55,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 __builtin_trap();
         }
         ckpt__ipc_reader_done(&rd, "fuzz");
+        break;
+    }
+    case 3: {
+        /* An accepted NEED re-encodes to the same bytes and holds only sane records. */
+        static ckpt_need_decl_t needs[4096 / CKPT_IPC_NEED_MIN + 1];
+        static uint8_t again[8192];
+        uint32_t n = 0;
+        if (ckpt__ipc_need_decode(p, len, NULL, &n) != CKPT_OK) break;
+        if (n > CKPT_ARRAY_SIZE(needs) || ckpt__ipc_need_decode(p, len, needs, &n) != CKPT_OK) {
+            if (n > CKPT_ARRAY_SIZE(needs)) __builtin_trap();
+            break; /* a name given twice: only the second pass looks */
+        }
+        for (uint32_t i = 0; i < n; i++)
+            if (needs[i].dim < -1 || needs[i].dim >= CKPT_MAX_DIMS ||
+                strlen(needs[i].name) >= CKPT_NAME_MAX)
+                __builtin_trap();
+        if (ckpt__ipc_need_size(needs, n) != len || len > sizeof(again)) __builtin_trap();
+        ckpt__ipc_need_encode(needs, n, again);
+        if (memcmp(again, p, len) != 0) __builtin_trap();
         break;
     }
     default: {

@@ -75,6 +75,14 @@ int main(void)
     FIELD(ckpt_update_info_t, manifest_count);
     END_STRUCT();
 
+    STRUCT(ckpt_need_decl_t, 1);
+    ARRAY(ckpt_need_decl_t, name);
+    FIELD(ckpt_need_decl_t, dim);
+    FIELD(ckpt_need_decl_t, reserved);
+    FIELD(ckpt_need_decl_t, start);
+    FIELD(ckpt_need_decl_t, length);
+    END_STRUCT();
+
     STRUCT(ckpt_tensor_view_t, 1);
     FIELD(ckpt_tensor_view_t, meta);
     FIELD(ckpt_tensor_view_t, data);

@@ -37,6 +37,10 @@ def test_broadcast_across_hosts(make_hosts, tmp_path, n):
     # Every bucket reached each of the n-1 hosts that do not own it over the bridge.
     rx = sum(H.rx_bytes(i) - rx0[i] for i in range(n))
     assert rx >= (n - 1) * total, (rx, total)
+    # The result counts it too: the busiest host received every byte but its own rank's
+    # share (bucket bytes include the 256-byte alignment of each tensor).
+    assert total * (n - 1) / n <= upd["host_bytes_max"] <= total + 256 * upd["tensors"], upd
+    assert upd["need_bytes_max"] == total and upd["need_bytes_total"] == n * total, upd
     assert dep.close() == 0, dep.stderr()
     assert dep.wait_workers() == {r: 0 for r in range(n)}
     for r in range(n):

@@ -1,4 +1,4 @@
-/* Codecs of the worker protocol, version 3 (src/ipc/wire.h, docs/PROTOCOL.md): BEGIN with
+/* Codecs of the worker protocol, version 4 (src/ipc/wire.h, docs/PROTOCOL.md): BEGIN with
  * its manifest and flags, the frame header (COMMIT, version refusal), BUCKET and the status
  * texts, each round trip; and the refusals of malformed payloads, with the status and the
  * field they name. No sockets: test_ipc.c drives the same codecs over real connections. */
@@ -64,7 +64,7 @@ static void begin_fixture(begin_fixture_t *f, uint32_t flags)
 /* Offset of the manifest count in the fixture's payload (after sizes and name). */
 static size_t count_pos(const begin_fixture_t *f)
 {
-    return 32 + 8 * f->m.nbuffers + 2 + strlen(f->m.name);
+    return 32 + 12 * f->m.nbuffers + 2 + strlen(f->m.name);
 }
 
 static void put32(uint8_t *p, uint32_t v)
@@ -121,13 +121,72 @@ static void test_prepare_begin(void)
     snprintf(m.name, sizeof(m.name), "p");
     uint8_t buf[128];
     size_t len = ckpt__ipc_begin_size(&m);
-    CHECK(len == 32 + 8 + 2 + 1 + 4);
+    CHECK(len == 32 + 12 + 2 + 1 + 4);
     ckpt__ipc_begin_encode(&m, buf);
     CHECK_OK(ckpt__ipc_begin_decode(buf, len, &d));
     CHECK(d.flags == CKPT_IPC_BEGIN_PREPARE && d.manifest_count == 0 && d.manifest_pos == len);
     /* A version-2 BEGIN is this one without its manifest count: refused, by name. */
     CHECK_RC(ckpt__ipc_begin_decode(buf, len - 4, &d), CKPT_EPROTO);
     CHECK_ERR_HAS("no manifest count");
+    /* A buffer of another kind (device memory) is refused, naming the buffer and kind. */
+    ckpt__ipc_begin_encode(&m, buf);
+    put32(buf + 32 + 8, 1);
+    CHECK_RC(ckpt__ipc_begin_decode(buf, len, &d), CKPT_EPROTO);
+    CHECK_ERR_HAS("buffer 0 is of kind 1");
+}
+
+/* NEED: round trip; every refusal names the record. */
+static void test_need(void)
+{
+    ckpt_need_decl_t in[3], out[3];
+    memset(in, 0, sizeof(in));
+    snprintf(in[0].name, sizeof(in[0].name), "model.layers.0.self_attn.q_proj.weight");
+    in[0].dim = 0, in[0].start = 64, in[0].length = 64;
+    snprintf(in[1].name, sizeof(in[1].name), "model.norm.weight");
+    in[1].dim = -1;
+    snprintf(in[2].name, sizeof(in[2].name), "o");
+    in[2].dim = 1, in[2].start = 0, in[2].length = 1;
+    uint8_t buf[512];
+    size_t len = ckpt__ipc_need_size(in, 3);
+    CHECK(len == 4 + (2 + strlen(in[0].name) + 20) + (2 + 17 + 20) + (2 + 1 + 20));
+    ckpt__ipc_need_encode(in, 3, buf);
+    uint32_t n = 0;
+    CHECK_OK(ckpt__ipc_need_decode(buf, len, out, &n));
+    CHECK(n == 3);
+    for (int i = 0; i < 3; i++) {
+        CHECK_STR(out[i].name, in[i].name);
+        CHECK(out[i].dim == in[i].dim && out[i].start == in[i].start &&
+              out[i].length == in[i].length);
+    }
+    CHECK_OK(ckpt__ipc_need_decode(buf, len, NULL, &n)); /* validate only */
+    for (size_t cut = 0; cut < len; cut++) /* every prefix refused, never read past it */
+        CHECK_RC(ckpt__ipc_need_decode(buf, cut, out, &n), CKPT_EPROTO);
+    /* an empty declaration: needs nothing */
+    len = ckpt__ipc_need_size(in, 0);
+    ckpt__ipc_need_encode(in, 0, buf);
+    CHECK_OK(ckpt__ipc_need_decode(buf, len, out, &n));
+    CHECK(n == 0 && len == 4);
+    /* refusals */
+    ckpt_need_decl_t bad = in[0];
+    bad.dim = 8;
+    ckpt__ipc_need_encode(&bad, 1, buf);
+    CHECK_RC(ckpt__ipc_need_decode(buf, ckpt__ipc_need_size(&bad, 1), out, &n), CKPT_EPROTO);
+    CHECK_ERR_HAS("dimension 8");
+    bad.dim = 0, bad.length = 0;
+    ckpt__ipc_need_encode(&bad, 1, buf);
+    CHECK_RC(ckpt__ipc_need_decode(buf, ckpt__ipc_need_size(&bad, 1), out, &n), CKPT_EPROTO);
+    CHECK_ERR_HAS("range [64, +0)");
+    bad = in[1], bad.start = 3; /* whole, with a range */
+    ckpt__ipc_need_encode(&bad, 1, buf);
+    CHECK_RC(ckpt__ipc_need_decode(buf, ckpt__ipc_need_size(&bad, 1), out, &n), CKPT_EPROTO);
+    ckpt_need_decl_t twice[2] = {in[1], in[1]};
+    ckpt__ipc_need_encode(twice, 2, buf);
+    CHECK_RC(ckpt__ipc_need_decode(buf, ckpt__ipc_need_size(twice, 2), out, &n), CKPT_EPROTO);
+    CHECK_ERR_HAS("'model.norm.weight' declared twice");
+    /* a count the bytes cannot hold is refused before anything is read */
+    put32(buf, 1000);
+    CHECK_RC(ckpt__ipc_need_decode(buf, 40, out, &n), CKPT_EPROTO);
+    CHECK_ERR_HAS("1000 records cannot fit");
 }
 
 /* Every proper prefix of a valid BEGIN is refused with EPROTO (never read past the end:
@@ -271,30 +330,31 @@ static void test_header(void)
 {
     uint8_t h[CKPT_IPC_HDR_SIZE];
     ckpt__ipc_hdr_t d;
-    /* Version 3 frames of every type, COMMIT (new in 3) included. */
+    /* Version 4 frames of every type, NEED (new in 4) included. */
     for (uint32_t t = CKPT_IPC_MSG_BEGIN; t <= CKPT_IPC_MSG_LAST; t++) {
         ckpt__ipc_hdr_encode(h, t, 77);
-        CHECK(h[4] == 3 && h[5] == 0);
+        CHECK(h[4] == 4 && h[5] == 0);
         CHECK_OK(ckpt__ipc_hdr_decode(h, "peer", &d));
         CHECK(d.type == t && d.length == 77);
     }
-    CHECK(CKPT_IPC_MSG_LAST == CKPT_IPC_MSG_COMMIT);
+    CHECK(CKPT_IPC_MSG_LAST == CKPT_IPC_MSG_NEED);
     CHECK_STR(ckpt__ipc_msg_name(CKPT_IPC_MSG_COMMIT), "COMMIT");
+    CHECK_STR(ckpt__ipc_msg_name(CKPT_IPC_MSG_NEED), "NEED");
     /* Another version: refused naming both, whatever it carries. */
-    const uint16_t other[] = {1, 2, 4, 0xffff};
+    const uint16_t other[] = {1, 2, 3, 5, 0xffff};
     for (size_t i = 0; i < CKPT_ARRAY_SIZE(other); i++) {
         ckpt__ipc_hdr_encode(h, CKPT_IPC_MSG_BEGIN, 10);
         h[4] = (uint8_t)other[i];
         h[5] = (uint8_t)(other[i] >> 8);
         CHECK_RC(ckpt__ipc_hdr_decode(h, "rank-0.sock", &d), CKPT_EPROTO);
         char want[64];
-        snprintf(want, sizeof(want), "rank-0.sock: protocol version %u, this side speaks 3",
+        snprintf(want, sizeof(want), "rank-0.sock: protocol version %u, this side speaks 4",
                  other[i]);
         CHECK_ERR_HAS(want);
     }
     ckpt__ipc_hdr_encode(h, CKPT_IPC_MSG_LAST + 1, 0);
     CHECK_RC(ckpt__ipc_hdr_decode(h, "peer", &d), CKPT_EPROTO);
-    CHECK_ERR_HAS("unknown message type 12");
+    CHECK_ERR_HAS("unknown message type 13");
     ckpt__ipc_hdr_encode(h, 0, 0);
     CHECK_RC(ckpt__ipc_hdr_decode(h, "peer", &d), CKPT_EPROTO);
     ckpt__ipc_hdr_encode(h, CKPT_IPC_MSG_BUCKET, CKPT_IPC_MAX_PAYLOAD + 1);
@@ -380,6 +440,7 @@ int main(void)
 {
     RUN_TEST(test_begin_round_trip);
     RUN_TEST(test_prepare_begin);
+    RUN_TEST(test_need);
     RUN_TEST(test_begin_truncated);
     RUN_TEST(test_begin_manifest_counts);
     RUN_TEST(test_manifest_record_refusals);

@@ -67,13 +67,14 @@ static void serve_usage(FILE *out)
         "commands (rank 0's input; '#' starts a comment):\n"
         "  register NAME PATH   each rank loads its share of PATH (file, directory or index)\n"
         "  update NAME [bucket=SIZE] [timeout=MS] [verify=0|1] [direct=0|1] [trace=FILE]\n"
-        "              [partial=1] [isolate=1]\n"
+        "              [partial=1] [isolate=1] [unneeded=ignore]\n"
         "                       broadcast update of every worker; trace= writes the timeline\n"
         "                       as Chrome trace JSON (open it in ui.perfetto.dev); partial:\n"
         "                       the checkpoint is a subset of the workers' models on purpose;\n"
         "                       isolate: a worker that fails, stalls or dies is cut out and\n"
         "                       listed under \"isolated\", the others complete (default: one\n"
-        "                       fails, all abort)\n"
+        "                       fails, all abort); unneeded=ignore: when every worker declared\n"
+        "                       its need, tensors none needs are left out (default: an error)\n"
         "  unregister NAME      frees the checkpoint on every rank\n"
         "  export NAME FILE     P2P: registers NAME's pools with UCX and writes the metas a\n"
         "                       joining deployment needs to FILE (docs/METAS.md)\n"
@@ -136,6 +137,10 @@ void serve_print_update(const serve_state_t *st, const ckpt_update_result_t *r)
         cJSON_AddNumberToObject(o, "p2p", r->p2p);
         cJSON_AddNumberToObject(o, "pull_s", r->pull_s);
         cJSON_AddNumberToObject(o, "pull_bytes", (double)r->pull_bytes);
+        cJSON_AddNumberToObject(o, "need_bytes_max", (double)r->need_bytes_max);
+        cJSON_AddNumberToObject(o, "need_bytes_total", (double)r->need_bytes_total);
+        cJSON_AddNumberToObject(o, "unneeded", r->unneeded);
+        cJSON_AddNumberToObject(o, "host_bytes_max", (double)r->host_bytes_max);
         cJSON_AddNumberToObject(o, "gather_s", r->gather_s);
         cJSON_AddNumberToObject(o, "plan_s", r->plan_s);
         cJSON_AddNumberToObject(o, "begin_s", r->begin_s);
@@ -304,9 +309,11 @@ static int parse_update_opts(const char *name, char **save, ckpt_update_options_
             uo->partial = atoi(opt + 8) != 0;
         } else if (strncmp(opt, "isolate=", 8) == 0) {
             uo->isolate = atoi(opt + 8) != 0;
+        } else if (strcmp(opt, "unneeded=ignore") == 0 || strcmp(opt, "unneeded=error") == 0) {
+            uo->ignore_unneeded = strcmp(opt, "unneeded=ignore") == 0;
         } else {
             printf("update '%s': unknown option '%s' (bucket=, timeout=, verify=, direct=, "
-                   "trace=, partial=, isolate=)\n", name, opt);
+                   "trace=, partial=, isolate=, unneeded=ignore|error)\n", name, opt);
             return -1;
         }
     }

@@ -200,6 +200,7 @@ static void run_update(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http
     uo.verify = job->verify;
     uo.partial = job->partial;
     uo.isolate = job->isolate;
+    uo.ignore_unneeded = job->ignore_unneeded;
     uo.trace_path = job->trace_path[0] ? job->trace_path : NULL;
     ckpt_update_result_t res;
     memset(&res, 0, sizeof res);
@@ -228,6 +229,10 @@ static void run_update(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http
     r->pipeline_s = res.pipeline_s;
     r->finish_s = res.finish_s;
     r->total_s = res.total_s;
+    r->need_bytes_max = res.need_bytes_max;
+    r->need_bytes_total = res.need_bytes_total;
+    r->unneeded = res.unneeded;
+    r->host_bytes_max = res.host_bytes_max;
     r->nisolated = (int)res.nisolated;
     for (uint32_t i = 0; i < res.nisolated && i < CKPT_ISOLATED_MAX && i < CKPT_HTTP_ISOLATED_MAX;
          i++) {

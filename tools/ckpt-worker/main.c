@@ -21,6 +21,8 @@ typedef struct {
     int engine_wait_ms; /* connect / reconnect: < 0 = until an engine comes */
     long updates, fail_on, stall_on, die_on;
     int dump_now; /* with --updates K, the dump is written after the last update only */
+    int declare_need;     /* tell the engine what this worker holds (NEED) */
+    const char *need_glob; /* hold (and need) only the layout's tensors matching this */
 } opts_t;
 
 /* Same format and level as the library's logger ([ckpt <level>] ...), from CKPT_LOG_LEVEL. */
@@ -49,6 +51,13 @@ static void usage(FILE *out)
         "                           Without it the first update defines the model.\n"
         "  --tp-rank R --tp-size N  tensor parallel: tensors with ndim >= 2 whose dim 0 is a\n"
         "                           multiple of N keep rows [R*d0/N, (R+1)*d0/N); others whole\n"
+        "  --declare-need           tell the engine which tensors (and TP rows) this worker\n"
+        "                           holds, after each connect: it then sends only those,\n"
+        "                           and an update of a tensor no worker needs fails unless\n"
+        "                           asked with unneeded=ignore (needs --layout)\n"
+        "  --need-glob PATTERN      hold only the layout's tensors whose names match the\n"
+        "                           shell pattern (e.g. '*experts.[0-3].*' for one EP rank);\n"
+        "                           implies --declare-need\n"
         "  --verify                 verify every tensor's XXH3-64 checksum (also on when the\n"
         "                           engine asks for it)\n"
         "  --checksum-out FILE      after each completed update: JSON of name -> XXH3-64\n"
@@ -83,6 +92,7 @@ static int parse(int argc, char **argv, opts_t *o)
         {"post-hook-sleep-ms", 1, 0, 'p'}, {"fail-on-bucket", 1, 0, 'F'},
         {"stall-on-bucket", 1, 0, 'S'}, {"die-in-post-hook", 0, 0, 'K'},
         {"die-on-bucket", 1, 0, 'X'}, {"engine-wait-ms", 1, 0, 'E'}, {"help", 0, 0, 'h'},
+        {"declare-need", 0, 0, 'D'}, {"need-glob", 1, 0, 'G'},
         {0, 0, 0, 0}};
     int c;
     memset(o, 0, sizeof(*o));
@@ -108,12 +118,19 @@ static int parse(int argc, char **argv, opts_t *o)
         case 'X': o->die_on = atol(optarg); break;
         case 'K': o->die_in_post_hook = 1; break;
         case 'E': o->engine_wait_ms = atoi(optarg); break;
+        case 'D': o->declare_need = 1; break;
+        case 'G': o->need_glob = optarg; o->declare_need = 1; break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return 2;
         }
     }
     if (o->socket == NULL || optind != argc) {
         usage(stderr);
+        return 2;
+    }
+    if (o->declare_need && o->layout == NULL) {
+        fprintf(stderr, "ckpt-worker: --declare-need and --need-glob need --layout (the "
+                        "tensors to declare)\n");
         return 2;
     }
     if (o->tp_size < 1 || o->tp_rank < 0 || o->tp_rank >= o->tp_size) {
@@ -211,6 +228,17 @@ static int run_update(ckpt_receiver_t *r, const ckpt_update_info_t *info, wk_mod
     }
 }
 
+/* Tells the engine what this worker holds (--declare-need). */
+static int declare_need(ckpt_receiver_t *r, const wk_model_t *m)
+{
+    ckpt_need_decl_t *d = NULL;
+    if (wk_model_need(m, &d) != CKPT_OK) return -1;
+    int rc = ckpt_receiver_declare_need(r, d, m->n);
+    free(d);
+    if (rc == 0) printf("declared the need of %zu tensors\n", m->n);
+    return rc;
+}
+
 /* Hands the receiver the model's full (un-sliced) tensors for the manifest check. */
 static int set_model(ckpt_receiver_t *r, const wk_model_t *m)
 {
@@ -233,6 +261,7 @@ int main(int argc, char **argv)
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (o.tp_size > 1) ckpt_log_set_rank(o.tp_rank);
     wk_model_init(&model, o.tp_rank, o.tp_size);
+    model.only = o.need_glob;
     if (o.layout && wk_model_load_layout(&model, o.layout) != 0) return 1;
     if (o.layout) wlog(2, "layout %s: %zu tensors", o.layout, model.n);
     int model_known = o.layout != NULL;
@@ -249,6 +278,10 @@ int main(int argc, char **argv)
              * unknown or reshaped tensors) are refused before any byte lands. */
             if (model_known && set_model(r, &model) != 0) {
                 wlog(0, "%s", ckpt_last_error());
+                break;
+            }
+            if (o.declare_need && declare_need(r, &model) != 0) {
+                wlog(0, "declaring the need: %s", ckpt_last_error());
                 break;
             }
         }

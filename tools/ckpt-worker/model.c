@@ -6,6 +6,7 @@
  * other tensor (1-D, scalars, dim 0 not divisible) is replicated whole. */
 #include <errno.h>
 #include <inttypes.h>
+#include <fnmatch.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -112,16 +113,36 @@ int wk_model_load_layout(wk_model_t *m, const char *path)
     for (size_t f = 0; rc == CKPT_OK && f < npaths; f++) {
         ckpt_st_file_t *file = NULL;
         rc = ckpt_st_open(paths[f], &file);
-        for (size_t i = 0; rc == CKPT_OK && i < ckpt_st_num_tensors(file); i++)
-            if (find(m, ckpt_st_tensor(file, i)->name) == NULL &&
-                add(m, ckpt_st_tensor(file, i)) == NULL)
-                rc = CKPT_ENOMEM;
+        for (size_t i = 0; rc == CKPT_OK && i < ckpt_st_num_tensors(file); i++) {
+            const ckpt_tensor_meta_t *t = ckpt_st_tensor(file, i);
+            if (m->only && fnmatch(m->only, t->name, 0) != 0) continue;
+            if (find(m, t->name) == NULL && add(m, t) == NULL) rc = CKPT_ENOMEM;
+        }
         ckpt_st_close(file);
     }
     if (paths) ckpt_st_paths_free(paths, npaths);
     if (rc) fprintf(stderr, "ckpt-worker: layout %s: %s\n", path, ckpt_last_error());
     m->fixed = 1;
     return rc;
+}
+
+int wk_model_need(const wk_model_t *m, ckpt_need_decl_t **out)
+{
+    ckpt_need_decl_t *d = calloc(m->n + 1, sizeof(*d));
+    if (d == NULL) return CKPT_ENOMEM;
+    for (size_t i = 0; i < m->n; i++) {
+        const wk_tensor_t *t = &m->t[i];
+        snprintf(d[i].name, sizeof(d[i].name), "%s", t->full.name);
+        d[i].dim = -1;
+        if (t->local.nbytes != t->full.nbytes) { /* TP rows [src_off / row, + local rows) */
+            uint64_t row = t->full.nbytes / (uint64_t)t->full.shape[0];
+            d[i].dim = 0;
+            d[i].start = t->src_off / row;
+            d[i].length = (uint64_t)t->local.shape[0];
+        }
+    }
+    *out = d;
+    return CKPT_OK;
 }
 
 static void shape_str(const ckpt_tensor_meta_t *t, char *out, size_t cap)

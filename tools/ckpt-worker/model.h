@@ -21,6 +21,7 @@ typedef struct {
     size_t nslots;
     int tp_rank, tp_size;
     int fixed;       /* layout given: unknown names are errors, not new tensors */
+    const char *only; /* layout load: keep only tensors whose names match this glob */
 } wk_model_t;
 
 void wk_model_init(wk_model_t *m, int tp_rank, int tp_size);
@@ -30,6 +31,9 @@ int wk_model_load_layout(wk_model_t *m, const char *path);
 /* Copies one bucket into the model. Everything is checked first (unknown tensor, dtype or
  * shape mismatch, checksum when verify), so a failed bucket leaves the model untouched.
  * On failure *why names the tensor and *status is what the engine should see. */
+/* What this worker needs of each tensor it holds (its TP rows, or the whole tensor), for
+ * ckpt_receiver_declare_need. *out is malloc'ed (count = m->n). */
+int wk_model_need(const wk_model_t *m, ckpt_need_decl_t **out);
 int wk_model_apply(wk_model_t *m, const ckpt_tensor_view_t *v, size_t n, int verify,
                    char *why, size_t why_cap);
 int wk_model_write_checksums(const wk_model_t *m, const char *path,

@@ -1,0 +1,186 @@
+"""Workers declare what they need (NEED, protocol version 4; ckpt_receiver_declare_need):
+the engine checks the declarations against the update before any byte moves, sends each
+worker only the records of the tensors it needs, and counts the bytes every worker needs.
+Real ranks under mpirun, real ckpt-worker processes (and a Python worker for the errors)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mpijob import (WORKER, Deployment, InteractiveServe, assert_worker_equals, gen,
+                    read_checkpoint, wait_log)
+
+SRC = os.environ.get("CKPT_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "..", ".."))
+PYDIR = os.path.join(SRC, "python")
+BUILD = os.environ.get("CKPT_BUILD_DIR", os.path.join(SRC, "build", "release"))
+
+pytestmark = pytest.mark.skipif(not os.path.exists(WORKER), reason="ckpt-worker not built")
+
+DECLARED = r"declared the need of (\d+) tensors"
+
+
+def start(tmp_path, nranks, worker_args):
+    """A serve job and one ckpt-worker per rank; returns once every worker declared."""
+    dep = Deployment(tmp_path, nranks)
+    srv = InteractiveServe(dep)
+    for r in range(nranks):
+        dep.start_worker(r, worker_args(r))
+    for r in range(nranks):
+        wait_log(dep, r, DECLARED)
+    return dep, srv
+
+
+def tp_need(want, r, tp):
+    """Bytes ckpt-worker --tp-rank r --tp-size tp holds: rows of dim 0 where it divides."""
+    total = 0
+    for dt, shape, data in want.values():
+        total += len(data) // tp if len(shape) >= 2 and shape[0] % tp == 0 else len(data)
+    return total
+
+
+@pytest.mark.parametrize("direct", [0, 1])
+def test_tensor_parallel_workers_declare_their_rows(tmp_path, direct):
+    model = gen(tmp_path, size="4MiB", layers=2, shards=2)
+    want = read_checkpoint(model)
+    dep, srv = start(tmp_path, 2, lambda r: ["--layout", model, "--verify", "--tp-rank", str(r),
+                                             "--tp-size", "2", "--declare-need"])
+    try:
+        assert srv.command("register m %s" % model)["ok"]
+        res = srv.command("update m bucket=1MiB direct=%d" % direct)
+        assert res["ok"], res
+        total = sum(len(d) for _, _, d in want.values())
+        needs = [tp_need(want, r, 2) for r in range(2)]
+        assert res["need_bytes_total"] == sum(needs) < 2 * total
+        assert res["need_bytes_max"] == max(needs) and res["unneeded"] == 0
+        wait_log(dep, 0, r"update \d+ of 'm' version \d+: complete")
+        wait_log(dep, 1, r"update \d+ of 'm' version \d+: complete")
+    finally:
+        srv.close()
+        dep.stop()
+    for r in range(2):  # each worker holds exactly its rows, verified
+        got = read_checkpoint(dep.worker_dump(r))
+        for name, (dt, shape, data) in want.items():
+            if len(shape) >= 2 and shape[0] % 2 == 0:
+                n = len(data) // 2
+                assert got[name][2] == data[r * n:(r + 1) * n], name
+            else:
+                assert got[name][2] == data, name
+
+
+def test_a_tensor_nobody_needs_fails_before_any_byte_moves(tmp_path):
+    """Worker 0 holds layer 0, worker 1 layer 1: the embedding, norms and head are needed by
+    nobody. The update fails naming them, before BEGIN; with unneeded=ignore it leaves them
+    out and each worker receives only its layer (a record of the other layer would fail its
+    bucket: ckpt-worker's layout does not have it)."""
+    model = gen(tmp_path, size="4MiB", layers=2, shards=2)
+    want = read_checkpoint(model)
+    dep, srv = start(tmp_path, 2, lambda r: ["--layout", model, "--verify",
+                                             "--need-glob", "*layers.%d.*" % r])
+    layer = {r: {n: v for n, v in want.items() if "layers.%d." % r in n} for r in range(2)}
+    unneeded = [n for n in want if "layers." not in n]
+    assert unneeded and layer[0] and layer[1]
+    try:
+        assert srv.command("register m %s" % model)["ok"]
+        for direct in (0, 1):
+            res = srv.command("update m direct=%d" % direct)
+            assert not res["ok"], res
+            assert res["status"] == "CKPT_EINVAL" and res["buckets"] == 0
+            assert "%d of %d tensors are needed by no worker" % (len(unneeded), len(want)) \
+                in res["reason"], res
+            assert "'%s'" % sorted(unneeded)[0] in res["reason"] or "..." in res["reason"]
+            assert "unneeded=ignore" in res["reason"]
+        for r in range(2):  # nothing reached the workers: no BEGIN, no update line
+            assert "update " not in dep.worker_log(r).replace("update refused", "")
+        for direct in (0, 1):
+            res = srv.command("update m unneeded=ignore verify=1 direct=%d" % direct)
+            assert res["ok"], res["reason"]
+            assert res["unneeded"] == len(unneeded)
+            assert res["tensors"] == len(want) - len(unneeded)
+            assert res["need_bytes_max"] == max(sum(len(d) for _, _, d in layer[r].values())
+                                                for r in range(2))
+        for r in range(2):
+            wait_log(dep, r, r"update \d+ of 'm' version \d+: complete")
+    finally:
+        srv.close()
+        dep.stop()
+    for r in range(2):
+        got = read_checkpoint(dep.worker_dump(r))
+        assert set(got) == set(layer[r])
+        for name, (dt, shape, data) in layer[r].items():
+            assert got[name][2] == data, name
+
+
+def test_an_undeclared_worker_needs_everything(tmp_path):
+    """One worker declares layer 0 only, the other declares nothing: every tensor is needed
+    (by the second), the update is whole for it and filtered for the first."""
+    model = gen(tmp_path, size="4MiB", layers=2, shards=2)
+    want = read_checkpoint(model)
+    dep = Deployment(tmp_path, 2)
+    srv = InteractiveServe(dep)
+    dep.start_worker(0, ["--layout", model, "--verify", "--need-glob", "*layers.0.*"])
+    dep.start_worker(1, ["--layout", model, "--verify"])
+    wait_log(dep, 0, DECLARED)
+    try:
+        assert srv.command("register m %s" % model)["ok"]
+        res = srv.command("update m direct=0 bucket=1MiB")
+        assert res["ok"], res
+        total = sum(len(d) for _, _, d in want.values())
+        mine = sum(len(d) for n, (_, _, d) in want.items() if "layers.0." in n)
+        assert res["need_bytes_total"] == total + mine and res["need_bytes_max"] == total
+        wait_log(dep, 0, r"update \d+ of 'm' version \d+: complete")
+        wait_log(dep, 1, r"update \d+ of 'm' version \d+: complete")
+    finally:
+        srv.close()
+        dep.stop()
+    assert_worker_equals(dep, 1, model)
+
+
+PY_WORKER = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [sys.argv[1]]
+    from ckpt_engine import CkptError, Receiver
+    with Receiver.connect(sys.argv[2], timeout_ms=30000) as rx:
+        try:
+            rx.declare_need({"a": None, "b": (9, 0, 1)})
+        except CkptError as e:
+            print("local:", e, flush=True)
+        rx.declare_need({sys.argv[3]: None if sys.argv[4] == "-" else (0, 0, int(sys.argv[4]))})
+        print("declared", flush=True)
+        try:
+            rx.wait_update(timeout_ms=20000)
+        except CkptError as e:
+            print("no update:", e, flush=True)
+""")
+
+
+@pytest.mark.skipif(os.environ.get("CKPT_SANITIZE") == "ON",
+                    reason="ctypes cannot load an ASan libckpt.so")
+@pytest.mark.parametrize("name, rows, fragment", [
+    ("no.such.tensor", "-", "needs tensor 'no.such.tensor', which the update does not have"),
+    ("model.norm.weight", "1000000", "needs [0, 1000000) of dimension 0 of tensor 'model.norm.weight'"),
+])
+def test_a_need_that_does_not_fit_is_refused_naming_it(tmp_path, name, rows, fragment):
+    model = gen(tmp_path, size="1MiB", layers=1, shards=1)
+    dep = Deployment(tmp_path, 1)
+    srv = InteractiveServe(dep)
+    script = os.path.join(str(tmp_path), "worker.py")
+    with open(script, "w") as f:
+        f.write(PY_WORKER)
+    py = subprocess.Popen([sys.executable, script, PYDIR, os.path.join(dep.sock, "rank-0.sock"),
+                           name, rows], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=dict(os.environ, CKPT_BUILD_DIR=BUILD))
+    try:
+        line = py.stdout.readline()
+        assert line.startswith("local:") and "dimension 9" in line, line
+        assert py.stdout.readline().strip() == "declared"
+        assert srv.command("register m %s" % model)["ok"]
+        res = srv.command("update m")
+        assert not res["ok"] and res["failed_rank"] == 0, res
+        assert fragment in res["reason"] and "rank 0: its worker (pid %d)" % py.pid in res["reason"]
+        assert res["buckets"] == 0
+    finally:
+        srv.close()
+        out, err = py.communicate(timeout=60)
+    assert "no update" in out, out + err  # BEGIN never came
