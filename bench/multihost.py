@@ -8,6 +8,9 @@ Rows (median of --repeat updates after one warm-up; each row a fresh deployment)
   1 host x 2 ranks, direct   the default on one host: workers read the owners' pools
   1 host x 2 ranks, staged   direct=0: through the host's IPC buffers, no network
   2 hosts x 1 rank           the other host's bytes cross the veth/bridge link (MPI_Ibcast)
+  2 hosts x 1 rank, routed   each worker holds and declares half the layers (as PP=2
+                             stages: --need-glob), so a bucket goes only to the host that
+                             needs it (predicted: the need-routed way with --pp 2)
 The MPI_Bcast floor (serve's `floors`) of each deployment is printed beside it, and what
 the cost model (`ckpt-engine plan`, src/plan/cost.c) predicts for that row from the floors
 measured in the same deployment: the copy floor with streaming stores (rank 0 alone, and all
@@ -28,11 +31,15 @@ import hosts as hostsmod  # noqa: E402
 from deploy import Deployment, gen  # noqa: E402
 from mpijob import ENGINE  # noqa: E402
 
+# Worker r of the routed row holds pipeline stage r of a PP=2 split of gen's 4 layers.
+STAGES = [["model.embed_tokens.*", "*layers.[01].*"],
+          ["*layers.[23].*", "model.norm.*", "lm_head.*"]]
 ROWS = [
-    # label, hosts used, ranks per host, extra update options
-    ("1 host x 2 ranks, direct", [0], 2, ""),
-    ("1 host x 2 ranks, staged", [0], 2, " direct=0"),
-    ("2 hosts x 1 rank", [0, 1], 1, ""),
+    # label, hosts used, ranks per host, extra update options, PP stages of the workers
+    ("1 host x 2 ranks, direct", [0], 2, "", 1),
+    ("1 host x 2 ranks, staged", [0], 2, " direct=0", 1),
+    ("2 hosts x 1 rank", [0, 1], 1, "", 1),
+    ("2 hosts x 1 rank, routed", [0, 1], 1, "", 2),
 ]
 
 
@@ -43,20 +50,24 @@ def measure(workdir, size="64MiB", repeat=3, timeout=120):
     model = gen(os.path.join(workdir, "model"), size, shards=2)
     out = []
     with hostsmod.make_hosts(2, workdir) as H:
-        for k, (label, hosts, slots, opts) in enumerate(ROWS):
+        for k, (label, hosts, slots, opts, pp) in enumerate(ROWS):
             dep = Deployment(H, hosts, workdir, slots=slots, tag="bench-%d" % k)
-            dep.start_workers(["--layout", model], updates=repeat + 1)
+            dep.start_workers(lambda r: ["--layout", model] + (
+                [a for g in STAGES[r] for a in ("--need-glob", g)] if pp > 1 else []),
+                updates=repeat + 1)
             dep.start()
             try:
                 floors = dep.command("floors", timeout=timeout)
                 assert dep.command("register m %s" % model, timeout=timeout)["ok"]
+                for r in range(len(hosts) * slots if pp > 1 else 0):
+                    dep.wait_worker_log(r, r"declared the need")
                 times = []
                 for i in range(repeat + 1):
                     res = dep.command("update m timeout=60000" + opts, timeout=timeout)
                     assert res["ok"], res
                     if i:  # the first one maps the buffers and faults the pools in
                         times.append(res["total_s"])
-                pred = predict(model, len(hosts), slots, "direct=0" not in opts, floors)
+                pred = predict(model, len(hosts), slots, "direct=0" not in opts, floors, pp)
                 out.append((label, statistics.median(times), times, res, floors, pred))
                 assert dep.close() == 0, dep.stderr()
                 dep.wait_workers(timeout=60)
@@ -66,9 +77,10 @@ def measure(workdir, size="64MiB", repeat=3, timeout=120):
     return out
 
 
-def predict(model, nhosts, slots, direct, floors, bucket_us=1000):
-    """The cost model's update time for a row, from the floors of its deployment."""
-    args = [ENGINE, "plan", model, "--json", "--hosts", str(nhosts),
+def predict(model, nhosts, slots, direct, floors, pp=1, bucket_us=1000):
+    """The cost model's figures for a row, from the floors of its deployment; "way" is the
+    one the row runs (need-routed when its workers are PP stages)."""
+    args = [ENGINE, "plan", model, "--json", "--hosts", str(nhosts), "--pp", str(pp),
             "--ranks-per-host", str(slots), "--direct", "on" if direct and nhosts == 1 else "off",
             "--copy", "%.3f" % floors["stream_gbps"],
             "--host-copy", "%.3f" % (floors["stream_concurrent_gbps"] * slots),
@@ -78,7 +90,9 @@ def predict(model, nhosts, slots, direct, floors, bucket_us=1000):
     if nhosts > 1:
         args += ["--inter", "%.3f" % floors["bcast_gbps"]]
     out = subprocess.run(args, check=True, capture_output=True, text=True, timeout=60).stdout
-    return json.loads(out)
+    pred = json.loads(out)
+    pred["way"] = pred["routed" if pp > 1 else "full"]
+    return pred
 
 
 def table(rows, size):
@@ -87,13 +101,16 @@ def table(rows, size):
     base = rows[0][1] if rows else 0
     for label, med, times, res, floors, pred in rows:
         bcast = floors.get("bcast_gbps", 0) if isinstance(floors, dict) else 0
-        p = pred["full"]["total_s"]
+        p = pred["way"]["total_s"]
         lines.append("  %-26s %7.3f s  predicted %.3f s (measured/predicted %.2f, bound: %s); "
-                     "%.2fx of the first row; %.2f GB/s per worker; %d buckets; "
-                     "copy floor %.2f GB/s alone, %.2f all ranks; MPI_Bcast floor %.2f GB/s"
-                     % (label, med, p, med / p if p else 0, pred["full"]["bound"],
+                     "%.2fx of the first row; %.2f GB/s per worker; %d buckets; busiest host "
+                     "received %.1f MiB (predicted %.1f); copy floor %.2f GB/s alone, %.2f all "
+                     "ranks; MPI_Bcast floor %.2f GB/s"
+                     % (label, med, p, med / p if p else 0, pred["way"]["bound"],
                         med / base if base else 0, res["bytes"] / med / 1e9, res["buckets"],
-                        floors["stream_gbps"], floors["stream_concurrent_gbps"], bcast))
+                        res.get("host_bytes_max", 0) / 2**20,
+                        pred["way"]["host_in_max"] / 2**20, floors["stream_gbps"],
+                        floors["stream_concurrent_gbps"], bcast))
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@
 #include "engine/engine_internal.h"
 #include "engine/needs.h"
 #include "engine/p2p.h"
+#include "engine/route.h"
 #include "engine/sources.h"
 #include "ipc/wire.h"
 #include "engine/timeline.h"
@@ -43,6 +44,7 @@ typedef struct update_ctx {
     size_t nmanifest;
     int worker_pid;          /* of the worker BEGIN went to (kept after a drop) */
     ckpt__needs_t needs;     /* what the workers declared they need (needs.c) */
+    ckpt__route_t route;     /* which hosts each bucket goes to (route.c) */
     ckpt_tensor_meta_t *records; /* a bucket's records this worker needs (declared needs) */
     size_t records_cap;
     int isolated;            /* isolate: this rank's worker is out of the update */
@@ -247,7 +249,10 @@ static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
                                     ckpt__plan_pipeline_limit(total, u->cmd->bucket_max),
                                     min_avail, &bucket_size, &nbuffers);
         int owners = u->p2p ? (int)u->p2p->metas.nranks : e->size;
+        /* Routed: the planner groups by owner, so the host set rides in the owner. */
+        owners = ckpt__route_encode(&u->route, all, count, owners);
         if (rc == CKPT_OK) rc = ckpt__plan_buckets(all, count, owners, bucket_size, &u->plan);
+        if (rc == CKPT_OK) rc = ckpt__route_decode(&u->route, all, count, &u->plan);
         /* The plan is a pure function of agreed input: it fails the same way on every rank. */
         if (rc < 0) return fail_result(u, rc, -1, ckpt_last_error());
         if (u->p2p && (rc = assign_receivers(u)) < 0) return rc;
@@ -261,8 +266,11 @@ static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
     if (!u->direct && e->ngroups > 1) {
         for (int g = 0; g < e->ngroups; g++) {
             uint64_t in = 0;
-            for (size_t b = 0; b < u->plan.nbuckets; b++)
-                if (e->group_of_rank[u->plan.buckets[b].owner] != g) in += u->plan.buckets[b].bytes;
+            for (size_t b = 0; b < u->plan.nbuckets; b++) {
+                const ckpt_bucket_t *bk = &u->plan.buckets[b];
+                uint64_t to = ckpt__route_groups(e, &u->route, b, bk->owner);
+                if (e->group_of_rank[bk->owner] != g && (g >= 64 || (to >> g) & 1)) in += bk->bytes;
+            }
             if (in > u->res->host_bytes_max) u->res->host_bytes_max = in;
         }
     }
@@ -364,8 +372,13 @@ static int prepare_bucket(update_ctx_t *u, size_t b)
     int rc = CKPT_OK;
     if (e->ngroups > 1 && e->leaders != MPI_COMM_NULL) {
         t0 = ckpt__now_s();
-        rc = ckpt__bcast_bytes(e, buf, bk->bytes, e->group_of_rank[bk->owner], e->leaders,
-                               u->coll_ms, "bucket broadcast");
+        /* Every host, or (routed by need) only the hosts whose workers need the bucket. */
+        uint64_t to = ckpt__route_groups(e, &u->route, b, bk->owner);
+        if (to != ckpt__route_everyone(e))
+            rc = ckpt__route_send(e, buf, bk->bytes, e->group_of_rank[bk->owner], to, u->coll_ms);
+        else
+            rc = ckpt__bcast_bytes(e, buf, bk->bytes, e->group_of_rank[bk->owner], e->leaders,
+                                   u->coll_ms, "bucket broadcast");
         if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_BCAST, t0);
     }
@@ -623,6 +636,9 @@ static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trac
         if (rc == CKPT_OK &&
             (rc = ckpt__needs_union(e, all, &count, cmd->ignore_unneeded, u.coll_ms, &u.needs)) < 0)
             fail_result(&u, rc, -1, ckpt_last_error()); /* the same text on every rank */
+        if (rc == CKPT_OK &&
+            (rc = ckpt__route_init(e, &u.needs, count, p2p != NULL, u.coll_ms, &u.route)) < 0)
+            fail_result(&u, rc, -1, ckpt_last_error()); /* agreed inside: every rank fails */
         res->need_bytes_max = u.needs.bytes_max;
         res->need_bytes_total = u.needs.bytes_total;
         res->unneeded = u.needs.unneeded;
@@ -691,6 +707,7 @@ out:
         snprintf(res->reason, sizeof(res->reason), "%s", ckpt_last_error());
     ckpt__timeline_free(&u.tl);
     ckpt__needs_free(&u.needs);
+    ckpt__route_free(&u.route);
     free(u.records);
     ckpt__sources_close(&u.sources);
     ckpt__plan_free(&u.plan);

@@ -69,10 +69,12 @@ class Deployment:
             return f.read().decode(errors="replace")
 
     def start_workers(self, args=(), updates=1, timeout_ms=60000):
+        """args: the same for every worker, or a function of the rank."""
         for r in range(self.n):
             argv = [WORKER, "--socket", os.path.join(self.sock, "rank-%d.sock" % r),
                     "--dump", self.dump_dir(r), "--timeout-ms", str(timeout_ms),
-                    "--engine-wait-ms", "120000", "--updates", str(updates)] + list(args)
+                    "--engine-wait-ms", "120000", "--updates", str(updates)]
+            argv += list(args(r) if callable(args) else args)
             self.workers[r] = self.H.spawn(self.host_of_rank(r), argv, self.worker_log_path(r),
                                            env=self.env)
 

@@ -22,7 +22,8 @@ typedef struct {
     long updates, fail_on, stall_on, die_on;
     int dump_now; /* with --updates K, the dump is written after the last update only */
     int declare_need;     /* tell the engine what this worker holds (NEED) */
-    const char *need_glob; /* hold (and need) only the layout's tensors matching this */
+    const char *need_glob[8]; /* hold (and need) only the layout's tensors matching one */
+    int nneed_glob;
 } opts_t;
 
 /* Same format and level as the library's logger ([ckpt <level>] ...), from CKPT_LOG_LEVEL. */
@@ -57,7 +58,7 @@ static void usage(FILE *out)
         "                           asked with unneeded=ignore (needs --layout)\n"
         "  --need-glob PATTERN      hold only the layout's tensors whose names match the\n"
         "                           shell pattern (e.g. '*experts.[0-3].*' for one EP rank);\n"
-        "                           implies --declare-need\n"
+        "                           repeat it (up to 8) for a union; implies --declare-need\n"
         "  --verify                 verify every tensor's XXH3-64 checksum (also on when the\n"
         "                           engine asks for it)\n"
         "  --checksum-out FILE      after each completed update: JSON of name -> XXH3-64\n"
@@ -119,7 +120,14 @@ static int parse(int argc, char **argv, opts_t *o)
         case 'K': o->die_in_post_hook = 1; break;
         case 'E': o->engine_wait_ms = atoi(optarg); break;
         case 'D': o->declare_need = 1; break;
-        case 'G': o->need_glob = optarg; o->declare_need = 1; break;
+        case 'G':
+            if (o->nneed_glob == 8) {
+                fprintf(stderr, "ckpt-worker: at most 8 --need-glob patterns\n");
+                return 2;
+            }
+            o->need_glob[o->nneed_glob++] = optarg;
+            o->declare_need = 1;
+            break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); return 2;
         }
@@ -262,6 +270,7 @@ int main(int argc, char **argv)
     if (o.tp_size > 1) ckpt_log_set_rank(o.tp_rank);
     wk_model_init(&model, o.tp_rank, o.tp_size);
     model.only = o.need_glob;
+    model.nonly = o.nneed_glob;
     if (o.layout && wk_model_load_layout(&model, o.layout) != 0) return 1;
     if (o.layout) wlog(2, "layout %s: %zu tensors", o.layout, model.n);
     int model_known = o.layout != NULL;

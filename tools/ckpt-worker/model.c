@@ -115,7 +115,9 @@ int wk_model_load_layout(wk_model_t *m, const char *path)
         rc = ckpt_st_open(paths[f], &file);
         for (size_t i = 0; rc == CKPT_OK && i < ckpt_st_num_tensors(file); i++) {
             const ckpt_tensor_meta_t *t = ckpt_st_tensor(file, i);
-            if (m->only && fnmatch(m->only, t->name, 0) != 0) continue;
+            int keep = m->nonly == 0;
+            for (int k = 0; k < m->nonly && !keep; k++) keep = fnmatch(m->only[k], t->name, 0) == 0;
+            if (!keep) continue;
             if (find(m, t->name) == NULL && add(m, t) == NULL) rc = CKPT_ENOMEM;
         }
         ckpt_st_close(file);

@@ -21,7 +21,8 @@ typedef struct {
     size_t nslots;
     int tp_rank, tp_size;
     int fixed;       /* layout given: unknown names are errors, not new tensors */
-    const char *only; /* layout load: keep only tensors whose names match this glob */
+    const char *const *only; /* layout load: keep only tensors whose names match one of */
+    int nonly;               /* these globs (none: every tensor) */
 } wk_model_t;
 
 void wk_model_init(wk_model_t *m, int tp_rank, int tp_size);
