@@ -93,21 +93,20 @@ int ckpt__needs_union(ckpt_engine_t *e, ckpt_tensor_meta_t *all, size_t *count,
                       int ignore_unneeded, int coll_ms, ckpt__needs_t *out)
 {
     size_t n = *count;
-    int mine[1] = {out->declared}, any[1] = {0};
+    /* One allgather: whether each rank's worker declared, and the bytes it needs. */
+    uint64_t mine[2] = {(uint64_t)out->declared, out->mine_bytes};
+    uint64_t *every = malloc((size_t)e->size * sizeof(mine));
+    if (!every) ckpt__engine_fatal(e, "needs: no memory for the ranks' figures");
     MPI_Request req;
-    MPI_Iallreduce(mine, any, 1, MPI_INT, MPI_MAX, e->world, &req);
+    MPI_Iallgather(mine, 2, MPI_UINT64_T, every, 2, MPI_UINT64_T, e->world, &req);
     if (ckpt__mpi_wait(e, &req, coll_ms, 200, "needs agreement") < 0)
         ckpt__engine_fatal(e, ckpt_last_error());
-    out->any_declared = any[0];
-    uint64_t b[2] = {out->mine_bytes, out->mine_bytes}, sum_max[2] = {0, 0};
-    MPI_Iallreduce(&b[0], &sum_max[0], 1, MPI_UINT64_T, MPI_SUM, e->world, &req);
-    if (ckpt__mpi_wait(e, &req, coll_ms, 200, "needs bytes") < 0)
-        ckpt__engine_fatal(e, ckpt_last_error());
-    MPI_Iallreduce(&b[1], &sum_max[1], 1, MPI_UINT64_T, MPI_MAX, e->world, &req);
-    if (ckpt__mpi_wait(e, &req, coll_ms, 200, "needs bytes") < 0)
-        ckpt__engine_fatal(e, ckpt_last_error());
-    out->bytes_total = sum_max[0];
-    out->bytes_max = sum_max[1];
+    for (int r = 0; r < e->size; r++) {
+        out->any_declared |= every[2 * r] != 0;
+        out->bytes_total += every[2 * r + 1];
+        if (every[2 * r + 1] > out->bytes_max) out->bytes_max = every[2 * r + 1];
+    }
+    free(every);
     if (!out->any_declared || n == 0) return CKPT_OK;
     uint8_t *wanted = malloc(n);
     int ok = wanted != NULL, all_ok = 0;
