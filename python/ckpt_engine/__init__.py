@@ -13,11 +13,14 @@ Tensor views are zero-copy numpy arrays over the engine's shared buffers, valid 
 bucket is answered. Dtypes numpy lacks (BF16, F8_*) come as raw unsigned integers of the
 same width; copy them bytewise (what an inference engine does with its own tensors).
 
+A worker holding part of the model (a TP/PP/EP shard) says what it needs:
+`rx.declare_need(layout_needs(model, tp=2, rank=r))` (docs/PROTOCOL.md, "Needs").
+
 Trainers publish checkpoints from memory with `publish(name, tensors, socket_dir=...)`
 (publish.py, docs/PUBLISH.md).
 """
-from .receiver import CkptError, Receiver, TensorView, UpdateResult, follow
+from .receiver import CkptError, Receiver, TensorView, UpdateResult, follow, layout_needs
 from .publish import PublishResult, publish
 
 __all__ = ["CkptError", "PublishResult", "Receiver", "TensorView", "UpdateResult", "follow",
-           "publish"]
+           "layout_needs", "publish"]

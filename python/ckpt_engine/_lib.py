@@ -66,6 +66,17 @@ class NeedDecl(ctypes.Structure):
     ]
 
 
+class ParallelLayout(ctypes.Structure):
+    _fields_ = [
+        ("tp", ctypes.c_int32),
+        ("pp", ctypes.c_int32),
+        ("ep", ctypes.c_int32),
+        ("num_layers", ctypes.c_int32),
+        ("num_experts", ctypes.c_int32),
+        ("kv_heads", ctypes.c_int32),
+    ]
+
+
 class TensorView(ctypes.Structure):
     _fields_ = [("meta", TensorMeta), ("data", ctypes.c_void_p)]
 
@@ -122,6 +133,10 @@ def load():
                                  ctypes.POINTER(u64)], c_int),
         "ckpt_receiver_set_model": ([p, ctypes.POINTER(TensorMeta), ctypes.c_size_t], c_int),
         "ckpt_receiver_declare_need": ([p, ctypes.POINTER(NeedDecl), ctypes.c_size_t], c_int),
+        "ckpt_tensor_meta_init": ([ctypes.POINTER(TensorMeta), ctypes.c_char_p, c_int,
+                                   ctypes.POINTER(ctypes.c_int64), c_int], c_int),
+        "ckpt_layout_need": ([ctypes.POINTER(ParallelLayout), c_int, ctypes.POINTER(TensorMeta),
+                              ctypes.POINTER(c_int), ctypes.POINTER(NeedDecl)], c_int),
         "ckpt_receiver_last_update": ([p, ctypes.POINTER(UpdateInfo), ctypes.POINTER(c_int)],
                                       c_int),
         "ckpt_receiver_reason": ([p], ctypes.c_char_p),

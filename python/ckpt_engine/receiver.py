@@ -70,6 +70,28 @@ class TensorView:
                                         1 if verify else 0), "copy of '%s'" % self.name)
 
 
+def layout_needs(model, tp=1, pp=1, ep=1, rank=0, num_layers=0, num_experts=0, kv_heads=0):
+    """What worker `rank` (stage * tp + tp rank) of an instance with this TP/PP/EP layout
+    needs of each tensor of `model` ({name: (dtype, shape)}, safetensors dtype names), as
+    vLLM shards a transformer (include/ckpt/layout.h): {name: None (whole) or (dim, start,
+    length)} for the tensors it needs, ready for Receiver.declare_need."""
+    lay = _lib.ParallelLayout(tp, pp, ep, num_layers, num_experts, kv_heads)
+    meta, decl, needed = _lib.TensorMeta(), _lib.NeedDecl(), ctypes.c_int()
+    out = {}
+    for name, (dtype, shape) in model.items():
+        if dtype not in _lib.DTYPES:
+            raise ValueError("tensor '%s': unknown dtype %r" % (name, dtype))
+        shape_arr = (ctypes.c_int64 * _lib.CKPT_MAX_DIMS)(*shape)
+        _check(lib().ckpt_tensor_meta_init(ctypes.byref(meta), name.encode(),
+                                           _lib.DTYPES[dtype][0], shape_arr, len(shape)),
+               "tensor '%s'" % name)
+        _check(lib().ckpt_layout_need(ctypes.byref(lay), rank, ctypes.byref(meta),
+                                      ctypes.byref(needed), ctypes.byref(decl)), "layout_needs")
+        if needed.value:
+            out[name] = None if decl.dim < 0 else (decl.dim, decl.start, decl.length)
+    return out
+
+
 @dataclass
 class UpdateResult:
     update_id: int

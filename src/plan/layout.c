@@ -2,6 +2,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ckpt/layout.h"
 #include "plan/layout.h"
 
 /* The number after `key` ("layers." / "experts.") in name, or -1. "shared_experts." is
@@ -135,4 +136,29 @@ void ckpt__layout_scan(const ckpt_tensor_meta_t *metas, size_t count, ckpt_layou
     }
     layout->num_layers = (int)layers;
     layout->num_experts = (int)experts;
+}
+
+int ckpt_layout_need(const ckpt_parallel_layout_t *layout, int worker,
+                     const ckpt_tensor_meta_t *meta, int *needed_out, ckpt_need_decl_t *decl)
+{
+    if (layout == NULL || meta == NULL || needed_out == NULL || decl == NULL)
+        return ckpt__error(CKPT_EINVAL, "ckpt_layout_need: NULL argument");
+    ckpt_layout_t l = {.tp = layout->tp, .pp = layout->pp, .ep = layout->ep,
+                       .num_layers = layout->num_layers, .num_experts = layout->num_experts,
+                       .kv_heads = layout->kv_heads};
+    ckpt_need_t n = {0};
+    int rc = ckpt__layout_need(&l, worker, meta, &n);
+    if (rc < 0) return rc;
+    memset(decl, 0, sizeof(*decl));
+    ckpt__strlcpy(decl->name, meta->name, sizeof(decl->name));
+    decl->dim = -1;
+    *needed_out = n.needed;
+    if (n.needed && n.dim >= 0 && n.parts > 1) {
+        uint64_t len = (uint64_t)meta->shape[n.dim];
+        decl->dim = n.dim;
+        decl->start = len * (uint64_t)n.index / (uint64_t)n.parts;
+        decl->length = len * (uint64_t)(n.index + 1) / (uint64_t)n.parts - decl->start;
+        if (decl->length == 0) *needed_out = 0; /* fewer indices than parts */
+    }
+    return CKPT_OK;
 }

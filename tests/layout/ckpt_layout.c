@@ -9,6 +9,7 @@
 #include <stdio.h>
 
 #include "ckpt/ckpt.h"
+#include "ckpt/layout.h"
 #include "ckpt/publish.h"
 #include "ckpt/receiver.h"
 
@@ -81,6 +82,15 @@ int main(void)
     FIELD(ckpt_need_decl_t, reserved);
     FIELD(ckpt_need_decl_t, start);
     FIELD(ckpt_need_decl_t, length);
+    END_STRUCT();
+
+    STRUCT(ckpt_parallel_layout_t, 1);
+    FIELD(ckpt_parallel_layout_t, tp);
+    FIELD(ckpt_parallel_layout_t, pp);
+    FIELD(ckpt_parallel_layout_t, ep);
+    FIELD(ckpt_parallel_layout_t, num_layers);
+    FIELD(ckpt_parallel_layout_t, num_experts);
+    FIELD(ckpt_parallel_layout_t, kv_heads);
     END_STRUCT();
 
     STRUCT(ckpt_tensor_view_t, 1);

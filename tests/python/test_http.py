@@ -270,11 +270,14 @@ class FakeVllm:
                 else:
                     status, reply = 404, {"detail": "Not Found"}
                 data = (json.dumps(reply) if not isinstance(reply, str) else reply).encode()
+                # Answered = before the reply leaves: once it is written the client may send
+                # its next request, which another thread records first (a flaky ordering
+                # check in test_trigger_waits_for_pause when taken after the write).
+                fake.times[self.path] = (arrived, time.monotonic())
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-                fake.times[self.path] = (arrived, time.monotonic())
 
             def log_message(self, *args):
                 pass

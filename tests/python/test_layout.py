@@ -25,6 +25,7 @@ C_TYPES = {
     "_lib.UpdateInfo": "ckpt_update_info_t",
     "_lib.TensorView": "ckpt_tensor_view_t",
     "_lib.NeedDecl": "ckpt_need_decl_t",
+    "_lib.ParallelLayout": "ckpt_parallel_layout_t",
     "publish.PublishOptions": "ckpt_publish_options_t",
     "publish.PublishReply": "ckpt_publish_reply_t",
 }

@@ -184,3 +184,66 @@ def test_a_need_that_does_not_fit_is_refused_naming_it(tmp_path, name, rows, fra
         srv.close()
         out, err = py.communicate(timeout=60)
     assert "no update" in out, out + err  # BEGIN never came
+
+
+LAYOUT_WORKER = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    sys.path[:0] = [sys.argv[1], sys.argv[2]]
+    from ckpt_engine import Receiver, layout_needs
+    from mpijob import read_checkpoint
+    want = read_checkpoint(sys.argv[4])
+    model = {n: (dt, shape) for n, (dt, shape, _) in want.items()}
+    needs = layout_needs(model, tp=2, rank=int(sys.argv[5]))
+    print(json.dumps(needs), flush=True)
+    params = {n: np.zeros(len(want[n][2]), dtype=np.uint8) for n in needs}
+    with Receiver.connect(sys.argv[3], timeout_ms=30000) as rx:
+        rx.declare_need(needs)
+        print("declared", flush=True)
+        res = rx.apply_update(params, verify=True)
+        print("result", res.completed, flush=True)
+        print("differ", sum(params[n].tobytes() != want[n][2] for n in needs), flush=True)
+""")
+
+
+@pytest.mark.skipif(os.environ.get("CKPT_SANITIZE") == "ON",
+                    reason="ctypes cannot load an ASan libckpt.so")
+def test_python_worker_declares_its_tp_shard(tmp_path):
+    """layout_needs shards as vLLM does (q/k/v, gate/up by rows; o/down by columns; norms
+    whole); a Python worker declares it and the engine counts exactly those bytes."""
+    model = gen(tmp_path, size="2MiB", layers=2, shards=1)
+    want = read_checkpoint(model)
+    dep = Deployment(tmp_path, 1)
+    srv = InteractiveServe(dep)
+    script = os.path.join(str(tmp_path), "worker.py")
+    with open(script, "w") as f:
+        f.write(LAYOUT_WORKER)
+    py = subprocess.Popen([sys.executable, script, PYDIR, os.path.dirname(__file__),
+                           os.path.join(dep.sock, "rank-0.sock"), model, "1"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, CKPT_BUILD_DIR=BUILD))
+    try:
+        import json
+        needs = json.loads(py.stdout.readline())
+        rows = {n for n, p in needs.items() if p and p[0] == 0}
+        cols = {n for n, p in needs.items() if p and p[0] == 1}
+        assert any("q_proj" in n for n in rows) and any("gate_proj" in n for n in rows)
+        assert any("o_proj" in n for n in cols) and any("down_proj" in n for n in cols)
+        assert "model.embed_tokens.weight" in rows and "lm_head.weight" in rows
+        assert needs["model.norm.weight"] is None
+        for n in rows | cols:  # rank 1 of 2: the second half
+            dim, start, length = needs[n]
+            assert start == length == want[n][1][dim] // 2, (n, needs[n])
+        assert py.stdout.readline().strip() == "declared"
+        assert srv.command("register m %s" % model)["ok"]
+        res = srv.command("update m bucket=1MiB")
+        assert res["ok"], res["reason"]
+        expect = sum(len(d) if needs[n] is None else len(d) // 2 for n, (_, _, d) in want.items())
+        assert res["need_bytes_total"] == res["need_bytes_max"] == expect
+        assert expect < res["bytes"]
+        assert py.stdout.readline().split() == ["result", "True"]
+        assert py.stdout.readline().split() == ["differ", "0"]
+    finally:
+        srv.close()
+        py.kill()
+        py.communicate(timeout=30)

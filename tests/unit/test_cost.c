@@ -2,6 +2,7 @@
  * (plan/cost.c): every figure checked against the arithmetic done by hand. */
 #include <math.h>
 
+#include "ckpt/layout.h"
 #include "plan/cost.h"
 #include "plan/layout.h"
 #include "test.h"
@@ -93,6 +94,33 @@ static void test_expert_and_pipeline_parallel(void)
     l.ep = 2;
     CHECK_RC(ckpt__layout_need(&l, 4, &e3, &n), CKPT_EINVAL);
     CHECK_ERR_HAS("worker 4");
+}
+
+/* The public form: index ranges a worker declares. */
+static void test_public_layout_need(void)
+{
+    ckpt_parallel_layout_t l = {.tp = 2, .pp = 1, .ep = 1};
+    ckpt_tensor_meta_t head = meta2("lm_head.weight", 5, 2);
+    ckpt_need_decl_t d;
+    int needed = -1;
+    CHECK_OK(ckpt_layout_need(&l, 0, &head, &needed, &d));
+    CHECK(needed == 1 && d.dim == 0 && d.start == 0 && d.length == 2);
+    CHECK_STR(d.name, "lm_head.weight");
+    CHECK_OK(ckpt_layout_need(&l, 1, &head, &needed, &d));
+    CHECK(needed == 1 && d.dim == 0 && d.start == 2 && d.length == 3);
+    l.tp = 8; /* more ranks than rows: some need nothing of it */
+    int none = 0;
+    for (int w = 0; w < 8; w++) {
+        CHECK_OK(ckpt_layout_need(&l, w, &head, &needed, &d));
+        none += !needed;
+    }
+    CHECK(none == 3);
+    ckpt_tensor_meta_t norm = meta2("model.norm.weight", 4, 0);
+    CHECK_OK(ckpt_layout_need(&l, 3, &norm, &needed, &d));
+    CHECK(needed == 1 && d.dim == -1 && d.start == 0 && d.length == 0);
+    l.ep = 3;
+    CHECK_RC(ckpt_layout_need(&l, 0, &norm, &needed, &d), CKPT_EINVAL);
+    CHECK_RC(ckpt_layout_need(NULL, 0, &norm, &needed, &d), CKPT_EINVAL);
 }
 
 /* n tensors of `mib` MiB each, q_proj-like (column-parallel) so TP cuts them. */
@@ -203,6 +231,7 @@ int main(void)
 {
     RUN_TEST(test_tensor_parallel);
     RUN_TEST(test_expert_and_pipeline_parallel);
+    RUN_TEST(test_public_layout_need);
     RUN_TEST(test_cost_one_host);
     RUN_TEST(test_cost_two_hosts);
     RUN_TEST(test_cost_gpu_owners_stage_at_once);
