@@ -5,6 +5,7 @@ import os
 import signal
 import struct
 import subprocess
+import sys
 import time
 
 BUILD = os.environ.get("CKPT_BUILD_DIR", os.path.join(os.path.dirname(__file__), "../../build/release"))
@@ -191,6 +192,20 @@ class InteractiveServe:
             self.proc.kill()
             self.proc.wait()
         return self.proc.returncode
+
+
+def python_worker(tmp_path, text, *args, name="worker.py"):
+    """Starts `text` as a Python worker script: sys.argv[1] is python/ (the binding),
+    sys.argv[2] tests/python/ (mpijob), then `args`; stdout and stderr piped (text)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    src = os.environ.get("CKPT_SOURCE_DIR", os.path.join(here, "..", ".."))
+    build = os.environ.get("CKPT_BUILD_DIR", os.path.join(src, "build", "release"))
+    script = os.path.join(str(tmp_path), name)
+    with open(script, "w") as f:
+        f.write(text)
+    return subprocess.Popen([sys.executable, script, os.path.join(src, "python"), here,
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, CKPT_BUILD_DIR=build))
 
 
 def wait_log(dep, r, pattern, timeout=20):

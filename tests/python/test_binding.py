@@ -2,15 +2,13 @@
 rank feeds a Python worker, the other the C reference worker, in the same update."""
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from mpijob import WORKER, Deployment, InteractiveServe, gen, read_checkpoint
+from mpijob import WORKER, Deployment, InteractiveServe, gen, python_worker, read_checkpoint
 
 SRC = os.environ.get("CKPT_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "..", ".."))
-PYDIR = os.path.join(SRC, "python")
 BUILD = os.environ.get("CKPT_BUILD_DIR", os.path.join(SRC, "build", "release"))
 
 pytestmark = pytest.mark.skipif(
@@ -41,13 +39,7 @@ def test_python_worker_beside_c_worker(tmp_path):
     model = gen(tmp_path, size="4MiB", layers=2, shards=2)
     dep = Deployment(tmp_path, 2)
     srv = InteractiveServe(dep)
-    env = dict(os.environ, CKPT_BUILD_DIR=BUILD)
-    script = os.path.join(str(tmp_path), "worker.py")
-    with open(script, "w") as f:
-        f.write(WORKER_SCRIPT)
-    py = subprocess.Popen([sys.executable, script, PYDIR, os.path.dirname(__file__),
-                           os.path.join(dep.sock, "rank-0.sock"), model],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    py = python_worker(tmp_path, WORKER_SCRIPT, os.path.join(dep.sock, "rank-0.sock"), model)
     dep.start_worker(1, ["--layout", model, "--verify"])
     try:
         assert srv.command("register m %s" % model)["ok"]
@@ -101,13 +93,8 @@ def test_python_worker_refuses_a_partial_checkpoint_unless_asked(tmp_path):
     shutil.copy(os.path.join(new, shard), part)
     dep = Deployment(tmp_path, 1)
     srv = InteractiveServe(dep)
-    script = os.path.join(str(tmp_path), "follow.py")
-    with open(script, "w") as f:
-        f.write(FOLLOW_SCRIPT)
-    py = subprocess.Popen([sys.executable, script, PYDIR, os.path.dirname(__file__),
-                           os.path.join(dep.sock, "rank-0.sock"), full],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=dict(os.environ, CKPT_BUILD_DIR=BUILD))
+    py = python_worker(tmp_path, FOLLOW_SCRIPT, os.path.join(dep.sock, "rank-0.sock"), full,
+                       name="follow.py")
 
     def next_result():
         line = py.stdout.readline()

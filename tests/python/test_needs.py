@@ -2,19 +2,15 @@
 the engine checks the declarations against the update before any byte moves, sends each
 worker only the records of the tensors it needs, and counts the bytes every worker needs.
 Real ranks under mpirun, real ckpt-worker processes (and a Python worker for the errors)."""
+import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from mpijob import (WORKER, Deployment, InteractiveServe, assert_worker_equals, gen,
-                    read_checkpoint, wait_log)
+                    python_worker, read_checkpoint, wait_log)
 
-SRC = os.environ.get("CKPT_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "..", ".."))
-PYDIR = os.path.join(SRC, "python")
-BUILD = os.environ.get("CKPT_BUILD_DIR", os.path.join(SRC, "build", "release"))
 
 pytestmark = pytest.mark.skipif(not os.path.exists(WORKER), reason="ckpt-worker not built")
 
@@ -141,12 +137,12 @@ PY_WORKER = textwrap.dedent("""
     import sys
     sys.path[:0] = [sys.argv[1]]
     from ckpt_engine import CkptError, Receiver
-    with Receiver.connect(sys.argv[2], timeout_ms=30000) as rx:
+    with Receiver.connect(sys.argv[3], timeout_ms=30000) as rx:
         try:
             rx.declare_need({"a": None, "b": (9, 0, 1)})
         except CkptError as e:
             print("local:", e, flush=True)
-        rx.declare_need({sys.argv[3]: None if sys.argv[4] == "-" else (0, 0, int(sys.argv[4]))})
+        rx.declare_need({sys.argv[4]: None if sys.argv[5] == "-" else (0, 0, int(sys.argv[5]))})
         print("declared", flush=True)
         try:
             rx.wait_update(timeout_ms=20000)
@@ -165,12 +161,7 @@ def test_a_need_that_does_not_fit_is_refused_naming_it(tmp_path, name, rows, fra
     model = gen(tmp_path, size="1MiB", layers=1, shards=1)
     dep = Deployment(tmp_path, 1)
     srv = InteractiveServe(dep)
-    script = os.path.join(str(tmp_path), "worker.py")
-    with open(script, "w") as f:
-        f.write(PY_WORKER)
-    py = subprocess.Popen([sys.executable, script, PYDIR, os.path.join(dep.sock, "rank-0.sock"),
-                           name, rows], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=dict(os.environ, CKPT_BUILD_DIR=BUILD))
+    py = python_worker(tmp_path, PY_WORKER, os.path.join(dep.sock, "rank-0.sock"), name, rows)
     try:
         line = py.stdout.readline()
         assert line.startswith("local:") and "dimension 9" in line, line
@@ -215,15 +206,8 @@ def test_python_worker_declares_its_tp_shard(tmp_path):
     want = read_checkpoint(model)
     dep = Deployment(tmp_path, 1)
     srv = InteractiveServe(dep)
-    script = os.path.join(str(tmp_path), "worker.py")
-    with open(script, "w") as f:
-        f.write(LAYOUT_WORKER)
-    py = subprocess.Popen([sys.executable, script, PYDIR, os.path.dirname(__file__),
-                           os.path.join(dep.sock, "rank-0.sock"), model, "1"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=dict(os.environ, CKPT_BUILD_DIR=BUILD))
+    py = python_worker(tmp_path, LAYOUT_WORKER, os.path.join(dep.sock, "rank-0.sock"), model, 1)
     try:
-        import json
         needs = json.loads(py.stdout.readline())
         rows = {n for n, p in needs.items() if p and p[0] == 0}
         cols = {n for n, p in needs.items() if p and p[0] == 1}
