@@ -23,38 +23,51 @@ static size_t set_index(const ckpt__route_t *r, uint64_t set)
     return lo;
 }
 
+/* Waits for req like every collective: a rank that does not take part within coll_ms
+ * ends this one (the deployment is restarted as a whole). */
+static void wait_or_die(ckpt_engine_t *e, MPI_Request *req, int coll_ms, const char *what)
+{
+    if (ckpt__mpi_wait(e, req, coll_ms, 200, what) < 0) ckpt__engine_fatal(e, ckpt_last_error());
+}
+
 int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs, size_t count, int p2p,
                      int coll_ms, ckpt__route_t *r)
 {
     memset(r, 0, sizeof(*r));
     if (!needs->any_declared || p2p || e->ngroups <= 1 || e->ngroups > 64 || count == 0 ||
-        count > (size_t)INT32_MAX / (size_t)e->size)
+        count > (size_t)INT32_MAX / (size_t)e->ngroups)
         return CKPT_OK;
-    uint8_t *flags = malloc(count * (size_t)e->size);
+    /* Per host: the union of its workers' flags (one allreduce inside the host); then the
+     * hosts' unions to every leader (ngroups x count bytes, not nranks x count), and from
+     * each leader to its host. */
+    uint8_t *host = malloc(count), *flags = malloc(count * (size_t)e->ngroups);
     r->hosts_of = calloc(count, sizeof(uint64_t));
     r->sets = malloc(count * sizeof(uint64_t));
-    int ok = flags && r->hosts_of && r->sets, all_ok = 0;
+    int ok = host && flags && r->hosts_of && r->sets, all_ok = 0;
     MPI_Request req;
     MPI_Iallreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, e->world, &req);
-    if (ckpt__mpi_wait(e, &req, coll_ms, 200, "routing agreement") < 0)
-        ckpt__engine_fatal(e, ckpt_last_error());
+    wait_or_die(e, &req, coll_ms, "routing agreement");
     if (!all_ok) {
-        free(flags);
+        free(host), free(flags);
         ckpt__route_free(r);
         return ckpt__error(CKPT_ENOMEM, "routing: a rank has no memory for %zu x %d flags",
-                           count, e->size);
+                           count, e->ngroups);
     }
-    MPI_Iallgather(needs->mine, (int)count, MPI_UNSIGNED_CHAR, flags, (int)count,
-                   MPI_UNSIGNED_CHAR, e->world, &req);
-    if (ckpt__mpi_wait(e, &req, coll_ms, 200, "allgather of needs") < 0)
-        ckpt__engine_fatal(e, ckpt_last_error());
-    for (int rank = 0; rank < e->size; rank++) {
-        uint64_t bit = 1ull << e->group_of_rank[rank];
-        const uint8_t *f = flags + (size_t)rank * count;
+    MPI_Iallreduce(needs->mine, host, (int)count, MPI_UNSIGNED_CHAR, MPI_BOR, e->group, &req);
+    wait_or_die(e, &req, coll_ms, "needs of this host");
+    if (e->leaders != MPI_COMM_NULL) {
+        MPI_Iallgather(host, (int)count, MPI_UNSIGNED_CHAR, flags, (int)count,
+                       MPI_UNSIGNED_CHAR, e->leaders, &req);
+        wait_or_die(e, &req, coll_ms, "needs of every host");
+    }
+    MPI_Ibcast(flags, (int)(count * (size_t)e->ngroups), MPI_UNSIGNED_CHAR, 0, e->group, &req);
+    wait_or_die(e, &req, coll_ms, "needs of every host");
+    for (int g = 0; g < e->ngroups; g++) {
+        const uint8_t *f = flags + (size_t)g * count;
         for (size_t i = 0; i < count; i++)
-            if (f[i]) r->hosts_of[i] |= bit;
+            if (f[i]) r->hosts_of[i] |= 1ull << g;
     }
-    free(flags);
+    free(host), free(flags);
     memcpy(r->sets, r->hosts_of, count * sizeof(uint64_t));
     qsort(r->sets, count, sizeof(uint64_t), cmp_u64);
     for (size_t i = 0; i < count; i++)

@@ -19,7 +19,8 @@ typedef struct ckpt__route {
     uint32_t *bucket_set; /* per planned bucket: index into sets */
 } ckpt__route_t;
 
-/* Collective: learns which hosts need each tensor (an allgather of every rank's flags).
+/* Collective: learns which hosts need each tensor (each host's union of its workers'
+ * flags, gathered by the leaders: ngroups x count bytes).
  * Inactive (and nothing allocated) when no worker declared, on one host, above 64 hosts,
  * or for P2P updates (p2p). */
 int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs, size_t count, int p2p,

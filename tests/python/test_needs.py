@@ -28,6 +28,20 @@ def start(tmp_path, nranks, worker_args):
     return dep, srv
 
 
+def wait_complete(dep, n):
+    for r in range(n):
+        wait_log(dep, r, r"update \d+ of 'm' version \d+: complete")
+
+
+def assert_each_holds_its_layer(dep, layer):
+    """Worker r's dump is exactly layer r's tensors, byte for byte."""
+    for r, mine in enumerate(layer):
+        got = read_checkpoint(dep.worker_dump(r))
+        assert set(got) == set(mine), r
+        for name, (dt, shape, data) in mine.items():
+            assert got[name][2] == data, (r, name)
+
+
 def tp_need(want, r, tp):
     """Bytes ckpt-worker --tp-rank r --tp-size tp holds: rows of dim 0 where it divides."""
     total = 0
@@ -50,8 +64,7 @@ def test_tensor_parallel_workers_declare_their_rows(tmp_path, direct):
         needs = [tp_need(want, r, 2) for r in range(2)]
         assert res["need_bytes_total"] == sum(needs) < 2 * total
         assert res["need_bytes_max"] == max(needs) and res["unneeded"] == 0
-        wait_log(dep, 0, r"update \d+ of 'm' version \d+: complete")
-        wait_log(dep, 1, r"update \d+ of 'm' version \d+: complete")
+        wait_complete(dep, 2)
     finally:
         srv.close()
         dep.stop()
@@ -74,7 +87,7 @@ def test_a_tensor_nobody_needs_fails_before_any_byte_moves(tmp_path):
     want = read_checkpoint(model)
     dep, srv = start(tmp_path, 2, lambda r: ["--layout", model, "--verify",
                                              "--need-glob", "*layers.%d.*" % r])
-    layer = {r: {n: v for n, v in want.items() if "layers.%d." % r in n} for r in range(2)}
+    layer = [{n: v for n, v in want.items() if "layers.%d." % r in n} for r in range(2)]
     unneeded = [n for n in want if "layers." not in n]
     assert unneeded and layer[0] and layer[1]
     try:
@@ -96,16 +109,39 @@ def test_a_tensor_nobody_needs_fails_before_any_byte_moves(tmp_path):
             assert res["tensors"] == len(want) - len(unneeded)
             assert res["need_bytes_max"] == max(sum(len(d) for _, _, d in layer[r].values())
                                                 for r in range(2))
-        for r in range(2):
-            wait_log(dep, r, r"update \d+ of 'm' version \d+: complete")
+        wait_complete(dep, 2)
     finally:
         srv.close()
         dep.stop()
+    assert_each_holds_its_layer(dep, layer)
+
+
+def test_routed_between_rank_groups(tmp_path):
+    """--share rank: every rank its own group, as hosts are, so buckets are routed by need
+    between the groups (point-to-point over MPI on this host): worker r holds layer r only,
+    the busiest group receives at most one layer, every worker verified."""
+    model = gen(tmp_path, size="4MiB", layers=2, shards=2)
+    want = read_checkpoint(model)
+    layer = [{n: v for n, v in want.items() if "layers.%d." % r in n} for r in range(2)]
+    dep = Deployment(tmp_path, 2)
+    srv = InteractiveServe(dep, extra_args=["--share", "rank"])
     for r in range(2):
-        got = read_checkpoint(dep.worker_dump(r))
-        assert set(got) == set(layer[r])
-        for name, (dt, shape, data) in layer[r].items():
-            assert got[name][2] == data, name
+        dep.start_worker(r, ["--layout", model, "--verify", "--need-glob", "*layers.%d.*" % r])
+    for r in range(2):
+        wait_log(dep, r, DECLARED)
+    try:
+        assert srv.command("register m %s" % model)["ok"]
+        res = srv.command("update m bucket=1MiB unneeded=ignore verify=1")
+        assert res["ok"], res["reason"]
+        full = sum(len(d) for _, _, d in want.values())
+        assert 0 < res["host_bytes_max"] <= max(sum(len(d) for _, _, d in l.values())
+                                                for l in layer) + 4096 * res["tensors"]
+        assert res["host_bytes_max"] < full / 2
+        wait_complete(dep, 2)
+    finally:
+        srv.close()
+        dep.stop()
+    assert_each_holds_its_layer(dep, layer)
 
 
 def test_an_undeclared_worker_needs_everything(tmp_path):
@@ -125,8 +161,7 @@ def test_an_undeclared_worker_needs_everything(tmp_path):
         total = sum(len(d) for _, _, d in want.values())
         mine = sum(len(d) for n, (_, _, d) in want.items() if "layers.0." in n)
         assert res["need_bytes_total"] == total + mine and res["need_bytes_max"] == total
-        wait_log(dep, 0, r"update \d+ of 'm' version \d+: complete")
-        wait_log(dep, 1, r"update \d+ of 'm' version \d+: complete")
+        wait_complete(dep, 2)
     finally:
         srv.close()
         dep.stop()
