@@ -45,6 +45,7 @@ typedef struct update_ctx {
     int worker_pid;          /* of the worker BEGIN went to (kept after a drop) */
     ckpt__needs_t needs;     /* what the workers declared they need (needs.c) */
     ckpt__route_t route;     /* which hosts each bucket goes to (route.c) */
+    uint8_t *wanted;         /* declared needs: per planned tensor, this worker needs it */
     ckpt_tensor_meta_t *records; /* a bucket's records this worker needs (declared needs) */
     size_t records_cap;
     int isolated;            /* isolate: this rank's worker is out of the update */
@@ -261,6 +262,14 @@ static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
         rc = agree(u, rc, "IPC buffers");
         if (rc < 0) return rc;
     }
+    /* Declared needs: which planned tensors this worker gets, looked up once per update
+     * rather than by name for every record of every bucket. */
+    if (u->needs.declared) {
+        u->wanted = malloc(u->plan.ntensors + 1);
+        if (!u->wanted) ckpt__engine_fatal(e, "no memory for the workers' needs");
+        for (size_t i = 0; i < u->plan.ntensors; i++)
+            u->wanted[i] = (uint8_t)ckpt__needs_wants(&u->needs, &u->plan.tensors[i]);
+    }
     /* Bytes the busiest host receives from other hosts: every bucket another host owns
      * (the leaders' broadcast); 0 on one host. */
     if (!u->direct && e->ngroups > 1) {
@@ -313,8 +322,8 @@ static int begin_workers(update_ctx_t *u)
             ckpt_tensor_meta_t *mine = NULL;
             if (u->needs.declared && (mine = malloc((u->nmanifest + 1) * sizeof(*mine)))) {
                 size_t n = 0;
-                for (size_t i = 0; i < u->nmanifest; i++)
-                    if (ckpt__needs_wants(&u->needs, &u->manifest[i])) mine[n++] = u->manifest[i];
+                for (size_t i = 0; i < u->nmanifest; i++) /* the manifest is in needs' order */
+                    if (u->needs.mine[i]) mine[n++] = u->manifest[i];
                 begin.manifest = mine;
                 begin.manifest_count = n;
             } else if (u->needs.declared) {
@@ -408,7 +417,7 @@ static int send_bucket(update_ctx_t *u, size_t b)
     int buffer = u->direct ? bk->source : (int)(b % (size_t)e->buffers.nbuffers);
     const ckpt_tensor_meta_t *records = &u->plan.tensors[bk->first];
     size_t count = bk->count;
-    if (u->needs.declared) {
+    if (u->wanted) {
         /* Only what the worker needs; a bucket with none of it still goes (empty) so the
          * worker answers every bucket and the ranks stay in step. */
         if (u->records_cap < count) {
@@ -419,7 +428,7 @@ static int send_bucket(update_ctx_t *u, size_t b)
         }
         size_t kept = 0;
         for (size_t i = 0; i < count; i++)
-            if (ckpt__needs_wants(&u->needs, &records[i])) u->records[kept++] = records[i];
+            if (u->wanted[bk->first + i]) u->records[kept++] = records[i];
         records = u->records;
         count = kept;
     }
@@ -709,6 +718,7 @@ out:
     ckpt__needs_free(&u.needs);
     ckpt__route_free(&u.route);
     free(u.records);
+    free(u.wanted);
     ckpt__sources_close(&u.sources);
     ckpt__plan_free(&u.plan);
     ckpt__free(u.src_owner);

@@ -364,6 +364,10 @@ int ckpt_receiver_declare_need(ckpt_receiver_t *r, const ckpt_need_decl_t *needs
     if (r->state != R_IDLE)
         return ckpt__error(CKPT_ESTATE, "%s: needs are declared between updates",
                            r->conn.peer);
+    for (size_t i = 0; i < count; i++)
+        if (needs[i].reserved != 0 || strnlen(needs[i].name, CKPT_NAME_MAX) == CKPT_NAME_MAX)
+            return ckpt__error(CKPT_EINVAL, "declare_need: record %zu: name not terminated or "
+                               "reserved field not 0", i);
     size_t len = ckpt__ipc_need_size(needs, count);
     if (count > UINT32_MAX || len > CKPT_IPC_MAX_PAYLOAD)
         return ckpt__error(CKPT_ETOOBIG, "declare_need: %zu records (%zu bytes) exceed the "
@@ -379,10 +383,6 @@ int ckpt_receiver_declare_need(ckpt_receiver_t *r, const ckpt_need_decl_t *needs
     rc = ckpt__ipc_need_decode(p, len, copy, &n);
     free(copy);
     if (rc) return ckpt__error(CKPT_EINVAL, "declare_need: %s", ckpt_last_error());
-    for (size_t i = 0; i < count; i++)
-        if (needs[i].reserved != 0 || strnlen(needs[i].name, CKPT_NAME_MAX) == CKPT_NAME_MAX)
-            return ckpt__error(CKPT_EINVAL, "declare_need: record %zu: name not terminated or "
-                               "reserved field not 0", i);
     rc = ckpt__ipc_conn_send(&r->conn, CKPT_IPC_MSG_NEED, len, NULL, 0, r->reply_timeout_ms);
     return rc ? io_fail(r, rc == CKPT_ETIMEDOUT ? CKPT_EPEER : rc) : CKPT_OK;
 }

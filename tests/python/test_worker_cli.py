@@ -13,7 +13,8 @@ def test_help_lists_every_option():
     out = subprocess.run([WORKER, "--help"], capture_output=True, text=True, check=True).stdout
     for opt in ["--socket", "--layout", "--tp-rank", "--tp-size", "--verify", "--checksum-out",
                 "--dump", "--timeout-ms", "--updates", "--post-hook-sleep-ms",
-                "--fail-on-bucket", "--stall-on-bucket", "--engine-wait-ms"]:
+                "--fail-on-bucket", "--stall-on-bucket", "--engine-wait-ms", "--declare-need",
+                "--need-glob"]:
         assert opt in out, opt
 
 
@@ -22,6 +23,12 @@ def test_bad_arguments():
     r = subprocess.run([WORKER, "--socket", "/tmp/x", "--tp-rank", "2", "--tp-size", "2"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--tp-rank 2" in r.stderr
+    for opt in (["--declare-need"], ["--need-glob", "*"]):  # nothing to declare without one
+        r = subprocess.run([WORKER, "--socket", "/tmp/x"] + opt, capture_output=True, text=True)
+        assert r.returncode == 2 and "need --layout" in r.stderr, r.stderr
+    r = subprocess.run([WORKER, "--socket", "/tmp/x", "--layout", "/tmp/x"] +
+                       ["--need-glob", "*"] * 9, capture_output=True, text=True)
+    assert r.returncode == 2 and "at most 8 --need-glob" in r.stderr, r.stderr
 
 
 def test_no_engine_times_out(tmp_path):

@@ -565,6 +565,42 @@ static void raw_begin(int cfd, uint32_t nbuffers, int nfds)
     raw_send(cfd, CKPT_IPC_MSG_BEGIN, p, ckpt__ipc_begin_size(&m), nfds);
 }
 
+/* NEED from a raw worker, read while it is idle: a good one is kept (and replaced by the
+ * next), a malformed one drops the worker (the stream cannot be trusted). */
+static void test_need_from_a_raw_worker(void)
+{
+    ckpt_ipc_server_t *srv = open_server();
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", sock_path);
+    int cfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(connect(cfd, (struct sockaddr *)&addr, sizeof(addr)) == 0);
+    ckpt_ipc_server_poll(srv); /* accepts it */
+    const ckpt_need_decl_t *got = NULL;
+    uint32_t n = 0;
+    CHECK(ckpt_ipc_server_need(srv, &got, &n) == 0); /* undeclared: needs everything */
+    ckpt_need_decl_t d[2] = {{.name = "w", .dim = 0, .start = 2, .length = 3},
+                             {.name = "b", .dim = -1}};
+    uint8_t p[256];
+    ckpt__ipc_need_encode(d, 2, p);
+    raw_send(cfd, CKPT_IPC_MSG_NEED, p, ckpt__ipc_need_size(d, 2), 0);
+    ckpt_ipc_server_poll(srv);
+    CHECK(ckpt_ipc_server_need(srv, &got, &n) == 1 && n == 2);
+    CHECK(n == 2 && strcmp(got[0].name, "w") == 0 && got[0].start == 2 && got[0].length == 3);
+    CHECK(n == 2 && strcmp(got[1].name, "b") == 0 && got[1].dim == -1);
+    ckpt__ipc_need_encode(d, 0, p); /* replaced: needs nothing */
+    raw_send(cfd, CKPT_IPC_MSG_NEED, p, ckpt__ipc_need_size(d, 0), 0);
+    ckpt_ipc_server_poll(srv);
+    CHECK(ckpt_ipc_server_need(srv, &got, &n) == 1 && n == 0);
+    d[0].dim = 9; /* malformed: the worker is dropped */
+    ckpt__ipc_need_encode(d, 1, p);
+    raw_send(cfd, CKPT_IPC_MSG_NEED, p, ckpt__ipc_need_size(d, 1), 0);
+    ckpt_ipc_server_poll(srv);
+    CHECK(!ckpt_ipc_server_has_worker(srv));
+    CHECK(ckpt_ipc_server_need(srv, &got, &n) == 0);
+    close(cfd);
+    ckpt_ipc_server_close(srv);
+}
+
 /* A BEGIN whose fds do not match its count, and a BUCKET naming a buffer past the count:
  * clean errors, no fd left open, and (but for too many fds) the stream stays in step. */
 static void test_buffer_count_mismatch(void)
@@ -633,6 +669,7 @@ int main(void)
     RUN_TEST(test_raw_garbage_rejected);
     RUN_TEST(test_many_buffers);
     RUN_TEST(test_buffer_count_mismatch);
+    RUN_TEST(test_need_from_a_raw_worker);
     RUN_TEST(test_other_uid_refused);
     RUN_TEST(test_socket_in_use);
     TEST_EXIT();
