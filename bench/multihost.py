@@ -11,6 +11,11 @@ Rows (median of --repeat updates after one warm-up; each row a fresh deployment)
   2 hosts x 1 rank, routed   each worker holds and declares half the layers (as PP=2
                              stages: --need-glob), so a bucket goes only to the host that
                              needs it (predicted: the need-routed way with --pp 2)
+  2 hosts x 1 rank, TP=2     one TP=2 instance across the hosts: each worker declares its
+                             rows (ckpt-worker --declare-need) and the engine cuts every
+                             sharded tensor, so a host receives only its rows (predicted:
+                             the need-routed way with --tp 2)
+Rows on 2 hosts also print their time as a ratio of the full broadcast row's.
 The MPI_Bcast floor (serve's `floors`) of each deployment is printed beside it, and what
 the cost model (`ckpt-engine plan`, src/plan/cost.c) predicts for that row from the floors
 measured in the same deployment: the copy floor with streaming stores (rank 0 alone, and all
@@ -35,12 +40,21 @@ from mpijob import ENGINE  # noqa: E402
 STAGES = [["model.embed_tokens.*", "*layers.[01].*"],
           ["*layers.[23].*", "model.norm.*", "lm_head.*"]]
 ROWS = [
-    # label, hosts used, ranks per host, extra update options, PP stages of the workers
-    ("1 host x 2 ranks, direct", [0], 2, "", 1),
-    ("1 host x 2 ranks, staged", [0], 2, " direct=0", 1),
-    ("2 hosts x 1 rank", [0, 1], 1, "", 1),
-    ("2 hosts x 1 rank, routed", [0, 1], 1, "", 2),
+    # label, hosts used, ranks per host, extra update options, PP stages, TP of the workers
+    ("1 host x 2 ranks, direct", [0], 2, "", 1, 1),
+    ("1 host x 2 ranks, staged", [0], 2, " direct=0", 1, 1),
+    ("2 hosts x 1 rank", [0, 1], 1, "", 1, 1),
+    ("2 hosts x 1 rank, routed", [0, 1], 1, "", 2, 1),
+    ("2 hosts x 1 rank, TP=2", [0, 1], 1, "", 1, 2),
 ]
+
+
+def worker_args(model, r, pp, tp):
+    if pp > 1:
+        return ["--layout", model] + [a for g in STAGES[r] for a in ("--need-glob", g)]
+    if tp > 1:
+        return ["--layout", model, "--tp-rank", str(r), "--tp-size", str(tp), "--declare-need"]
+    return ["--layout", model]
 
 
 def measure(workdir, size="64MiB", repeat=3, timeout=120):
@@ -50,16 +64,14 @@ def measure(workdir, size="64MiB", repeat=3, timeout=120):
     model = gen(os.path.join(workdir, "model"), size, shards=2)
     out = []
     with hostsmod.make_hosts(2, workdir) as H:
-        for k, (label, hosts, slots, opts, pp) in enumerate(ROWS):
+        for k, (label, hosts, slots, opts, pp, tp) in enumerate(ROWS):
             dep = Deployment(H, hosts, workdir, slots=slots, tag="bench-%d" % k)
-            dep.start_workers(lambda r: ["--layout", model] + (
-                [a for g in STAGES[r] for a in ("--need-glob", g)] if pp > 1 else []),
-                updates=repeat + 1)
+            dep.start_workers(lambda r: worker_args(model, r, pp, tp), updates=repeat + 1)
             dep.start()
             try:
                 floors = dep.command("floors", timeout=timeout)
                 assert dep.command("register m %s" % model, timeout=timeout)["ok"]
-                for r in range(len(hosts) * slots if pp > 1 else 0):
+                for r in range(len(hosts) * slots if pp > 1 or tp > 1 else 0):
                     dep.wait_worker_log(r, r"declared the need")
                 times = []
                 for i in range(repeat + 1):
@@ -67,7 +79,7 @@ def measure(workdir, size="64MiB", repeat=3, timeout=120):
                     assert res["ok"], res
                     if i:  # the first one maps the buffers and faults the pools in
                         times.append(res["total_s"])
-                pred = predict(model, len(hosts), slots, "direct=0" not in opts, floors, pp)
+                pred = predict(model, len(hosts), slots, "direct=0" not in opts, floors, pp, tp)
                 out.append((label, statistics.median(times), times, res, floors, pred))
                 assert dep.close() == 0, dep.stderr()
                 dep.wait_workers(timeout=60)
@@ -77,10 +89,11 @@ def measure(workdir, size="64MiB", repeat=3, timeout=120):
     return out
 
 
-def predict(model, nhosts, slots, direct, floors, pp=1, bucket_us=1000):
+def predict(model, nhosts, slots, direct, floors, pp=1, tp=1, bucket_us=1000):
     """The cost model's figures for a row, from the floors of its deployment; "way" is the
-    one the row runs (need-routed when its workers are PP stages)."""
+    one the row runs (need-routed when its workers are PP stages or TP shards)."""
     args = [ENGINE, "plan", model, "--json", "--hosts", str(nhosts), "--pp", str(pp),
+            "--tp", str(tp),
             "--ranks-per-host", str(slots), "--direct", "on" if direct and nhosts == 1 else "off",
             "--copy", "%.3f" % floors["stream_gbps"],
             "--host-copy", "%.3f" % (floors["stream_concurrent_gbps"] * slots),
@@ -91,7 +104,7 @@ def predict(model, nhosts, slots, direct, floors, pp=1, bucket_us=1000):
         args += ["--inter", "%.3f" % floors["bcast_gbps"]]
     out = subprocess.run(args, check=True, capture_output=True, text=True, timeout=60).stdout
     pred = json.loads(out)
-    pred["way"] = pred["routed" if pp > 1 else "full"]
+    pred["way"] = pred["routed" if pp > 1 or tp > 1 else "full"]
     return pred
 
 
@@ -99,6 +112,7 @@ def table(rows, size):
     lines = ["update time, %s checkpoint, 2 workers (median of %d updates):"
              % (size, len(rows[0][2]) if rows else 0)]
     base = rows[0][1] if rows else 0
+    full = [med for label, med, *_ in rows if label == "2 hosts x 1 rank"]
     for label, med, times, res, floors, pred in rows:
         bcast = floors.get("bcast_gbps", 0) if isinstance(floors, dict) else 0
         p = pred["way"]["total_s"]
@@ -111,6 +125,8 @@ def table(rows, size):
                         res.get("host_bytes_max", 0) / 2**20,
                         pred["way"]["host_in_max"] / 2**20, floors["stream_gbps"],
                         floors["stream_concurrent_gbps"], bcast))
+        if label.startswith("2 hosts") and full and full[0]:
+            lines[-1] += "; %.2fx of the full broadcast's time" % (med / full[0])
     return "\n".join(lines)
 
 

@@ -123,10 +123,23 @@ CKPT_API int ckpt_receiver_wait_update(ckpt_receiver_t *r, int timeout_ms,
                                        ckpt_update_info_t *info_out);
 
 /* One tensor of a bucket. `data` points into the engine's shared buffer (zero copy), valid
- * until ckpt_receiver_ack / ckpt_receiver_fail; meta.offset is its offset in that buffer. */
+ * until ckpt_receiver_ack / ckpt_receiver_fail; meta.offset is its offset in that buffer.
+ *
+ * A part (part_dim >= 0): only indices [part_start, part_start + meta.shape[part_dim]) of
+ * dimension part_dim of the tensor, packed row-major; meta describes the part (its shape,
+ * nbytes; checksum 0) and part_full is the whole tensor's extent along part_dim. Only a
+ * worker that declared a slice of the tensor (ckpt_receiver_declare_need) is sent parts:
+ * across hosts the engine cuts a tensor whose slices different hosts need, so each host
+ * receives only its part (never with verify, whose checksums cover whole tensors). A
+ * declared slice may come as several parts, in one bucket or several: copy each with
+ * ckpt_receiver_copy_slice. */
 typedef struct {
     ckpt_tensor_meta_t meta;
     const void *data;
+    int32_t part_dim;    /* -1: the whole tensor */
+    int32_t part_pad;
+    uint64_t part_start; /* first index along part_dim */
+    int64_t part_full;   /* the whole tensor's extent along part_dim */
 } ckpt_tensor_view_t;
 
 /* Events of ckpt_receiver_next. */
@@ -154,6 +167,15 @@ CKPT_API int ckpt_receiver_verify(const ckpt_tensor_view_t *view);
  * copied bytes are already in dst: the update is incomplete and the worker must say so. */
 CKPT_API int ckpt_receiver_copy(const ckpt_tensor_view_t *view, uint64_t offset, void *dst,
                                 uint64_t len, int verify);
+/* Copies what the view holds of indices [start, start + length) of dimension dim of the
+ * tensor into dst, which holds exactly those indices, packed row-major (a TP worker's
+ * shard: its rows, dim 0, or its columns, dim 1). The view may be the whole tensor or a
+ * part along the same dimension; indices the view does not hold are left as they are.
+ * Returns how many indices along dim were copied (0 when the view and the slice do not
+ * meet), or CKPT_EINVAL for a dimension or range outside the tensor or a part along
+ * another dimension. */
+CKPT_API int64_t ckpt_receiver_copy_slice(const ckpt_tensor_view_t *view, int dim,
+                                          uint64_t start, uint64_t length, void *dst);
 /* Answers the current bucket: OK. */
 CKPT_API int ckpt_receiver_ack(ckpt_receiver_t *r);
 /* Answers the current bucket with an error; `message` names the cause (the engine reports

@@ -78,7 +78,9 @@ class ParallelLayout(ctypes.Structure):
 
 
 class TensorView(ctypes.Structure):
-    _fields_ = [("meta", TensorMeta), ("data", ctypes.c_void_p)]
+    _fields_ = [("meta", TensorMeta), ("data", ctypes.c_void_p), ("part_dim", ctypes.c_int32),
+                ("part_pad", ctypes.c_int32), ("part_start", ctypes.c_uint64),
+                ("part_full", ctypes.c_int64)]
 
 
 def _candidates():
@@ -125,6 +127,8 @@ def load():
                                 ctypes.POINTER(ctypes.c_size_t)], c_int),
         "ckpt_receiver_verify": ([ctypes.POINTER(TensorView)], c_int),
         "ckpt_receiver_copy": ([ctypes.POINTER(TensorView), u64, p, u64, c_int], c_int),
+        "ckpt_receiver_copy_slice": ([ctypes.POINTER(TensorView), c_int, u64, u64, p],
+                                     ctypes.c_int64),
         "ckpt_receiver_ack": ([p], c_int),
         "ckpt_receiver_fail": ([p, ctypes.c_char_p], c_int),
         "ckpt_receiver_finish_reply": ([p, c_int, ctypes.c_char_p], c_int),

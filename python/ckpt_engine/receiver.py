@@ -52,6 +52,11 @@ class TensorView:
         self.shape = tuple(m.shape[i] for i in range(m.ndim))
         self.nbytes = m.nbytes
         self.checksum = m.checksum
+        # A part (the engine cut the tensor for the hosts that need its slices): indices
+        # [part_start, part_start + shape[part_dim]) of dimension part_dim, out of
+        # part_full; shape and nbytes are the part's. None for a whole tensor.
+        v = view_ptr.contents
+        self.part = (v.part_dim, v.part_start, v.part_full) if v.part_dim >= 0 else None
 
     def numpy(self):
         """A read-only numpy array over the shared bytes (valid until the bucket's answer)."""
@@ -68,6 +73,21 @@ class TensorView:
             raise ValueError("%s: destination must be a writable C-contiguous array" % self.name)
         _check(lib().ckpt_receiver_copy(self._ptr, offset, dst.ctypes.data, dst.nbytes,
                                         1 if verify else 0), "copy of '%s'" % self.name)
+
+
+    def copy_slice(self, dst, dim, start):
+        """Copies what this view holds of indices [start, start + dst.shape[dim]) of
+        dimension dim of the tensor into dst (a worker's shard, C-contiguous, with the
+        tensor's dtype), whether the view is the whole tensor or a part of it; returns how
+        many indices along dim were copied (0 when the part lies elsewhere)."""
+        if not dst.flags.c_contiguous or not dst.flags.writeable:
+            raise ValueError("%s: destination must be a writable C-contiguous array" % self.name)
+        if dst.dtype != _NUMPY[self.dtype] or dst.ndim != len(self.shape):
+            raise ValueError("%s: destination is %s %s, the tensor %s with %d dims" % (
+                self.name, dst.dtype, dst.shape, self.dtype, len(self.shape)))
+        n = lib().ckpt_receiver_copy_slice(self._ptr, dim, start, dst.shape[dim],
+                                           dst.ctypes.data)
+        return _check(n, "copy of a slice of '%s'" % self.name)
 
 
 def layout_needs(model, tp=1, pp=1, ep=1, rank=0, num_layers=0, num_experts=0, kv_heads=0):
@@ -244,6 +264,18 @@ class Receiver:
                         dst = params.get(v.name)
                         if dst is None:
                             raise KeyError("unknown tensor '%s'" % v.name)
+                        if v.part is not None:  # a part of the tensor: into its place
+                            dim, _, full = v.part
+                            shape = list(v.shape)
+                            shape[dim] = full
+                            whole = v.nbytes // max(v.shape[dim], 1) * full
+                            if dst.nbytes != whole:
+                                raise ValueError("tensor '%s': model has %d bytes, update has "
+                                                 "%d" % (v.name, dst.nbytes, whole))
+                            v.copy_slice(dst.reshape(-1).view(np.uint8).view(
+                                _NUMPY[v.dtype]).reshape(shape), dim, 0)
+                            count += 1
+                            continue
                         if dst.nbytes != v.nbytes:
                             raise ValueError("tensor '%s': model has %d bytes, update has %d"
                                              % (v.name, dst.nbytes, v.nbytes))

@@ -49,7 +49,8 @@ int ckpt__needs_local(ckpt_engine_t *e, const ckpt_tensor_meta_t *all, size_t co
 {
     memset(out, 0, sizeof(*out));
     out->mine = malloc(count ? count : 1);
-    if (!out->mine) return ckpt__error(CKPT_ENOMEM, "needs: %zu tensors", count);
+    out->slice = calloc(count ? count : 1, sizeof(*out->slice));
+    if (!out->mine || !out->slice) return ckpt__error(CKPT_ENOMEM, "needs: %zu tensors", count);
     int rc = index_names(out, all, count);
     if (rc) return rc;
     const ckpt_need_decl_t *need = NULL;
@@ -83,7 +84,10 @@ int ckpt__needs_local(ckpt_engine_t *e, const ckpt_tensor_meta_t *all, size_t co
                                (unsigned long long)d->start,
                                (unsigned long long)(d->start + d->length), d->dim, t->name,
                                t->ndim, d->dim < t->ndim ? " and fewer indices there" : "");
-        out->mine[i] = 1;
+        out->mine[i] = d->dim < 0 ? CKPT__NEED_WHOLE : CKPT__NEED_SLICE;
+        out->slice[i].dim = d->dim < 0 ? -1 : d->dim;
+        out->slice[i].start = d->dim < 0 ? 0 : d->start;
+        out->slice[i].length = d->dim < 0 ? 0 : d->length;
         out->mine_bytes += slice_bytes(t, d);
     }
     return CKPT_OK;
@@ -140,6 +144,7 @@ int ckpt__needs_union(ckpt_engine_t *e, ckpt_tensor_meta_t *all, size_t *count,
             if (!wanted[i]) continue;
             all[kept] = all[i];
             out->mine[kept] = out->mine[i];
+            out->slice[kept] = out->slice[i];
             kept++;
         }
         *count = kept;
@@ -158,9 +163,20 @@ int ckpt__needs_wants(const ckpt__needs_t *n, const ckpt_tensor_meta_t *t)
     return i >= 0 && n->mine[i];
 }
 
+int ckpt__needs_wants_part(const ckpt__needs_t *n, size_t i, int dim, uint64_t start,
+                           uint64_t length)
+{
+    if (!n->declared) return 1;
+    if (n->mine[i] != CKPT__NEED_SLICE || dim < 0) return n->mine[i] != CKPT__NEED_NONE;
+    const ckpt__slice_t *s = &n->slice[i];
+    /* Parts are cut along the dimension every worker declared (route.c). */
+    return s->dim != dim || (s->start < start + length && start < s->start + s->length);
+}
+
 void ckpt__needs_free(ckpt__needs_t *n)
 {
     free(n->mine);
+    free(n->slice);
     free(n->slots);
     memset(n, 0, sizeof(*n));
 }

@@ -8,10 +8,24 @@
 
 #include "engine/engine_internal.h"
 
+/* A worker's need of one tensor: the whole (dim -1) or [start, start + length) of dim. */
+typedef struct ckpt__slice {
+    int32_t dim;
+    uint32_t pad;
+    uint64_t start, length;
+} ckpt__slice_t;
+
+/* Values of mine[]: not needed, needed whole, a slice of it needed. */
+#define CKPT__NEED_NONE 0
+#define CKPT__NEED_WHOLE 1
+#define CKPT__NEED_SLICE 2
+
 typedef struct ckpt__needs {
     int declared;          /* this rank's worker declared a need */
     int any_declared;      /* some worker did (else nothing below changes the update) */
-    uint8_t *mine;         /* per tensor of the update (gathered order): this worker's need */
+    uint8_t *mine;         /* per tensor of the update (gathered order): this worker's need,
+                            * CKPT__NEED_*; every one WHOLE when it declared nothing */
+    ckpt__slice_t *slice;  /* per tensor: which slice (declared workers only) */
     uint64_t mine_bytes;   /* bytes this worker needs (its slices) */
     uint64_t bytes_max;    /* the busiest worker's need, all ranks */
     uint64_t bytes_total;  /* every worker's need summed */
@@ -36,6 +50,10 @@ int ckpt__needs_union(ckpt_engine_t *e, ckpt_tensor_meta_t *all, size_t *count,
                       int ignore_unneeded, int coll_ms, ckpt__needs_t *out);
 /* 1 when this rank's worker needs the tensor (by name; undeclared: always). */
 int ckpt__needs_wants(const ckpt__needs_t *n, const ckpt_tensor_meta_t *t);
+/* 1 when this rank's worker needs some of indices [start, start + length) of dimension dim
+ * of tensor i (a part of it cut by the route); dim -1: any of it. */
+int ckpt__needs_wants_part(const ckpt__needs_t *n, size_t i, int dim, uint64_t start,
+                           uint64_t length);
 void ckpt__needs_free(ckpt__needs_t *n);
 
 #endif

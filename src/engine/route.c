@@ -30,25 +30,158 @@ static void wait_or_die(ckpt_engine_t *e, MPI_Request *req, int coll_ms, const c
     if (ckpt__mpi_wait(e, req, coll_ms, 200, what) < 0) ckpt__engine_fatal(e, ckpt_last_error());
 }
 
-int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs, size_t count, int p2p,
+/* One worker's slice of one tensor, as gathered (24 bytes on the wire). */
+typedef struct {
+    uint32_t tensor;
+    int32_t dim;
+    uint64_t start, length;
+} slice_rec_t;
+
+/* Most bytes of slice records the ranks gather to cut tensors; above it every tensor goes
+ * whole (the same decision on every rank: they see the same counts). */
+#define ROUTE_SLICES_MAX (256u << 20)
+
+/* Gathers every rank's slice records (rank order), with each record's host group in
+ * groups_out; NULL/0 when there are none or too many. */
+static slice_rec_t *gather_slices(ckpt_engine_t *e, const ckpt__needs_t *needs, size_t count,
+                                  int coll_ms, int **groups_out, size_t *n_out)
+{
+    *groups_out = NULL;
+    *n_out = 0;
+    size_t mine = 0;
+    for (size_t i = 0; i < count; i++) mine += needs->mine[i] == CKPT__NEED_SLICE;
+    int *counts = calloc((size_t)e->size, sizeof(int)), *displs = calloc((size_t)e->size, sizeof(int));
+    slice_rec_t *local = malloc((mine + 1) * sizeof(*local));
+    int ok = counts && displs && local, all_ok = 0;
+    MPI_Request req;
+    MPI_Iallreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, e->world, &req);
+    wait_or_die(e, &req, coll_ms, "routing agreement");
+    slice_rec_t *every = NULL;
+    if (!all_ok) goto out;
+    size_t k = 0;
+    for (size_t i = 0; i < count; i++)
+        if (needs->mine[i] == CKPT__NEED_SLICE)
+            local[k++] = (slice_rec_t){(uint32_t)i, needs->slice[i].dim, needs->slice[i].start,
+                                       needs->slice[i].length};
+    int bytes = mine * sizeof(*local) > ROUTE_SLICES_MAX ? -1 : (int)(mine * sizeof(*local));
+    MPI_Iallgather(&bytes, 1, MPI_INT, counts, 1, MPI_INT, e->world, &req);
+    wait_or_die(e, &req, coll_ms, "slices of every worker");
+    uint64_t total = 0;
+    for (int r = 0; r < e->size; r++) {
+        if (counts[r] < 0) total = UINT64_MAX;
+        if (total == UINT64_MAX) break;
+        displs[r] = (int)total;
+        total += (uint64_t)counts[r];
+    }
+    if (total == 0 || total > ROUTE_SLICES_MAX) {
+        if (total) ckpt_info("routing: the workers' slice records exceed %u MiB: tensors go "
+                             "whole", ROUTE_SLICES_MAX >> 20);
+        goto out;
+    }
+    every = malloc(total);
+    int *groups = malloc(total / sizeof(*every) * sizeof(int));
+    ok = every && groups;
+    MPI_Iallreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, e->world, &req);
+    wait_or_die(e, &req, coll_ms, "routing agreement");
+    if (!all_ok) {
+        free(every), free(groups);
+        every = NULL;
+        goto out;
+    }
+    MPI_Iallgatherv(local, bytes, MPI_BYTE, every, counts, displs, MPI_BYTE, e->world, &req);
+    wait_or_die(e, &req, coll_ms, "slices of every worker");
+    for (int r = 0; r < e->size; r++)
+        for (int j = 0; j < counts[r] / (int)sizeof(*every); j++)
+            groups[displs[r] / (int)sizeof(*every) + j] = e->group_of_rank[r];
+    *groups_out = groups;
+    *n_out = total / sizeof(*every);
+out:
+    free(counts), free(displs), free(local);
+    return every;
+}
+
+static int grow_pieces(ckpt__route_t *r, size_t *cap)
+{
+    if (r->npieces < *cap) return 0;
+    size_t n = *cap ? 2 * *cap : 64;
+    ckpt__piece_t *p = realloc(r->pieces, n * sizeof(*p));
+    if (!p) return -1;
+    r->pieces = p;
+    *cap = n;
+    return 0;
+}
+
+/* Cuts tensor i at the bounds of its slices recs[0 .. n) (sorted by start; their hosts in
+ * groups[]): each stretch between two bounds goes to the hosts whose slices cover it;
+ * neighbours with the same hosts are joined, stretches nobody needs are dropped. Returns
+ * 0 with the pieces appended, 1 when the tensor stays whole, -1 out of memory. */
+static int cut_tensor(ckpt__route_t *r, size_t *cap, const ckpt_tensor_meta_t *t, size_t i,
+                      const slice_rec_t *recs, const int *groups, size_t n)
+{
+    int dim = recs[0].dim;
+    for (size_t k = 1; k < n; k++)
+        if (recs[k].dim != dim) return 1; /* slices along different dims: send it whole */
+    uint64_t full = (uint64_t)t->shape[dim];
+    uint64_t *bounds = malloc((2 * n + 2) * sizeof(*bounds));
+    if (!bounds) return -1;
+    size_t nb = 0;
+    bounds[nb++] = 0;
+    bounds[nb++] = full;
+    for (size_t k = 0; k < n; k++) {
+        bounds[nb++] = recs[k].start;
+        bounds[nb++] = recs[k].start + recs[k].length;
+    }
+    qsort(bounds, nb, sizeof(*bounds), cmp_u64);
+    size_t first = r->npieces;
+    for (size_t b = 0; b + 1 < nb; b++) {
+        uint64_t lo = bounds[b], hi = bounds[b + 1], hosts = 0;
+        if (lo == hi) continue;
+        for (size_t k = 0; k < n; k++)
+            if (recs[k].start <= lo && hi <= recs[k].start + recs[k].length)
+                hosts |= 1ull << groups[k];
+        if (!hosts) continue;
+        ckpt__piece_t *last = r->npieces > first ? &r->pieces[r->npieces - 1] : NULL;
+        if (last && last->hosts == hosts && last->start + last->length == lo) {
+            last->length += hi - lo;
+            continue;
+        }
+        if (grow_pieces(r, cap) < 0) {
+            free(bounds);
+            return -1;
+        }
+        r->pieces[r->npieces++] = (ckpt__piece_t){(uint32_t)i, dim, lo, hi - lo, (int64_t)full,
+                                                   hosts};
+    }
+    free(bounds);
+    if (r->npieces == first + 1 && r->pieces[first].length == full) {
+        r->npieces = first; /* one host set for all of it: it stays whole */
+        return 1;
+    }
+    r->ncut++;
+    return 0;
+}
+
+int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs,
+                     const ckpt_tensor_meta_t *all, size_t count, int p2p, int cut,
                      int coll_ms, ckpt__route_t *r)
 {
     memset(r, 0, sizeof(*r));
     if (!needs->any_declared || p2p || e->ngroups <= 1 || e->ngroups > 64 || count == 0 ||
         count > (size_t)INT32_MAX / (size_t)e->ngroups)
         return CKPT_OK;
-    /* Per host: the union of its workers' flags (one allreduce inside the host); then the
-     * hosts' unions to every leader (ngroups x count bytes, not nranks x count), and from
-     * each leader to its host. */
+    /* Per host: the union of its workers' flags (one allreduce inside the host; WHOLE and
+     * SLICE are bits); then the hosts' unions to every leader (ngroups x count bytes, not
+     * nranks x count), and from each leader to its host. */
     uint8_t *host = malloc(count), *flags = malloc(count * (size_t)e->ngroups);
-    r->hosts_of = calloc(count, sizeof(uint64_t));
-    r->sets = malloc(count * sizeof(uint64_t));
-    int ok = host && flags && r->hosts_of && r->sets, all_ok = 0;
+    uint64_t *hosts_of = calloc(count, sizeof(uint64_t)), *whole = calloc(count, sizeof(uint64_t));
+    size_t cap = count;
+    r->pieces = malloc(cap * sizeof(*r->pieces));
+    int ok = host && flags && hosts_of && whole && r->pieces, all_ok = 0;
     MPI_Request req;
     MPI_Iallreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, e->world, &req);
     wait_or_die(e, &req, coll_ms, "routing agreement");
     if (!all_ok) {
-        free(host), free(flags);
+        free(host), free(flags), free(hosts_of), free(whole);
         ckpt__route_free(r);
         return ckpt__error(CKPT_ENOMEM, "routing: a rank has no memory for %zu x %d flags",
                            count, e->ngroups);
@@ -62,34 +195,112 @@ int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs, size_t count,
     }
     MPI_Ibcast(flags, (int)(count * (size_t)e->ngroups), MPI_UNSIGNED_CHAR, 0, e->group, &req);
     wait_or_die(e, &req, coll_ms, "needs of every host");
+    int sliced = 0;
     for (int g = 0; g < e->ngroups; g++) {
         const uint8_t *f = flags + (size_t)g * count;
-        for (size_t i = 0; i < count; i++)
-            if (f[i]) r->hosts_of[i] |= 1ull << g;
+        for (size_t i = 0; i < count; i++) {
+            if (f[i]) hosts_of[i] |= 1ull << g;
+            if (f[i] & CKPT__NEED_WHOLE) whole[i] |= 1ull << g;
+            sliced |= (f[i] & CKPT__NEED_SLICE) != 0;
+        }
     }
     free(host), free(flags);
-    memcpy(r->sets, r->hosts_of, count * sizeof(uint64_t));
-    qsort(r->sets, count, sizeof(uint64_t), cmp_u64);
-    for (size_t i = 0; i < count; i++)
-        if (r->nsets == 0 || r->sets[r->nsets - 1] != r->sets[i]) r->sets[r->nsets++] = r->sets[i];
+    /* Slices (every rank decides alike: `sliced` and `cut` are the same everywhere). */
+    int *groups = NULL;
+    size_t nrec = 0;
+    slice_rec_t *recs = cut && sliced ? gather_slices(e, needs, count, coll_ms, &groups, &nrec)
+                                      : NULL;
+    if (recs) {
+        /* Records grouped by tensor, their groups alongside: a counting sort (stable);
+         * inside a tensor they are sorted by start below (a few per tensor). */
+        slice_rec_t *sorted = malloc(nrec * sizeof(*sorted));
+        int *sgroups = malloc(nrec * sizeof(*sgroups));
+        if (!sorted || !sgroups) ckpt__engine_fatal(e, "routing: no memory for slices");
+        size_t *start = calloc(count + 1, sizeof(*start));
+        if (!start) ckpt__engine_fatal(e, "routing: no memory for slices");
+        for (size_t k = 0; k < nrec; k++) start[recs[k].tensor + 1]++;
+        for (size_t i = 0; i < count; i++) start[i + 1] += start[i];
+        for (size_t k = 0; k < nrec; k++) {
+            size_t at = start[recs[k].tensor]++;
+            sorted[at] = recs[k];
+            sgroups[at] = groups[k];
+        }
+        free(start);
+        free(recs), free(groups);
+        recs = sorted;
+        groups = sgroups;
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < count; i++) {
+        size_t k0 = k;
+        while (k < nrec && recs[k].tensor == i) k++;
+        int rc = 1;
+        if (k > k0 && whole[i] == 0) { /* no host needs it whole: cut it by its slices */
+            /* insertion sort by start (few records per tensor), groups alongside */
+            for (size_t a = k0 + 1; a < k; a++)
+                for (size_t b = a; b > k0 && recs[b - 1].start > recs[b].start; b--) {
+                    slice_rec_t tr = recs[b];
+                    recs[b] = recs[b - 1], recs[b - 1] = tr;
+                    int tg = groups[b];
+                    groups[b] = groups[b - 1], groups[b - 1] = tg;
+                }
+            rc = cut_tensor(r, &cap, &all[i], i, &recs[k0], &groups[k0], k - k0);
+        }
+        if (rc < 0 || (rc == 1 && grow_pieces(r, &cap) < 0))
+            ckpt__engine_fatal(e, "routing: no memory for the pieces of the update");
+        if (rc == 1)
+            r->pieces[r->npieces++] = (ckpt__piece_t){(uint32_t)i, -1, 0, 0, 0, hosts_of[i]};
+    }
+    free(recs), free(groups), free(hosts_of), free(whole);
+    r->sets = malloc(r->npieces * sizeof(uint64_t));
+    if (!r->sets) ckpt__engine_fatal(e, "routing: no memory for the host sets");
+    for (size_t p = 0; p < r->npieces; p++) r->sets[p] = r->pieces[p].hosts;
+    qsort(r->sets, r->npieces, sizeof(uint64_t), cmp_u64);
+    for (size_t p = 0; p < r->npieces; p++)
+        if (r->nsets == 0 || r->sets[r->nsets - 1] != r->sets[p]) r->sets[r->nsets++] = r->sets[p];
     r->active = 1;
+    if (r->ncut) ckpt_debug("routing: %zu tensors cut into parts by the hosts' slices (%zu pieces)",
+                            r->ncut, r->npieces);
     return CKPT_OK;
 }
 
-int ckpt__route_encode(const ckpt__route_t *r, ckpt_tensor_meta_t *all, size_t count, int nranks)
+int ckpt__route_input(const ckpt__route_t *r, const ckpt_tensor_meta_t *all, size_t count,
+                      int nranks, ckpt_tensor_meta_t **input_out, size_t *ninput_out,
+                      int *owners_out)
 {
-    if (!r->active) return nranks;
-    for (size_t i = 0; i < count; i++)
-        all[i].owner = all[i].owner * (int32_t)r->nsets + (int32_t)set_index(r, r->hosts_of[i]);
-    return nranks * (int)r->nsets;
+    if (!r->active) {
+        *input_out = (ckpt_tensor_meta_t *)all;
+        *ninput_out = count;
+        *owners_out = nranks;
+        return CKPT_OK;
+    }
+    ckpt_tensor_meta_t *in = malloc((r->npieces + 1) * sizeof(*in));
+    if (!in) return ckpt__error(CKPT_ENOMEM, "routing: %zu pieces", r->npieces);
+    for (size_t p = 0; p < r->npieces; p++) {
+        const ckpt__piece_t *pc = &r->pieces[p];
+        ckpt_tensor_meta_t *m = &in[p];
+        *m = all[pc->tensor];
+        if (pc->dim >= 0) { /* the part: its shape, its bytes; no checksum covers it */
+            uint64_t per = m->nbytes / (uint64_t)pc->full;
+            m->shape[pc->dim] = (int64_t)pc->length;
+            m->nbytes = per * pc->length;
+            m->checksum = 0;
+            /* Rows of a dim-0 part start further into the source (for the planner's page
+             * placement); parts along other dims are packed, so no offset is right. */
+            if (pc->dim == 0) m->offset += per * pc->start;
+        }
+        m->owner = m->owner * (int32_t)r->nsets + (int32_t)set_index(r, pc->hosts);
+    }
+    *input_out = in;
+    *ninput_out = r->npieces;
+    *owners_out = nranks * (int)r->nsets;
+    return CKPT_OK;
 }
 
-int ckpt__route_decode(ckpt__route_t *r, ckpt_tensor_meta_t *all, size_t count,
-                       ckpt_bucket_plan_t *plan)
+int ckpt__route_decode(ckpt__route_t *r, ckpt_bucket_plan_t *plan)
 {
     if (!r->active) return CKPT_OK;
     int32_t n = (int32_t)r->nsets;
-    for (size_t i = 0; i < count; i++) all[i].owner /= n;
     for (size_t i = 0; i < plan->ntensors; i++) plan->tensors[i].owner /= n;
     r->bucket_set = calloc(plan->nbuckets + 1, sizeof(uint32_t));
     if (!r->bucket_set) return ckpt__error(CKPT_ENOMEM, "routing: %zu buckets", plan->nbuckets);
@@ -156,7 +367,7 @@ int ckpt__route_send(ckpt_engine_t *e, void *buf, uint64_t bytes, int owner_grou
 
 void ckpt__route_free(ckpt__route_t *r)
 {
-    free(r->hosts_of);
+    free(r->pieces);
     free(r->sets);
     free(r->bucket_set);
     memset(r, 0, sizeof(*r));

@@ -11,27 +11,45 @@
 #include "engine/needs.h"
 #include "plan/bucket.h"
 
+/* What the plan moves of one tensor: the whole (dim -1), or a part cut for the hosts that
+ * need those indices of it: [start, start + length) of dimension dim, out of `full`. */
+typedef struct ckpt__piece {
+    uint32_t tensor;  /* index into the update's tensors */
+    int32_t dim;
+    uint64_t start, length;
+    int64_t full;
+    uint64_t hosts;   /* bit g: host group g needs it */
+} ckpt__piece_t;
+
 typedef struct ckpt__route {
     int active;          /* buckets go only where they are needed */
-    uint64_t *hosts_of;  /* per tensor of the update: bit g = host group g needs it */
+    ckpt__piece_t *pieces; /* in tensor order; one per tensor unless cut */
+    size_t npieces;
+    size_t ncut;         /* tensors cut into parts */
     uint64_t *sets;      /* the distinct host sets, ascending */
     size_t nsets;
     uint32_t *bucket_set; /* per planned bucket: index into sets */
 } ckpt__route_t;
 
 /* Collective: learns which hosts need each tensor (each host's union of its workers'
- * flags, gathered by the leaders: ngroups x count bytes).
- * Inactive (and nothing allocated) when no worker declared, on one host, above 64 hosts,
- * or for P2P updates (p2p). */
-int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs, size_t count, int p2p,
+ * flags, gathered by the leaders: ngroups x count bytes) and, when `cut`, which slices:
+ * a tensor that no host needs whole, whose declared slices (all along one dimension)
+ * differ between hosts, is cut at the slices' bounds so each host gets only the parts it
+ * needs (the workers' slice records are allgathered: 24 bytes each). Inactive (and
+ * nothing allocated) when no worker declared, on one host, above 64 hosts, or for P2P
+ * updates (p2p). */
+int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs,
+                     const ckpt_tensor_meta_t *all, size_t count, int p2p, int cut,
                      int coll_ms, ckpt__route_t *r);
-/* Before planning: encodes each tensor's host set into its owner (owner * nsets + set), so
- * that the planner, which groups by owner, keeps sets apart; returns the owner count to
- * plan with. After planning, ckpt__route_decode restores owners in the plan and in all[]
- * and records each bucket's set. */
-int ckpt__route_encode(const ckpt__route_t *r, ckpt_tensor_meta_t *all, size_t count, int nranks);
-int ckpt__route_decode(ckpt__route_t *r, ckpt_tensor_meta_t *all, size_t count,
-                       ckpt_bucket_plan_t *plan);
+/* Before planning: the planner's input, one meta per piece (a part's shape and nbytes),
+ * each piece's host set encoded into its owner (owner * nsets + set) so that the planner,
+ * which groups by owner, keeps sets apart; *owners_out is the owner count to plan with.
+ * Inactive: all[] itself. After planning, ckpt__route_decode restores the owners in the
+ * plan and records each bucket's set; plan->origin[k] is then planned tensor k's piece. */
+int ckpt__route_input(const ckpt__route_t *r, const ckpt_tensor_meta_t *all, size_t count,
+                      int nranks, ckpt_tensor_meta_t **input_out, size_t *ninput_out,
+                      int *owners_out);
+int ckpt__route_decode(ckpt__route_t *r, ckpt_bucket_plan_t *plan);
 /* The host groups bucket b (owned by world rank `owner`) goes to, as a mask: its set and
  * its owner's group; every group when routing is inactive. */
 uint64_t ckpt__route_groups(const ckpt_engine_t *e, const ckpt__route_t *r, size_t b,

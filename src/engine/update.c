@@ -48,6 +48,8 @@ typedef struct update_ctx {
     uint8_t *wanted;         /* declared needs: per planned tensor, this worker needs it */
     ckpt_tensor_meta_t *records; /* a bucket's records this worker needs (declared needs) */
     size_t records_cap;
+    ckpt__ipc_part_t *parts; /* which part of its tensor each record holds (tensors cut) */
+    size_t parts_cap;
     int isolated;            /* isolate: this rank's worker is out of the update */
     int isolated_status;
     char isolated_reason[CKPT__REASON_MAX];
@@ -210,6 +212,34 @@ static int assign_receivers(update_ctx_t *u)
     return agree(u, rc, "p2p buffers");
 }
 
+/* The route's piece planned tensor k is (routed staged updates), else NULL. */
+static const ckpt__piece_t *planned_piece(const update_ctx_t *u, size_t k)
+{
+    if (!u->route.active || u->direct || !u->plan.origin) return NULL;
+    return &u->route.pieces[u->plan.origin[k]];
+}
+
+/* Stages planned tensor k into the bucket: its bytes, or the part of it the route cut,
+ * packed (a part along dim 0 is one run of rows; along dim d > 0, one run per index of
+ * the dims before d). */
+static void stage_tensor(const update_ctx_t *u, size_t k, char *buf)
+{
+    const ckpt_tensor_meta_t *t = &u->plan.tensors[k];
+    const char *src = u->local_data[t->reserved];
+    const ckpt__piece_t *pc = planned_piece(u, k);
+    if (!pc || pc->dim < 0) {
+        ckpt__copy_bulk(buf + t->offset, src, t->nbytes);
+        return;
+    }
+    uint64_t outer = 1, inner = ckpt_dtype_size(t->dtype);
+    for (int d = 0; d < pc->dim; d++) outer *= (uint64_t)t->shape[d];
+    for (int d = pc->dim + 1; d < t->ndim; d++) inner *= (uint64_t)t->shape[d];
+    for (uint64_t o = 0; o < outer; o++)
+        ckpt__copy_bulk(buf + t->offset + o * pc->length * inner,
+                        src + (o * (uint64_t)pc->full + pc->start) * inner,
+                        (size_t)(pc->length * inner));
+}
+
 static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
 {
     ckpt_engine_t *e = u->e;
@@ -250,10 +280,18 @@ static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
                                     ckpt__plan_pipeline_limit(total, u->cmd->bucket_max),
                                     min_avail, &bucket_size, &nbuffers);
         int owners = u->p2p ? (int)u->p2p->metas.nranks : e->size;
-        /* Routed: the planner groups by owner, so the host set rides in the owner. */
-        owners = ckpt__route_encode(&u->route, all, count, owners);
-        if (rc == CKPT_OK) rc = ckpt__plan_buckets(all, count, owners, bucket_size, &u->plan);
-        if (rc == CKPT_OK) rc = ckpt__route_decode(&u->route, all, count, &u->plan);
+        /* Routed: the planner plans the route's pieces (parts of tensors cut for the hosts
+         * that need them) and groups by owner, so each piece's host set rides in it. */
+        ckpt_tensor_meta_t *input = all;
+        size_t ninput = count;
+        if (rc == CKPT_OK)
+            rc = ckpt__route_input(&u->route, all, count, owners, &input, &ninput, &owners);
+        if (rc == CKPT_OK && u->route.active && (rc = ckpt__plan_check_names(all, count)) == CKPT_OK)
+            rc = ckpt__plan_parts(input, ninput, owners, bucket_size, &u->plan);
+        else if (rc == CKPT_OK)
+            rc = ckpt__plan_buckets(all, count, owners, bucket_size, &u->plan);
+        if (input != all) free(input);
+        if (rc == CKPT_OK) rc = ckpt__route_decode(&u->route, &u->plan);
         /* The plan is a pure function of agreed input: it fails the same way on every rank. */
         if (rc < 0) return fail_result(u, rc, -1, ckpt_last_error());
         if (u->p2p && (rc = assign_receivers(u)) < 0) return rc;
@@ -267,8 +305,12 @@ static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
     if (u->needs.declared) {
         u->wanted = malloc(u->plan.ntensors + 1);
         if (!u->wanted) ckpt__engine_fatal(e, "no memory for the workers' needs");
-        for (size_t i = 0; i < u->plan.ntensors; i++)
-            u->wanted[i] = (uint8_t)ckpt__needs_wants(&u->needs, &u->plan.tensors[i]);
+        for (size_t i = 0; i < u->plan.ntensors; i++) {
+            const ckpt__piece_t *pc = planned_piece(u, i);
+            u->wanted[i] = (uint8_t)(pc ? ckpt__needs_wants_part(&u->needs, pc->tensor, pc->dim,
+                                                                 pc->start, pc->length)
+                                        : ckpt__needs_wants(&u->needs, &u->plan.tensors[i]));
+        }
     }
     /* Bytes the busiest host receives from other hosts: every bucket another host owns
      * (the leaders' broadcast); 0 on one host. */
@@ -366,10 +408,7 @@ static int prepare_bucket(update_ctx_t *u, size_t b)
                                  u->cmd->timeout_ms);
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_STAGE, t0);
     } else if (bk->owner == e->rank) {
-        for (uint32_t i = bk->first; i < bk->first + bk->count; i++) {
-            const ckpt_tensor_meta_t *t = &u->plan.tensors[i];
-            ckpt__copy_bulk(buf + t->offset, u->local_data[t->reserved], t->nbytes);
-        }
+        for (uint32_t i = bk->first; i < bk->first + bk->count; i++) stage_tensor(u, i, buf);
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_STAGE, t0);
         if ((long)b == u->corrupt_bucket && bk->count > 0) {
             /* Flips one byte after staging, as a bad DIMM or a stray write would; the
@@ -432,7 +471,21 @@ static int send_bucket(update_ctx_t *u, size_t b)
         records = u->records;
         count = kept;
     }
-    return ckpt_ipc_send_bucket(e->ipc, (uint32_t)b, buffer, records, count);
+    if (!u->route.ncut) return ckpt_ipc_send_bucket(e->ipc, (uint32_t)b, buffer, records, count);
+    /* Parts cut by the route: each record says which part of its tensor it holds. */
+    if (u->parts_cap < count) {
+        ckpt__ipc_part_t *grown = realloc(u->parts, count * sizeof(*grown));
+        if (!grown) return ckpt__error(CKPT_ENOMEM, "bucket %zu: %zu parts", b, count);
+        u->parts = grown;
+        u->parts_cap = count;
+    }
+    for (size_t i = 0, k = 0; i < bk->count && k < count; i++) {
+        if (u->wanted && !u->wanted[bk->first + i]) continue;
+        const ckpt__piece_t *pc = planned_piece(u, bk->first + i);
+        u->parts[k++] = pc->dim < 0 ? (ckpt__ipc_part_t){-1, 0, 0}
+                                    : (ckpt__ipc_part_t){pc->dim, pc->start, pc->full};
+    }
+    return ckpt_ipc_send_bucket_parts(e->ipc, (uint32_t)b, buffer, records, u->parts, count);
 }
 
 static void progress_bucket_done(update_ctx_t *u, size_t b)
@@ -646,7 +699,8 @@ static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trac
             (rc = ckpt__needs_union(e, all, &count, cmd->ignore_unneeded, u.coll_ms, &u.needs)) < 0)
             fail_result(&u, rc, -1, ckpt_last_error()); /* the same text on every rank */
         if (rc == CKPT_OK &&
-            (rc = ckpt__route_init(e, &u.needs, count, p2p != NULL, u.coll_ms, &u.route)) < 0)
+            (rc = ckpt__route_init(e, &u.needs, all, count, p2p != NULL, !cmd->verify,
+                                   u.coll_ms, &u.route)) < 0)
             fail_result(&u, rc, -1, ckpt_last_error()); /* agreed inside: every rank fails */
         res->need_bytes_max = u.needs.bytes_max;
         res->need_bytes_total = u.needs.bytes_total;
@@ -718,6 +772,7 @@ out:
     ckpt__needs_free(&u.needs);
     ckpt__route_free(&u.route);
     free(u.records);
+    free(u.parts);
     free(u.wanted);
     ckpt__sources_close(&u.sources);
     ckpt__plan_free(&u.plan);

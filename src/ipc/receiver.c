@@ -636,8 +636,13 @@ static int take_bucket(ckpt_receiver_t *r, size_t len)
     if (rc == CKPT_OK) rc = grow_views(r, h.count);
     for (uint32_t i = 0; rc == CKPT_OK && i < h.count; i++) {
         ckpt_tensor_view_t *v = &r->views[i];
-        rc = ckpt__ipc_tensor_decode(&rd, r->map[h.buffer].size, &v->meta);
+        ckpt__ipc_part_t part;
+        rc = ckpt__ipc_tensor_decode(&rd, r->map[h.buffer].size, &v->meta, &part);
         if (rc == CKPT_OK) v->data = r->map[h.buffer].base + v->meta.offset;
+        v->part_dim = part.dim;
+        v->part_pad = 0;
+        v->part_start = part.start;
+        v->part_full = part.full;
     }
     if (rc == CKPT_OK) rc = ckpt__ipc_reader_done(&rd, "BUCKET");
     if (rc) {
@@ -726,6 +731,40 @@ static int answer_bucket(ckpt_receiver_t *r, uint32_t type, int status, const ch
         return ckpt__error(CKPT_ESTATE, "%s: no bucket to answer", r->conn.peer);
     r->state = R_UPDATE;
     return send_reply(r, type, status, message);
+}
+
+int64_t ckpt_receiver_copy_slice(const ckpt_tensor_view_t *view, int dim, uint64_t start,
+                                 uint64_t length, void *dst)
+{
+    if (view == NULL || (dst == NULL && length > 0))
+        return ckpt__error(CKPT_EINVAL, "receiver copy_slice: NULL argument");
+    const ckpt_tensor_meta_t *m = &view->meta;
+    if (dim < 0 || dim >= m->ndim)
+        return ckpt__error(CKPT_EINVAL, "tensor '%s': slice of dimension %d of a %d-dimensional "
+                           "tensor", m->name, dim, m->ndim);
+    if (view->part_dim >= 0 && view->part_dim != dim)
+        return ckpt__error(CKPT_EINVAL, "tensor '%s': the bucket holds a part along dimension "
+                           "%d, the slice is along %d", m->name, view->part_dim, dim);
+    uint64_t have = (uint64_t)m->shape[dim];
+    uint64_t first = view->part_dim >= 0 ? view->part_start : 0;
+    uint64_t full = view->part_dim >= 0 ? (uint64_t)view->part_full : have;
+    if (start > full || length > full - start)
+        return ckpt__error(CKPT_EINVAL, "tensor '%s': slice [%llu, +%llu) of dimension %d "
+                           "outside its %llu indices", m->name, (unsigned long long)start,
+                           (unsigned long long)length, dim, (unsigned long long)full);
+    uint64_t lo = CKPT_MAX(start, first), hi = CKPT_MIN(start + length, first + have);
+    if (lo >= hi) return 0;
+    /* Row-major: `outer` blocks of `have` (source) or `length` (destination) indices of
+     * `inner` bytes each. Along dim 0 there is one block: one copy. */
+    uint64_t outer = 1, inner = ckpt_dtype_size(m->dtype);
+    for (int d = 0; d < dim; d++) outer *= (uint64_t)m->shape[d];
+    for (int d = dim + 1; d < m->ndim; d++) inner *= (uint64_t)m->shape[d];
+    const uint8_t *src = (const uint8_t *)view->data + (lo - first) * inner;
+    uint8_t *out = (uint8_t *)dst + (lo - start) * inner;
+    size_t n = (size_t)((hi - lo) * inner);
+    for (uint64_t o = 0; o < outer; o++)
+        ckpt__copy_bulk(out + o * length * inner, src + o * have * inner, n);
+    return (int64_t)(hi - lo);
 }
 
 int ckpt_receiver_ack(ckpt_receiver_t *r) { return answer_bucket(r, CKPT_IPC_MSG_OK, 0, NULL); }

@@ -14,7 +14,7 @@
 #include "ipc/sender.h"
 
 /* Largest encoded tensor record: name length field + name + fixed part + every dim. */
-#define MAX_RECORD (2 + (CKPT_NAME_MAX - 1) + 24 + 8 + 8 * CKPT_MAX_DIMS)
+#define MAX_RECORD (2 + (CKPT_NAME_MAX - 1) + 44 + 8 + 8 * CKPT_MAX_DIMS)
 
 typedef enum {
     ST_NONE,   /* no worker connected */
@@ -504,6 +504,13 @@ static int begin_common(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, i
 int ckpt_ipc_send_bucket(ckpt_ipc_server_t *srv, uint32_t bucket, int buffer,
                          const ckpt_tensor_meta_t *tensors, size_t count)
 {
+    return ckpt_ipc_send_bucket_parts(srv, bucket, buffer, tensors, NULL, count);
+}
+
+int ckpt_ipc_send_bucket_parts(ckpt_ipc_server_t *srv, uint32_t bucket, int buffer,
+                               const ckpt_tensor_meta_t *tensors, const ckpt__ipc_part_t *parts,
+                               size_t count)
+{
     ckpt__ipc_bucket_hdr_t h = {bucket, (uint32_t)buffer, (uint32_t)count};
     size_t len = 12;
     uint8_t *p;
@@ -525,7 +532,8 @@ int ckpt_ipc_send_bucket(ckpt_ipc_server_t *srv, uint32_t bucket, int buffer,
     rc = ckpt__ipc_conn_tx_reserve(&srv->conn, len, &p);
     if (rc) return rc;
     p += ckpt__ipc_bucket_encode_hdr(&h, p);
-    for (size_t i = 0; i < count; i++) p += ckpt__ipc_tensor_encode(&tensors[i], p);
+    for (size_t i = 0; i < count; i++)
+        p += ckpt__ipc_tensor_encode(&tensors[i], parts ? &parts[i] : NULL, p);
     rc = ckpt__ipc_conn_send(&srv->conn, CKPT_IPC_MSG_BUCKET, len, NULL, 0,
                              srv->send_timeout_ms);
     if (rc) return fail_drop(srv, ckpt__error_prefix(rc, "bucket %u: ", bucket));

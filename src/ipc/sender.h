@@ -105,6 +105,11 @@ int ckpt_ipc_begin(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int ti
 int ckpt_ipc_prepare(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, int timeout_ms);
 int ckpt_ipc_send_bucket(ckpt_ipc_server_t *srv, uint32_t bucket, int buffer,
                          const ckpt_tensor_meta_t *tensors, size_t count);
+/* The same with parts: parts[i] says which part of its tensor record i holds (tensors[i]
+ * then describes the part: shape, nbytes); parts NULL = every record whole. */
+int ckpt_ipc_send_bucket_parts(ckpt_ipc_server_t *srv, uint32_t bucket, int buffer,
+                               const ckpt_tensor_meta_t *tensors, const ckpt__ipc_part_t *parts,
+                               size_t count);
 /* Waits for the answer to the last bucket: 0 = OK; the worker's status (e.g.
  * CKPT_ECHECKSUM) with "worker ...: bucket 3: <its text>" in ckpt_last_error(); CKPT_EPEER
  * (dropped); CKPT_ETIMEDOUT when no answer came within timeout_ms: the ack stays

@@ -340,9 +340,10 @@ int ckpt__ipc_manifest_decode(ckpt__ipc_reader_t *rd, ckpt_tensor_meta_t *meta)
 }
 
 /* ---- BUCKET: u32 bucket, u32 buffer, u32 count, then count records of
- *      name, i32 dtype, u32 ndim, i64 shape[ndim], u64 offset, u64 nbytes, u64 checksum ---- */
+ *      name, i32 dtype, u32 ndim, i64 shape[ndim], u64 offset, u64 nbytes, u64 checksum,
+ *      i32 part dim, u64 part start, i64 part full ---- */
 
-#define TENSOR_FIXED (4 + 4 + 8 + 8 + 8)
+#define TENSOR_FIXED (4 + 4 + 8 + 8 + 8 + 4 + 8 + 8)
 #define TENSOR_MIN (2 + 1 + TENSOR_FIXED) /* shortest record: 1-byte name, 0 dims */
 
 size_t ckpt__ipc_tensor_size(const ckpt_tensor_meta_t *m)
@@ -359,8 +360,11 @@ size_t ckpt__ipc_bucket_encode_hdr(const ckpt__ipc_bucket_hdr_t *h, uint8_t *out
     return 12;
 }
 
-size_t ckpt__ipc_tensor_encode(const ckpt_tensor_meta_t *m, uint8_t *out)
+size_t ckpt__ipc_tensor_encode(const ckpt_tensor_meta_t *m, const ckpt__ipc_part_t *part,
+                               uint8_t *out)
 {
+    static const ckpt__ipc_part_t whole = {-1, 0, 0};
+    if (part == NULL) part = &whole;
     int ndim = m->ndim < 0 ? 0 : CKPT_MIN(m->ndim, CKPT_MAX_DIMS);
     size_t n = strnlen(m->name, CKPT_NAME_MAX - 1);
     uint8_t *p = out;
@@ -374,7 +378,10 @@ size_t ckpt__ipc_tensor_encode(const ckpt_tensor_meta_t *m, uint8_t *out)
     put_u64(p, m->offset);
     put_u64(p + 8, m->nbytes);
     put_u64(p + 16, m->checksum);
-    return (size_t)(p + 24 - out);
+    put_u32(p + 24, (uint32_t)part->dim);
+    put_u64(p + 28, part->start);
+    put_u64(p + 36, (uint64_t)part->full);
+    return (size_t)(p + 44 - out);
 }
 
 int ckpt__ipc_bucket_decode_hdr(const uint8_t *p, size_t len, ckpt__ipc_bucket_hdr_t *out,
@@ -396,13 +403,28 @@ int ckpt__ipc_bucket_decode_hdr(const uint8_t *p, size_t len, ckpt__ipc_bucket_h
 }
 
 int ckpt__ipc_tensor_decode(ckpt__ipc_reader_t *rd, uint64_t buffer_size,
-                            ckpt_tensor_meta_t *meta)
+                            ckpt_tensor_meta_t *meta, ckpt__ipc_part_t *part)
 {
     int rc = rd_name(rd, meta->name, "BUCKET tensor");
     if (rc == CKPT_OK) rc = rd_dtype_shape(rd, meta, "BUCKET tensor");
     if (rc) return rc;
-    if (rd_u64(rd, &meta->offset) || rd_u64(rd, &meta->nbytes) || rd_u64(rd, &meta->checksum))
+    uint32_t dim;
+    uint64_t start, full;
+    if (rd_u64(rd, &meta->offset) || rd_u64(rd, &meta->nbytes) || rd_u64(rd, &meta->checksum) ||
+        rd_u32(rd, &dim) || rd_u64(rd, &start) || rd_u64(rd, &full))
         return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': truncated record", meta->name);
+    part->dim = (int32_t)dim;
+    part->start = start;
+    part->full = (int64_t)full;
+    if (part->dim == -1 ? start != 0 || full != 0
+                        : part->dim < 0 || part->dim >= meta->ndim || (int64_t)full < 0 ||
+                              start > full || (uint64_t)meta->shape[part->dim] > full - start)
+        return ckpt__error(CKPT_EPROTO, "BUCKET tensor '%s': part [%llu, +%lld) of dimension "
+                           "%d (extent %lld) does not fit its %d-dimensional shape", meta->name,
+                           (unsigned long long)start,
+                           (long long)(part->dim >= 0 && part->dim < meta->ndim
+                                           ? meta->shape[part->dim] : 0),
+                           part->dim, (long long)full, meta->ndim);
     if ((rc = check_nbytes(meta, "BUCKET tensor")) != 0) return rc;
     if (meta->offset > buffer_size || meta->nbytes > buffer_size - meta->offset)
         return ckpt__error(CKPT_EPROTO,

@@ -120,18 +120,31 @@ size_t ckpt__ipc_manifest_size(const ckpt_tensor_meta_t *m);
 size_t ckpt__ipc_manifest_encode(const ckpt_tensor_meta_t *m, uint8_t *out);
 int ckpt__ipc_manifest_decode(ckpt__ipc_reader_t *rd, ckpt_tensor_meta_t *meta);
 
+/* Which part of a tensor a BUCKET record holds (version 4): dim -1 the whole tensor;
+ * otherwise indices [start, start + the record's shape[dim]) of dimension dim, packed,
+ * out of `full` (the whole tensor's extent along dim). */
+typedef struct {
+    int32_t dim;
+    uint64_t start;
+    int64_t full;
+} ckpt__ipc_part_t;
+
 /* Bytes one tensor record takes; the BUCKET payload is 12 + the sum of these. */
 size_t ckpt__ipc_tensor_size(const ckpt_tensor_meta_t *m);
 size_t ckpt__ipc_bucket_encode_hdr(const ckpt__ipc_bucket_hdr_t *h, uint8_t *out);
-size_t ckpt__ipc_tensor_encode(const ckpt_tensor_meta_t *m, uint8_t *out);
+/* A record of meta m; part NULL = the whole tensor, else m describes the part (its shape
+ * and nbytes) and part where it lies in the tensor. */
+size_t ckpt__ipc_tensor_encode(const ckpt_tensor_meta_t *m, const ckpt__ipc_part_t *part,
+                               uint8_t *out);
 /* Reads the bucket header and sets up `rd` at the first record. Checks `count` against
  * the bytes present, so callers may size arrays from it without trusting the peer. */
 int ckpt__ipc_bucket_decode_hdr(const uint8_t *p, size_t len, ckpt__ipc_bucket_hdr_t *out,
                                 ckpt__ipc_reader_t *rd);
 /* Decodes and validates one record into `meta` (name, dtype, shape, nbytes consistent;
- * offset + nbytes <= buffer_size). owner is set to -1. */
+ * offset + nbytes <= buffer_size) and `part` (dim -1 with start = full = 0, or a dim of the
+ * record's shape with start + shape[dim] <= full). owner is set to -1. */
 int ckpt__ipc_tensor_decode(ckpt__ipc_reader_t *rd, uint64_t buffer_size,
-                            ckpt_tensor_meta_t *meta);
+                            ckpt_tensor_meta_t *meta, ckpt__ipc_part_t *part);
 /* Says whether the reader consumed the payload exactly. */
 int ckpt__ipc_reader_done(const ckpt__ipc_reader_t *rd, const char *what);
 

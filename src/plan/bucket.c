@@ -13,7 +13,9 @@ static int item_cmp(const void *a, const void *b)
     const ckpt_tensor_meta_t *x = ((const plan_item_t *)a)->meta;
     const ckpt_tensor_meta_t *y = ((const plan_item_t *)b)->meta;
     if (x->owner != y->owner) return x->owner < y->owner ? -1 : 1;
-    return strcmp(x->name, y->name);
+    int c = strcmp(x->name, y->name);
+    if (c) return c;
+    return x < y ? -1 : x > y; /* parts of one tensor: in input order */
 }
 
 static int name_cmp(const void *a, const void *b)
@@ -31,8 +33,10 @@ static int plan_alloc(size_t count, uint64_t bucket_size, ckpt_bucket_plan_t *pl
     *items = ckpt__calloc(count, sizeof(**items));
     plan->tensors = ckpt__calloc(count, sizeof(*plan->tensors));
     plan->src_offsets = ckpt__calloc(count, sizeof(*plan->src_offsets));
+    plan->origin = ckpt__calloc(count + 1, sizeof(*plan->origin));
     plan->buckets = ckpt__calloc(count + 1, sizeof(*plan->buckets));
-    if (*items && plan->tensors && plan->src_offsets && plan->buckets) return CKPT_OK;
+    if (*items && plan->tensors && plan->src_offsets && plan->origin && plan->buckets)
+        return CKPT_OK;
     ckpt__free(*items);
     *items = NULL;
     ckpt__plan_free(plan);
@@ -40,9 +44,9 @@ static int plan_alloc(size_t count, uint64_t bucket_size, ckpt_bucket_plan_t *pl
 }
 
 /* Names must be unique across owners too: sort by name alone to find repeats. */
-static int check_unique_names(const ckpt_bucket_plan_t *plan, size_t count, plan_item_t *items)
+static int check_unique_names(const ckpt_tensor_meta_t *metas, size_t count, plan_item_t *items)
 {
-    for (size_t i = 0; i < count; i++) items[i].meta = &plan->tensors[i];
+    for (size_t i = 0; i < count; i++) items[i].meta = &metas[i];
     qsort(items, count, sizeof(*items), name_cmp);
     for (size_t i = 1; i < count; i++)
         if (strcmp(items[i - 1].meta->name, items[i].meta->name) == 0)
@@ -73,9 +77,9 @@ static uint64_t place(uint64_t pos, uint64_t src_offset, uint64_t nbytes)
 /* The common end of both planners: names checked, the sort scratch freed, the plan handed
  * out (or freed on a duplicate name). */
 static int plan_finish(ckpt_bucket_plan_t *plan, size_t count, plan_item_t *items,
-                       ckpt_bucket_plan_t *plan_out)
+                       int parts, ckpt_bucket_plan_t *plan_out)
 {
-    int rc = check_unique_names(plan, count, items);
+    int rc = parts ? CKPT_OK : check_unique_names(plan->tensors, count, items);
     ckpt__free(items);
     if (rc < 0) {
         ckpt__plan_free(plan);
@@ -84,6 +88,15 @@ static int plan_finish(ckpt_bucket_plan_t *plan, size_t count, plan_item_t *item
     plan->ntensors = count;
     *plan_out = *plan;
     return CKPT_OK;
+}
+
+int ckpt__plan_check_names(const ckpt_tensor_meta_t *metas, size_t count)
+{
+    plan_item_t *items = ckpt__calloc(count + 1, sizeof(*items));
+    if (!items) return ckpt__error(CKPT_ENOMEM, "checking %zu names: out of memory", count);
+    int rc = check_unique_names(metas, count, items);
+    ckpt__free(items);
+    return rc;
 }
 
 uint64_t ckpt__plan_min_bucket(const ckpt_tensor_meta_t *metas, size_t count)
@@ -122,8 +135,8 @@ int ckpt__plan_bucket_size(uint64_t largest_tensor, uint64_t bucket_max, uint64_
     return CKPT_OK;
 }
 
-int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
-                       uint64_t bucket_size, ckpt_bucket_plan_t *plan_out)
+static int plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
+                        uint64_t bucket_size, int parts, ckpt_bucket_plan_t *plan_out)
 {
     plan_item_t *items = NULL;
     ckpt_bucket_plan_t plan;
@@ -169,13 +182,14 @@ int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks
         }
         plan.tensors[i] = *m;
         plan.src_offsets[i] = m->offset;
+        plan.origin[i] = (uint32_t)(m - metas);
         plan.tensors[i].offset = at;
         cur->bytes = at + need;
         cur->count++;
         plan.total_bytes += m->nbytes;
         plan.largest_bucket = CKPT_MAX(plan.largest_bucket, cur->bytes);
     }
-    return plan_finish(&plan, count, items, plan_out);
+    return plan_finish(&plan, count, items, parts, plan_out);
 
 fail:
     ckpt__free(items);
@@ -183,11 +197,24 @@ fail:
     return rc;
 }
 
+int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
+                       uint64_t bucket_size, ckpt_bucket_plan_t *plan_out)
+{
+    return plan_buckets(metas, count, nranks, bucket_size, 0, plan_out);
+}
+
+int ckpt__plan_parts(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
+                     uint64_t bucket_size, ckpt_bucket_plan_t *plan_out)
+{
+    return plan_buckets(metas, count, nranks, bucket_size, 1, plan_out);
+}
+
 void ckpt__plan_free(ckpt_bucket_plan_t *plan)
 {
     if (plan == NULL) return;
     ckpt__free(plan->tensors);
     ckpt__free(plan->src_offsets);
+    ckpt__free(plan->origin);
     ckpt__free(plan->buckets);
     memset(plan, 0, sizeof(*plan));
 }
@@ -234,12 +261,13 @@ int ckpt__plan_windows(const ckpt_tensor_meta_t *metas, size_t count, uint64_t b
         }
         plan.tensors[i] = *m;
         plan.src_offsets[i] = m->offset;
+        plan.origin[i] = (uint32_t)(m - metas);
         cur->bytes = end - start;
         cur->count++;
         plan.total_bytes += m->nbytes;
         plan.largest_bucket = CKPT_MAX(plan.largest_bucket, cur->bytes);
     }
-    return plan_finish(&plan, count, items, plan_out);
+    return plan_finish(&plan, count, items, 0, plan_out);
 fail:
     ckpt__free(items);
     ckpt__plan_free(&plan);

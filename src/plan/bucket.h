@@ -19,6 +19,7 @@ typedef struct ckpt_bucket {
 typedef struct ckpt_bucket_plan {
     ckpt_tensor_meta_t *tensors; /* ordered bucket by bucket; offset = offset in the bucket */
     uint64_t *src_offsets;       /* per tensor: offset in the owner's pool (input offset) */
+    uint32_t *origin;            /* per tensor: its index in the planner's input */
     size_t ntensors;
     ckpt_bucket_t *buckets;
     size_t nbuckets;
@@ -34,6 +35,13 @@ typedef struct ckpt_bucket_plan {
  * fit in bucket_size, and CKPT_EINVAL on a duplicate name or an owner outside [0, nranks). */
 int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
                        uint64_t bucket_size, ckpt_bucket_plan_t *plan_out);
+/* The same for parts of tensors (the route's pieces, route.c): a name may repeat (parts
+ * of one tensor keep their input order), so the caller checks the whole tensors' names
+ * first with ckpt__plan_check_names. */
+int ckpt__plan_parts(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
+                     uint64_t bucket_size, ckpt_bucket_plan_t *plan_out);
+/* CKPT_EINVAL naming the ranks when two metas have the same name. */
+int ckpt__plan_check_names(const ckpt_tensor_meta_t *metas, size_t count);
 void ckpt__plan_free(ckpt_bucket_plan_t *plan);
 
 /* Plans windows for workers that read straight out of the owners' pools (no staging):

@@ -47,11 +47,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         ckpt__ipc_bucket_hdr_t h;
         ckpt__ipc_reader_t rd;
         ckpt_tensor_meta_t meta;
+        ckpt__ipc_part_t part;
         uint64_t bufsize = 1u << 20;
         if (ckpt__ipc_bucket_decode_hdr(p, len, &h, &rd) != CKPT_OK) break;
         for (uint32_t i = 0; i < h.count; i++) {
-            if (ckpt__ipc_tensor_decode(&rd, bufsize, &meta) != CKPT_OK) break;
+            if (ckpt__ipc_tensor_decode(&rd, bufsize, &meta, &part) != CKPT_OK) break;
             if (meta.offset + meta.nbytes > bufsize || meta.ndim > CKPT_MAX_DIMS)
+                __builtin_trap();
+            if (part.dim >= 0 && (part.dim >= meta.ndim ||
+                                  part.start + (uint64_t)meta.shape[part.dim] > (uint64_t)part.full))
                 __builtin_trap();
         }
         ckpt__ipc_reader_done(&rd, "fuzz");

@@ -96,6 +96,10 @@ int main(void)
     STRUCT(ckpt_tensor_view_t, 1);
     FIELD(ckpt_tensor_view_t, meta);
     FIELD(ckpt_tensor_view_t, data);
+    FIELD(ckpt_tensor_view_t, part_dim);
+    FIELD(ckpt_tensor_view_t, part_pad);
+    FIELD(ckpt_tensor_view_t, part_start);
+    FIELD(ckpt_tensor_view_t, part_full);
     END_STRUCT();
 
     STRUCT(ckpt_publish_options_t, 1);

@@ -91,6 +91,49 @@ def test_routed_by_need_across_hosts(make_hosts, tmp_path, n, slots):
             assert got[k][2] == data, "worker %d: %s differs" % (r, k)
 
 
+def test_tensor_parallel_across_two_hosts(make_hosts, tmp_path):
+    """TP=2 with one worker per host (the acceptance case): each worker declares its rows;
+    the engine cuts every sharded tensor so a host receives only its rows of what the
+    other host owns. The same run's verify=1 update sends whole tensors (the checksums
+    cover whole tensors) as the full broadcast to compare with: the cut update moves about
+    half its bytes over the bridge (the hosts' receive counters and the result's
+    host_bytes_max), and both workers hold exactly their rows."""
+    from deploy import read_checkpoint
+    H = make_hosts(2)
+    model = gen(tmp_path / "model", SIZE, shards=2, layers=2)
+    want = read_checkpoint(model)
+    dep = Deployment(H, range(2), tmp_path, serve_args=["--timeout-ms", "30000"])
+    dep.start_workers(lambda r: ["--layout", model, "--tp-rank", str(r), "--tp-size", "2",
+                                 "--declare-need"], updates=2)
+    dep.start()
+    assert dep.command("register m %s" % model, timeout=90)["ok"]
+    for r in range(2):
+        dep.wait_worker_log(r, r"declared the need of \d+ tensors")
+    moved = {}
+    for mode in ("verify=1", "verify=0"):
+        rx0 = [H.rx_bytes(i) for i in range(2)]
+        upd = dep.command("update m bucket=4MiB timeout=30000 " + mode, timeout=120)
+        assert upd["ok"], (upd["reason"], dep.stderr())
+        moved[mode] = (sum(H.rx_bytes(i) - rx0[i] for i in range(2)), upd["host_bytes_max"])
+        for r in range(2):
+            dep.wait_worker_log(r, r"update %d of 'm' version \d+: complete" % upd["update_id"])
+    total = total_bytes(model)
+    full_rx, full_host = moved["verify=1"]
+    cut_rx, cut_host = moved["verify=0"]
+    assert full_rx >= total / 2 and full_host >= total / 2, moved
+    assert cut_rx < 0.6 * full_rx and cut_host < 0.6 * full_host, moved
+    assert dep.close() == 0, dep.stderr()
+    assert dep.wait_workers() == {r: 0 for r in range(2)}
+    for r in range(2):
+        got = read_checkpoint(dep.dump_dir(r))
+        for k, (dt, shape, data) in want.items():
+            if len(shape) >= 2 and shape[0] % 2 == 0:
+                n = len(data) // 2
+                assert got[k][2] == data[r * n:(r + 1) * n], "worker %d: %s differs" % (r, k)
+            else:
+                assert got[k][2] == data, "worker %d: %s differs" % (r, k)
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_p2p_across_hosts(make_hosts, tmp_path, n):
     """A serving deployment on the first half of the hosts exports; a joining deployment

@@ -17,10 +17,11 @@ pytestmark = pytest.mark.skipif(not os.path.exists(WORKER), reason="ckpt-worker 
 DECLARED = r"declared the need of (\d+) tensors"
 
 
-def start(tmp_path, nranks, worker_args):
-    """A serve job and one ckpt-worker per rank; returns once every worker declared."""
+def start(tmp_path, nranks, worker_args, serve_args=()):
+    """A serve job and one ckpt-worker per rank; returns once every worker declared.
+    serve_args ["--share", "rank"]: every rank its own group, as hosts are."""
     dep = Deployment(tmp_path, nranks)
-    srv = InteractiveServe(dep)
+    srv = InteractiveServe(dep, extra_args=list(serve_args))
     for r in range(nranks):
         dep.start_worker(r, worker_args(r))
     for r in range(nranks):
@@ -68,14 +69,130 @@ def test_tensor_parallel_workers_declare_their_rows(tmp_path, direct):
     finally:
         srv.close()
         dep.stop()
-    for r in range(2):  # each worker holds exactly its rows, verified
+    assert_each_holds_its_rows(dep, want, 2)  # verified by the workers too
+
+
+def assert_each_holds_its_rows(dep, want, tp):
+    for r in range(tp):
         got = read_checkpoint(dep.worker_dump(r))
         for name, (dt, shape, data) in want.items():
-            if len(shape) >= 2 and shape[0] % 2 == 0:
-                n = len(data) // 2
-                assert got[name][2] == data[r * n:(r + 1) * n], name
+            if len(shape) >= 2 and shape[0] % tp == 0:
+                n = len(data) // tp
+                assert got[name][2] == data[r * n:(r + 1) * n], (r, name)
             else:
-                assert got[name][2] == data, name
+                assert got[name][2] == data, (r, name)
+
+
+def test_tensors_cut_by_the_rows_each_group_needs(tmp_path):
+    """--share rank: every rank its own group, as hosts are. TP=2 workers declare their rows;
+    the engine cuts each sharded tensor so a group receives only its rows of what the other
+    owns: about half the bytes of the same update with verify=1 (which sends whole tensors,
+    the checksums cover whole tensors), and each worker holds exactly its rows."""
+    model = gen(tmp_path, size="4MiB", layers=2, shards=2)
+    want = read_checkpoint(model)
+    dep, srv = start(tmp_path, 2, lambda r: ["--layout", model, "--tp-rank", str(r),
+                                             "--tp-size", "2", "--declare-need"],
+                     ["--share", "rank"])
+    try:
+        assert srv.command("register m %s" % model)["ok"]
+        whole = srv.command("update m bucket=1MiB verify=1")
+        assert whole["ok"], whole["reason"]
+        wait_complete(dep, 2)
+        cut = srv.command("update m bucket=1MiB")
+        assert cut["ok"], cut["reason"]
+        for r in range(2):
+            wait_log(dep, r, r"update %d of 'm' version \d+: complete" % cut["update_id"])
+        total = sum(len(d) for _, _, d in want.values())
+        assert whole["host_bytes_max"] > total / 3, whole
+        assert 0 < cut["host_bytes_max"] < 0.6 * whole["host_bytes_max"], (cut, whole)
+        assert cut["bytes"] == whole["bytes"] == total  # every row is someone's
+    finally:
+        srv.close()
+        dep.stop()
+    assert_each_holds_its_rows(dep, want, 2)
+
+
+SHARD_WORKER = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    sys.path[:0] = [sys.argv[1], sys.argv[2]]
+    from ckpt_engine import Receiver, layout_needs
+    from ckpt_engine.receiver import _NUMPY
+    from mpijob import read_checkpoint
+    want = read_checkpoint(sys.argv[4])
+    model = {n: (dt, shape) for n, (dt, shape, _) in want.items()}
+    needs = layout_needs(model, tp=2, rank=int(sys.argv[5]))
+    shards = {}
+    for n, need in needs.items():
+        dt, shape = model[n]
+        shape = list(shape)
+        if need:
+            shape[need[0]] = need[2]
+        shards[n] = np.zeros(shape, dtype=_NUMPY[dt])
+    with Receiver.connect(sys.argv[3], timeout_ms=30000) as rx:
+        rx.declare_need(needs)
+        print("declared", flush=True)
+        for update in range(2):
+            rx.wait_update(60000)
+            parts = cols = 0
+            while True:
+                kind, bucket, views = rx.next()
+                if kind != "bucket":
+                    break
+                for v in views:
+                    need = needs[v.name]
+                    parts += v.part is not None
+                    cols += v.part is not None and v.part[0] == 1
+                    if need is None:
+                        v.copy_to(shards[v.name].reshape(-1).view(np.uint8))
+                    else:
+                        v.copy_slice(shards[v.name], need[0], need[1])
+                rx.ack()
+            rx.finish_reply(True)
+            differ = 0
+            for n, need in needs.items():
+                dt, shape, data = want[n]
+                full = np.frombuffer(data, dtype=_NUMPY[dt]).reshape(shape)
+                if need:
+                    full = np.take(full, range(need[1], need[1] + need[2]), axis=need[0])
+                differ += full.tobytes() != shards[n].tobytes()
+            print("update", update, "parts", parts, "cols", cols, "differ", differ, flush=True)
+""")
+
+
+@pytest.mark.skipif(os.environ.get("CKPT_SANITIZE") == "ON",
+                    reason="ctypes cannot load an ASan libckpt.so")
+def test_rows_and_columns_cut_for_python_shards(tmp_path):
+    """--share rank; Python workers hold only their vLLM-style TP=2 shards (rows of q/k/v,
+    gate/up; columns of o/down) and copy each view with copy_slice. With verify=1 every
+    tensor comes whole; without, sharded tensors come as parts (columns packed by the
+    owner), the busiest group receives less, and every shard equals the checkpoint's."""
+    model = gen(tmp_path, size="2MiB", layers=2, shards=2)
+    dep = Deployment(tmp_path, 2)
+    srv = InteractiveServe(dep, extra_args=["--share", "rank"])
+    py = [python_worker(tmp_path, SHARD_WORKER, os.path.join(dep.sock, "rank-%d.sock" % r),
+                        model, r, name="shard%d.py" % r) for r in range(2)]
+    try:
+        for p in py:
+            assert p.stdout.readline().strip() == "declared"
+        assert srv.command("register m %s" % model)["ok"]
+        whole = srv.command("update m bucket=1MiB verify=1")
+        assert whole["ok"], whole["reason"]
+        for p in py:
+            assert p.stdout.readline().split() == ["update", "0", "parts", "0", "cols", "0",
+                                                   "differ", "0"]
+        cut = srv.command("update m bucket=1MiB")
+        assert cut["ok"], cut["reason"]
+        for p in py:
+            line = p.stdout.readline().split()
+            assert line[:2] == ["update", "1"] and line[6:] == ["differ", "0"], line
+            assert int(line[3]) > int(line[5]) > 0, line  # rows and columns cut
+        assert 0 < cut["host_bytes_max"] < 0.75 * whole["host_bytes_max"], (cut, whole)
+    finally:
+        srv.close()
+        for p in py:
+            p.kill()
+            p.communicate(timeout=30)
 
 
 def test_a_tensor_nobody_needs_fails_before_any_byte_moves(tmp_path):
@@ -123,12 +240,9 @@ def test_routed_between_rank_groups(tmp_path):
     model = gen(tmp_path, size="4MiB", layers=2, shards=2)
     want = read_checkpoint(model)
     layer = [{n: v for n, v in want.items() if "layers.%d." % r in n} for r in range(2)]
-    dep = Deployment(tmp_path, 2)
-    srv = InteractiveServe(dep, extra_args=["--share", "rank"])
-    for r in range(2):
-        dep.start_worker(r, ["--layout", model, "--verify", "--need-glob", "*layers.%d.*" % r])
-    for r in range(2):
-        wait_log(dep, r, DECLARED)
+    dep, srv = start(tmp_path, 2, lambda r: ["--layout", model, "--verify",
+                                             "--need-glob", "*layers.%d.*" % r],
+                     ["--share", "rank"])
     try:
         assert srv.command("register m %s" % model)["ok"]
         res = srv.command("update m bucket=1MiB unneeded=ignore verify=1")

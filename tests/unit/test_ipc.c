@@ -631,7 +631,7 @@ static void test_buffer_count_mismatch(void)
     int64_t shape[1] = {4};
     ckpt_tensor_meta_init(&m, "w", CKPT_DTYPE_U8, shape, 1);
     size_t len = ckpt__ipc_bucket_encode_hdr(&h, p);
-    len += ckpt__ipc_tensor_encode(&m, p + len);
+    len += ckpt__ipc_tensor_encode(&m, NULL, p + len);
     raw_send(cfd, CKPT_IPC_MSG_BUCKET, p, len, 0);
     CHECK_RC(ckpt_receiver_next(r, 1000, &ev, &b, &v, &n), CKPT_EPROTO);
     CHECK_ERR_HAS("buffer 3 of 3");

@@ -376,28 +376,50 @@ static void test_bucket(void)
     t[1].offset = 60;
     size_t n = ckpt__ipc_bucket_encode_hdr(&h, b);
     for (int i = 0; i < 2; i++) {
-        CHECK(ckpt__ipc_tensor_size(&t[i]) == ckpt__ipc_tensor_encode(&t[i], b + n));
+        CHECK(ckpt__ipc_tensor_size(&t[i]) == ckpt__ipc_tensor_encode(&t[i], NULL, b + n));
         n += ckpt__ipc_tensor_size(&t[i]);
     }
     ckpt__ipc_reader_t rd;
     CHECK_OK(ckpt__ipc_bucket_decode_hdr(b, n, &dh, &rd));
     CHECK(dh.bucket == 5 && dh.buffer == 1 && dh.count == 2);
     ckpt_tensor_meta_t d;
-    CHECK_OK(ckpt__ipc_tensor_decode(&rd, 61, &d));
+    ckpt__ipc_part_t part;
+    CHECK_OK(ckpt__ipc_tensor_decode(&rd, 61, &d, &part));
     CHECK(strcmp(d.name, "a") == 0 && d.offset == 0 && d.nbytes == 60 && d.checksum == 9);
-    CHECK_OK(ckpt__ipc_tensor_decode(&rd, 61, &d));
+    CHECK(part.dim == -1 && part.start == 0 && part.full == 0);
+    CHECK_OK(ckpt__ipc_tensor_decode(&rd, 61, &d, &part));
     CHECK(strcmp(d.name, "b") == 0 && d.offset == 60 && d.nbytes == 1 && d.ndim == 0);
     CHECK_OK(ckpt__ipc_reader_done(&rd, "BUCKET"));
     /* A tensor that ends one byte past its buffer. */
     CHECK_OK(ckpt__ipc_bucket_decode_hdr(b, n, &dh, &rd));
-    CHECK_OK(ckpt__ipc_tensor_decode(&rd, 60, &d));
-    CHECK_RC(ckpt__ipc_tensor_decode(&rd, 60, &d), CKPT_EPROTO);
+    CHECK_OK(ckpt__ipc_tensor_decode(&rd, 60, &d, &part));
+    CHECK_RC(ckpt__ipc_tensor_decode(&rd, 60, &d, &part), CKPT_EPROTO);
     CHECK_ERR_HAS("'b': bytes [60, +1) outside the 60-byte buffer");
     /* A record cut short. */
     CHECK_OK(ckpt__ipc_bucket_decode_hdr(b, n - 1, &dh, &rd));
-    CHECK_OK(ckpt__ipc_tensor_decode(&rd, 61, &d));
-    CHECK_RC(ckpt__ipc_tensor_decode(&rd, 61, &d), CKPT_EPROTO);
+    CHECK_OK(ckpt__ipc_tensor_decode(&rd, 61, &d, &part));
+    CHECK_RC(ckpt__ipc_tensor_decode(&rd, 61, &d, &part), CKPT_EPROTO);
     CHECK_ERR_HAS("'b': truncated record");
+    /* Parts: rows [4, 4 + shape[0]) of 9 along dim 0 decode; a part past its extent, a
+     * dim outside the shape and a whole record with a start are refused by name. */
+    ckpt_tensor_meta_t pm = t[0];
+    const ckpt__ipc_part_t good = {0, 4, 9}, past = {0, 8, 9}, baddim = {2, 0, 9},
+                           wholestart = {-1, 3, 0};
+    const ckpt__ipc_part_t *cases[] = {&good, &past, &baddim, &wholestart};
+    for (int c = 0; c < 4; c++) {
+        size_t m = ckpt__ipc_bucket_encode_hdr(&(ckpt__ipc_bucket_hdr_t){0, 0, 1}, b);
+        m += ckpt__ipc_tensor_encode(&pm, cases[c], b + m);
+        CHECK_OK(ckpt__ipc_bucket_decode_hdr(b, m, &dh, &rd));
+        if (c == 0) {
+            CHECK_OK(ckpt__ipc_tensor_decode(&rd, 61, &d, &part));
+            CHECK(part.dim == 0 && part.start == 4 && part.full == 9 && d.nbytes == 60);
+        } else {
+            CHECK_RC(ckpt__ipc_tensor_decode(&rd, 61, &d, &part), CKPT_EPROTO);
+            CHECK_ERR_HAS("does not fit its 2-dimensional shape");
+        }
+    }
+    n = ckpt__ipc_bucket_encode_hdr(&h, b);
+    for (int i = 0; i < 2; i++) n += ckpt__ipc_tensor_encode(&t[i], NULL, b + n);
     /* Counts the payload cannot hold (one more than sent; products that wrap 32 bits). */
     const uint32_t bad[] = {3, 0x0a000000u, 0xffffffffu};
     for (size_t i = 0; i < CKPT_ARRAY_SIZE(bad); i++) {

@@ -170,11 +170,15 @@ int wk_model_apply(wk_model_t *m, const ckpt_tensor_view_t *v, size_t n, int ver
             snprintf(why, why_cap, "tensor '%s': out of memory", g->name);
             return CKPT_ENOMEM;
         }
+        /* A part (the engine cut the tensor for the hosts that need its slices) has the
+         * tensor's shape but for its extent along part_dim. */
+        ckpt_tensor_meta_t whole = *g;
+        if (v[i].part_dim >= 0 && v[i].part_dim < g->ndim) whole.shape[v[i].part_dim] = v[i].part_full;
         if (t->full.dtype != g->dtype || t->full.ndim != g->ndim ||
-            memcmp(t->full.shape, g->shape, sizeof(g->shape[0]) * (size_t)g->ndim) != 0) {
+            memcmp(t->full.shape, whole.shape, sizeof(g->shape[0]) * (size_t)g->ndim) != 0) {
             char have[128], got[128];
             shape_str(&t->full, have, sizeof(have));
-            shape_str(g, got, sizeof(got));
+            shape_str(&whole, got, sizeof(got));
             snprintf(why, why_cap, "tensor '%s': model has %s, update has %s", g->name, have,
                      got);
             return CKPT_EINVAL;
@@ -184,6 +188,19 @@ int wk_model_apply(wk_model_t *m, const ckpt_tensor_view_t *v, size_t n, int ver
      * (a mismatch means corruption in transit: the update is reported incomplete). */
     for (size_t i = 0; i < n; i++) {
         wk_tensor_t *t = find(m, v[i].meta.name);
+        if (v[i].part_dim >= 0) { /* a part: the rows of it this worker holds, if any */
+            int dim = t->local.nbytes != t->full.nbytes ? 0 : v[i].part_dim;
+            uint64_t start = 0, length = (uint64_t)t->full.shape[dim];
+            if (dim == 0 && t->full.ndim > 0 && t->full.shape[0] > 0) {
+                start = t->src_off / (t->full.nbytes / (uint64_t)t->full.shape[0]);
+                length = (uint64_t)t->local.shape[0];
+            }
+            if (ckpt_receiver_copy_slice(&v[i], dim, start, length, t->data) < 0) {
+                snprintf(why, why_cap, "%s", ckpt_last_error());
+                return CKPT_EINVAL;
+            }
+            continue;
+        }
         if (ckpt_receiver_copy(&v[i], t->src_off, t->data, t->local.nbytes, verify) != CKPT_OK) {
             snprintf(why, why_cap, "%s", ckpt_last_error());
             return CKPT_ECHECKSUM;
