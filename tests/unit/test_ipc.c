@@ -654,6 +654,52 @@ static void test_buffer_count_mismatch(void)
     unlink(sock_path);
 }
 
+/* ckpt_receiver_copy_slice: a 4x6 u16 tensor (value = row * 100 + column) as a whole view,
+ * as rows [1, 3) and as columns [2, 5) packed; a TP shard of rows or columns takes what a
+ * view holds of it, leaves the rest, and says how many indices it copied. */
+static void test_copy_slice(void)
+{
+    uint16_t full[4][6], rows[2][6], cols[4][3], got[4][6];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 6; c++) full[r][c] = (uint16_t)(r * 100 + c);
+    for (int r = 0; r < 2; r++) memcpy(rows[r], full[1 + r], sizeof(rows[r]));
+    for (int r = 0; r < 4; r++) memcpy(cols[r], &full[r][2], sizeof(cols[r]));
+    const int64_t shape[2] = {4, 6};
+    ckpt_tensor_view_t whole, prow, pcol;
+    memset(&whole, 0, sizeof(whole));
+    CHECK_OK(ckpt_tensor_meta_init(&whole.meta, "t", CKPT_DTYPE_U16, shape, 2));
+    whole.data = full;
+    whole.part_dim = -1;
+    prow = pcol = whole;
+    prow.meta.shape[0] = 2, prow.meta.nbytes = sizeof(rows);
+    prow.data = rows, prow.part_dim = 0, prow.part_start = 1, prow.part_full = 4;
+    pcol.meta.shape[1] = 3, pcol.meta.nbytes = sizeof(cols);
+    pcol.data = cols, pcol.part_dim = 1, pcol.part_start = 2, pcol.part_full = 6;
+    /* rows [2, 4) (TP rank 1 of 2): all from the whole view, row 2 only from the part */
+    memset(got, 0xff, sizeof(got));
+    CHECK(ckpt_receiver_copy_slice(&whole, 0, 2, 2, got) == 2);
+    CHECK(memcmp(got, full[2], 2 * sizeof(full[0])) == 0);
+    memset(got, 0xff, sizeof(got));
+    CHECK(ckpt_receiver_copy_slice(&prow, 0, 2, 2, got) == 1);
+    CHECK(memcmp(got[0], full[2], sizeof(full[0])) == 0 && got[1][0] == 0xffff);
+    CHECK(ckpt_receiver_copy_slice(&prow, 0, 3, 1, got) == 0); /* the part lies elsewhere */
+    /* columns [3, 6) of every row, packed 4x3: columns 3 and 4 come from the column part */
+    uint16_t shard[4][3];
+    memset(shard, 0xff, sizeof(shard));
+    CHECK(ckpt_receiver_copy_slice(&pcol, 1, 3, 3, shard) == 2);
+    for (int r = 0; r < 4; r++)
+        CHECK(shard[r][0] == full[r][3] && shard[r][1] == full[r][4] && shard[r][2] == 0xffff);
+    CHECK(ckpt_receiver_copy_slice(&whole, 1, 3, 3, shard) == 3);
+    for (int r = 0; r < 4; r++) CHECK(shard[r][2] == full[r][5]);
+    /* refused by name: a part along the other dimension, a range or dim outside */
+    CHECK(ckpt_receiver_copy_slice(&pcol, 0, 0, 2, got) == CKPT_EINVAL);
+    CHECK_ERR_HAS("part along dimension 1, the slice is along 0");
+    CHECK(ckpt_receiver_copy_slice(&whole, 0, 3, 2, got) == CKPT_EINVAL);
+    CHECK_ERR_HAS("outside its 4 indices");
+    CHECK(ckpt_receiver_copy_slice(&whole, 2, 0, 1, got) == CKPT_EINVAL);
+    CHECK_ERR_HAS("dimension 2 of a 2-dimensional");
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_DFL); /* prove MSG_NOSIGNAL: a SIGPIPE would kill the test */
@@ -670,6 +716,7 @@ int main(void)
     RUN_TEST(test_many_buffers);
     RUN_TEST(test_buffer_count_mismatch);
     RUN_TEST(test_need_from_a_raw_worker);
+    RUN_TEST(test_copy_slice);
     RUN_TEST(test_other_uid_refused);
     RUN_TEST(test_socket_in_use);
     TEST_EXIT();
