@@ -116,11 +116,12 @@ static int grow_pieces(ckpt__route_t *r, size_t *cap)
  * neighbours with the same hosts are joined, stretches nobody needs are dropped. Returns
  * 0 with the pieces appended, 1 when the tensor stays whole, -1 out of memory. */
 static int cut_tensor(ckpt__route_t *r, size_t *cap, const ckpt_tensor_meta_t *t, size_t i,
-                      const slice_rec_t *recs, const int *groups, size_t n)
+                      const slice_rec_t *recs, const int *groups, size_t n, int cut)
 {
     int dim = recs[0].dim;
     for (size_t k = 1; k < n; k++)
         if (recs[k].dim != dim) return 1; /* slices along different dims: send it whole */
+    if (cut == CKPT__CUT_ROWS && dim != 0) return 1;
     uint64_t full = (uint64_t)t->shape[dim];
     uint64_t *bounds = malloc((2 * n + 2) * sizeof(*bounds));
     if (!bounds) return -1;
@@ -166,9 +167,11 @@ int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs,
                      int coll_ms, ckpt__route_t *r)
 {
     memset(r, 0, sizeof(*r));
-    if (!needs->any_declared || p2p || e->ngroups <= 1 || e->ngroups > 64 || count == 0 ||
+    /* P2P on one host still routes: its pieces are the byte ranges the workers need. */
+    if (!needs->any_declared || (e->ngroups <= 1 && !p2p) || e->ngroups > 64 || count == 0 ||
         count > (size_t)INT32_MAX / (size_t)e->ngroups)
         return CKPT_OK;
+    if (p2p && cut == CKPT__CUT_ALL) cut = CKPT__CUT_ROWS;
     /* Per host: the union of its workers' flags (one allreduce inside the host; WHOLE and
      * SLICE are bits); then the hosts' unions to every leader (ngroups x count bytes, not
      * nranks x count), and from each leader to its host. */
@@ -244,7 +247,7 @@ int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs,
                     int tg = groups[b];
                     groups[b] = groups[b - 1], groups[b - 1] = tg;
                 }
-            rc = cut_tensor(r, &cap, &all[i], i, &recs[k0], &groups[k0], k - k0);
+            rc = cut_tensor(r, &cap, &all[i], i, &recs[k0], &groups[k0], k - k0, cut);
         }
         if (rc < 0 || (rc == 1 && grow_pieces(r, &cap) < 0))
             ckpt__engine_fatal(e, "routing: no memory for the pieces of the update");

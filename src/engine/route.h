@@ -31,13 +31,21 @@ typedef struct ckpt__route {
     uint32_t *bucket_set; /* per planned bucket: index into sets */
 } ckpt__route_t;
 
+/* What the route may cut (route_init's `cut`): nothing (verify: checksums cover whole
+ * tensors), parts along dim 0 only (P2P: a part is then one byte range of the serving
+ * rank's pool, one UCX get), or parts along any dimension (the owner packs columns). */
+#define CKPT__CUT_NONE 0
+#define CKPT__CUT_ROWS 1
+#define CKPT__CUT_ALL 2
+
 /* Collective: learns which hosts need each tensor (each host's union of its workers'
- * flags, gathered by the leaders: ngroups x count bytes) and, when `cut`, which slices:
- * a tensor that no host needs whole, whose declared slices (all along one dimension)
- * differ between hosts, is cut at the slices' bounds so each host gets only the parts it
- * needs (the workers' slice records are allgathered: 24 bytes each). Inactive (and
- * nothing allocated) when no worker declared, on one host, above 64 hosts, or for P2P
- * updates (p2p). */
+ * flags, gathered by the leaders: ngroups x count bytes) and, unless CUT_NONE, which
+ * slices: a tensor that no host needs whole, whose declared slices (all along one
+ * dimension) differ between hosts or leave some of it unneeded, is cut at the slices'
+ * bounds so each host gets only the parts it needs (the workers' slice records are
+ * allgathered: 24 bytes each). P2P (p2p) cuts rows only and routes on one host too (the
+ * joiners then pull only the byte ranges their workers need). Inactive (and nothing
+ * allocated) when no worker declared, on one host (but for P2P), above 64 hosts. */
 int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs,
                      const ckpt_tensor_meta_t *all, size_t count, int p2p, int cut,
                      int coll_ms, ckpt__route_t *r);

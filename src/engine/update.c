@@ -699,8 +699,9 @@ static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trac
             (rc = ckpt__needs_union(e, all, &count, cmd->ignore_unneeded, u.coll_ms, &u.needs)) < 0)
             fail_result(&u, rc, -1, ckpt_last_error()); /* the same text on every rank */
         if (rc == CKPT_OK &&
-            (rc = ckpt__route_init(e, &u.needs, all, count, p2p != NULL, !cmd->verify,
-                                   u.coll_ms, &u.route)) < 0)
+            (rc = ckpt__route_init(e, &u.needs, all, count, p2p != NULL,
+                                   cmd->verify ? CKPT__CUT_NONE : CKPT__CUT_ALL, u.coll_ms,
+                                   &u.route)) < 0)
             fail_result(&u, rc, -1, ckpt_last_error()); /* agreed inside: every rank fails */
         res->need_bytes_max = u.needs.bytes_max;
         res->need_bytes_total = u.needs.bytes_total;

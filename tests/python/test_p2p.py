@@ -85,6 +85,36 @@ def test_p2p_update_pulls_and_verifies(serving, request):
     assert srv.command("export m %s.again" % metas)["ok"]
 
 
+def test_p2p_joiners_pull_only_the_rows_they_need(serving):
+    """Both joining workers hold TP rank 0 of 2 and declare it (--declare-need): the
+    joiners pull only those rows of each sharded tensor (one UCX get per range) and the
+    whole of the others: pull_bytes is exactly what the workers need, and each worker
+    holds exactly its rows."""
+    model, metas, srv, sdep, jdep = serving
+    want = read_checkpoint(model)
+    for r in range(2):
+        jdep.start_worker(r, ["--layout", model, "--tp-rank", "0", "--tp-size", "2",
+                              "--declare-need"], updates=1)
+    jsrv = InteractiveServe(jdep)
+    try:
+        for r in range(2):
+            wait_log(jdep, r, r"declared the need of \d+ tensors")
+        upd = jsrv.command("p2p-update %s bucket=1MiB" % metas)
+    finally:
+        jsrv.close()
+    assert upd["ok"] and upd["p2p"] == 1, upd
+    rows = {n: len(d) // 2 if len(shape) >= 2 and shape[0] % 2 == 0 else len(d)
+            for n, (_, shape, d) in want.items()}
+    assert sum(rows.values()) < 0.7 * sum(len(d) for _, _, d in want.values())
+    assert upd["pull_bytes"] == upd["bytes"] == sum(rows.values()), upd
+    jdep.wait_workers()
+    for r in range(2):
+        got = read_checkpoint(jdep.worker_dump(r))
+        for n, (_, shape, d) in want.items():
+            assert got[n][2] == d[:rows[n]], (r, n)
+    serving_workers_untouched(sdep)
+
+
 def test_p2p_refuses_unregistered(serving):
     model, metas, srv, sdep, jdep = serving
     assert srv.command("unregister m")["ok"]
