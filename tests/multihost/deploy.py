@@ -21,9 +21,10 @@ def ucx_tcp_env(env=None):
     return dict(env or MPI_ENV, UCX_TLS="tcp,self", UCX_NET_DEVICES=DEV)
 
 
-def gen(path, size, shards, layers=4):
+def gen(path, size, shards, layers=4, experts=0):
     subprocess.run([ENGINE, "gen", "--out", str(path), "--size", size, "--shards", str(shards),
-                    "--layers", str(layers)], check=True, capture_output=True, timeout=120)
+                    "--layers", str(layers), "--experts", str(experts)], check=True,
+                   capture_output=True, timeout=120)
     return str(path)
 
 

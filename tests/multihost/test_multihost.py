@@ -134,6 +134,51 @@ def test_tensor_parallel_across_two_hosts(make_hosts, tmp_path):
                 assert got[k][2] == data, "worker %d: %s differs" % (r, k)
 
 
+def test_expert_parallel_across_two_hosts(make_hosts, tmp_path):
+    """EP=2 with one worker per host on a MoE checkpoint (gen --experts 4): each worker
+    holds attention, router and norms whole and experts 2h, 2h+1 of every layer
+    (ckpt-worker --ep-rank h --ep-size 2 declares them). A host receives from the other
+    only what its worker needs: nothing of the other host's experts (host_bytes_max and
+    the receive counters against the same run's verify=1 update, which sends the same
+    whole tensors: EP needs no cutting), every worker verified."""
+    from deploy import read_checkpoint
+    H = make_hosts(2)
+    model = gen(tmp_path / "model", SIZE, shards=2, layers=4, experts=4)
+    want = read_checkpoint(model)
+    mine = [{k: v for k, v in want.items()
+             if ".experts." not in k or int(k.split(".experts.")[1].split(".")[0]) // 2 == h}
+            for h in range(2)]
+    experts = sum(len(d) for k, (_, _, d) in want.items() if ".experts." in k)
+    assert experts > 0.3 * total_bytes(model)
+    dep = Deployment(H, range(2), tmp_path, serve_args=["--timeout-ms", "30000"])
+    dep.start_workers(lambda r: ["--layout", model, "--ep-rank", str(r), "--ep-size", "2",
+                                 "--verify"])
+    dep.start()
+    assert dep.command("register m %s" % model, timeout=90)["ok"]
+    for r in range(2):
+        dep.wait_worker_log(r, r"declared the need of \d+ tensors")
+    rx0 = [H.rx_bytes(i) for i in range(2)]
+    upd = dep.command("update m bucket=4MiB timeout=30000 verify=1", timeout=120)
+    assert upd["ok"], upd
+    rx = sum(H.rx_bytes(i) - rx0[i] for i in range(2))
+    total = total_bytes(model)
+    # each host's worker needs everything but the other half of the experts
+    need = [sum(len(d) for _, _, d in m.values()) for m in mine]
+    assert upd["need_bytes_max"] == max(need) and upd["need_bytes_total"] == sum(need), upd
+    # it receives at most its need (what the other host owns of it), never the other experts
+    assert 0 < upd["host_bytes_max"] <= max(need) + 4096 * upd["tensors"], upd
+    assert upd["host_bytes_max"] < total - experts / 2 + 4096 * upd["tensors"], upd
+    # a full broadcast moves >= total over the bridge; here half the experts stay home
+    assert rx < total - 0.4 * experts, (rx, total, experts)
+    assert dep.close() == 0, dep.stderr()
+    assert dep.wait_workers() == {r: 0 for r in range(2)}
+    for r in range(2):
+        got = read_checkpoint(dep.dump_dir(r))
+        assert set(got) == set(mine[r]), r
+        for k, (dt, shape, data) in mine[r].items():
+            assert got[k][2] == data, "worker %d: %s differs" % (r, k)
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_p2p_across_hosts(make_hosts, tmp_path, n):
     """A serving deployment on the first half of the hosts exports; a joining deployment

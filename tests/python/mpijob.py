@@ -71,10 +71,11 @@ def assert_worker_equals(dep, r, model_path):
     return True
 
 
-def gen(tmp_path, size="8MiB", layers=2, shards=2, name="model"):
+def gen(tmp_path, size="8MiB", layers=2, shards=2, name="model", experts=0):
     out = os.path.join(str(tmp_path), name)
     subprocess.run([ENGINE, "gen", "--out", out, "--size", size, "--layers", str(layers),
-                    "--shards", str(shards)], check=True, capture_output=True)
+                    "--shards", str(shards), "--experts", str(experts)], check=True,
+                   capture_output=True)
     return out
 
 

@@ -14,7 +14,7 @@ def test_help_lists_every_option():
     for opt in ["--socket", "--layout", "--tp-rank", "--tp-size", "--verify", "--checksum-out",
                 "--dump", "--timeout-ms", "--updates", "--post-hook-sleep-ms",
                 "--fail-on-bucket", "--stall-on-bucket", "--engine-wait-ms", "--declare-need",
-                "--need-glob"]:
+                "--need-glob", "--ep-rank", "--ep-size"]:
         assert opt in out, opt
 
 
@@ -23,7 +23,10 @@ def test_bad_arguments():
     r = subprocess.run([WORKER, "--socket", "/tmp/x", "--tp-rank", "2", "--tp-size", "2"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--tp-rank 2" in r.stderr
-    for opt in (["--declare-need"], ["--need-glob", "*"]):  # nothing to declare without one
+    r = subprocess.run([WORKER, "--socket", "/tmp/x", "--layout", "/tmp/x", "--ep-rank", "2",
+                        "--ep-size", "2"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--ep-rank 2 outside 0..1" in r.stderr, r.stderr
+    for opt in (["--declare-need"], ["--need-glob", "*"], ["--ep-size", "2"]):  # nothing to declare without one
         r = subprocess.run([WORKER, "--socket", "/tmp/x"] + opt, capture_output=True, text=True)
         assert r.returncode == 2 and "need --layout" in r.stderr, r.stderr
     r = subprocess.run([WORKER, "--socket", "/tmp/x", "--layout", "/tmp/x"] +

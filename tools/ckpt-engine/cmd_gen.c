@@ -34,7 +34,7 @@ static void usage(FILE *out)
 {
     fprintf(out,
             "usage: ckpt-engine gen --out DIR [--size 1GiB] [--layers N] [--shards K]\n"
-            "                       [--seed S] [--dtypes bf16,f32]\n\n"
+            "                       [--experts E] [--seed S] [--dtypes bf16,f32]\n\n"
             "Writes a synthetic Llama-style checkpoint of about --size bytes: embedding and\n"
             "lm_head [vocab, hidden], per layer q/k/v/o [hidden, hidden], gate/up [inter, hidden],\n"
             "down [hidden, inter] and two norms [hidden], plus the final norm. The hidden size\n"
@@ -42,6 +42,9 @@ static void usage(FILE *out)
             "model.safetensors.index.json are written; earlier gen output in DIR is replaced.\n\n"
             "  --size BYTES    suffixes KiB MiB GiB TiB (or K M G T), KB MB GB; default 1GiB\n"
             "  --layers N      transformer layers (default 8)\n"
+            "  --experts E     a mixture of experts: per layer a router mlp.gate [E, hidden]\n"
+            "                  and E experts mlp.experts.X.{gate,up,down}_proj, each with\n"
+            "                  1/E of the dense intermediate size (default 0: dense MLP)\n"
             "  --shards K      number of files (default 1)\n"
             "  --seed S        seed of the deterministic bytes (default 0)\n"
             "  --dtypes W[,N]  dtype of the weights and of the norms (default bf16,f32)\n");
@@ -76,10 +79,20 @@ static int parse_dtype(const char *s, size_t len)
     return ckpt_dtype_from_name(up);
 }
 
-static uint64_t model_bytes(uint64_t h, int layers, size_t wsz, size_t nsz)
+/* An expert's intermediate size: the dense one split over the experts (a multiple of 8). */
+static uint64_t expert_inter(uint64_t inter, int experts)
+{
+    if (experts <= 0) return inter;
+    uint64_t i = (inter / (uint64_t)experts + 7) / 8 * 8;
+    return i < 8 ? 8 : i;
+}
+
+static uint64_t model_bytes(uint64_t h, int layers, int experts, size_t wsz, size_t nsz)
 {
     uint64_t inter = (h * 11 / 4 + 7) / 8 * 8, vocab = h * 16 < 32000 ? h * 16 : 32000;
-    uint64_t weights = 2 * vocab * h + (uint64_t)layers * (4 * h * h + 3 * inter * h);
+    uint64_t n = experts > 0 ? (uint64_t)experts : 1, router = experts > 0 ? n * h : 0;
+    uint64_t mlp = 3 * n * expert_inter(inter, experts) * h + router;
+    uint64_t weights = 2 * vocab * h + (uint64_t)layers * (4 * h * h + mlp);
     return weights * wsz + ((uint64_t)layers * 2 + 1) * h * nsz;
 }
 
@@ -91,17 +104,18 @@ static int add(layout_t *l, const char *name, int dtype, int64_t d0, int64_t d1)
 
 /* Names and shapes of the model; the hidden size is the largest multiple of 8 (of 64 from
  * 256 on, as real models use) whose model still fits the target. */
-static int build_layout(layout_t *l, uint64_t target, int layers, int wdt, int ndt)
+static int build_layout(layout_t *l, uint64_t target, int layers, int experts, int wdt, int ndt)
 {
     size_t wsz = ckpt_dtype_size(wdt), nsz = ckpt_dtype_size(ndt);
     uint64_t h = 8;
-    while (h < (1u << 20) && model_bytes(h + 8, layers, wsz, nsz) <= target) h += 8;
+    while (h < (1u << 20) && model_bytes(h + 8, layers, experts, wsz, nsz) <= target) h += 8;
     if (h >= 256) h = h / 64 * 64;
     l->hidden = (int)h;
     l->inter = (int)((h * 11 / 4 + 7) / 8 * 8);
     l->vocab = (int)(h * 16 < 32000 ? h * 16 : 32000);
-    l->metas = calloc((size_t)layers * 9 + 3, sizeof(*l->metas));
-    l->shard = calloc((size_t)layers * 9 + 3, sizeof(*l->shard));
+    size_t per_layer = 6 + 3 * (size_t)(experts > 0 ? experts : 1) + (experts > 0);
+    l->metas = calloc((size_t)layers * per_layer + 3, sizeof(*l->metas));
+    l->shard = calloc((size_t)layers * per_layer + 3, sizeof(*l->shard));
     if (!l->metas || !l->shard) return -1;
     int64_t H = l->hidden, I = l->inter, V = l->vocab;
     int rc = add(l, "model.embed_tokens.weight", wdt, V, H);
@@ -112,12 +126,26 @@ static int build_layout(layout_t *l, uint64_t target, int layers, int wdt, int n
             snprintf(name, sizeof(name), "model.layers.%d.self_attn.%s.weight", i, attn[p]);
             rc = add(l, name, wdt, H, H);
         }
-        snprintf(name, sizeof(name), "model.layers.%d.mlp.gate_proj.weight", i);
-        if (rc == 0) rc = add(l, name, wdt, I, H);
-        snprintf(name, sizeof(name), "model.layers.%d.mlp.up_proj.weight", i);
-        if (rc == 0) rc = add(l, name, wdt, I, H);
-        snprintf(name, sizeof(name), "model.layers.%d.mlp.down_proj.weight", i);
-        if (rc == 0) rc = add(l, name, wdt, H, I);
+        if (experts > 0) { /* MoE (Mixtral / Qwen-MoE names): a router and the experts */
+            int64_t EI = (int64_t)expert_inter((uint64_t)I, experts);
+            snprintf(name, sizeof(name), "model.layers.%d.mlp.gate.weight", i);
+            if (rc == 0) rc = add(l, name, wdt, experts, H);
+            for (int x = 0; x < experts && rc == 0; x++) {
+                snprintf(name, sizeof(name), "model.layers.%d.mlp.experts.%d.gate_proj.weight", i, x);
+                rc = add(l, name, wdt, EI, H);
+                snprintf(name, sizeof(name), "model.layers.%d.mlp.experts.%d.up_proj.weight", i, x);
+                if (rc == 0) rc = add(l, name, wdt, EI, H);
+                snprintf(name, sizeof(name), "model.layers.%d.mlp.experts.%d.down_proj.weight", i, x);
+                if (rc == 0) rc = add(l, name, wdt, H, EI);
+            }
+        } else {
+            snprintf(name, sizeof(name), "model.layers.%d.mlp.gate_proj.weight", i);
+            if (rc == 0) rc = add(l, name, wdt, I, H);
+            snprintf(name, sizeof(name), "model.layers.%d.mlp.up_proj.weight", i);
+            if (rc == 0) rc = add(l, name, wdt, I, H);
+            snprintf(name, sizeof(name), "model.layers.%d.mlp.down_proj.weight", i);
+            if (rc == 0) rc = add(l, name, wdt, H, I);
+        }
         snprintf(name, sizeof(name), "model.layers.%d.input_layernorm.weight", i);
         if (rc == 0) rc = add(l, name, ndt, H, 0);
         snprintf(name, sizeof(name), "model.layers.%d.post_attention_layernorm.weight", i);
@@ -268,7 +296,7 @@ int cmd_gen(int argc, char **argv)
 {
     const char *out = NULL;
     uint64_t size = 1ull << 30, seed = 0;
-    long layers = 8, shards = 1;
+    long layers = 8, shards = 1, experts = 0;
     int wdt = CKPT_DTYPE_BF16, ndt = CKPT_DTYPE_F32;
     for (int i = 1; i < argc; i += 2) { /* every option takes one value */
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -282,6 +310,7 @@ int cmd_gen(int argc, char **argv)
         else if (strcmp(a, "--out") == 0) out = v;
         else if (strcmp(a, "--size") == 0) bad = parse_size(v, &size) < 0;
         else if (strcmp(a, "--layers") == 0) bad = (layers = strtol(v, &end, 10)) < 1 || layers > 100000 || *end;
+        else if (strcmp(a, "--experts") == 0) bad = (experts = strtol(v, &end, 10)) < 0 || experts > 4096 || *end;
         else if (strcmp(a, "--shards") == 0) bad = (shards = strtol(v, &end, 10)) < 1 || shards > 99999 || *end;
         else if (strcmp(a, "--seed") == 0) seed = strtoull(v, &end, 0), bad = *end != '\0';
         else if (strcmp(a, "--dtypes") == 0) {
@@ -305,7 +334,7 @@ int cmd_gen(int argc, char **argv)
     clock_gettime(CLOCK_MONOTONIC, &t0);
     layout_t l = {0};
     int rc = 1;
-    if (build_layout(&l, size, (int)layers, wdt, ndt) != 0) {
+    if (build_layout(&l, size, (int)layers, (int)experts, wdt, ndt) != 0) {
         fprintf(stderr, "ckpt-engine gen: %s\n", l.metas ? ckpt_last_error() : "out of memory");
         goto out;
     }

@@ -22,6 +22,7 @@ typedef struct {
     long updates, fail_on, stall_on, die_on;
     int dump_now; /* with --updates K, the dump is written after the last update only */
     int declare_need;     /* tell the engine what this worker holds (NEED) */
+    int ep_rank, ep_size; /* expert parallel: hold block ep_rank of ep_size of the experts */
     const char *need_glob[8]; /* hold (and need) only the layout's tensors matching one */
     int nneed_glob;
 } opts_t;
@@ -56,6 +57,9 @@ static void usage(FILE *out)
         "                           holds, after each connect: it then sends only those,\n"
         "                           and an update of a tensor no worker needs fails unless\n"
         "                           asked with unneeded=ignore (needs --layout)\n"
+        "  --ep-rank R --ep-size N  expert parallel: of the layout's experts (names with\n"
+        "                           '.experts.X.'), hold only block R of N contiguous ones;\n"
+        "                           every other tensor whole; implies --declare-need\n"
         "  --need-glob PATTERN      hold only the layout's tensors whose names match the\n"
         "                           shell pattern (e.g. '*experts.[0-3].*' for one EP rank);\n"
         "                           repeat it (up to 8) for a union; implies --declare-need\n"
@@ -94,10 +98,12 @@ static int parse(int argc, char **argv, opts_t *o)
         {"stall-on-bucket", 1, 0, 'S'}, {"die-in-post-hook", 0, 0, 'K'},
         {"die-on-bucket", 1, 0, 'X'}, {"engine-wait-ms", 1, 0, 'E'}, {"help", 0, 0, 'h'},
         {"declare-need", 0, 0, 'D'}, {"need-glob", 1, 0, 'G'},
+        {"ep-rank", 1, 0, 'R'}, {"ep-size", 1, 0, 'N'},
         {0, 0, 0, 0}};
     int c;
     memset(o, 0, sizeof(*o));
     o->tp_size = 1;
+    o->ep_size = 1;
     o->timeout_ms = 30000;
     o->engine_wait_ms = -1; /* an engine restart, however long, must not end the worker */
     o->post_hook_ms = 10;
@@ -120,6 +126,8 @@ static int parse(int argc, char **argv, opts_t *o)
         case 'K': o->die_in_post_hook = 1; break;
         case 'E': o->engine_wait_ms = atoi(optarg); break;
         case 'D': o->declare_need = 1; break;
+        case 'R': o->ep_rank = atoi(optarg), o->declare_need = 1; break;
+        case 'N': o->ep_size = atoi(optarg), o->declare_need = 1; break;
         case 'G':
             if (o->nneed_glob == 8) {
                 fprintf(stderr, "ckpt-worker: at most 8 --need-glob patterns\n");
@@ -139,6 +147,10 @@ static int parse(int argc, char **argv, opts_t *o)
     if (o->declare_need && o->layout == NULL) {
         fprintf(stderr, "ckpt-worker: --declare-need and --need-glob need --layout (the "
                         "tensors to declare)\n");
+        return 2;
+    }
+    if (o->ep_size < 1 || o->ep_rank < 0 || o->ep_rank >= o->ep_size) {
+        fprintf(stderr, "ckpt-worker: --ep-rank %d outside 0..%d\n", o->ep_rank, o->ep_size - 1);
         return 2;
     }
     if (o->tp_size < 1 || o->tp_rank < 0 || o->tp_rank >= o->tp_size) {
@@ -271,6 +283,8 @@ int main(int argc, char **argv)
     wk_model_init(&model, o.tp_rank, o.tp_size);
     model.only = o.need_glob;
     model.nonly = o.nneed_glob;
+    model.ep_rank = o.ep_rank;
+    model.ep_size = o.ep_size;
     if (o.layout && wk_model_load_layout(&model, o.layout) != 0) return 1;
     if (o.layout) wlog(2, "layout %s: %zu tensors", o.layout, model.n);
     int model_known = o.layout != NULL;

@@ -104,25 +104,59 @@ static wk_tensor_t *add(wk_model_t *m, const ckpt_tensor_meta_t *meta)
     return t;
 }
 
-int wk_model_load_layout(wk_model_t *m, const char *path)
+/* The X of a name with ".experts.X." (an expert of a MoE layer), else -1. */
+static long expert_of(const char *name)
+{
+    const char *p = strstr(name, ".experts.");
+    if (p == NULL) return -1;
+    char *end = NULL;
+    long x = strtol(p + 9, &end, 10);
+    return end != p + 9 && *end == '.' && x >= 0 ? x : -1;
+}
+
+/* Calls fn for every tensor of the layout's files. */
+static int each_tensor(const char *path, int (*fn)(wk_model_t *, const ckpt_tensor_meta_t *),
+                       wk_model_t *m)
 {
     char **paths = NULL;
     size_t npaths = 0;
-    int rc;
-    rc = ckpt_st_list_files(path, &paths, &npaths);
+    int rc = ckpt_st_list_files(path, &paths, &npaths);
     for (size_t f = 0; rc == CKPT_OK && f < npaths; f++) {
         ckpt_st_file_t *file = NULL;
         rc = ckpt_st_open(paths[f], &file);
-        for (size_t i = 0; rc == CKPT_OK && i < ckpt_st_num_tensors(file); i++) {
-            const ckpt_tensor_meta_t *t = ckpt_st_tensor(file, i);
-            int keep = m->nonly == 0;
-            for (int k = 0; k < m->nonly && !keep; k++) keep = fnmatch(m->only[k], t->name, 0) == 0;
-            if (!keep) continue;
-            if (find(m, t->name) == NULL && add(m, t) == NULL) rc = CKPT_ENOMEM;
-        }
+        for (size_t i = 0; rc == CKPT_OK && i < ckpt_st_num_tensors(file); i++)
+            rc = fn(m, ckpt_st_tensor(file, i));
         ckpt_st_close(file);
     }
     if (paths) ckpt_st_paths_free(paths, npaths);
+    return rc;
+}
+
+static int count_experts(wk_model_t *m, const ckpt_tensor_meta_t *t)
+{
+    long x = expert_of(t->name);
+    if (x + 1 > m->experts) m->experts = x + 1;
+    return CKPT_OK;
+}
+
+static int load_one(wk_model_t *m, const ckpt_tensor_meta_t *t)
+{
+    int keep = m->nonly == 0;
+    for (int k = 0; k < m->nonly && !keep; k++) keep = fnmatch(m->only[k], t->name, 0) == 0;
+    long x = expert_of(t->name);
+    /* EP as vLLM places experts: rank r of n holds the contiguous block r of n. */
+    if (keep && m->ep_size > 1 && x >= 0) keep = x * m->ep_size / m->experts == m->ep_rank;
+    if (!keep) return CKPT_OK;
+    if (find(m, t->name) == NULL && add(m, t) == NULL) return CKPT_ENOMEM;
+    return CKPT_OK;
+}
+
+int wk_model_load_layout(wk_model_t *m, const char *path)
+{
+    int rc = CKPT_OK;
+    m->experts = 0;
+    if (m->ep_size > 1) rc = each_tensor(path, count_experts, m);
+    if (rc == CKPT_OK) rc = each_tensor(path, load_one, m);
     if (rc) fprintf(stderr, "ckpt-worker: layout %s: %s\n", path, ckpt_last_error());
     m->fixed = 1;
     return rc;

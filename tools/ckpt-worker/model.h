@@ -23,6 +23,8 @@ typedef struct {
     int fixed;       /* layout given: unknown names are errors, not new tensors */
     const char *const *only; /* layout load: keep only tensors whose names match one of */
     int nonly;               /* these globs (none: every tensor) */
+    int ep_rank, ep_size;    /* layout load: keep only experts of block ep_rank of ep_size */
+    long experts;            /* the layout's expert count (largest X of .experts.X. + 1) */
 } wk_model_t;
 
 void wk_model_init(wk_model_t *m, int tp_rank, int tp_size);
