@@ -13,6 +13,7 @@
 #define CKPT_SERVER_H
 
 #include "ckpt/ckpt.h"
+#include "ckpt/engine.h" /* ckpt_update_result_t: an update job's result is the engine's */
 
 #ifdef __cplusplus
 extern "C" {
@@ -99,38 +100,20 @@ typedef struct ckpt_http_job {
  * per job taken with ckpt_http_next_job, after ckpt_http_job_done. */
 CKPT_API void ckpt_http_job_release(ckpt_http_job_t *job);
 
-/* A worker an update with "isolate" cut out (mirrors ckpt_isolated_worker_t). */
-typedef struct ckpt_http_isolated {
-    int rank;
-    int worker_pid;  /* -1: none was connected */
-    int status;      /* CKPT_E* */
-    char reason[256];
-} ckpt_http_isolated_t;
-
-#define CKPT_HTTP_ISOLATED_MAX 16
-
 /* What the main thread reports for a job. Fields an engine call does not produce stay 0. */
 typedef struct ckpt_http_job_result {
-    int status;             /* 0 or the failing CKPT_E* status */
+    int status;             /* 0 or the failing CKPT_E* status (an update's trigger may fail
+                               a job the engine completed) */
     int failed_rank;        /* -1 when none */
     char reason[1024];      /* why it failed (ckpt_last_error() or the engine's reason) */
-    uint64_t version;       /* register/update: the checkpoint version */
-    uint64_t bytes;         /* register: bytes of the checkpoint; update: bytes delivered */
-    uint32_t ntensors;
-    uint32_t nbuckets;      /* update */
-    uint64_t bucket_size;
-    int nranks;
-    double gather_s, plan_s, begin_s, pipeline_s, finish_s, total_s; /* update phases */
+    uint64_t version;       /* register: the checkpoint version */
+    uint64_t bytes;         /* register: bytes of the checkpoint */
+    uint32_t ntensors;      /* register */
     int paused;             /* update: vLLM's generation was paused for it */
     int resumed;            /* update: ... and resumed after it succeeded */
-    /* update with "isolate": workers cut out of it (nisolated in all, the first
-     * CKPT_HTTP_ISOLATED_MAX by rank listed) */
-    int nisolated;
-    ckpt_http_isolated_t isolated[CKPT_HTTP_ISOLATED_MAX];
-    /* update: the workers' declared needs (ckpt_update_result_t) */
-    uint64_t need_bytes_max, need_bytes_total;
-    uint32_t unneeded;
-    uint64_t host_bytes_max; /* update: bytes the busiest host received from the others */
+    /* update: the engine's result as ckpt_engine_update returned it (one type from the
+     * engine to the HTTP answer; JSON by src/server/result_json.c) */
+    ckpt_update_result_t update;
 } ckpt_http_job_result_t;
 
 /* Progress of the running update (mirrors ckpt_update_progress_t). */

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "server/server_internal.h"
+#include "server/result_json.h"
 
 const double srv_duration_le[SRV_DURATION_BUCKETS] = {0.1, 0.25, 0.5, 1, 2.5,
                                                       5, 10, 30, 60, 300};
@@ -227,19 +228,19 @@ static void finish_update(ckpt_http_server_t *srv, const ckpt_http_job_t *job,
     u->finished_at = ckpt__now_s();
     if (r->status == 0) {
         /* A finished update delivered everything, whatever the last push said. */
-        u->progress.bytes_total = r->bytes;
-        u->progress.bytes_done = r->bytes;
-        u->progress.nbuckets = r->nbuckets;
-        u->progress.buckets_done = r->nbuckets;
+        u->progress.bytes_total = r->update.bytes;
+        u->progress.bytes_done = r->update.bytes;
+        u->progress.nbuckets = r->update.nbuckets;
+        u->progress.buckets_done = r->update.nbuckets;
         srv->updates_ok++;
-        srv->update_bytes += r->bytes;
-        srv->update_need_bytes += r->need_bytes_total;
+        srv->update_bytes += r->update.bytes;
+        srv->update_need_bytes += r->update.need_bytes_total;
         srv_ckpt_t *c = find_ckpt(srv, job->name);
-        if (c && r->version) c->info.version = r->version;
+        if (c && r->update.version) c->info.version = r->update.version;
     } else {
         srv->updates_failed++;
     }
-    double d = r->total_s > 0 ? r->total_s : u->finished_at - u->started_at;
+    double d = r->update.total_s > 0 ? r->update.total_s : u->finished_at - u->started_at;
     u->progress.elapsed_s = d;
     int b = 0;
     while (b < SRV_DURATION_BUCKETS && d > srv_duration_le[b]) b++;
@@ -491,38 +492,19 @@ cJSON *srv_render_update(ckpt_http_server_t *srv, uint64_t id, int *code)
         if (r->status) cJSON_AddStringToObject(o, "status_name", ckpt_status_name(r->status));
         cJSON_AddNumberToObject(o, "failed_rank", r->failed_rank);
         cJSON_AddStringToObject(o, "reason", r->reason);
-        cJSON_AddNumberToObject(o, "version", (double)r->version);
-        cJSON_AddNumberToObject(o, "bytes", (double)r->bytes);
-        cJSON_AddNumberToObject(o, "tensors", r->ntensors);
-        cJSON_AddNumberToObject(o, "buckets", r->nbuckets);
-        cJSON_AddNumberToObject(o, "bucket_size", (double)r->bucket_size);
-        cJSON_AddNumberToObject(o, "ranks", r->nranks);
-        cJSON_AddNumberToObject(o, "need_bytes_max", (double)r->need_bytes_max);
-        cJSON_AddNumberToObject(o, "need_bytes_total", (double)r->need_bytes_total);
-        cJSON_AddNumberToObject(o, "unneeded", r->unneeded);
-        cJSON_AddNumberToObject(o, "host_bytes_max", (double)r->host_bytes_max);
+        ckpt__update_result_json(o, &r->update);
+        /* The phase times again, grouped as the first version of this API had them. */
         cJSON *t = cJSON_AddObjectToObject(o, "timings");
-        cJSON_AddNumberToObject(t, "gather_s", r->gather_s);
-        cJSON_AddNumberToObject(t, "plan_s", r->plan_s);
-        cJSON_AddNumberToObject(t, "begin_s", r->begin_s);
-        cJSON_AddNumberToObject(t, "pipeline_s", r->pipeline_s);
-        cJSON_AddNumberToObject(t, "finish_s", r->finish_s);
-        cJSON_AddNumberToObject(t, "total_s", r->total_s);
+        cJSON_AddNumberToObject(t, "gather_s", r->update.gather_s);
+        cJSON_AddNumberToObject(t, "plan_s", r->update.plan_s);
+        cJSON_AddNumberToObject(t, "begin_s", r->update.begin_s);
+        cJSON_AddNumberToObject(t, "pipeline_s", r->update.pipeline_s);
+        cJSON_AddNumberToObject(t, "finish_s", r->update.finish_s);
+        cJSON_AddNumberToObject(t, "total_s", r->update.total_s);
         /* vLLM's generation around the update (docs/HTTP.md): paused and not resumed
          * means it is still paused now. */
         cJSON_AddBoolToObject(o, "paused", r->paused);
         cJSON_AddBoolToObject(o, "resumed", r->resumed);
-        /* "isolate": workers cut out of the update; the others completed it. */
-        cJSON_AddNumberToObject(o, "nisolated", r->nisolated);
-        cJSON *iso = cJSON_AddArrayToObject(o, "isolated");
-        for (int i = 0; i < r->nisolated && i < CKPT_HTTP_ISOLATED_MAX; i++) {
-            cJSON *w = cJSON_CreateObject();
-            cJSON_AddNumberToObject(w, "rank", r->isolated[i].rank);
-            cJSON_AddNumberToObject(w, "worker", r->isolated[i].worker_pid);
-            cJSON_AddStringToObject(w, "status", ckpt_status_name(r->isolated[i].status));
-            cJSON_AddStringToObject(w, "reason", r->isolated[i].reason);
-            cJSON_AddItemToArray(iso, w);
-        }
         char url[64];
         snprintf(url, sizeof url, "/v1/updates/%llu/trace", (unsigned long long)u->id);
         if (access(u->trace_path, R_OK) == 0) cJSON_AddStringToObject(o, "trace_url", url);

@@ -73,15 +73,15 @@ static void fake_update(const ckpt_http_job_t *job, int update_ms, ckpt_http_job
         prog.elapsed_s = (double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) / 1e9;
         pthread_mutex_unlock(&prog_mu);
     }
-    res->nbuckets = NB;
-    res->bucket_size = total / NB;
-    res->bytes = total;
-    res->ntensors = 7;
-    res->nranks = fake_ranks;
-    res->version = 2;
-    res->total_s = prog.elapsed_s;
-    res->pipeline_s = prog.elapsed_s * 0.9;
-    res->plan_s = prog.elapsed_s * 0.1;
+    res->update.nbuckets = NB;
+    res->update.bucket_size = total / NB;
+    res->update.bytes = total;
+    res->update.ntensors = 7;
+    res->update.nranks = fake_ranks;
+    res->update.version = 2;
+    res->update.total_s = prog.elapsed_s;
+    res->update.pipeline_s = prog.elapsed_s * 0.9;
+    res->update.plan_s = prog.elapsed_s * 0.1;
     if (strcmp(job->name, "fail-update") == 0) {
         res->status = CKPT_EPEER;
         res->failed_rank = 1;
@@ -481,8 +481,8 @@ static void test_server_jobs(void)
     CHECK(strstr(b.text, "\"running\"") && strstr(b.text, "\"buckets_done\":3"));
     memset(&r, 0, sizeof r);
     r.failed_rank = -1;
-    r.bytes = 1000;
-    r.total_s = 0.7;
+    r.update.bytes = 1000;
+    r.update.total_s = 0.7;
     CHECK_OK(ckpt_http_job_done(srv, &job, &r));
     CHECK(http(port, "GET", "/v1/updates/1", NULL, "s3cret", &b) == 200);
     CHECK(strstr(b.text, "\"succeeded\"") != NULL);

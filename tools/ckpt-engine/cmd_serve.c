@@ -16,6 +16,7 @@
 #include "ckpt/engine.h"
 #include "commands.h"
 #include "serve.h"
+#include "server/result_json.h"
 
 static void serve_usage(FILE *out)
 {
@@ -125,44 +126,14 @@ void serve_print_update(const serve_state_t *st, const ckpt_update_result_t *r)
         cJSON_AddStringToObject(o, "status", ckpt_status_name(r->status));
         cJSON_AddNumberToObject(o, "failed_rank", r->failed_rank);
         cJSON_AddStringToObject(o, "reason", r->reason);
-        cJSON_AddNumberToObject(o, "version", (double)r->version);
         cJSON_AddNumberToObject(o, "update_id", (double)r->update_id);
-        cJSON_AddNumberToObject(o, "ranks", r->nranks);
-        cJSON_AddNumberToObject(o, "bytes", (double)r->bytes);
-        cJSON_AddNumberToObject(o, "tensors", r->ntensors);
-        cJSON_AddNumberToObject(o, "buckets", r->nbuckets);
-        cJSON_AddNumberToObject(o, "bucket_size", (double)r->bucket_size);
-        cJSON_AddNumberToObject(o, "buffers", r->nbuffers);
-        cJSON_AddNumberToObject(o, "direct", r->direct);
-        cJSON_AddNumberToObject(o, "p2p", r->p2p);
-        cJSON_AddNumberToObject(o, "pull_s", r->pull_s);
-        cJSON_AddNumberToObject(o, "pull_bytes", (double)r->pull_bytes);
-        cJSON_AddNumberToObject(o, "need_bytes_max", (double)r->need_bytes_max);
-        cJSON_AddNumberToObject(o, "need_bytes_total", (double)r->need_bytes_total);
-        cJSON_AddNumberToObject(o, "unneeded", r->unneeded);
-        cJSON_AddNumberToObject(o, "host_bytes_max", (double)r->host_bytes_max);
-        cJSON_AddNumberToObject(o, "gather_s", r->gather_s);
-        cJSON_AddNumberToObject(o, "plan_s", r->plan_s);
-        cJSON_AddNumberToObject(o, "begin_s", r->begin_s);
-        cJSON_AddNumberToObject(o, "pipeline_s", r->pipeline_s);
-        cJSON_AddNumberToObject(o, "finish_s", r->finish_s);
-        cJSON_AddNumberToObject(o, "total_s", r->total_s);
+        ckpt__update_result_json(o, r);
         cJSON_AddNumberToObject(o, "per_worker_gbps", per_worker);
         cJSON_AddNumberToObject(o, "memcpy_gbps", st->floors.memcpy_gbps);
         cJSON_AddNumberToObject(o, "memcpy_concurrent_gbps", st->floors.memcpy_concurrent_gbps);
         cJSON_AddNumberToObject(o, "stream_gbps", st->floors.stream_gbps);
         cJSON_AddNumberToObject(o, "stream_concurrent_gbps", st->floors.stream_concurrent_gbps);
         cJSON_AddNumberToObject(o, "bcast_gbps", st->floors.bcast_gbps);
-        cJSON_AddNumberToObject(o, "nisolated", r->nisolated);
-        cJSON *iso = cJSON_AddArrayToObject(o, "isolated");
-        for (uint32_t i = 0; i < r->nisolated && i < CKPT_ISOLATED_MAX; i++) {
-            cJSON *w = cJSON_CreateObject();
-            cJSON_AddNumberToObject(w, "rank", r->isolated[i].rank);
-            cJSON_AddNumberToObject(w, "worker", r->isolated[i].worker_pid);
-            cJSON_AddStringToObject(w, "status", ckpt_status_name(r->isolated[i].status));
-            cJSON_AddStringToObject(w, "reason", r->isolated[i].reason);
-            cJSON_AddItemToArray(iso, w);
-        }
         print_json_line(o);
         return;
     }

@@ -217,31 +217,7 @@ static void run_update(serve_state_t *st, ckpt_engine_t *engine, const ckpt_http
     r->status = res.status;
     r->failed_rank = res.failed_rank;
     snprintf(r->reason, sizeof r->reason, "%s", res.reason);
-    r->version = res.version;
-    r->bytes = res.bytes;
-    r->ntensors = res.ntensors;
-    r->nbuckets = res.nbuckets;
-    r->bucket_size = res.bucket_size;
-    r->nranks = res.nranks;
-    r->gather_s = res.gather_s;
-    r->plan_s = res.plan_s;
-    r->begin_s = res.begin_s;
-    r->pipeline_s = res.pipeline_s;
-    r->finish_s = res.finish_s;
-    r->total_s = res.total_s;
-    r->need_bytes_max = res.need_bytes_max;
-    r->need_bytes_total = res.need_bytes_total;
-    r->unneeded = res.unneeded;
-    r->host_bytes_max = res.host_bytes_max;
-    r->nisolated = (int)res.nisolated;
-    for (uint32_t i = 0; i < res.nisolated && i < CKPT_ISOLATED_MAX && i < CKPT_HTTP_ISOLATED_MAX;
-         i++) {
-        r->isolated[i].rank = res.isolated[i].rank;
-        r->isolated[i].worker_pid = res.isolated[i].worker_pid;
-        r->isolated[i].status = res.isolated[i].status;
-        snprintf(r->isolated[i].reason, sizeof r->isolated[i].reason, "%s",
-                 res.isolated[i].reason);
-    }
+    r->update = res;
     /* Joins the trigger (its failure fails the update) and resumes vLLM only after a good
      * update; a failed one leaves it paused and says so in the reason. */
     if (trig) {
