@@ -34,7 +34,6 @@ typedef struct update_ctx {
     const void **local_data; /* per store index: address of a local tensor's bytes */
     int worker_begun;
     double sent_at;
-    long corrupt_bucket; /* fault injection for tests: CKPT_FAULT_CORRUPT_BUCKET=b */
     int direct;              /* workers read the owners' pools: no stage, no broadcast */
     int coll_ms;             /* waits for other ranks: ckpt__peer_timeout_ms(timeout) */
     ckpt__sources_t sources; /* direct: every pool region of this host, opened */
@@ -410,12 +409,6 @@ static int prepare_bucket(update_ctx_t *u, size_t b)
     } else if (bk->owner == e->rank) {
         for (uint32_t i = bk->first; i < bk->first + bk->count; i++) stage_tensor(u, i, buf);
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_STAGE, t0);
-        if ((long)b == u->corrupt_bucket && bk->count > 0) {
-            /* Flips one byte after staging, as a bad DIMM or a stray write would; the
-             * workers' checksum verification must catch it. */
-            buf[u->plan.tensors[bk->first].offset] ^= 0x5a;
-            ckpt_warn("fault injection: corrupted one byte of bucket %zu", b);
-        }
     }
     int rc = CKPT_OK;
     if (e->ngroups > 1 && e->leaders != MPI_COMM_NULL) {
@@ -680,11 +673,9 @@ static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trac
     atomic_store(&e->progress.bytes_total, 0);
     atomic_store(&e->progress.start_ns, ckpt__now_ns());
     atomic_store(&e->progress.running, 1);
-    const char *fault = getenv("CKPT_FAULT_CORRUPT_BUCKET");
-    u.corrupt_bucket = fault ? strtol(fault, NULL, 10) : -1;
     /* Direct reads need every rank on one host (one group) sharing memory. */
     u.direct = cmd->direct && !p2p && e->ngroups == 1 && e->group_size == e->size &&
-               e->opts.share_mode == CKPT_SHARE_NODE && u.corrupt_bucket < 0;
+               e->opts.share_mode == CKPT_SHARE_NODE;
 
     /* A common start so that every rank's timeline shares one origin. */
     if (ckpt__barrier(e, e->world, u.coll_ms, "update start") < 0)

@@ -243,3 +243,34 @@ def pool_files(pid):
         seen.add((st.st_dev, st.st_ino))
         out.append((path, link, st.st_size))
     return out
+
+
+def corrupt_pool_byte(pids, needle):
+    """Flips the first byte of `needle` where it lies in a rank's pool, through the rank's
+    own fd of that pool (a stray write, as far as the engine can tell). Exactly one pool
+    holds it."""
+    hits = []
+    for pid in pids:
+        for path, link, size in pool_files(pid):
+            with open(path, "rb") as f:
+                data = f.read()
+            at = data.find(needle)
+            if at >= 0:
+                assert data.find(needle, at + 1) < 0, "needle not unique in %s" % link
+                hits.append((pid, path, link, at))
+    assert len(hits) == 1, hits
+    pid, path, link, at = hits[0]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        b = os.pread(fd, 1, at)
+        assert os.pwrite(fd, bytes([b[0] ^ 0x5A]), at) == 1
+    finally:
+        os.close(fd)
+    return pid, link, at
+
+
+def largest_tensor_needle(model):
+    """(name, 64 bytes from the middle of the checkpoint's largest tensor): unique in the
+    pools, to find and corrupt it there."""
+    name, (_, _, data) = max(read_checkpoint(model).items(), key=lambda kv: len(kv[1][2]))
+    return name, data[len(data) // 2:len(data) // 2 + 64]

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from mpijob import (ENGINE, MPI_ENV, WORKER, Deployment, InteractiveServe, gen, read_checkpoint,
-                    wait_log)
+from mpijob import (ENGINE, MPI_ENV, WORKER, Deployment, InteractiveServe, corrupt_pool_byte,
+                    gen, largest_tensor_needle, read_checkpoint, wait_log)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(WORKER), reason="ckpt-worker not built")
 
@@ -92,19 +92,23 @@ def test_worker_stall_times_out(setup):
         srv.close()
 
 
-def test_corrupted_ipc_buffer_is_detected(setup, monkeypatch):
+def test_corrupted_pool_is_detected_when_staged(setup):
+    """A byte corrupted in an owner's pool after registration (a bad DIMM, a stray write)
+    is staged into an IPC bucket like any other (direct=0); the workers' verification
+    fails the update naming the tensor's checksum. (The direct path: test_verify_direct.)"""
     model, dep = setup
     dep.start_worker(0, ["--layout", model, "--verify"])
     dep.start_worker(1, ["--layout", model, "--verify"])
-    monkeypatch.setenv("CKPT_FAULT_CORRUPT_BUCKET", "1")
-    import mpijob
-    monkeypatch.setattr(mpijob, "MPI_ENV", dict(mpijob.MPI_ENV, CKPT_FAULT_CORRUPT_BUCKET="1"))
+    name, needle = largest_tensor_needle(model)
     srv = InteractiveServe(dep, extra_args=["--verify"])
     try:
         assert srv.command("register m %s" % model)["ok"]
-        res = srv.command("update m bucket=512KiB timeout=10000")
-        assert not res["ok"], res
-        assert "checksum" in res["reason"], res
+        assert srv.command("update m bucket=512KiB timeout=10000 direct=0")["ok"]
+        corrupt_pool_byte(srv.rank_pids(), needle)
+        res = srv.command("update m bucket=512KiB timeout=10000 direct=0")
+        assert not res["ok"] and res["status"] == "CKPT_ECHECKSUM" and res["direct"] == 0, res
+        assert re.search(r"tensor '%s': checksum [0-9a-f]+, expected" % re.escape(name),
+                         res["reason"]), res
     finally:
         srv.close()
 

@@ -1,48 +1,20 @@
 """Checksum verification on the default update path: with every rank on one host the
 update is DIRECT (workers read the ranks' pools in place, nothing is staged), and verify=1
 must still catch a byte that changed in a pool after registration. The staged path has its
-own test (test_update_failures.py: test_corrupted_ipc_buffer_is_detected, which forces the
-staged path)."""
+own test (test_update_failures.py: test_corrupted_pool_is_detected_when_staged)."""
 import os
 
 import pytest
 
-from mpijob import (WORKER, Deployment, InteractiveServe, gen, pool_files, read_checkpoint,
-                    wait_log)
+from mpijob import (WORKER, Deployment, InteractiveServe, corrupt_pool_byte, gen,
+                    largest_tensor_needle, wait_log)
 
 pytestmark = pytest.mark.skipif(not os.path.exists(WORKER), reason="ckpt-worker not built")
 
 
-def corrupt_pool_byte(pids, needle):
-    """Flips the first byte of `needle` where it lies in a rank's pool, through the rank's
-    own fd of that pool (a stray write, as far as the engine can tell). Exactly one pool
-    holds it."""
-    hits = []
-    for pid in pids:
-        for path, link, size in pool_files(pid):
-            with open(path, "rb") as f:
-                data = f.read()
-            at = data.find(needle)
-            if at >= 0:
-                assert data.find(needle, at + 1) < 0, "needle not unique in %s" % link
-                hits.append((pid, path, link, at))
-    assert len(hits) == 1, hits
-    pid, path, link, at = hits[0]
-    fd = os.open(path, os.O_RDWR)
-    try:
-        b = os.pread(fd, 1, at)
-        assert os.pwrite(fd, bytes([b[0] ^ 0x5A]), at) == 1
-    finally:
-        os.close(fd)
-    return pid, link, at
-
-
 def test_verify_catches_corrupt_pool_on_direct_update(tmp_path):
     model = gen(tmp_path, size="4MiB", layers=2, shards=2)
-    tensors = read_checkpoint(model)
-    # The largest tensor: 64 bytes from its middle are unique in the pools.
-    name, (_, _, data) = max(tensors.items(), key=lambda kv: len(kv[1][2]))
-    needle = data[len(data) // 2:len(data) // 2 + 64]
+    name, needle = largest_tensor_needle(model)
     dep = Deployment(tmp_path, 2)
     for r in range(2):
         dep.start_worker(r, ["--layout", model])

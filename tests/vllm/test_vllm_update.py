@@ -187,22 +187,25 @@ def test_trainer_publishes_torch_tensors_then_vllm_updates(ckpts):
         eng.close()
 
 
-def test_verify_refuses_a_corrupt_bucket_before_vllm_sees_it(ckpts, monkeypatch):
+def test_verify_refuses_a_corrupt_bucket_before_vllm_sees_it(ckpts):
     """`update NAME verify=1`: the extension checks every tensor's XXH3-64 in the shared
-    buffer before handing it to vLLM. One byte flipped in bucket 0 (the engine's fault hook)
-    fails the update naming the tensor, and vLLM still answers as before: nothing landed."""
+    buffer before handing it to vLLM. One byte flipped in the engine's pool after
+    registration (a stray write, from outside the engine) fails the update naming the
+    tensor, and vLLM still answers as before: nothing landed."""
     a, b = ckpts.path("llama", "float32", "A"), ckpts.path("llama", "float32", "B")
     want_a = ckpts.fresh_tokens("llama", "float32", "A")
-    monkeypatch.setattr(mpijob, "MPI_ENV", dict(mpijob.MPI_ENV, CKPT_FAULT_CORRUPT_BUCKET="0"))
     eng = Engine()
     llm = make_llm(a, "float32")
     try:
         assert eng.command("register b %s" % b)["ok"]
+        name, needle = mpijob.largest_tensor_needle(b)
+        mpijob.corrupt_pool_byte(eng.srv.rank_pids(), needle)
         eng.srv.send("update b verify=1 bucket=4MiB")
         with pytest.raises(Exception) as err:
             ckv.update(llm, socket_dir=eng.sock, timeout_s=30)
         res = eng.srv.result(120)
         assert not res["ok"] and "checksum" in res["reason"].lower(), res
+        assert name in res["reason"], (name, res)
         assert "incomplete" in str(err.value) and "checksum" in str(err.value).lower(), err.value
         assert llm.collective_rpc("ckpt_engine_status")[0]["state"] == "incomplete"
         assert greedy(llm) == want_a
