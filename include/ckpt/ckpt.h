@@ -11,7 +11,10 @@
  *    generic text of a status.
  *  - Everything is plain C types and arrays of structs, so a ctypes binding can call it
  *    without a compiler; no callback is ever mandatory.
- *  - Option structs start with a field_mask so that new fields never break old callers.
+ *  - Option structs start with a field_mask so that new fields never break old callers:
+ *    the store's options are read only where their bit is set (store.h); every other
+ *    struct has no bits yet, and a bit this library does not know is refused
+ *    (CKPT_EINVAL naming the struct) rather than silently ignored.
  */
 #ifndef CKPT_CKPT_H
 #define CKPT_CKPT_H

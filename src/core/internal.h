@@ -67,6 +67,10 @@ CKPT_HIDDEN uint64_t ckpt__now_ns(void);
 CKPT_HIDDEN double ckpt__now_s(void);
 
 /* Copies src into dst of size cap, always NUL-terminated; returns CKPT_ETOOBIG if cut. */
+/* Option structs reserve field_mask for growth (ckpt.h): a bit this library does not know
+ * means the caller filled a field it cannot honour, which is refused rather than ignored:
+ * CKPT_EINVAL naming the struct and the bits. */
+CKPT_HIDDEN int ckpt__check_field_mask(uint64_t mask, uint64_t known, const char *what);
 CKPT_HIDDEN int ckpt__strlcpy(char *dst, const char *src, size_t cap);
 
 #define CKPT_MIN(a, b) ((a) < (b) ? (a) : (b))

@@ -69,3 +69,11 @@ int ckpt__strlcpy(char *dst, const char *src, size_t cap)
     memcpy(dst, src, n + 1);
     return CKPT_OK;
 }
+
+int ckpt__check_field_mask(uint64_t mask, uint64_t known, const char *what)
+{
+    if ((mask & ~known) == 0) return CKPT_OK;
+    return ckpt__error(CKPT_EINVAL, "%s: field_mask bits 0x%llx are not known to this libckpt "
+                       "(built for a newer one?); set field_mask to 0", what,
+                       (unsigned long long)(mask & ~known));
+}

@@ -37,6 +37,8 @@ int ckpt_engine_create(const ckpt_engine_options_t *opts, ckpt_engine_t **engine
     int initialized = 0, rc = CKPT_OK;
     MPI_Initialized(&initialized);
     if (!initialized) return ckpt__error(CKPT_ESTATE, "MPI_Init must be called first");
+    if (opts && ckpt__check_field_mask(opts->field_mask, 0, "ckpt_engine_options_t") < 0)
+        return CKPT_EINVAL;
     ckpt_engine_t *e = ckpt__calloc(1, sizeof(*e));
     if (!e) return ckpt__error(CKPT_ENOMEM, "engine");
     e->opts = opts ? *opts : defaults;
@@ -230,6 +232,8 @@ int ckpt_engine_update(ckpt_engine_t *e, const char *name, const ckpt_update_opt
     ckpt__cmd_t cmd;
     memset(&cmd, 0, sizeof(cmd));
     if (!opts) opts = &defaults;
+    if (ckpt__check_field_mask(opts->field_mask, 0, "ckpt_update_options_t") < 0)
+        return CKPT_EINVAL;
     int rc = leader_only(e, "update");
     if (rc == CKPT_OK) rc = set_name(&cmd, name);
     if (rc < 0) return rc;
@@ -300,6 +304,8 @@ int ckpt_engine_p2p_update(ckpt_engine_t *e, const void *metas, size_t len,
     ckpt__cmd_t cmd;
     memset(&cmd, 0, sizeof(cmd));
     if (!opts) opts = &defaults;
+    if (ckpt__check_field_mask(opts->field_mask, 0, "ckpt_update_options_t") < 0)
+        return CKPT_EINVAL;
     int rc = leader_only(e, "p2p update");
     if (rc < 0) return rc;
     if (metas == NULL || len == 0) return ckpt__error(CKPT_EINVAL, "p2p update: no metas");

@@ -317,6 +317,8 @@ static int send_once(ckpt_publication_t *pub, const char *socket_path,
     ckpt_publish_options_t defaults = CKPT_PUBLISH_OPTIONS_INIT;
     if (!opts) opts = &defaults;
     if (!pub || !socket_path) return ckpt__error(CKPT_EINVAL, "publish: NULL publication or path");
+    if (ckpt__check_field_mask(opts->field_mask, 0, "ckpt_publish_options_t") < 0)
+        return CKPT_EINVAL;
     if (pub->sent)
         return ckpt__error(CKPT_ESTATE, "publish '%s': already sent; make a new publication "
                            "for the next step", pub->name);

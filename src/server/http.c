@@ -517,6 +517,8 @@ int ckpt_http_start(const ckpt_http_options_t *opts, ckpt_http_server_t **out)
     ckpt_http_options_t def = CKPT_HTTP_OPTIONS_INIT;
     if (!opts) opts = &def;
     if (!out) return ckpt__error(CKPT_EINVAL, "ckpt_http_start: NULL out");
+    if (ckpt__check_field_mask(opts->field_mask, 0, "ckpt_http_options_t") < 0)
+        return CKPT_EINVAL;
     if (opts->port < 0 || opts->port > 65535)
         return ckpt__error(CKPT_EINVAL, "HTTP port %d is out of range", opts->port);
     const char *addr = opts->bind_addr ? opts->bind_addr : "127.0.0.1";

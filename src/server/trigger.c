@@ -25,6 +25,8 @@ int ckpt_trigger_body(const ckpt_trigger_request_t *req, char *buf, size_t cap)
 {
     if (!req || !buf || !cap || req->nsockets < 0 || (req->nsockets && !req->socket_paths))
         return ckpt__error(CKPT_EINVAL, "ckpt_trigger_body: bad argument");
+    if (ckpt__check_field_mask(req->field_mask, 0, "ckpt_trigger_request_t") < 0)
+        return CKPT_EINVAL;
     int rc = 0;
     char *text = NULL;
     cJSON *root = cJSON_CreateObject();

@@ -11,6 +11,9 @@ int ckpt_store_create(const ckpt_store_options_t *opts, ckpt_store_t **store_out
     ckpt_store_t *s;
 
     if (!store_out) return ckpt__error(CKPT_EINVAL, "store create: NULL store_out");
+    if (opts && ckpt__check_field_mask(opts->field_mask, (CKPT_STORE_OPT_POOL_ALLOCATOR << 1) - 1,
+                                       "ckpt_store_options_t") < 0)
+        return CKPT_EINVAL;
     s = ckpt__calloc(1, sizeof(*s));
     if (!s) return ckpt__error(CKPT_ENOMEM, "store create: out of memory");
     s->opts = defaults;

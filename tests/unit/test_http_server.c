@@ -525,12 +525,24 @@ static void test_nul_escape_is_exact(void)
     CHECK(strcmp(j.path, "/m/a\\u0000") == 0);
 }
 
+/* The server's options have no field_mask bits yet: any bit is refused by name. */
+static void test_options_field_mask(void)
+{
+    ckpt_http_options_t o = CKPT_HTTP_OPTIONS_INIT;
+    ckpt_http_server_t *srv = NULL;
+    o.field_mask = 1;
+    CHECK_RC(ckpt_http_start(&o, &srv), CKPT_EINVAL);
+    CHECK_ERR_HAS("ckpt_http_options_t: field_mask bits 0x1");
+    CHECK(srv == NULL);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "--serve") == 0) return serve(argc, argv);
     if (argc > 2 && strcmp(argv[1], "--client") == 0) return cmd_client(argc - 2, argv + 2);
     curl_global_init(CURL_GLOBAL_DEFAULT);
     RUN_TEST(test_names);
+    RUN_TEST(test_options_field_mask);
     RUN_TEST(test_parse_register);
     RUN_TEST(test_parse_update);
     RUN_TEST(test_trigger_body);
