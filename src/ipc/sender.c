@@ -54,7 +54,8 @@ struct ckpt_ipc_server {
 
 /* ---- connection management ---- */
 
-void ckpt_ipc_server_drop_worker(ckpt_ipc_server_t *srv, const char *reason)
+/* Closes the worker connection (the worker sees EOF and marks its update incomplete). */
+static void drop_worker(ckpt_ipc_server_t *srv, const char *reason)
 {
     if (srv == NULL || srv->state == ST_NONE) return;
     ckpt_info("ipc: dropping %s: %s", srv->conn.peer, reason ? reason : "requested");
@@ -71,7 +72,7 @@ void ckpt_ipc_server_drop_worker(ckpt_ipc_server_t *srv, const char *reason)
 /* Drops the worker after a failure that left the stream unusable, keeping the error text. */
 static int fail_drop(ckpt_ipc_server_t *srv, int rc)
 {
-    ckpt_ipc_server_drop_worker(srv, ckpt_last_error());
+    drop_worker(srv, ckpt_last_error());
     return rc;
 }
 
@@ -307,11 +308,6 @@ int ckpt_ipc_server_worker_pid(ckpt_ipc_server_t *srv)
     return srv && srv->state != ST_NONE ? srv->worker_pid : -1;
 }
 
-int ckpt_ipc_server_fd(ckpt_ipc_server_t *srv)
-{
-    return srv->state != ST_NONE ? srv->conn.fd : srv->listen_fd;
-}
-
 void ckpt_ipc_server_set_send_timeout(ckpt_ipc_server_t *srv, int timeout_ms)
 {
     srv->send_timeout_ms = timeout_ms;
@@ -334,7 +330,7 @@ static void probe_idle(ckpt_ipc_server_t *srv)
         ssize_t n = recv(srv->conn.fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
         if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
         if (n <= 0) {
-            ckpt_ipc_server_drop_worker(srv, "disconnected");
+            drop_worker(srv, "disconnected");
             return;
         }
         /* The only message an idle worker may send is NEED; it is short and whole once
@@ -378,7 +374,7 @@ int ckpt_ipc_server_wait_worker(ckpt_ipc_server_t *srv, int timeout_ms)
 {
     if (srv == NULL) return ckpt__error(CKPT_EINVAL, "ipc: NULL server");
     if (srv->state != ST_NONE && srv->state != ST_IDLE)
-        ckpt_ipc_server_drop_worker(srv, "left in the middle of an update");
+        drop_worker(srv, "left in the middle of an update");
     if (srv->state == ST_IDLE) probe_idle(srv);
     uint64_t deadline = ckpt__ipc_deadline(timeout_ms);
     while (srv->state == ST_NONE) {
@@ -597,7 +593,7 @@ int ckpt_ipc_finish(ckpt_ipc_server_t *srv, int commit, const char *reason, int 
          * and marks the update incomplete). Otherwise its bucket answer comes before it
          * reads ABORT, so collect it first. */
         if (srv->ack_late) {
-            ckpt_ipc_server_drop_worker(srv, "no answer to the last bucket before ABORT");
+            drop_worker(srv, "no answer to the last bucket before ABORT");
             return ckpt__error(CKPT_ETIMEDOUT, "ipc %s: ABORT: worker dropped, it did not "
                                "answer bucket %u in time", srv->path, srv->bucket);
         }

@@ -16,7 +16,7 @@
  * At most one bucket is outstanding. Errors: CKPT_EPEER (worker gone; the connection is
  * dropped), CKPT_ETIMEDOUT (see wait_ack), CKPT_EPROTO (garbage from the worker; dropped),
  * or the worker's own status with its text in ckpt_last_error(). After any failure the
- * engine calls ckpt_ipc_finish(srv, 0, reason, t) (or ckpt_ipc_server_drop_worker); either
+ * engine calls ckpt_ipc_finish(srv, 0, reason, t) (or the connection is dropped); either
  * leaves the server ready for the next update: ckpt_ipc_server_wait_worker accepts the
  * reconnecting worker.
  */
@@ -56,12 +56,6 @@ int ckpt_ipc_server_need(ckpt_ipc_server_t *srv, const ckpt_need_decl_t **need_o
                          uint32_t *count_out);
 /* pid of the connected worker (SO_PEERCRED), -1 when none. */
 int ckpt_ipc_server_worker_pid(ckpt_ipc_server_t *srv);
-/* The fd to poll for the engine's own loop: the worker connection when one is open (readable
- * = a reply or EOF is waiting), else the listening socket (readable = a worker is
- * connecting). Changes after wait_worker, finish and drops. */
-int ckpt_ipc_server_fd(ckpt_ipc_server_t *srv);
-/* Closes the worker connection (the worker sees EOF and marks its update incomplete). */
-void ckpt_ipc_server_drop_worker(ckpt_ipc_server_t *srv, const char *reason);
 /* How long ckpt_ipc_send_bucket may block when the worker stops reading its socket
  * (default 10000 ms). A BUCKET message is sent whole or the connection is dropped. */
 void ckpt_ipc_server_set_send_timeout(ckpt_ipc_server_t *srv, int timeout_ms);
