@@ -1,11 +1,12 @@
 /* The command stream: rank 0 broadcasts each command; followers wait for the next one
  * without spinning (see coll.c) and execute it. */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "engine/engine_internal.h"
 
-int ckpt__cmd_send(ckpt_engine_t *e, ckpt__cmd_t *cmd)
+static int cmd_send(ckpt_engine_t *e, ckpt__cmd_t *cmd)
 {
     MPI_Request req;
     /* Rank 0 waits for every follower to finish the last command. That is a wait between
@@ -27,17 +28,25 @@ int ckpt__cmd_recv(ckpt_engine_t *e, ckpt__cmd_t *cmd)
     return ckpt__mpi_wait(e, &req, -1, 20000, "waiting for a command");
 }
 
-int ckpt__cmd_payload(ckpt_engine_t *e, const ckpt__cmd_t *cmd, char **payload)
+/* The bytes that follow a command (cmd->payload_len), broadcast from rank 0's `mine`: the
+ * returned buffer holds them on every rank (rank 0: `mine` itself; followers: a new one,
+ * freed with payload_free). */
+static char *payload_take(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *mine)
 {
-    /* Followers allocate what rank 0 announced in the command; rank 0 passes its bytes. */
+    char *payload = (char *)mine;
     if (e->rank != 0) {
-        *payload = ckpt__malloc(cmd->payload_len + 1);
-        if (*payload == NULL) ckpt__engine_fatal(e, "no memory for a command payload");
+        payload = ckpt__malloc(cmd->payload_len + 1);
+        if (payload == NULL) ckpt__engine_fatal(e, "no memory for a command payload");
     }
-    int rc = ckpt__bcast_bytes(e, *payload, cmd->payload_len, 0, e->world, cmd->timeout_ms,
+    int rc = ckpt__bcast_bytes(e, payload, cmd->payload_len, 0, e->world, cmd->timeout_ms,
                                "command payload");
     if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
-    return CKPT_OK;
+    return payload;
+}
+
+static void payload_free(const char *payload, const char *mine)
+{
+    if (payload != mine) ckpt__free((char *)payload);
 }
 
 static int find_checkpoint(ckpt_engine_t *e, const char *name)
@@ -152,13 +161,34 @@ static int exec_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *l
     return CKPT_OK;
 }
 
-int ckpt__cmd_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *list)
+/* REGISTER. With cmd->payload_len, the files are a list broadcast after the command
+ * (NUL-terminated paths back to back). */
+static int cmd_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *mine)
 {
     /* The payload travels before any check, so every rank takes part in its broadcast. */
-    char *payload = (char *)list;
-    if (cmd->payload_len) ckpt__cmd_payload(e, cmd, &payload);
-    int rc = exec_register(e, cmd, payload);
-    if (payload != list) ckpt__free(payload);
+    const char *list = cmd->payload_len ? payload_take(e, cmd, mine) : NULL;
+    int rc = exec_register(e, cmd, list);
+    payload_free(list, mine);
+    return rc;
+}
+
+/* EXPORT: every rank's part of the metas goes to rank 0, which hands them out malloc'ed. */
+static int cmd_export(ckpt_engine_t *e, const ckpt__cmd_t *cmd, ckpt__cmd_io_t *io)
+{
+    char *bytes = NULL;
+    size_t len = 0;
+    int rc = ckpt__p2p_export(e, cmd, &bytes, &len);
+    if (rc == CKPT_OK && io->export_out) {
+        *io->export_out = malloc(len + 1);
+        if (*io->export_out == NULL) {
+            rc = ckpt__error(CKPT_ENOMEM, "metas of '%s'", cmd->name);
+        } else {
+            memcpy(*io->export_out, bytes, len);
+            (*io->export_out)[len] = '\0';
+            *io->export_len = len;
+        }
+    }
+    ckpt__free(bytes);
     return rc;
 }
 
@@ -172,45 +202,44 @@ static int exec_unregister(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
     return CKPT_OK;
 }
 
-int ckpt__cmd_execute(ckpt_engine_t *e, const ckpt__cmd_t *cmd, ckpt_update_result_t *result,
-                      const ckpt_update_options_t *uopts, ckpt_floors_t *floors)
+int ckpt__cmd_execute(ckpt_engine_t *e, const ckpt__cmd_t *cmd, ckpt__cmd_io_t *io)
 {
+    ckpt__cmd_io_t none;
+    memset(&none, 0, sizeof(none));
+    if (io == NULL) io = &none;
+    ckpt_update_result_t result;
+    ckpt_update_result_t *res = io->result ? io->result : &result;
     switch (cmd->op) {
-    case CKPT__CMD_REGISTER: return ckpt__cmd_register(e, cmd, NULL);
+    case CKPT__CMD_REGISTER: return cmd_register(e, cmd, io->payload);
     case CKPT__CMD_UNREGISTER: return exec_unregister(e, cmd);
-    case CKPT__CMD_UPDATE: {
-        ckpt_update_result_t local;
+    case CKPT__CMD_UPDATE:
         if (find_checkpoint(e, cmd->name) < 0)
             return ckpt__error(CKPT_ENOENT, "checkpoint '%s' is not registered", cmd->name);
-        return ckpt__update_run(e, cmd, uopts ? uopts->trace_path : NULL,
-                                result ? result : &local);
-    }
+        return ckpt__update_run(e, cmd, io->trace_path, res);
     case CKPT__CMD_FLOORS: {
-        ckpt_floors_t local;
-        return ckpt__floors_run(e, floors ? floors : &local);
+        ckpt_floors_t floors;
+        return ckpt__floors_run(e, io->floors ? io->floors : &floors);
     }
     case CKPT__CMD_SHUTDOWN: return CKPT_OK;
-    case CKPT__CMD_EXPORT: {
-        /* A follower: its part of the metas goes to rank 0. */
-        char *bytes = NULL;
-        size_t len = 0;
-        int rc = ckpt__p2p_export(e, cmd, &bytes, &len);
-        ckpt__free(bytes);
-        return rc;
-    }
+    case CKPT__CMD_EXPORT: return cmd_export(e, cmd, io);
     case CKPT__CMD_P2P_UPDATE: {
-        ckpt_update_result_t local;
-        char *metas = NULL;
-        int rc = ckpt__cmd_payload(e, cmd, &metas);
-        if (rc == CKPT_OK)
-            rc = ckpt__update_run_p2p(e, cmd, metas, cmd->payload_len, NULL,
-                                      result ? result : &local);
-        ckpt__free(metas);
+        const char *metas = payload_take(e, cmd, io->payload);
+        int rc = ckpt__update_run_p2p(e, cmd, metas, cmd->payload_len, io->trace_path, res);
+        payload_free(metas, io->payload);
         return rc;
     }
-    case CKPT__CMD_PUBLISH: return ckpt__publish_run(e, cmd, NULL, 0, NULL, NULL);
+    case CKPT__CMD_PUBLISH:
+        return ckpt__publish_run(e, cmd, io->events, io->events_cap, io->nevents_out,
+                                 io->pending_out);
     default: return ckpt__error(CKPT_EPROTO, "unknown command %d from rank 0", cmd->op);
     }
+}
+
+int ckpt__cmd_lead(ckpt_engine_t *e, ckpt__cmd_t *cmd, ckpt__cmd_io_t *io)
+{
+    cmd->timeout_ms = cmd->timeout_ms > 0 ? cmd->timeout_ms : e->opts.timeout_ms;
+    if (cmd_send(e, cmd) < 0) ckpt__engine_fatal(e, ckpt_last_error());
+    return ckpt__cmd_execute(e, cmd, io);
 }
 
 uint64_t ckpt__engine_version_of(const ckpt_engine_t *e, const char *name)

@@ -126,7 +126,7 @@ int ckpt_engine_follow(ckpt_engine_t *e)
         int rc = ckpt__cmd_recv(e, &cmd);
         if (rc < 0) return rc;
         if (cmd.op == CKPT__CMD_SHUTDOWN) return CKPT_OK;
-        rc = ckpt__cmd_execute(e, &cmd, NULL, NULL, NULL);
+        rc = ckpt__cmd_execute(e, &cmd, NULL);
         if (rc < 0) ckpt_debug("command %d on '%s' failed here: %s", cmd.op, cmd.name,
                                ckpt_last_error());
     }
@@ -149,15 +149,6 @@ static int set_name(ckpt__cmd_t *cmd, const char *name)
     return CKPT_OK;
 }
 
-static int leader_run(ckpt_engine_t *e, ckpt__cmd_t *cmd, ckpt_update_result_t *result,
-                      const ckpt_update_options_t *uopts, ckpt_floors_t *floors)
-{
-    cmd->timeout_ms = cmd->timeout_ms > 0 ? cmd->timeout_ms : e->opts.timeout_ms;
-    int rc = ckpt__cmd_send(e, cmd);
-    if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
-    return ckpt__cmd_execute(e, cmd, result, uopts, floors);
-}
-
 int ckpt_engine_register(ckpt_engine_t *e, const char *name, const char *path)
 {
     ckpt__cmd_t cmd;
@@ -173,7 +164,7 @@ int ckpt_engine_register(ckpt_engine_t *e, const char *name, const char *path)
     cmd.op = CKPT__CMD_REGISTER;
     cmd.version = e->next_version++;
     cmd.direct = e->opts.direct != 0;
-    return leader_run(e, &cmd, NULL, NULL, NULL);
+    return ckpt__cmd_lead(e, &cmd, NULL);
 }
 
 int ckpt_engine_register_list(ckpt_engine_t *e, const char *name, const char *const *paths,
@@ -205,9 +196,8 @@ int ckpt_engine_register_list(ckpt_engine_t *e, const char *name, const char *co
     cmd.version = e->next_version++;
     cmd.direct = e->opts.direct != 0;
     cmd.payload_len = len;
-    cmd.timeout_ms = e->opts.timeout_ms;
-    if (ckpt__cmd_send(e, &cmd) < 0) ckpt__engine_fatal(e, ckpt_last_error());
-    rc = ckpt__cmd_register(e, &cmd, list);
+    ckpt__cmd_io_t io = {.payload = list};
+    rc = ckpt__cmd_lead(e, &cmd, &io);
     ckpt__free(list);
     return rc;
 }
@@ -222,7 +212,7 @@ int ckpt_engine_unregister(ckpt_engine_t *e, const char *name)
     if (ckpt__engine_version_of(e, name) == 0)
         return ckpt__error(CKPT_ENOENT, "checkpoint '%s' is not registered", name);
     cmd.op = CKPT__CMD_UNREGISTER;
-    return leader_run(e, &cmd, NULL, NULL, NULL);
+    return ckpt__cmd_lead(e, &cmd, NULL);
 }
 
 int ckpt_engine_update(ckpt_engine_t *e, const char *name, const ckpt_update_options_t *opts,
@@ -250,8 +240,8 @@ int ckpt_engine_update(ckpt_engine_t *e, const char *name, const ckpt_update_opt
     cmd.isolate = opts->isolate != 0;
     cmd.ignore_unneeded = opts->ignore_unneeded != 0;
     cmd.direct = opts->direct >= 0 ? opts->direct : e->opts.direct != 0;
-    ckpt_update_result_t local;
-    rc = leader_run(e, &cmd, result ? result : &local, opts, NULL);
+    ckpt__cmd_io_t io = {.trace_path = opts->trace_path, .result = result};
+    rc = ckpt__cmd_lead(e, &cmd, &io);
     if (rc < 0 && result && result->reason[0])
         ckpt__error(rc, "update of '%s' failed: %s", name, result->reason);
     return rc;
@@ -264,7 +254,8 @@ int ckpt_engine_floors(ckpt_engine_t *e, ckpt_floors_t *floors)
     int rc = leader_only(e, "floors");
     if (rc < 0) return rc;
     cmd.op = CKPT__CMD_FLOORS;
-    return leader_run(e, &cmd, NULL, NULL, floors);
+    ckpt__cmd_io_t io = {.floors = floors};
+    return ckpt__cmd_lead(e, &cmd, &io);
 }
 
 int ckpt_engine_export_metas(ckpt_engine_t *e, const char *name, char **metas_out,
@@ -278,23 +269,9 @@ int ckpt_engine_export_metas(ckpt_engine_t *e, const char *name, char **metas_ou
     if (ckpt__engine_version_of(e, name) == 0)
         return ckpt__error(CKPT_ENOENT, "checkpoint '%s' is not registered", name);
     cmd.op = CKPT__CMD_EXPORT;
-    cmd.timeout_ms = e->opts.timeout_ms;
-    if (ckpt__cmd_send(e, &cmd) < 0) ckpt__engine_fatal(e, ckpt_last_error());
-    char *bytes = NULL;
-    size_t len = 0;
-    rc = ckpt__p2p_export(e, &cmd, &bytes, &len);
-    if (rc < 0) return rc;
     /* Handed out with malloc so the caller frees it with free(). */
-    *metas_out = malloc(len + 1);
-    if (*metas_out == NULL) {
-        ckpt__free(bytes);
-        return ckpt__error(CKPT_ENOMEM, "metas of '%s'", name);
-    }
-    memcpy(*metas_out, bytes, len);
-    (*metas_out)[len] = '\0';
-    *len_out = len;
-    ckpt__free(bytes);
-    return CKPT_OK;
+    ckpt__cmd_io_t io = {.export_out = metas_out, .export_len = len_out};
+    return ckpt__cmd_lead(e, &cmd, &io);
 }
 
 int ckpt_engine_p2p_update(ckpt_engine_t *e, const void *metas, size_t len,
@@ -318,11 +295,8 @@ int ckpt_engine_p2p_update(ckpt_engine_t *e, const void *metas, size_t len,
     cmd.isolate = opts->isolate != 0;
     cmd.ignore_unneeded = opts->ignore_unneeded != 0;
     cmd.payload_len = len;
-    if (ckpt__cmd_send(e, &cmd) < 0) ckpt__engine_fatal(e, ckpt_last_error());
-    char *payload = (char *)metas;
-    ckpt__cmd_payload(e, &cmd, &payload);
-    ckpt_update_result_t local;
-    rc = ckpt__update_run_p2p(e, &cmd, metas, len, opts->trace_path, result ? result : &local);
+    ckpt__cmd_io_t io = {.payload = metas, .trace_path = opts->trace_path, .result = result};
+    rc = ckpt__cmd_lead(e, &cmd, &io);
     if (rc < 0 && result && result->reason[0])
         ckpt__error(rc, "p2p update failed: %s", result->reason);
     return rc;
@@ -335,7 +309,7 @@ int ckpt_engine_shutdown(ckpt_engine_t *e)
     int rc = leader_only(e, "shutdown");
     if (rc < 0) return rc;
     cmd.op = CKPT__CMD_SHUTDOWN;
-    return leader_run(e, &cmd, NULL, NULL, NULL);
+    return ckpt__cmd_lead(e, &cmd, NULL);
 }
 
 size_t ckpt_engine_checkpoint_count(const ckpt_engine_t *e) { return e->ncheckpoints; }

@@ -147,14 +147,29 @@ int ckpt__peer_timeout_ms(int timeout_ms);
  * that it can be restarted as a whole. */
 void ckpt__engine_fatal(ckpt_engine_t *e, const char *why) __attribute__((noreturn));
 
-/* ---- command stream (command.c) ---- */
-int ckpt__cmd_send(ckpt_engine_t *e, ckpt__cmd_t *cmd);
+/* ---- command stream (command.c) ----
+ * Every command runs the same way on every rank: rank 0 builds it and calls
+ * ckpt__cmd_lead (broadcast, then execute), a follower receives it and calls
+ * ckpt__cmd_execute with an empty io. What differs on rank 0 is only in the io: the
+ * payload it sends and the outputs it keeps. */
+typedef struct ckpt__cmd_io {
+    const char *payload;           /* rank 0: cmd->payload_len bytes to broadcast (a file
+                                    * list, P2P metas); followers receive theirs */
+    const char *trace_path;        /* update, P2P update: where rank 0 writes the trace */
+    ckpt_update_result_t *result;  /* update, P2P update */
+    ckpt_floors_t *floors;         /* floors */
+    char **export_out;             /* export: rank 0 gets the metas (malloc'ed) */
+    size_t *export_len;
+    ckpt_publish_event_t *events;  /* publish: rank 0 gets the events and pending parts */
+    size_t events_cap;
+    size_t *nevents_out, *pending_out;
+} ckpt__cmd_io_t;
+
 int ckpt__cmd_recv(ckpt_engine_t *e, ckpt__cmd_t *cmd);
-/* The bytes that follow a command (cmd->payload_len): sent from *payload on rank 0,
- * received into a new *payload elsewhere (ckpt__free it). */
-int ckpt__cmd_payload(ckpt_engine_t *e, const ckpt__cmd_t *cmd, char **payload);
-int ckpt__cmd_execute(ckpt_engine_t *e, const ckpt__cmd_t *cmd, ckpt_update_result_t *result,
-                      const ckpt_update_options_t *uopts, ckpt_floors_t *floors);
+/* Rank 0: broadcasts cmd (a broken broadcast is fatal) and executes it. */
+int ckpt__cmd_lead(ckpt_engine_t *e, ckpt__cmd_t *cmd, ckpt__cmd_io_t *io);
+/* Executes a command on this rank (io NULL on followers). */
+int ckpt__cmd_execute(ckpt_engine_t *e, const ckpt__cmd_t *cmd, ckpt__cmd_io_t *io);
 
 /* Version of a registered checkpoint (fixed by rank 0, carried in the register command so
  * every rank agrees); 0 when not registered. */
@@ -171,9 +186,6 @@ uint64_t ckpt__host_available_bytes(void);
 int ckpt__buffer_budget(ckpt_engine_t *e, int timeout_ms, uint64_t *budget_out);
 
 /* ---- the broadcast update (update.c) ---- */
-/* REGISTER on every rank. With cmd->payload_len, the files are a list broadcast after the
- * command (NUL-terminated paths back to back): rank 0 passes it, followers pass NULL. */
-int ckpt__cmd_register(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *list);
 int ckpt__update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace_path,
                      ckpt_update_result_t *result);
 

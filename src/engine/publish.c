@@ -494,6 +494,7 @@ int ckpt_engine_publish_poll(ckpt_engine_t *e, int missing_ms, const char *expir
     cmd.timeout_ms = e->opts.timeout_ms;
     if (expire && ckpt__strlcpy(cmd.name, expire, sizeof(cmd.name)) < 0)
         return ckpt__error(CKPT_ETOOBIG, "checkpoint name longer than %d bytes", CKPT_NAME_MAX - 1);
-    if (ckpt__cmd_send(e, &cmd) < 0) ckpt__engine_fatal(e, ckpt_last_error());
-    return ckpt__publish_run(e, &cmd, events_out, cap, nevents_out, pending_out);
+    ckpt__cmd_io_t io = {.events = events_out, .events_cap = cap, .nevents_out = nevents_out,
+                         .pending_out = pending_out};
+    return ckpt__cmd_lead(e, &cmd, &io);
 }
