@@ -534,7 +534,7 @@ int ckpt__p2p_register_buffers(ckpt_engine_t *e, ckpt__p2p_t *p)
 }
 
 int ckpt__p2p_pull(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, const ckpt_tensor_meta_t *t,
-                   const uint64_t *src_offsets, size_t count, void *buf, int timeout_ms)
+                   const ckpt__place_t *src, size_t count, void *buf, int timeout_ms)
 {
     double t0 = ckpt__now_s();
     int rc = p->pools_ready[owner] ? connect_owner(p, owner)
@@ -551,11 +551,11 @@ int ckpt__p2p_pull(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, const ckpt_tenso
         if ((char *)buf == (char *)e->buffers.ptr[i]) local = p->local[i];
     uint64_t bytes = 0;
     for (size_t i = 0; i < count; i++) {
-        const ckpt__metas_region_t *rg = &p->metas.ranks[owner].regions[t[i].reserved];
+        const ckpt__metas_region_t *rg = &p->metas.ranks[owner].regions[src[i].source];
         ckpt__ucx_get_t *g = &p->gets[i];
         g->peer = p->data[owner];
-        g->rkey = p->rkeys[owner][t[i].reserved];
-        g->remote_addr = rg->base + src_offsets[i];
+        g->rkey = p->rkeys[owner][src[i].source];
+        g->remote_addr = rg->base + src[i].offset;
         g->dst = (char *)buf + t[i].offset;
         g->len = t[i].nbytes;
         g->local = local;

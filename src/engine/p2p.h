@@ -5,6 +5,7 @@
 #include "format/metas_file.h"
 #include "comm/ucx.h"
 #include "engine/engine_internal.h"
+#include "plan/bucket.h"
 
 typedef struct ckpt__p2p {
     ckpt__metas_t metas;
@@ -38,10 +39,10 @@ int ckpt__p2p_tensors(const ckpt__p2p_t *p, ckpt_tensor_meta_t **out, size_t *co
 int ckpt__p2p_check(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, int timeout_ms);
 /* Registers this rank's IPC buffers with UCX (done once per update). */
 int ckpt__p2p_register_buffers(ckpt_engine_t *e, ckpt__p2p_t *p);
-/* Pulls `count` tensors of serving rank `owner` (meta.offset = bucket offset, src_offsets
- * = offset in region, reserved = region) into buf, then re-checks the guard so a
- * checkpoint unregistered during the transfer is never delivered. */
+/* Pulls `count` tensors of serving rank `owner` (t[i].offset = bucket offset, src[i] =
+ * region and offset in it) into buf, then re-checks the guard so a checkpoint
+ * unregistered during the transfer is never delivered. */
 int ckpt__p2p_pull(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, const ckpt_tensor_meta_t *t,
-                   const uint64_t *src_offsets, size_t count, void *buf, int timeout_ms);
+                   const ckpt__place_t *src, size_t count, void *buf, int timeout_ms);
 
 #endif

@@ -267,34 +267,42 @@ int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs,
     return CKPT_OK;
 }
 
-int ckpt__route_input(const ckpt__route_t *r, const ckpt_tensor_meta_t *all, size_t count,
-                      int nranks, ckpt_tensor_meta_t **input_out, size_t *ninput_out,
-                      int *owners_out)
+int ckpt__route_input(const ckpt__route_t *r, const ckpt_tensor_meta_t *all,
+                      const ckpt__place_t *places, size_t count, int nranks,
+                      ckpt_tensor_meta_t **input_out, ckpt__place_t **places_out,
+                      size_t *ninput_out, int *owners_out)
 {
     if (!r->active) {
         *input_out = (ckpt_tensor_meta_t *)all;
+        *places_out = (ckpt__place_t *)places;
         *ninput_out = count;
         *owners_out = nranks;
         return CKPT_OK;
     }
     ckpt_tensor_meta_t *in = malloc((r->npieces + 1) * sizeof(*in));
-    if (!in) return ckpt__error(CKPT_ENOMEM, "routing: %zu pieces", r->npieces);
+    ckpt__place_t *at = malloc((r->npieces + 1) * sizeof(*at));
+    if (!in || !at) {
+        free(in), free(at);
+        return ckpt__error(CKPT_ENOMEM, "routing: %zu pieces", r->npieces);
+    }
     for (size_t p = 0; p < r->npieces; p++) {
         const ckpt__piece_t *pc = &r->pieces[p];
         ckpt_tensor_meta_t *m = &in[p];
         *m = all[pc->tensor];
+        at[p] = places[pc->tensor];
         if (pc->dim >= 0) { /* the part: its shape, its bytes; no checksum covers it */
             uint64_t per = m->nbytes / (uint64_t)pc->full;
             m->shape[pc->dim] = (int64_t)pc->length;
             m->nbytes = per * pc->length;
             m->checksum = 0;
-            /* Rows of a dim-0 part start further into the source (for the planner's page
-             * placement); parts along other dims are packed, so no offset is right. */
-            if (pc->dim == 0) m->offset += per * pc->start;
+            /* Rows of a dim-0 part start further into the source (a P2P pull reads them
+             * there); parts along other dims are packed by the owner from the tensor. */
+            if (pc->dim == 0) at[p].offset += per * pc->start;
         }
         m->owner = m->owner * (int32_t)r->nsets + (int32_t)set_index(r, pc->hosts);
     }
     *input_out = in;
+    *places_out = at;
     *ninput_out = r->npieces;
     *owners_out = nranks * (int)r->nsets;
     return CKPT_OK;

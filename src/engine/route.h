@@ -49,14 +49,16 @@ typedef struct ckpt__route {
 int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs,
                      const ckpt_tensor_meta_t *all, size_t count, int p2p, int cut,
                      int coll_ms, ckpt__route_t *r);
-/* Before planning: the planner's input, one meta per piece (a part's shape and nbytes),
- * each piece's host set encoded into its owner (owner * nsets + set) so that the planner,
- * which groups by owner, keeps sets apart; *owners_out is the owner count to plan with.
- * Inactive: all[] itself. After planning, ckpt__route_decode restores the owners in the
+/* Before planning: the planner's input, one meta and placement per piece (a part's shape
+ * and nbytes; a part of rows starts further into its source), each piece's host set
+ * encoded into its owner (owner * nsets + set) so that the planner, which groups by
+ * owner, keeps sets apart; *owners_out is the owner count to plan with. Inactive: all[]
+ * and places[] themselves. After planning, ckpt__route_decode restores the owners in the
  * plan and records each bucket's set; plan->origin[k] is then planned tensor k's piece. */
-int ckpt__route_input(const ckpt__route_t *r, const ckpt_tensor_meta_t *all, size_t count,
-                      int nranks, ckpt_tensor_meta_t **input_out, size_t *ninput_out,
-                      int *owners_out);
+int ckpt__route_input(const ckpt__route_t *r, const ckpt_tensor_meta_t *all,
+                      const ckpt__place_t *places, size_t count, int nranks,
+                      ckpt_tensor_meta_t **input_out, ckpt__place_t **places_out,
+                      size_t *ninput_out, int *owners_out);
 int ckpt__route_decode(ckpt__route_t *r, ckpt_bucket_plan_t *plan);
 /* The host groups bucket b (owned by world rank `owner`) goes to, as a mask: its set and
  * its owner's group; every group when routing is inactive. */

@@ -98,14 +98,16 @@ out:
     return rc;
 }
 
-int ckpt__sources_locate(const ckpt__sources_t *s, ckpt_tensor_meta_t *meta)
+int ckpt__sources_locate(const ckpt__sources_t *s, const ckpt_tensor_meta_t *meta,
+                         ckpt__place_t *place)
 {
     const source_desc_t *d = s->descs;
     for (size_t i = 0; i < s->count; i++) {
         if (d[i].rank != meta->owner) continue;
-        if (meta->offset >= d[i].offset && meta->offset + meta->nbytes <= d[i].offset + d[i].size) {
-            meta->offset -= d[i].offset;
-            meta->reserved = (int32_t)i;
+        if (place->offset >= d[i].offset &&
+            place->offset + meta->nbytes <= d[i].offset + d[i].size) {
+            place->offset -= d[i].offset;
+            place->source = (int32_t)i;
             return CKPT_OK;
         }
     }

@@ -3,6 +3,7 @@
 #define CKPT_ENGINE_SOURCES_H
 
 #include "engine/engine_internal.h"
+#include "plan/bucket.h"
 
 typedef struct ckpt__sources {
     size_t count;
@@ -13,9 +14,10 @@ typedef struct ckpt__sources {
 /* Collective over the group: exchanges the regions of checkpoint `name` and opens them. */
 int ckpt__sources_open(ckpt_engine_t *e, const char *name, int timeout_ms, ckpt__sources_t *out);
 void ckpt__sources_close(ckpt__sources_t *s);
-/* Turns a meta's pool offset (owner's pool offsets) into (source index in reserved, offset
- * inside that source). */
-int ckpt__sources_locate(const ckpt__sources_t *s, ckpt_tensor_meta_t *meta);
+/* Turns the placement of meta (owned by meta->owner) from an offset in its owner's pool
+ * into (source index, offset inside that source). */
+int ckpt__sources_locate(const ckpt__sources_t *s, const ckpt_tensor_meta_t *meta,
+                         ckpt__place_t *place);
 uint64_t ckpt__sources_size(const ckpt__sources_t *s, size_t index);
 
 #endif

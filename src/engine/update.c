@@ -116,8 +116,9 @@ static int agree(update_ctx_t *u, int local_rc, const char *what)
     return fail_result(u, rc, failed, reason);
 }
 
-/* Allgather of every rank's local tensor metas. meta.reserved carries the owner's store
- * index so the owner finds the bytes again without a lookup by name. */
+/* Allgather of every rank's local tensor metas. On the way meta.reserved carries the
+ * owner's store index and offset its pool offset (placements() moves them beside the
+ * metas), so the owner finds the bytes again without a lookup by name. */
 static int gather_metas(update_ctx_t *u, ckpt_tensor_meta_t **all_out, size_t *count_out)
 {
     if (u->p2p) /* every rank decoded the same metas: nothing to gather */
@@ -224,7 +225,7 @@ static const ckpt__piece_t *planned_piece(const update_ctx_t *u, size_t k)
 static void stage_tensor(const update_ctx_t *u, size_t k, char *buf)
 {
     const ckpt_tensor_meta_t *t = &u->plan.tensors[k];
-    const char *src = u->local_data[t->reserved];
+    const char *src = u->local_data[u->plan.src[k].source];
     const ckpt__piece_t *pc = planned_piece(u, k);
     if (!pc || pc->dim < 0) {
         ckpt__copy_bulk(buf + t->offset, src, t->nbytes);
@@ -239,7 +240,32 @@ static void stage_tensor(const update_ctx_t *u, size_t k, char *buf)
                         (size_t)(pc->length * inner));
 }
 
+/* Where each of the update's tensors lies, as the gathered metas carried it (reserved: the
+ * owner's store index, or for P2P the serving rank's region; offset: in the owner's pool,
+ * or in that region): from here on the placement lives beside the metas. */
+static ckpt__place_t *placements(const ckpt_tensor_meta_t *all, size_t count)
+{
+    ckpt__place_t *places = malloc((count + 1) * sizeof(*places));
+    for (size_t i = 0; places && i < count; i++)
+        places[i] = (ckpt__place_t){all[i].reserved, 0, all[i].offset};
+    return places;
+}
+
+static int plan_from(update_ctx_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *places,
+                     size_t count);
+
 static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
+{
+    ckpt_engine_t *e = u->e;
+    ckpt__place_t *places = placements(all, count);
+    if (!places) ckpt__engine_fatal(e, "no memory for the update's placements");
+    int rc = plan_from(u, all, places, count);
+    free(places);
+    return rc;
+}
+
+static int plan_from(update_ctx_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *places,
+                     size_t count)
 {
     ckpt_engine_t *e = u->e;
     /* Every rank must plan from the same numbers: take the smallest free memory. The
@@ -263,13 +289,12 @@ static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
                       u->sources.count, CKPT_IPC_MAX_BUFFERS);
             ckpt__sources_close(&u->sources);
             u->direct = 0;
-            return plan_update(u, all, count);
+            return plan_from(u, all, places, count);
         }
-        ckpt_tensor_meta_t *located = (ckpt_tensor_meta_t *)all;
         for (size_t i = 0; rc == CKPT_OK && i < count; i++)
-            rc = ckpt__sources_locate(&u->sources, &located[i]);
+            rc = ckpt__sources_locate(&u->sources, &all[i], &places[i]);
         bucket_size = CKPT_ALIGN_UP(u->cmd->bucket_max, (uint64_t)CKPT_ALIGN);
-        if (rc == CKPT_OK) rc = ckpt__plan_windows(all, count, bucket_size, &u->plan);
+        if (rc == CKPT_OK) rc = ckpt__plan_windows(all, places, count, bucket_size, &u->plan);
         /* Pure function of agreed input: fails the same way everywhere. */
         if (rc < 0) return fail_result(u, rc, -1, ckpt_last_error());
     } else {
@@ -282,14 +307,17 @@ static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
         /* Routed: the planner plans the route's pieces (parts of tensors cut for the hosts
          * that need them) and groups by owner, so each piece's host set rides in it. */
         ckpt_tensor_meta_t *input = all;
+        ckpt__place_t *at = places;
         size_t ninput = count;
         if (rc == CKPT_OK)
-            rc = ckpt__route_input(&u->route, all, count, owners, &input, &ninput, &owners);
+            rc = ckpt__route_input(&u->route, all, places, count, owners, &input, &at, &ninput,
+                                   &owners);
         if (rc == CKPT_OK && u->route.active && (rc = ckpt__plan_check_names(all, count)) == CKPT_OK)
-            rc = ckpt__plan_parts(input, ninput, owners, bucket_size, &u->plan);
+            rc = ckpt__plan_parts(input, at, ninput, owners, bucket_size, &u->plan);
         else if (rc == CKPT_OK)
-            rc = ckpt__plan_buckets(all, count, owners, bucket_size, &u->plan);
+            rc = ckpt__plan_buckets(all, places, count, owners, bucket_size, &u->plan);
         if (input != all) free(input);
+        if (at != places) free(at);
         if (rc == CKPT_OK) rc = ckpt__route_decode(&u->route, &u->plan);
         /* The plan is a pure function of agreed input: it fails the same way on every rank. */
         if (rc < 0) return fail_result(u, rc, -1, ckpt_last_error());
@@ -403,8 +431,7 @@ static int prepare_bucket(update_ctx_t *u, size_t b)
     int pull_rc = CKPT_OK;
     if (bk->owner == e->rank && u->p2p) {
         pull_rc = ckpt__p2p_pull(e, u->p2p, u->src_owner[b], &u->plan.tensors[bk->first],
-                                 &u->plan.src_offsets[bk->first], bk->count, buf,
-                                 u->cmd->timeout_ms);
+                                 &u->plan.src[bk->first], bk->count, buf, u->cmd->timeout_ms);
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_STAGE, t0);
     } else if (bk->owner == e->rank) {
         for (uint32_t i = bk->first; i < bk->first + bk->count; i++) stage_tensor(u, i, buf);

@@ -6,16 +6,18 @@
 
 typedef struct {
     const ckpt_tensor_meta_t *meta;
+    ckpt__place_t place;
+    uint32_t index; /* in the input */
 } plan_item_t;
 
 static int item_cmp(const void *a, const void *b)
 {
-    const ckpt_tensor_meta_t *x = ((const plan_item_t *)a)->meta;
-    const ckpt_tensor_meta_t *y = ((const plan_item_t *)b)->meta;
+    const plan_item_t *p = a, *q = b;
+    const ckpt_tensor_meta_t *x = p->meta, *y = q->meta;
     if (x->owner != y->owner) return x->owner < y->owner ? -1 : 1;
     int c = strcmp(x->name, y->name);
     if (c) return c;
-    return x < y ? -1 : x > y; /* parts of one tensor: in input order */
+    return p->index < q->index ? -1 : p->index > q->index; /* parts of one tensor: in order */
 }
 
 static int name_cmp(const void *a, const void *b)
@@ -32,10 +34,10 @@ static int plan_alloc(size_t count, uint64_t bucket_size, ckpt_bucket_plan_t *pl
     plan->bucket_size = bucket_size;
     *items = ckpt__calloc(count, sizeof(**items));
     plan->tensors = ckpt__calloc(count, sizeof(*plan->tensors));
-    plan->src_offsets = ckpt__calloc(count, sizeof(*plan->src_offsets));
+    plan->src = ckpt__calloc(count + 1, sizeof(*plan->src));
     plan->origin = ckpt__calloc(count + 1, sizeof(*plan->origin));
     plan->buckets = ckpt__calloc(count + 1, sizeof(*plan->buckets));
-    if (*items && plan->tensors && plan->src_offsets && plan->origin && plan->buckets)
+    if (*items && plan->tensors && plan->src && plan->origin && plan->buckets)
         return CKPT_OK;
     ckpt__free(*items);
     *items = NULL;
@@ -135,8 +137,21 @@ int ckpt__plan_bucket_size(uint64_t largest_tensor, uint64_t bucket_max, uint64_
     return CKPT_OK;
 }
 
-static int plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
-                        uint64_t bucket_size, int parts, ckpt_bucket_plan_t *plan_out)
+/* The sort items: each input meta with its placement and index. */
+static void fill_items(plan_item_t *items, const ckpt_tensor_meta_t *metas,
+                       const ckpt__place_t *places, size_t count)
+{
+    static const ckpt__place_t none = {0, 0, 0};
+    for (size_t i = 0; i < count; i++) {
+        items[i].meta = &metas[i];
+        items[i].place = places ? places[i] : none;
+        items[i].index = (uint32_t)i;
+    }
+}
+
+static int plan_buckets(const ckpt_tensor_meta_t *metas, const ckpt__place_t *places,
+                        size_t count, int nranks, uint64_t bucket_size, int parts,
+                        ckpt_bucket_plan_t *plan_out)
 {
     plan_item_t *items = NULL;
     ckpt_bucket_plan_t plan;
@@ -161,15 +176,16 @@ static int plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nrank
                              (unsigned long long)ckpt_aligned_size(m->nbytes));
             goto fail;
         }
-        items[i].meta = m;
     }
+    fill_items(items, metas, places, count);
     qsort(items, count, sizeof(*items), item_cmp);
 
     ckpt_bucket_t *cur = NULL;
     for (size_t i = 0; i < count; i++) {
         const ckpt_tensor_meta_t *m = items[i].meta;
+        const ckpt__place_t *src = &items[i].place;
         uint64_t need = ckpt_aligned_size(m->nbytes);
-        uint64_t at = cur ? place(cur->bytes, m->offset, m->nbytes) : 0;
+        uint64_t at = cur ? place(cur->bytes, src->offset, m->nbytes) : 0;
         if (cur == NULL || cur->owner != m->owner || at + need > bucket_size) {
             cur = &plan.buckets[plan.nbuckets++];
             cur->owner = m->owner;
@@ -177,12 +193,13 @@ static int plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nrank
             cur->count = 0;
             cur->bytes = 0;
             cur->source = -1;
-            at = place(0, m->offset, m->nbytes);
+            at = place(0, src->offset, m->nbytes);
             if (at + need > bucket_size) at = 0; /* a bucket-sized tensor: no room to pad */
         }
         plan.tensors[i] = *m;
-        plan.src_offsets[i] = m->offset;
-        plan.origin[i] = (uint32_t)(m - metas);
+        plan.tensors[i].reserved = 0;
+        plan.src[i] = *src;
+        plan.origin[i] = items[i].index;
         plan.tensors[i].offset = at;
         cur->bytes = at + need;
         cur->count++;
@@ -197,23 +214,25 @@ fail:
     return rc;
 }
 
-int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
-                       uint64_t bucket_size, ckpt_bucket_plan_t *plan_out)
+int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, const ckpt__place_t *places,
+                       size_t count, int nranks, uint64_t bucket_size,
+                       ckpt_bucket_plan_t *plan_out)
 {
-    return plan_buckets(metas, count, nranks, bucket_size, 0, plan_out);
+    return plan_buckets(metas, places, count, nranks, bucket_size, 0, plan_out);
 }
 
-int ckpt__plan_parts(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
-                     uint64_t bucket_size, ckpt_bucket_plan_t *plan_out)
+int ckpt__plan_parts(const ckpt_tensor_meta_t *metas, const ckpt__place_t *places,
+                     size_t count, int nranks, uint64_t bucket_size,
+                     ckpt_bucket_plan_t *plan_out)
 {
-    return plan_buckets(metas, count, nranks, bucket_size, 1, plan_out);
+    return plan_buckets(metas, places, count, nranks, bucket_size, 1, plan_out);
 }
 
 void ckpt__plan_free(ckpt_bucket_plan_t *plan)
 {
     if (plan == NULL) return;
     ckpt__free(plan->tensors);
-    ckpt__free(plan->src_offsets);
+    ckpt__free(plan->src);
     ckpt__free(plan->origin);
     ckpt__free(plan->buckets);
     memset(plan, 0, sizeof(*plan));
@@ -221,47 +240,50 @@ void ckpt__plan_free(ckpt_bucket_plan_t *plan)
 
 static int window_cmp(const void *a, const void *b)
 {
-    const ckpt_tensor_meta_t *x = ((const plan_item_t *)a)->meta;
-    const ckpt_tensor_meta_t *y = ((const plan_item_t *)b)->meta;
-    if (x->reserved != y->reserved) return x->reserved < y->reserved ? -1 : 1;
-    if (x->offset != y->offset) return x->offset < y->offset ? -1 : 1;
-    return strcmp(x->name, y->name);
+    const plan_item_t *p = a, *q = b;
+    if (p->place.source != q->place.source) return p->place.source < q->place.source ? -1 : 1;
+    if (p->place.offset != q->place.offset) return p->place.offset < q->place.offset ? -1 : 1;
+    return strcmp(p->meta->name, q->meta->name);
 }
 
-int ckpt__plan_windows(const ckpt_tensor_meta_t *metas, size_t count, uint64_t bucket_size,
-                       ckpt_bucket_plan_t *plan_out)
+int ckpt__plan_windows(const ckpt_tensor_meta_t *metas, const ckpt__place_t *places,
+                       size_t count, uint64_t bucket_size, ckpt_bucket_plan_t *plan_out)
 {
     ckpt_bucket_plan_t plan;
     plan_item_t *items = NULL;
+    if (!places && count) return ckpt__error(CKPT_EINVAL, "windows: no placements");
     int rc = plan_alloc(count, bucket_size, &plan, &items);
     if (rc < 0) return rc;
-    for (size_t i = 0; i < count; i++) items[i].meta = &metas[i];
+    fill_items(items, metas, places, count);
     qsort(items, count, sizeof(*items), window_cmp);
     ckpt_bucket_t *cur = NULL;
     uint64_t start = 0;
     for (size_t i = 0; i < count; i++) {
         const ckpt_tensor_meta_t *m = items[i].meta;
-        if (m->reserved < 0) {
+        const ckpt__place_t *src = &items[i].place;
+        if (src->source < 0) {
             rc = ckpt__error(CKPT_EINVAL, "tensor '%s' has no source", m->name);
             goto fail;
         }
-        if (cur && cur->source == m->reserved && m->offset < start + cur->bytes) {
+        if (cur && cur->source == src->source && src->offset < start + cur->bytes) {
             rc = ckpt__error(CKPT_EINVAL, "tensors '%s' and '%s' overlap in source %d",
-                             plan.tensors[i - 1].name, m->name, m->reserved);
+                             plan.tensors[i - 1].name, m->name, src->source);
             goto fail;
         }
-        uint64_t end = m->offset + m->nbytes;
-        if (cur == NULL || cur->source != m->reserved || end - start > bucket_size) {
+        uint64_t end = src->offset + m->nbytes;
+        if (cur == NULL || cur->source != src->source || end - start > bucket_size) {
             cur = &plan.buckets[plan.nbuckets++];
             cur->owner = m->owner;
-            cur->source = m->reserved;
+            cur->source = src->source;
             cur->first = (uint32_t)i;
             cur->count = 0;
-            start = m->offset;
+            start = src->offset;
         }
         plan.tensors[i] = *m;
-        plan.src_offsets[i] = m->offset;
-        plan.origin[i] = (uint32_t)(m - metas);
+        plan.tensors[i].offset = src->offset;
+        plan.tensors[i].reserved = 0;
+        plan.src[i] = *src;
+        plan.origin[i] = items[i].index;
         cur->bytes = end - start;
         cur->count++;
         plan.total_bytes += m->nbytes;

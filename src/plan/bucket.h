@@ -5,6 +5,16 @@
 
 #include "core/internal.h"
 
+/* Where a tensor's bytes are: a source and the offset inside it. What a source is belongs
+ * to the caller: the owner's store index (staged updates), a pool region every worker has
+ * mapped (direct windows), a serving rank's UCX region (P2P). Kept beside the metas, not
+ * in them: a meta says what a tensor is, a placement where its bytes lie. */
+typedef struct ckpt__place {
+    int32_t source;
+    uint32_t pad;
+    uint64_t offset;
+} ckpt__place_t;
+
 typedef struct ckpt_bucket {
     int32_t owner;     /* rank whose pool holds every tensor of the bucket */
     uint32_t first;    /* index of its first tensor in the plan's tensor array */
@@ -17,8 +27,10 @@ typedef struct ckpt_bucket {
 } ckpt_bucket_t;
 
 typedef struct ckpt_bucket_plan {
-    ckpt_tensor_meta_t *tensors; /* ordered bucket by bucket; offset = offset in the bucket */
-    uint64_t *src_offsets;       /* per tensor: offset in the owner's pool (input offset) */
+    /* Ordered bucket by bucket; offset = where the worker finds the bytes in the buffer its
+     * record names (the bucket buffer; for a window, the source itself). */
+    ckpt_tensor_meta_t *tensors;
+    ckpt__place_t *src;          /* per tensor: where its bytes come from (the input's) */
     uint32_t *origin;            /* per tensor: its index in the planner's input */
     size_t ntensors;
     ckpt_bucket_t *buckets;
@@ -28,29 +40,34 @@ typedef struct ckpt_bucket_plan {
     uint64_t total_bytes;        /* sum of tensor nbytes */
 } ckpt_bucket_plan_t;
 
-/* Plans buckets: tensors grouped by owner (owners in ascending order), inside an owner by
- * name; each tensor starts on a CKPT_ALIGN boundary, and a tensor of 64 KiB or more at an
- * offset congruent to its source offset modulo 4 KiB when that fits (fast copies); a bucket never exceeds bucket_size and
- * a tensor is never split. Fails with CKPT_ETOOBIG naming the tensor when one does not
- * fit in bucket_size, and CKPT_EINVAL on a duplicate name or an owner outside [0, nranks). */
-int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
-                       uint64_t bucket_size, ckpt_bucket_plan_t *plan_out);
+/* Plans buckets of metas[i], whose bytes are at places[i] (NULL: all at source 0, offset
+ * 0; the metas' own offset and reserved are not read): tensors grouped by owner (owners in
+ * ascending order), inside an owner by name; each tensor starts on a CKPT_ALIGN boundary,
+ * and a tensor of 64 KiB or more at an offset congruent to its source offset modulo 4 KiB
+ * when that fits (fast copies); a bucket never exceeds bucket_size and a tensor is never
+ * split. Fails with CKPT_ETOOBIG naming the tensor when one does not fit in bucket_size,
+ * and CKPT_EINVAL on a duplicate name or an owner outside [0, nranks). */
+int ckpt__plan_buckets(const ckpt_tensor_meta_t *metas, const ckpt__place_t *places,
+                       size_t count, int nranks, uint64_t bucket_size,
+                       ckpt_bucket_plan_t *plan_out);
 /* The same for parts of tensors (the route's pieces, route.c): a name may repeat (parts
  * of one tensor keep their input order), so the caller checks the whole tensors' names
  * first with ckpt__plan_check_names. */
-int ckpt__plan_parts(const ckpt_tensor_meta_t *metas, size_t count, int nranks,
-                     uint64_t bucket_size, ckpt_bucket_plan_t *plan_out);
+int ckpt__plan_parts(const ckpt_tensor_meta_t *metas, const ckpt__place_t *places,
+                     size_t count, int nranks, uint64_t bucket_size,
+                     ckpt_bucket_plan_t *plan_out);
 /* CKPT_EINVAL naming the ranks when two metas have the same name. */
 int ckpt__plan_check_names(const ckpt_tensor_meta_t *metas, size_t count);
 void ckpt__plan_free(ckpt_bucket_plan_t *plan);
 
 /* Plans windows for workers that read straight out of the owners' pools (no staging):
- * each input meta gives in `reserved` its source (a pool region every worker has mapped)
- * and in `offset` its offset inside that source. Tensors are taken in (source, offset)
- * order; a window is a run of consecutive tensors of one source whose span is at most
- * bucket_size (a larger tensor gets a window of its own). Offsets stay source offsets. */
-int ckpt__plan_windows(const ckpt_tensor_meta_t *metas, size_t count, uint64_t bucket_size,
-                       ckpt_bucket_plan_t *plan_out);
+ * places[i] is tensor i's source (a pool region every worker has mapped; < 0: none, an
+ * error) and its offset inside that source. Tensors are taken in (source, offset) order;
+ * a window is a run of consecutive tensors of one source whose span is at most
+ * bucket_size (a larger tensor gets a window of its own). The planned offsets are the
+ * source offsets: the worker reads the source itself. */
+int ckpt__plan_windows(const ckpt_tensor_meta_t *metas, const ckpt__place_t *places,
+                       size_t count, uint64_t bucket_size, ckpt_bucket_plan_t *plan_out);
 
 /* Largest aligned tensor size in metas (the smallest workable bucket). */
 uint64_t ckpt__plan_min_bucket(const ckpt_tensor_meta_t *metas, size_t count);

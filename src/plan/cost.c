@@ -358,14 +358,13 @@ int ckpt__cost_predict(const ckpt_tensor_meta_t *metas, size_t count,
     for (size_t i = 0; rc == CKPT_OK && i < count; i++) {
         all[i] = metas[i];
         all[i].owner = m.owners[i];
-        all[i].offset = 0;
         total += metas[i].nbytes;
     }
     if (rc == CKPT_OK) {
         uint64_t limit = d->direct ? d->bucket_max : ckpt__plan_pipeline_limit(total, d->bucket_max);
         uint64_t largest = ckpt__plan_min_bucket(all, count);
         if (limit < largest) limit = largest;
-        rc = ckpt__plan_buckets(all, count, m.nranks, limit, &m.plan);
+        rc = ckpt__plan_buckets(all, NULL, count, m.nranks, limit, &m.plan);
     }
     if (rc == CKPT_OK) {
         m.needs = malloc(m.plan.ntensors * (size_t)m.inst * sizeof(ckpt_need_t));

@@ -10,10 +10,36 @@ static void make(ckpt_tensor_meta_t *m, const char *name, uint64_t nbytes, int o
     m->offset = 1000 + nbytes; /* an arbitrary pool offset, carried through */
 }
 
+/* The placements the tests give: each meta's offset (its pool offset) in source
+ * `reserved`, as the engine's gathered metas carry them. */
+static ckpt__place_t *places_of(const ckpt_tensor_meta_t *m, size_t n)
+{
+    ckpt__place_t *p = calloc(n + 1, sizeof(*p));
+    for (size_t i = 0; i < n; i++) p[i] = (ckpt__place_t){m[i].reserved, 0, m[i].offset};
+    return p;
+}
+
+static int plan_b(const ckpt_tensor_meta_t *m, size_t n, int nranks, uint64_t bsize,
+                  ckpt_bucket_plan_t *plan)
+{
+    ckpt__place_t *p = places_of(m, n);
+    int rc = ckpt__plan_buckets(m, p, n, nranks, bsize, plan);
+    free(p);
+    return rc;
+}
+
+static int plan_w(const ckpt_tensor_meta_t *m, size_t n, uint64_t bsize, ckpt_bucket_plan_t *plan)
+{
+    ckpt__place_t *p = places_of(m, n);
+    int rc = ckpt__plan_windows(m, p, n, bsize, plan);
+    free(p);
+    return rc;
+}
+
 static void check_plan(const ckpt_tensor_meta_t *metas, size_t n, int nranks, uint64_t bsize)
 {
     ckpt_bucket_plan_t plan;
-    CHECK_OK(ckpt__plan_buckets(metas, n, nranks, bsize, &plan));
+    CHECK_OK(plan_b(metas, n, nranks, bsize, &plan));
     CHECK(plan.ntensors == n);
     uint64_t total = 0;
     size_t seen = 0;
@@ -30,10 +56,10 @@ static void check_plan(const ckpt_tensor_meta_t *metas, size_t n, int nranks, ui
             CHECK(t->offset >= end); /* no overlap inside the bucket */
             end = t->offset + t->nbytes;
             CHECK(end <= bk->bytes);
-            CHECK(plan.src_offsets[i] == 1000 + t->nbytes);
+            CHECK(plan.src[i].offset == 1000 + t->nbytes);
             /* Large tensors keep their source's page offset unless they fill the bucket. */
             if (t->nbytes >= 65536 && ckpt_aligned_size(t->nbytes) + 4096 <= bsize)
-                CHECK(t->offset % 4096 == plan.src_offsets[i] % 4096);
+                CHECK(t->offset % 4096 == plan.src[i].offset % 4096);
             total += t->nbytes;
         }
         seen += bk->count;
@@ -45,7 +71,7 @@ static void check_plan(const ckpt_tensor_meta_t *metas, size_t n, int nranks, ui
     ckpt_tensor_meta_t *rev = calloc(n, sizeof(*rev));
     for (size_t i = 0; i < n; i++) rev[i] = metas[n - 1 - i];
     ckpt_bucket_plan_t plan2;
-    CHECK_OK(ckpt__plan_buckets(rev, n, nranks, bsize, &plan2));
+    CHECK_OK(plan_b(rev, n, nranks, bsize, &plan2));
     CHECK(plan2.nbuckets == plan.nbuckets);
     for (size_t i = 0; i < n; i++) {
         CHECK_STR(plan2.tensors[i].name, plan.tensors[i].name);
@@ -71,7 +97,7 @@ static void test_sizes(void)
     check_plan(m, 40, 3, 64 * 1024);
     check_plan(m, 40, 3, 1 << 30);            /* one bucket per owner */
     ckpt_bucket_plan_t plan;
-    CHECK_OK(ckpt__plan_buckets(m, 40, 3, 1 << 30, &plan));
+    CHECK_OK(plan_b(m, 40, 3, 1 << 30, &plan));
     CHECK(plan.nbuckets == 3);
     ckpt__plan_free(&plan);
     check_plan(m, 0, 1, 256);                 /* nothing to send */
@@ -95,7 +121,7 @@ static void test_page_congruence(void)
     uint64_t sizes[] = {ckpt__plan_min_bucket(m, 12), 256 * 1024, 1 << 20};
     for (int k = 0; k < 3; k++) {
         ckpt_bucket_plan_t plan;
-        CHECK_OK(ckpt__plan_buckets(m, 12, 2, sizes[k], &plan));
+        CHECK_OK(plan_b(m, 12, 2, sizes[k], &plan));
         size_t congruent = 0, large = 0;
         for (size_t b = 0; b < plan.nbuckets; b++) {
             const ckpt_bucket_t *bk = &plan.buckets[b];
@@ -109,7 +135,7 @@ static void test_page_congruence(void)
                 CHECK(end <= bk->bytes);
                 if (t->nbytes >= 65536) {
                     large++;
-                    congruent += t->offset % 4096 == plan.src_offsets[i] % 4096;
+                    congruent += t->offset % 4096 == plan.src[i].offset % 4096;
                 }
             }
         }
@@ -127,12 +153,12 @@ static void test_errors(void)
     make(&m[0], "a", 1000, 0);
     make(&m[1], "big", 5000, 1);
     make(&m[2], "a", 10, 1);
-    CHECK_RC(ckpt__plan_buckets(m, 2, 2, 4096, &plan), CKPT_ETOOBIG);
+    CHECK_RC(plan_b(m, 2, 2, 4096, &plan), CKPT_ETOOBIG);
     CHECK_ERR_HAS("'big'");
-    CHECK_RC(ckpt__plan_buckets(m, 3, 2, 8192, &plan), CKPT_EINVAL);
+    CHECK_RC(plan_b(m, 3, 2, 8192, &plan), CKPT_EINVAL);
     CHECK_ERR_HAS("'a'");
-    CHECK_RC(ckpt__plan_buckets(m, 2, 1, 8192, &plan), CKPT_EINVAL); /* owner 1 of 1 rank */
-    CHECK_RC(ckpt__plan_buckets(m, 2, 2, 1000, &plan), CKPT_EINVAL); /* not aligned */
+    CHECK_RC(plan_b(m, 2, 1, 8192, &plan), CKPT_EINVAL); /* owner 1 of 1 rank */
+    CHECK_RC(plan_b(m, 2, 2, 1000, &plan), CKPT_EINVAL); /* not aligned */
 }
 
 static void test_bucket_size(void)
@@ -169,7 +195,7 @@ static void test_windows(void)
         off[i % 2] += ckpt_aligned_size(sizes[i]);
     }
     ckpt_bucket_plan_t plan;
-    CHECK_OK(ckpt__plan_windows(m, 6, 4096, &plan));
+    CHECK_OK(plan_w(m, 6, 4096, &plan));
     size_t seen = 0;
     for (size_t b = 0; b < plan.nbuckets; b++) {
         const ckpt_bucket_t *bk = &plan.buckets[b];
@@ -177,15 +203,15 @@ static void test_windows(void)
         const ckpt_tensor_meta_t *last = &plan.tensors[bk->first + bk->count - 1];
         CHECK(bk->bytes == last->offset + last->nbytes - first->offset);
         CHECK(bk->bytes <= 4096 || bk->count == 1); /* only a lone big tensor exceeds */
-        for (uint32_t i = bk->first; i < bk->first + bk->count; i++)
-            CHECK(plan.tensors[i].reserved == bk->source);
+        for (uint32_t i = bk->first; i < bk->first + bk->count; i++) /* read in place */
+            CHECK(plan.src[i].source == bk->source && plan.tensors[i].offset == plan.src[i].offset);
         seen += bk->count;
     }
     CHECK(seen == 6);
     CHECK(plan.total_bytes == 1000 + 300 + 5000 + 256 + 700 + 10);
     ckpt__plan_free(&plan);
     m[1].offset = m[3].offset + 100; /* overlaps t3 in source 1 */
-    CHECK_RC(ckpt__plan_windows(m, 6, 1 << 20, &plan), CKPT_EINVAL);
+    CHECK_RC(plan_w(m, 6, 1 << 20, &plan), CKPT_EINVAL);
     CHECK_ERR_HAS("overlap");
 }
 
