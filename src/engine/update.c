@@ -16,45 +16,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/engine_internal.h"
-#include "engine/needs.h"
-#include "engine/p2p.h"
-#include "engine/route.h"
-#include "engine/sources.h"
+#include "engine/source.h"
+#include "engine/update.h"
 #include "ipc/wire.h"
-#include "engine/timeline.h"
-#include "plan/bucket.h"
 
-typedef struct update_ctx {
-    ckpt_engine_t *e;
-    const ckpt__cmd_t *cmd;
-    ckpt_update_result_t *res;
-    ckpt_bucket_plan_t plan;
-    ckpt__timeline_t tl;
-    const void **local_data; /* per store index: address of a local tensor's bytes */
-    int worker_begun;
-    double sent_at;
-    int direct;              /* workers read the owners' pools: no stage, no broadcast */
-    int coll_ms;             /* waits for other ranks: ckpt__peer_timeout_ms(timeout) */
-    ckpt__sources_t sources; /* direct: every pool region of this host, opened */
-    ckpt__p2p_t *p2p;        /* P2P: the serving deployment buckets are pulled from */
-    int32_t *src_owner;      /* P2P: per bucket, the serving rank that holds it */
-    const ckpt_tensor_meta_t *manifest; /* every tensor of the update, sent with BEGIN */
-    size_t nmanifest;
-    int worker_pid;          /* of the worker BEGIN went to (kept after a drop) */
-    ckpt__needs_t needs;     /* what the workers declared they need (needs.c) */
-    ckpt__route_t route;     /* which hosts each bucket goes to (route.c) */
-    uint8_t *wanted;         /* declared needs: per planned tensor, this worker needs it */
-    ckpt_tensor_meta_t *records; /* a bucket's records this worker needs (declared needs) */
-    size_t records_cap;
-    ckpt__ipc_part_t *parts; /* which part of its tensor each record holds (tensors cut) */
-    size_t parts_cap;
-    int isolated;            /* isolate: this rank's worker is out of the update */
-    int isolated_status;
-    char isolated_reason[CKPT__REASON_MAX];
-} update_ctx_t;
 
-static int fail_result(update_ctx_t *u, int rc, int failed_rank, const char *reason)
+static int fail_result(ckpt__update_t *u, int rc, int failed_rank, const char *reason)
 {
     u->res->status = rc;
     u->res->failed_rank = failed_rank;
@@ -63,7 +30,7 @@ static int fail_result(update_ctx_t *u, int rc, int failed_rank, const char *rea
 }
 
 /* The worker still takes buckets: it exists and was not cut out of the update. */
-static int worker_active(const update_ctx_t *u)
+static int worker_active(const ckpt__update_t *u)
 {
     return u->e->ipc != NULL && !u->isolated;
 }
@@ -73,7 +40,7 @@ static int worker_active(const update_ctx_t *u)
  * connected (a stalled one is dropped at once, see ckpt_ipc_finish), the failure is
  * recorded for the result and the rank reports OK to the agreement. Without isolate, or
  * for rc == 0, rc is returned unchanged. */
-static int isolate_worker(update_ctx_t *u, int rc, const char *what)
+static int isolate_worker(ckpt__update_t *u, int rc, const char *what)
 {
     ckpt_engine_t *e = u->e;
     if (rc == CKPT_OK || !u->cmd->isolate || !e->ipc || u->isolated) return rc;
@@ -102,7 +69,7 @@ static int isolate_worker(update_ctx_t *u, int rc, const char *what)
 }
 
 /* Agreement with the result recorded; a broken deployment is fatal. */
-static int agree(update_ctx_t *u, int local_rc, const char *what)
+static int agree(ckpt__update_t *u, int local_rc, const char *what)
 {
     char reason[CKPT__REASON_MAX];
     char local_reason[CKPT__REASON_MAX];
@@ -119,7 +86,7 @@ static int agree(update_ctx_t *u, int local_rc, const char *what)
 /* Allgather of every rank's local tensor metas. On the way meta.reserved carries the
  * owner's store index and offset its pool offset (placements() moves them beside the
  * metas), so the owner finds the bytes again without a lookup by name. */
-static int gather_metas(update_ctx_t *u, ckpt_tensor_meta_t **all_out, size_t *count_out)
+static int gather_metas(ckpt__update_t *u, ckpt_tensor_meta_t **all_out, size_t *count_out)
 {
     if (u->p2p) /* every rank decoded the same metas: nothing to gather */
         return ckpt__p2p_tensors(u->p2p, all_out, count_out);
@@ -179,7 +146,7 @@ out:
  * bytes and consecutive buckets of one sender go to different receivers. Then every rank
  * checks the guards of the senders it pulls from: stale metas are refused (agreed by all)
  * before any byte reaches a worker. */
-static int assign_receivers(update_ctx_t *u)
+static int assign_receivers(ckpt__update_t *u)
 {
     ckpt_engine_t *e = u->e;
     uint64_t *load = ckpt__calloc((size_t)e->size, sizeof(*load));
@@ -212,34 +179,6 @@ static int assign_receivers(update_ctx_t *u)
     return agree(u, rc, "p2p buffers");
 }
 
-/* The route's piece planned tensor k is (routed staged updates), else NULL. */
-static const ckpt__piece_t *planned_piece(const update_ctx_t *u, size_t k)
-{
-    if (!u->route.active || u->direct || !u->plan.origin) return NULL;
-    return &u->route.pieces[u->plan.origin[k]];
-}
-
-/* Stages planned tensor k into the bucket: its bytes, or the part of it the route cut,
- * packed (a part along dim 0 is one run of rows; along dim d > 0, one run per index of
- * the dims before d). */
-static void stage_tensor(const update_ctx_t *u, size_t k, char *buf)
-{
-    const ckpt_tensor_meta_t *t = &u->plan.tensors[k];
-    const char *src = u->local_data[u->plan.src[k].source];
-    const ckpt__piece_t *pc = planned_piece(u, k);
-    if (!pc || pc->dim < 0) {
-        ckpt__copy_bulk(buf + t->offset, src, t->nbytes);
-        return;
-    }
-    uint64_t outer = 1, inner = ckpt_dtype_size(t->dtype);
-    for (int d = 0; d < pc->dim; d++) outer *= (uint64_t)t->shape[d];
-    for (int d = pc->dim + 1; d < t->ndim; d++) inner *= (uint64_t)t->shape[d];
-    for (uint64_t o = 0; o < outer; o++)
-        ckpt__copy_bulk(buf + t->offset + o * pc->length * inner,
-                        src + (o * (uint64_t)pc->full + pc->start) * inner,
-                        (size_t)(pc->length * inner));
-}
-
 /* Where each of the update's tensors lies, as the gathered metas carried it (reserved: the
  * owner's store index, or for P2P the serving rank's region; offset: in the owner's pool,
  * or in that region): from here on the placement lives beside the metas. */
@@ -251,10 +190,10 @@ static ckpt__place_t *placements(const ckpt_tensor_meta_t *all, size_t count)
     return places;
 }
 
-static int plan_from(update_ctx_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *places,
+static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *places,
                      size_t count);
 
-static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
+static int plan_update(ckpt__update_t *u, ckpt_tensor_meta_t *all, size_t count)
 {
     ckpt_engine_t *e = u->e;
     ckpt__place_t *places = placements(all, count);
@@ -264,7 +203,7 @@ static int plan_update(update_ctx_t *u, ckpt_tensor_meta_t *all, size_t count)
     return rc;
 }
 
-static int plan_from(update_ctx_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *places,
+static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *places,
                      size_t count)
 {
     ckpt_engine_t *e = u->e;
@@ -276,6 +215,7 @@ static int plan_from(update_ctx_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *pl
     if (e->opts.memory_limit == 0) min_avail += e->buffers.size * (uint64_t)e->buffers.nbuffers;
     uint64_t bucket_size = 0;
     int nbuffers = 0;
+    u->src = u->direct ? &ckpt__source_window : u->p2p ? &ckpt__source_ucx : &ckpt__source_pool;
     if (u->direct) {
         /* No buffers: windows of the owners' pools, each at most bucket_max (a larger
          * tensor is a window of its own). */
@@ -333,7 +273,7 @@ static int plan_from(update_ctx_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *pl
         u->wanted = malloc(u->plan.ntensors + 1);
         if (!u->wanted) ckpt__engine_fatal(e, "no memory for the workers' needs");
         for (size_t i = 0; i < u->plan.ntensors; i++) {
-            const ckpt__piece_t *pc = planned_piece(u, i);
+            const ckpt__piece_t *pc = ckpt__planned_piece(u, i);
             u->wanted[i] = (uint8_t)(pc ? ckpt__needs_wants_part(&u->needs, pc->tensor, pc->dim,
                                                                  pc->start, pc->length)
                                         : ckpt__needs_wants(&u->needs, &u->plan.tensors[i]));
@@ -363,7 +303,7 @@ static int plan_from(update_ctx_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *pl
     return ckpt__timeline_init(&u->tl, u->plan.nbuckets * CKPT__EV_KINDS + 1);
 }
 
-static int begin_workers(update_ctx_t *u)
+static int begin_workers(ckpt__update_t *u)
 {
     ckpt_engine_t *e = u->e;
     int rc = CKPT_OK;
@@ -421,20 +361,18 @@ static int begin_workers(update_ctx_t *u)
     return agree(u, rc, "worker");
 }
 
-/* stage + broadcast + group barrier of bucket b into buffer b % nbuffers. */
-static int prepare_bucket(update_ctx_t *u, size_t b)
+/* Bucket b into buffer b % nbuffers: the source fills it on its owner, the bytes go to
+ * the hosts that need them, and the ranks learn the bucket is ready (they agree on it
+ * when the source can fail: before any worker is handed it). */
+static int prepare_bucket(ckpt__update_t *u, size_t b)
 {
     ckpt_engine_t *e = u->e;
     const ckpt_bucket_t *bk = &u->plan.buckets[b];
     char *buf = e->buffers.ptr[b % (size_t)e->buffers.nbuffers];
     double t0 = ckpt__now_s();
-    int pull_rc = CKPT_OK;
-    if (bk->owner == e->rank && u->p2p) {
-        pull_rc = ckpt__p2p_pull(e, u->p2p, u->src_owner[b], &u->plan.tensors[bk->first],
-                                 &u->plan.src[bk->first], bk->count, buf, u->cmd->timeout_ms);
-        ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_STAGE, t0);
-    } else if (bk->owner == e->rank) {
-        for (uint32_t i = bk->first; i < bk->first + bk->count; i++) stage_tensor(u, i, buf);
+    int fill_rc = CKPT_OK;
+    if (bk->owner == e->rank) {
+        fill_rc = u->src->fill(u, b, buf);
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_STAGE, t0);
     }
     int rc = CKPT_OK;
@@ -450,13 +388,12 @@ static int prepare_bucket(update_ctx_t *u, size_t b)
         if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_BCAST, t0);
     }
-    if (u->p2p) {
-        /* A pull can fail (a serving rank died, the checkpoint was unregistered): every
-         * rank learns it before any worker is handed the bucket. */
+    if (u->src->may_fail) {
         t0 = ckpt__now_s();
         char what[64];
-        snprintf(what, sizeof(what), "pull of bucket %zu", b);
-        rc = agree(u, pull_rc, what);
+        snprintf(what, sizeof(what), "%s of bucket %zu", u->src == &ckpt__source_ucx ? "pull"
+                                                                                    : "fill", b);
+        rc = agree(u, fill_rc, what);
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_READY, t0);
     } else if (e->group_size > 1) {
         t0 = ckpt__now_s();
@@ -467,7 +404,7 @@ static int prepare_bucket(update_ctx_t *u, size_t b)
     return rc;
 }
 
-static int send_bucket(update_ctx_t *u, size_t b)
+static int send_bucket(ckpt__update_t *u, size_t b)
 {
     ckpt_engine_t *e = u->e;
     const ckpt_bucket_t *bk = &u->plan.buckets[b];
@@ -501,21 +438,21 @@ static int send_bucket(update_ctx_t *u, size_t b)
     }
     for (size_t i = 0, k = 0; i < bk->count && k < count; i++) {
         if (u->wanted && !u->wanted[bk->first + i]) continue;
-        const ckpt__piece_t *pc = planned_piece(u, bk->first + i);
+        const ckpt__piece_t *pc = ckpt__planned_piece(u, bk->first + i);
         u->parts[k++] = pc->dim < 0 ? (ckpt__ipc_part_t){-1, 0, 0}
                                     : (ckpt__ipc_part_t){pc->dim, pc->start, pc->full};
     }
     return ckpt_ipc_send_bucket_parts(e->ipc, (uint32_t)b, buffer, records, u->parts, count);
 }
 
-static void progress_bucket_done(update_ctx_t *u, size_t b)
+static void progress_bucket_done(ckpt__update_t *u, size_t b)
 {
     atomic_fetch_add(&u->e->progress.buckets_done, 1);
     atomic_fetch_add(&u->e->progress.bytes_done, u->plan.buckets[b].bytes);
 }
 
 /* Every rank learns whether every worker took bucket b (local_rc: this worker's answer). */
-static int agree_bucket(update_ctx_t *u, size_t b, int local_rc)
+static int agree_bucket(ckpt__update_t *u, size_t b, int local_rc)
 {
     double t0 = ckpt__now_s();
     char what[64];
@@ -528,7 +465,7 @@ static int agree_bucket(update_ctx_t *u, size_t b, int local_rc)
 
 /* The worker's answer to bucket b (send_rc: how sending it went); with isolate a failure
  * cuts the worker out and reads as OK. */
-static int bucket_ack(update_ctx_t *u, size_t b, int send_rc)
+static int bucket_ack(ckpt__update_t *u, size_t b, int send_rc)
 {
     int rc = send_rc;
     if (rc == CKPT_OK && worker_active(u)) rc = ckpt_ipc_wait_ack(u->e->ipc, u->cmd->timeout_ms);
@@ -540,17 +477,17 @@ static int bucket_ack(update_ctx_t *u, size_t b, int send_rc)
 }
 
 /* Waits for the worker's ack of bucket b and agrees on it across ranks. */
-static int complete_bucket(update_ctx_t *u, size_t b, int send_rc)
+static int complete_bucket(ckpt__update_t *u, size_t b, int send_rc)
 {
     return agree_bucket(u, b, bucket_ack(u, b, send_rc));
 }
 
-static int run_pipeline(update_ctx_t *u)
+static int run_pipeline(ckpt__update_t *u)
 {
     size_t nb = u->plan.nbuckets;
     int two = u->e->buffers.nbuffers == 2;
     int send_rc = CKPT_OK, rc = CKPT_OK;
-    if (u->direct) {
+    if (u->src->in_place) {
         /* Nothing to prepare: every window is already in a pool the workers have mapped.
          * As soon as the worker acknowledged window b it gets window b+1, and the ranks
          * agree on b while it copies: the agreement's latency is hidden. A failure agreed
@@ -584,7 +521,7 @@ typedef struct {
 /* isolate: rank 0 learns which workers were cut out (one integer allreduce when none was;
  * a gather otherwise) and lists them in the result. When no worker is left the update
  * failed after all: nobody holds the new weights. Returns the update's status. */
-static int gather_isolated(update_ctx_t *u, int rc)
+static int gather_isolated(ckpt__update_t *u, int rc)
 {
     ckpt_engine_t *e = u->e;
     ckpt_update_result_t *res = u->res;
@@ -680,7 +617,7 @@ int ckpt__update_run_p2p(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const void *m
 static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace_path,
                       ckpt_update_result_t *res, ckpt__p2p_t *p2p)
 {
-    update_ctx_t u;
+    ckpt__update_t u;
     memset(&u, 0, sizeof(u));
     u.e = e;
     u.cmd = cmd;

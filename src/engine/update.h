@@ -1,0 +1,54 @@
+/* The state of one update (update.c) and of the sources that fill its buckets
+ * (source.h): a file that adds a source reads what it needs from here. */
+#ifndef CKPT_ENGINE_UPDATE_H
+#define CKPT_ENGINE_UPDATE_H
+
+#include "engine/engine_internal.h"
+#include "engine/needs.h"
+#include "engine/p2p.h"
+#include "engine/route.h"
+#include "engine/sources.h"
+#include "engine/timeline.h"
+#include "ipc/wire.h"
+#include "plan/bucket.h"
+
+struct ckpt__source_ops;
+
+typedef struct ckpt__update {
+    ckpt_engine_t *e;
+    const ckpt__cmd_t *cmd;
+    ckpt_update_result_t *res;
+    ckpt_bucket_plan_t plan;
+    ckpt__timeline_t tl;
+    const void **local_data; /* per store index: address of a local tensor's bytes */
+    int worker_begun;
+    double sent_at;
+    int direct;              /* workers read the owners' pools: no stage, no broadcast */
+    const struct ckpt__source_ops *src; /* where the buckets' bytes come from (source.h) */
+    int coll_ms;             /* waits for other ranks: ckpt__peer_timeout_ms(timeout) */
+    ckpt__sources_t sources; /* direct: every pool region of this host, opened */
+    ckpt__p2p_t *p2p;        /* P2P: the serving deployment buckets are pulled from */
+    int32_t *src_owner;      /* P2P: per bucket, the serving rank that holds it */
+    const ckpt_tensor_meta_t *manifest; /* every tensor of the update, sent with BEGIN */
+    size_t nmanifest;
+    int worker_pid;          /* of the worker BEGIN went to (kept after a drop) */
+    ckpt__needs_t needs;     /* what the workers declared they need (needs.c) */
+    ckpt__route_t route;     /* which hosts each bucket goes to (route.c) */
+    uint8_t *wanted;         /* declared needs: per planned tensor, this worker needs it */
+    ckpt_tensor_meta_t *records; /* a bucket's records this worker needs (declared needs) */
+    size_t records_cap;
+    ckpt__ipc_part_t *parts; /* which part of its tensor each record holds (tensors cut) */
+    size_t parts_cap;
+    int isolated;            /* isolate: this rank's worker is out of the update */
+    int isolated_status;
+    char isolated_reason[CKPT__REASON_MAX];
+} ckpt__update_t;
+
+/* The route's piece planned tensor k is (routed staged updates), else NULL. */
+static inline const ckpt__piece_t *ckpt__planned_piece(const ckpt__update_t *u, size_t k)
+{
+    if (!u->route.active || u->direct || !u->plan.origin) return NULL;
+    return &u->route.pieces[u->plan.origin[k]];
+}
+
+#endif
