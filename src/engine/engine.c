@@ -60,7 +60,7 @@ int ckpt_engine_create(const ckpt_engine_options_t *opts, ckpt_engine_t **engine
     MPI_Comm_dup(e->world, &e->agree_comm);
     if (rc == CKPT_OK) rc = ckpt__peers_init(e);
     ckpt_store_options_t sopts = CKPT_STORE_OPTIONS_INIT;
-    e->ucx_pools_off = e->opts.ucx_pools == 0;
+    if (rc == CKPT_OK) rc = ckpt__p2p_init(e);
     sopts.field_mask |= CKPT_STORE_OPT_POOL_ALLOCATOR;
     sopts.pool_allocator = ckpt__p2p_pool_allocator(e);
     if (rc == CKPT_OK) rc = ckpt_store_create(&sopts, &e->store);
@@ -107,6 +107,7 @@ void ckpt_engine_destroy(ckpt_engine_t *e)
     ckpt__publish_close(e); /* answers trainers still waiting */
     if (e->store) ckpt_store_destroy(e->store); /* frees the pools UCX allocated */
     ckpt__p2p_shutdown(e);
+    ckpt__free(e->serving);
     if (e->leaders != MPI_COMM_NULL) MPI_Comm_free(&e->leaders);
     if (e->group != MPI_COMM_NULL) MPI_Comm_free(&e->group);
     if (e->agree_comm != MPI_COMM_NULL) MPI_Comm_free(&e->agree_comm);

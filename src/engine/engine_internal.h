@@ -94,13 +94,9 @@ struct ckpt_engine {
     uint64_t next_update_id;
     int broken; /* a collective timed out: MPI state is unknown, only exit is safe */
     int last_cmd_timeout_ms; /* rank 0: worker timeout of the last command sent (command.c) */
-    /* UCX one-sided transfers (p2p.c), made on first use. The guard page holds, per
-     * exported checkpoint, its version (0 once unregistered); joiners read it before and
-     * after pulling so that stale metas are refused. */
-    struct ckpt__ucx *ucx;
-    uint64_t *guard;
-    struct ckpt__ucx_mem *guard_mem;
-    int ucx_pools_off; /* pools from UCX: disabled by option or after the first refusal */
+    /* The serving side of P2P: UCX, the guard page, whether pools come from UCX. Owned by
+     * p2p.c (its definition is there); made by ckpt__p2p_init. */
+    struct ckpt__serving *serving;
     /* DIR/publish-<rank>.sock: trainers hand sealed memfds to this rank (publish.c); NULL
      * without a socket dir. Its thread only queues parts; registration is a command. */
     struct ckpt__pub_server *pub;
@@ -199,6 +195,8 @@ void ckpt__p2p_unexport(ckpt_engine_t *e, ckpt__checkpoint_entry_t *c);
  * must be freed before its context). */
 void ckpt__p2p_unexport_all(ckpt_engine_t *e);
 void ckpt__p2p_shutdown(ckpt_engine_t *e);
+/* The serving state (e->serving), at create: pools from UCX unless opts.ucx_pools is 0. */
+int ckpt__p2p_init(ckpt_engine_t *e);
 /* The store's pool allocator: UCX shared memory (ckpt_engine_options_t.ucx_pools). */
 ckpt_pool_allocator_t ckpt__p2p_pool_allocator(ckpt_engine_t *e);
 

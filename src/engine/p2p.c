@@ -20,27 +20,45 @@
 
 /* ---------------------------------------------------------------- serving side ---- */
 
+/* UCX one-sided transfers, made on first use. The guard page holds, per exported
+ * checkpoint, its version (0 once unregistered); joiners read it before and after pulling
+ * so that stale metas are refused. */
+struct ckpt__serving {
+    struct ckpt__ucx *ucx;
+    uint64_t *guard;
+    struct ckpt__ucx_mem *guard_mem;
+    int pools_off; /* pools from UCX: disabled by option or after the first refusal */
+};
+
+int ckpt__p2p_init(ckpt_engine_t *e)
+{
+    e->serving = ckpt__calloc(1, sizeof(*e->serving));
+    if (!e->serving) return ckpt__error(CKPT_ENOMEM, "rank %d: P2P state", e->rank);
+    e->serving->pools_off = e->opts.ucx_pools == 0;
+    return CKPT_OK;
+}
+
 static int ensure_ucx(ckpt_engine_t *e)
 {
-    if (e->ucx) return CKPT_OK;
+    if (e->serving->ucx) return CKPT_OK;
     ckpt__ucx_options_t o = CKPT__UCX_OPTIONS_INIT;
     o.progress_thread = 1; /* serve gets over transports that need target-side progress */
-    o.shared_alloc = !e->ucx_pools_off;
+    o.shared_alloc = !e->serving->pools_off;
     /* Large chunks: measured with `bench ucx-get` over shared memory, 64 MiB gets reach
      * 0.82 of ucx_perftest where 8 MiB ones reach 0.26-0.5 (fewer protocol round trips). */
     o.chunk_size = 64u << 20;
-    int rc = ckpt__ucx_create(&o, &e->ucx);
+    int rc = ckpt__ucx_create(&o, &e->serving->ucx);
     if (rc < 0) return rc;
-    e->guard = mmap(NULL, CKPT__GUARD_SLOTS * CKPT__GUARD_SLOT_BYTES, PROT_READ | PROT_WRITE,
+    e->serving->guard = mmap(NULL, CKPT__GUARD_SLOTS * CKPT__GUARD_SLOT_BYTES, PROT_READ | PROT_WRITE,
                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (e->guard == MAP_FAILED) {
-        e->guard = NULL;
+    if (e->serving->guard == MAP_FAILED) {
+        e->serving->guard = NULL;
         rc = ckpt__error(CKPT_ENOMEM, "rank %d: guard page", e->rank);
     }
     if (rc == CKPT_OK)
-        rc = ckpt__ucx_mem_register(e->ucx, e->guard, CKPT__GUARD_SLOTS * CKPT__GUARD_SLOT_BYTES,
-                                    &e->guard_mem);
-    if (rc == CKPT_OK) rc = ckpt__ucx_progress_start(e->ucx);
+        rc = ckpt__ucx_mem_register(e->serving->ucx, e->serving->guard, CKPT__GUARD_SLOTS * CKPT__GUARD_SLOT_BYTES,
+                                    &e->serving->guard_mem);
+    if (rc == CKPT_OK) rc = ckpt__ucx_progress_start(e->serving->ucx);
     if (rc < 0) ckpt__p2p_shutdown(e);
     return rc;
 }
@@ -56,15 +74,15 @@ static int ensure_ucx(ckpt_engine_t *e)
 static int pool_alloc(void *ctx, uint64_t len, void **base_out, int *fd_out, void **handle_out)
 {
     ckpt_engine_t *e = ctx;
-    if (e->ucx_pools_off) return CKPT_EUNSUPPORTED;
+    if (e->serving->pools_off) return CKPT_EUNSUPPORTED;
     ckpt__ucx_mem_t *mem = NULL;
     int rc = ensure_ucx(e);
-    if (rc == CKPT_OK) rc = ckpt__ucx_mem_alloc_shared(e->ucx, (size_t)len, &mem, fd_out);
+    if (rc == CKPT_OK) rc = ckpt__ucx_mem_alloc_shared(e->serving->ucx, (size_t)len, &mem, fd_out);
     if (rc < 0) {
         /* Not an error: the store falls back to a memfd, which P2P exports as well. */
         ckpt_info("rank %d: pools are plain memfds (%s); P2P joiners on this host will pull "
                   "through emulated gets", e->rank, ckpt_last_error());
-        e->ucx_pools_off = 1;
+        e->serving->pools_off = 1;
         return rc;
     }
     *base_out = ckpt__ucx_mem_base(mem);
@@ -77,7 +95,7 @@ static void pool_release(void *ctx, void *base, uint64_t len, void *handle)
     ckpt_engine_t *e = ctx;
     (void)base;
     (void)len;
-    ckpt__ucx_mem_unregister(e->ucx, handle);
+    ckpt__ucx_mem_unregister(e->serving->ucx, handle);
 }
 
 ckpt_pool_allocator_t ckpt__p2p_pool_allocator(ckpt_engine_t *e)
@@ -88,31 +106,31 @@ ckpt_pool_allocator_t ckpt__p2p_pool_allocator(ckpt_engine_t *e)
 
 void ckpt__p2p_unexport_all(ckpt_engine_t *e)
 {
-    for (size_t i = 0; e->ucx && i < e->ncheckpoints; i++)
+    for (size_t i = 0; e->serving && e->serving->ucx && i < e->ncheckpoints; i++)
         ckpt__p2p_unexport(e, &e->checkpoints[i]);
 }
 
 void ckpt__p2p_shutdown(ckpt_engine_t *e)
 {
-    if (!e->ucx) return;
+    if (!e->serving || !e->serving->ucx) return;
     ckpt__p2p_unexport_all(e);
-    if (e->guard_mem) ckpt__ucx_mem_unregister(e->ucx, e->guard_mem);
-    ckpt__ucx_destroy(e->ucx);
-    if (e->guard) munmap(e->guard, CKPT__GUARD_SLOTS * CKPT__GUARD_SLOT_BYTES);
-    e->ucx = NULL;
-    e->guard = NULL;
-    e->guard_mem = NULL;
+    if (e->serving->guard_mem) ckpt__ucx_mem_unregister(e->serving->ucx, e->serving->guard_mem);
+    ckpt__ucx_destroy(e->serving->ucx);
+    if (e->serving->guard) munmap(e->serving->guard, CKPT__GUARD_SLOTS * CKPT__GUARD_SLOT_BYTES);
+    e->serving->ucx = NULL;
+    e->serving->guard = NULL;
+    e->serving->guard_mem = NULL;
 }
 
 void ckpt__p2p_unexport(ckpt_engine_t *e, ckpt__checkpoint_entry_t *c)
 {
     if (c->guard_slot < 0) return;
     /* The guard first: from now on a joiner refuses what it would read. */
-    __atomic_store_n(&e->guard[c->guard_slot * (CKPT__GUARD_SLOT_BYTES / 8)], 0,
+    __atomic_store_n(&e->serving->guard[c->guard_slot * (CKPT__GUARD_SLOT_BYTES / 8)], 0,
                      __ATOMIC_SEQ_CST);
     for (size_t i = 0; i < c->nmems; i++) /* pools UCX allocated stay: the store frees them */
         if (!ckpt__ucx_mem_allocated(c->mems[i]))
-            ckpt__ucx_mem_unregister(e->ucx, c->mems[i]);
+            ckpt__ucx_mem_unregister(e->serving->ucx, c->mems[i]);
     ckpt__free(c->mems);
     c->mems = NULL;
     c->nmems = 0;
@@ -145,7 +163,7 @@ static int blob_region(ckpt_engine_t *e, blob_t *b, void *base, uint64_t size,
 {
     void *rkey = NULL;
     size_t rlen = 0;
-    int rc = ckpt__ucx_rkey_pack(e->ucx, mem, &rkey, &rlen);
+    int rc = ckpt__ucx_rkey_pack(e->serving->ucx, mem, &rkey, &rlen);
     uint64_t addr = (uint64_t)(uintptr_t)base;
     uint32_t l = (uint32_t)rlen;
     if (rc == CKPT_OK) rc = blob_put(b, &addr, 8);
@@ -178,9 +196,9 @@ static int export_local(ckpt_engine_t *e, ckpt__checkpoint_entry_t *c, blob_t *b
         c->mems = ckpt__calloc(nregions + 1, sizeof(*c->mems));
         if (!c->mems) return ckpt__error(CKPT_ENOMEM, "export of '%s'", c->name);
         for (size_t i = 0; rc == CKPT_OK && i < nregions; i++) {
-            c->mems[i] = ckpt__ucx_mem_find_allocated(e->ucx, regions[i].base);
+            c->mems[i] = ckpt__ucx_mem_find_allocated(e->serving->ucx, regions[i].base);
             if (!c->mems[i])
-                rc = ckpt__ucx_mem_register(e->ucx, regions[i].base, regions[i].size, &c->mems[i]);
+                rc = ckpt__ucx_mem_register(e->serving->ucx, regions[i].base, regions[i].size, &c->mems[i]);
             if (rc == CKPT_OK) c->nmems++;
         }
         c->guard_slot = slot;
@@ -188,19 +206,19 @@ static int export_local(ckpt_engine_t *e, ckpt__checkpoint_entry_t *c, blob_t *b
             ckpt__p2p_unexport(e, c);
             return rc;
         }
-        __atomic_store_n(&e->guard[slot * (CKPT__GUARD_SLOT_BYTES / 8)], c->version,
+        __atomic_store_n(&e->serving->guard[slot * (CKPT__GUARD_SLOT_BYTES / 8)], c->version,
                          __ATOMIC_SEQ_CST);
     }
     const void *addr = NULL;
     size_t alen = 0;
-    rc = ckpt__ucx_address(e->ucx, &addr, &alen);
+    rc = ckpt__ucx_address(e->serving->ucx, &addr, &alen);
     uint32_t l = (uint32_t)alen, nreg = (uint32_t)nregions + 1;
     if (rc == CKPT_OK) rc = blob_put(b, &l, 4);
     if (rc == CKPT_OK) rc = blob_put(b, addr, alen);
     if (rc == CKPT_OK) rc = blob_put(b, &nreg, 4);
     if (rc == CKPT_OK)
-        rc = blob_region(e, b, &e->guard[c->guard_slot * (CKPT__GUARD_SLOT_BYTES / 8)],
-                         CKPT__GUARD_SLOT_BYTES, e->guard_mem);
+        rc = blob_region(e, b, &e->serving->guard[c->guard_slot * (CKPT__GUARD_SLOT_BYTES / 8)],
+                         CKPT__GUARD_SLOT_BYTES, e->serving->guard_mem);
     for (size_t i = 0; rc == CKPT_OK && i < nregions; i++)
         rc = blob_region(e, b, regions[i].base, regions[i].size, c->mems[i]);
     /* Local tensors only, each with its region (guard is region 0) and offset inside it. */

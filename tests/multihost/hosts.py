@@ -258,6 +258,12 @@ class Hosts:
             "--mca", "pml", "ob1", "--mca", "btl", "tcp,vader,self",
             "--mca", "btl_tcp_if_include", self.subnet(),
             "--mca", "oob_tcp_if_include", self.subnet(),
+            # Every orted shares the machine's hwloc topology through a shared-memory
+            # segment mapped at a "hole" of its address space; with several namespace
+            # hosts on one machine an orted crashed in hwloc_shmem_topology_write at start
+            # (segfault, before any engine code; 1 run in about 15 of 4 hosts). Each
+            # daemon then reads the topology itself.
+            "--mca", "rtc_hwloc_vmhole", "none",
             "--bind-to", "none", "--map-by", "slot",
             "-H", ",".join("%s:%d" % (self.addr(h), slots) for h in hosts),
             "-np", str(len(hosts) * slots)] + [str(a) for a in argv])
