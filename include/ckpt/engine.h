@@ -98,6 +98,9 @@ typedef struct ckpt_update_result {
     /* Bytes the busiest host received from the other hosts (bucket broadcasts between host
      * leaders; 0 on one host). */
     uint64_t host_bytes_max;
+    /* Bytes that only their owner's host needed and that host's workers read in its pools
+     * in place, not staged (routed updates across hosts; all hosts together). */
+    uint64_t in_place_bytes;
 } ckpt_update_result_t;
 
 typedef struct ckpt_update_options {

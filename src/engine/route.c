@@ -267,10 +267,18 @@ int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs,
     return CKPT_OK;
 }
 
+/* A piece read in place by its owner's host: only that host needs it, and its bytes are
+ * one run of the owner's pool (whole, or rows). */
+static int local_piece(const ckpt__route_t *r, const ckpt__piece_t *pc, int owner,
+                       const int *group_of_rank)
+{
+    return r->in_place && pc->dim <= 0 && pc->hosts == 1ull << group_of_rank[owner];
+}
+
 int ckpt__route_input(const ckpt__route_t *r, const ckpt_tensor_meta_t *all,
                       const ckpt__place_t *places, size_t count, int nranks,
-                      ckpt_tensor_meta_t **input_out, ckpt__place_t **places_out,
-                      size_t *ninput_out, int *owners_out)
+                      const int *group_of_rank, ckpt_tensor_meta_t **input_out,
+                      ckpt__place_t **places_out, size_t *ninput_out, int *owners_out)
 {
     if (!r->active) {
         *input_out = (ckpt_tensor_meta_t *)all;
@@ -299,12 +307,14 @@ int ckpt__route_input(const ckpt__route_t *r, const ckpt_tensor_meta_t *all,
              * there); parts along other dims are packed by the owner from the tensor. */
             if (pc->dim == 0) at[p].offset += per * pc->start;
         }
-        m->owner = m->owner * (int32_t)r->nsets + (int32_t)set_index(r, pc->hosts);
+        /* owner, set and (in place) whether local: the planner keeps them apart */
+        int32_t local = local_piece(r, pc, m->owner, group_of_rank);
+        m->owner = (m->owner * (int32_t)r->nsets + (int32_t)set_index(r, pc->hosts)) * 2 + local;
     }
     *input_out = in;
     *places_out = at;
     *ninput_out = r->npieces;
-    *owners_out = nranks * (int)r->nsets;
+    *owners_out = nranks * (int)r->nsets * 2;
     return CKPT_OK;
 }
 
@@ -312,12 +322,16 @@ int ckpt__route_decode(ckpt__route_t *r, ckpt_bucket_plan_t *plan)
 {
     if (!r->active) return CKPT_OK;
     int32_t n = (int32_t)r->nsets;
-    for (size_t i = 0; i < plan->ntensors; i++) plan->tensors[i].owner /= n;
+    for (size_t i = 0; i < plan->ntensors; i++) plan->tensors[i].owner /= 2 * n;
     r->bucket_set = calloc(plan->nbuckets + 1, sizeof(uint32_t));
-    if (!r->bucket_set) return ckpt__error(CKPT_ENOMEM, "routing: %zu buckets", plan->nbuckets);
+    r->bucket_local = calloc(plan->nbuckets + 1, 1);
+    if (!r->bucket_set || !r->bucket_local)
+        return ckpt__error(CKPT_ENOMEM, "routing: %zu buckets", plan->nbuckets);
     for (size_t b = 0; b < plan->nbuckets; b++) {
-        r->bucket_set[b] = (uint32_t)(plan->buckets[b].owner % n);
-        plan->buckets[b].owner /= n;
+        int32_t o = plan->buckets[b].owner;
+        r->bucket_local[b] = (uint8_t)(o % 2);
+        r->bucket_set[b] = (uint32_t)(o / 2 % n);
+        plan->buckets[b].owner = o / 2 / n;
     }
     return CKPT_OK;
 }
@@ -381,5 +395,6 @@ void ckpt__route_free(ckpt__route_t *r)
     free(r->pieces);
     free(r->sets);
     free(r->bucket_set);
+    free(r->bucket_local);
     memset(r, 0, sizeof(*r));
 }

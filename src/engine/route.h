@@ -29,6 +29,13 @@ typedef struct ckpt__route {
     uint64_t *sets;      /* the distinct host sets, ascending */
     size_t nsets;
     uint32_t *bucket_set; /* per planned bucket: index into sets */
+    /* Set by the caller before ckpt__route_input when the owners' hosts may read their
+     * own pools in place (staged, one pool region per rank, the host's pools opened): a
+     * piece only its owner's host needs, whole or rows, is then planned into buckets of
+     * its own (bucket_local[b] = 1) that nobody stages or sends: that host's workers read
+     * them out of the owner's pool. */
+    int in_place;
+    uint8_t *bucket_local;
 } ckpt__route_t;
 
 /* What the route may cut (route_init's `cut`): nothing (verify: checksums cover whole
@@ -57,8 +64,8 @@ int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs,
  * plan and records each bucket's set; plan->origin[k] is then planned tensor k's piece. */
 int ckpt__route_input(const ckpt__route_t *r, const ckpt_tensor_meta_t *all,
                       const ckpt__place_t *places, size_t count, int nranks,
-                      ckpt_tensor_meta_t **input_out, ckpt__place_t **places_out,
-                      size_t *ninput_out, int *owners_out);
+                      const int *group_of_rank, ckpt_tensor_meta_t **input_out,
+                      ckpt__place_t **places_out, size_t *ninput_out, int *owners_out);
 int ckpt__route_decode(ckpt__route_t *r, ckpt_bucket_plan_t *plan);
 /* The host groups bucket b (owned by world rank `owner`) goes to, as a mask: its set and
  * its owner's group; every group when routing is inactive. */

@@ -119,3 +119,12 @@ uint64_t ckpt__sources_size(const ckpt__sources_t *s, size_t index)
 {
     return ((const source_desc_t *)s->descs)[index].size;
 }
+
+int ckpt__sources_one_per_rank(const ckpt__sources_t *s)
+{
+    const source_desc_t *d = s->descs;
+    for (size_t i = 0; i < s->count; i++)
+        for (size_t j = i + 1; j < s->count; j++)
+            if (d[i].rank == d[j].rank) return 0;
+    return 1;
+}

@@ -19,5 +19,7 @@ void ckpt__sources_close(ckpt__sources_t *s);
 int ckpt__sources_locate(const ckpt__sources_t *s, const ckpt_tensor_meta_t *meta,
                          ckpt__place_t *place);
 uint64_t ckpt__sources_size(const ckpt__sources_t *s, size_t index);
+/* 1 when no rank has more than one region among the sources. */
+int ckpt__sources_one_per_rank(const ckpt__sources_t *s);
 
 #endif

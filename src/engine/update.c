@@ -193,6 +193,29 @@ static ckpt__place_t *placements(const ckpt_tensor_meta_t *all, size_t count)
 static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *places,
                      size_t count);
 
+/* Routed staged updates across hosts: each host opens its ranks' pool regions so that
+ * what only the owner's host needs is read there in place instead of staged (route.h,
+ * in_place). Every rank decides alike (one allreduce): pools shared on the host, one
+ * region per rank, and room in a BEGIN for them beside the IPC buffers. */
+static void open_in_place(ckpt__update_t *u)
+{
+    ckpt_engine_t *e = u->e;
+    int ok = 0, all_ok = 0;
+    if (e->ngroups > 1 && e->opts.share_mode == CKPT_SHARE_NODE) {
+        int rc = ckpt__sources_open(e, u->cmd->name, u->coll_ms, &u->sources);
+        if (rc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());
+        ok = rc == CKPT_OK && ckpt__sources_one_per_rank(&u->sources) &&
+             u->sources.count + 2 <= CKPT_IPC_MAX_BUFFERS;
+        ckpt__error_clear();
+    }
+    MPI_Request req;
+    MPI_Iallreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, e->world, &req);
+    if (ckpt__mpi_wait(e, &req, u->coll_ms, 200, "in-place agreement") < 0)
+        ckpt__engine_fatal(e, ckpt_last_error());
+    if (all_ok) u->route.in_place = 1;
+    else ckpt__sources_close(&u->sources);
+}
+
 static int plan_update(ckpt__update_t *u, ckpt_tensor_meta_t *all, size_t count)
 {
     ckpt_engine_t *e = u->e;
@@ -244,14 +267,15 @@ static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *
                                     ckpt__plan_pipeline_limit(total, u->cmd->bucket_max),
                                     min_avail, &bucket_size, &nbuffers);
         int owners = u->p2p ? (int)u->p2p->metas.nranks : e->size;
+        if (rc == CKPT_OK && u->route.active && !u->p2p) open_in_place(u);
         /* Routed: the planner plans the route's pieces (parts of tensors cut for the hosts
          * that need them) and groups by owner, so each piece's host set rides in it. */
         ckpt_tensor_meta_t *input = all;
         ckpt__place_t *at = places;
         size_t ninput = count;
         if (rc == CKPT_OK)
-            rc = ckpt__route_input(&u->route, all, places, count, owners, &input, &at, &ninput,
-                                   &owners);
+            rc = ckpt__route_input(&u->route, all, places, count, owners, e->group_of_rank,
+                                   &input, &at, &ninput, &owners);
         if (rc == CKPT_OK && u->route.active && (rc = ckpt__plan_check_names(all, count)) == CKPT_OK)
             rc = ckpt__plan_parts(input, at, ninput, owners, bucket_size, &u->plan);
         else if (rc == CKPT_OK)
@@ -291,6 +315,8 @@ static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *
             }
             if (in > u->res->host_bytes_max) u->res->host_bytes_max = in;
         }
+        for (size_t b = 0; u->route.bucket_local && b < u->plan.nbuckets; b++)
+            if (u->route.bucket_local[b]) u->res->in_place_bytes += u->plan.buckets[b].bytes;
     }
     u->res->direct = u->direct;
     u->res->bucket_size = bucket_size;
@@ -351,6 +377,11 @@ static int begin_workers(ckpt__update_t *u)
                     begin.buffer_fds[i] = e->buffers.fds[i];
                     begin.buffer_sizes[i] = e->buffers.size;
                 }
+                /* Read in place: this host's pool regions after the IPC buffers. */
+                for (size_t i = 0; u->route.in_place && i < u->sources.count; i++) {
+                    begin.buffer_fds[begin.nbuffers] = u->sources.fds[i];
+                    begin.buffer_sizes[begin.nbuffers++] = ckpt__sources_size(&u->sources, i);
+                }
             }
             if (rc == CKPT_OK) rc = ckpt_ipc_begin(e->ipc, &begin, u->cmd->timeout_ms);
             free(mine);
@@ -368,6 +399,8 @@ static int prepare_bucket(ckpt__update_t *u, size_t b)
 {
     ckpt_engine_t *e = u->e;
     const ckpt_bucket_t *bk = &u->plan.buckets[b];
+    /* Only the owner's host needs it and reads it in its pool: nothing to fill or move. */
+    if (u->route.bucket_local && u->route.bucket_local[b]) return CKPT_OK;
     char *buf = e->buffers.ptr[b % (size_t)e->buffers.nbuffers];
     double t0 = ckpt__now_s();
     int fill_rc = CKPT_OK;
@@ -413,7 +446,12 @@ static int send_bucket(ckpt__update_t *u, size_t b)
     int buffer = u->direct ? bk->source : (int)(b % (size_t)e->buffers.nbuffers);
     const ckpt_tensor_meta_t *records = &u->plan.tensors[bk->first];
     size_t count = bk->count;
-    if (u->wanted) {
+    int local = u->route.bucket_local && u->route.bucket_local[b];
+    if (local && e->group_of_rank[bk->owner] != e->group_of_rank[e->rank]) {
+        count = 0; /* another host's own bucket: none of it is needed here */
+        buffer = 0;
+    }
+    if (u->wanted || (local && count)) {
         /* Only what the worker needs; a bucket with none of it still goes (empty) so the
          * worker answers every bucket and the ranks stay in step. */
         if (u->records_cap < count) {
@@ -423,8 +461,18 @@ static int send_bucket(ckpt__update_t *u, size_t b)
             u->records_cap = count;
         }
         size_t kept = 0;
-        for (size_t i = 0; i < count; i++)
-            if (u->wanted[bk->first + i]) u->records[kept++] = records[i];
+        for (size_t i = 0; i < count; i++) {
+            if (u->wanted && !u->wanted[bk->first + i]) continue;
+            ckpt_tensor_meta_t *r = &u->records[kept++];
+            *r = records[i];
+            if (!local) continue;
+            /* Read in place: the record points into the owner's pool region. */
+            ckpt__place_t at = u->plan.src[bk->first + i];
+            int rc = ckpt__sources_locate(&u->sources, r, &at);
+            if (rc < 0) return rc;
+            r->offset = at.offset;
+            buffer = e->buffers.nbuffers + at.source;
+        }
         records = u->records;
         count = kept;
     }
@@ -438,6 +486,7 @@ static int send_bucket(ckpt__update_t *u, size_t b)
     }
     for (size_t i = 0, k = 0; i < bk->count && k < count; i++) {
         if (u->wanted && !u->wanted[bk->first + i]) continue;
+        if (local && e->group_of_rank[bk->owner] != e->group_of_rank[e->rank]) break;
         const ckpt__piece_t *pc = ckpt__planned_piece(u, bk->first + i);
         u->parts[k++] = pc->dim < 0 ? (ckpt__ipc_part_t){-1, 0, 0}
                                     : (ckpt__ipc_part_t){pc->dim, pc->start, pc->full};

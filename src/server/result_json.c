@@ -18,6 +18,7 @@ void ckpt__update_result_json(cJSON *o, const ckpt_update_result_t *r)
     cJSON_AddNumberToObject(o, "need_bytes_total", (double)r->need_bytes_total);
     cJSON_AddNumberToObject(o, "unneeded", r->unneeded);
     cJSON_AddNumberToObject(o, "host_bytes_max", (double)r->host_bytes_max);
+    cJSON_AddNumberToObject(o, "in_place_bytes", (double)r->in_place_bytes);
     cJSON_AddNumberToObject(o, "gather_s", r->gather_s);
     cJSON_AddNumberToObject(o, "plan_s", r->plan_s);
     cJSON_AddNumberToObject(o, "begin_s", r->begin_s);

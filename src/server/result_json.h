@@ -10,7 +10,7 @@
 #include "ckpt/engine.h"
 
 /* Adds to o: version, ranks, bytes, tensors, buckets, bucket_size, buffers, direct, p2p,
- * pull_s, pull_bytes, need_bytes_max, need_bytes_total, unneeded, host_bytes_max, the
+ * pull_s, pull_bytes, need_bytes_max, need_bytes_total, unneeded, host_bytes_max, in_place_bytes, the
  * phase times gather_s .. total_s, nisolated and isolated [{rank, worker, status,
  * reason}]. */
 void ckpt__update_result_json(cJSON *o, const ckpt_update_result_t *r);

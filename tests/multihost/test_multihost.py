@@ -109,12 +109,13 @@ def test_tensor_parallel_across_two_hosts(make_hosts, tmp_path):
     assert dep.command("register m %s" % model, timeout=90)["ok"]
     for r in range(2):
         dep.wait_worker_log(r, r"declared the need of \d+ tensors")
-    moved = {}
+    moved, in_place = {}, {}
     for mode in ("verify=1", "verify=0"):
         rx0 = [H.rx_bytes(i) for i in range(2)]
         upd = dep.command("update m bucket=4MiB timeout=30000 " + mode, timeout=120)
         assert upd["ok"], (upd["reason"], dep.stderr())
         moved[mode] = (sum(H.rx_bytes(i) - rx0[i] for i in range(2)), upd["host_bytes_max"])
+        in_place[mode] = upd["in_place_bytes"]
         for r in range(2):
             dep.wait_worker_log(r, r"update %d of 'm' version \d+: complete" % upd["update_id"])
     total = total_bytes(model)
@@ -122,6 +123,9 @@ def test_tensor_parallel_across_two_hosts(make_hosts, tmp_path):
     cut_rx, cut_host = moved["verify=0"]
     assert full_rx >= total / 2 and full_host >= total / 2, moved
     assert cut_rx < 0.6 * full_rx and cut_host < 0.6 * full_host, moved
+    # The rows a host owns and only it needs are read in its pool, not staged: about a
+    # quarter of the checkpoint per host (half of each sharded tensor of its half).
+    assert in_place["verify=1"] == 0 and in_place["verify=0"] > 0.35 * total, in_place
     assert dep.close() == 0, dep.stderr()
     assert dep.wait_workers() == {r: 0 for r in range(2)}
     for r in range(2):
