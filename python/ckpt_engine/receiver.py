@@ -265,6 +265,9 @@ class Receiver:
                         if dst is None:
                             raise KeyError("unknown tensor '%s'" % v.name)
                         if v.part is not None:  # a part of the tensor: into its place
+                            if not dst.flags.c_contiguous or not dst.flags.writeable:
+                                raise ValueError("%s: destination must be a writable "
+                                                 "C-contiguous array" % v.name)
                             dim, _, full = v.part
                             shape = list(v.shape)
                             shape[dim] = full

@@ -30,23 +30,31 @@ static void wait_or_die(ckpt_engine_t *e, MPI_Request *req, int coll_ms, const c
     if (ckpt__mpi_wait(e, req, coll_ms, 200, what) < 0) ckpt__engine_fatal(e, ckpt_last_error());
 }
 
-/* One worker's slice of one tensor, as gathered (24 bytes on the wire). */
+/* One worker's slice of one tensor and its rank's host group, as gathered (32 bytes). */
 typedef struct {
     uint32_t tensor;
     int32_t dim;
+    int32_t group;
+    uint32_t pad;
     uint64_t start, length;
 } slice_rec_t;
+
+static int cmp_rec(const void *a, const void *b)
+{
+    const slice_rec_t *x = a, *y = b;
+    if (x->tensor != y->tensor) return x->tensor < y->tensor ? -1 : 1;
+    return x->start < y->start ? -1 : x->start > y->start;
+}
 
 /* Most bytes of slice records the ranks gather to cut tensors; above it every tensor goes
  * whole (the same decision on every rank: they see the same counts). */
 #define ROUTE_SLICES_MAX (256u << 20)
 
-/* Gathers every rank's slice records (rank order), with each record's host group in
- * groups_out; NULL/0 when there are none or too many. */
+/* Gathers every rank's slice records, sorted by tensor and start; NULL/0 when there are
+ * none or too many. */
 static slice_rec_t *gather_slices(ckpt_engine_t *e, const ckpt__needs_t *needs, size_t count,
-                                  int coll_ms, int **groups_out, size_t *n_out)
+                                  int coll_ms, size_t *n_out)
 {
-    *groups_out = NULL;
     *n_out = 0;
     size_t mine = 0;
     for (size_t i = 0; i < count; i++) mine += needs->mine[i] == CKPT__NEED_SLICE;
@@ -61,7 +69,8 @@ static slice_rec_t *gather_slices(ckpt_engine_t *e, const ckpt__needs_t *needs, 
     size_t k = 0;
     for (size_t i = 0; i < count; i++)
         if (needs->mine[i] == CKPT__NEED_SLICE)
-            local[k++] = (slice_rec_t){(uint32_t)i, needs->slice[i].dim, needs->slice[i].start,
+            local[k++] = (slice_rec_t){(uint32_t)i, needs->slice[i].dim,
+                                       e->group_of_rank[e->rank], 0, needs->slice[i].start,
                                        needs->slice[i].length};
     int bytes = mine * sizeof(*local) > ROUTE_SLICES_MAX ? -1 : (int)(mine * sizeof(*local));
     MPI_Iallgather(&bytes, 1, MPI_INT, counts, 1, MPI_INT, e->world, &req);
@@ -79,22 +88,18 @@ static slice_rec_t *gather_slices(ckpt_engine_t *e, const ckpt__needs_t *needs, 
         goto out;
     }
     every = malloc(total);
-    int *groups = malloc(total / sizeof(*every) * sizeof(int));
-    ok = every && groups;
+    ok = every != NULL;
     MPI_Iallreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, e->world, &req);
     wait_or_die(e, &req, coll_ms, "routing agreement");
     if (!all_ok) {
-        free(every), free(groups);
+        free(every);
         every = NULL;
         goto out;
     }
     MPI_Iallgatherv(local, bytes, MPI_BYTE, every, counts, displs, MPI_BYTE, e->world, &req);
     wait_or_die(e, &req, coll_ms, "slices of every worker");
-    for (int r = 0; r < e->size; r++)
-        for (int j = 0; j < counts[r] / (int)sizeof(*every); j++)
-            groups[displs[r] / (int)sizeof(*every) + j] = e->group_of_rank[r];
-    *groups_out = groups;
     *n_out = total / sizeof(*every);
+    qsort(every, *n_out, sizeof(*every), cmp_rec);
 out:
     free(counts), free(displs), free(local);
     return every;
@@ -111,12 +116,11 @@ static int grow_pieces(ckpt__route_t *r, size_t *cap)
     return 0;
 }
 
-/* Cuts tensor i at the bounds of its slices recs[0 .. n) (sorted by start; their hosts in
- * groups[]): each stretch between two bounds goes to the hosts whose slices cover it;
+/* Cuts tensor i at the bounds of its slices recs[0 .. n) (sorted by start): each stretch between two bounds goes to the hosts whose slices cover it;
  * neighbours with the same hosts are joined, stretches nobody needs are dropped. Returns
  * 0 with the pieces appended, 1 when the tensor stays whole, -1 out of memory. */
 static int cut_tensor(ckpt__route_t *r, size_t *cap, const ckpt_tensor_meta_t *t, size_t i,
-                      const slice_rec_t *recs, const int *groups, size_t n, int cut)
+                      const slice_rec_t *recs, size_t n, int cut)
 {
     int dim = recs[0].dim;
     for (size_t k = 1; k < n; k++)
@@ -139,7 +143,7 @@ static int cut_tensor(ckpt__route_t *r, size_t *cap, const ckpt_tensor_meta_t *t
         if (lo == hi) continue;
         for (size_t k = 0; k < n; k++)
             if (recs[k].start <= lo && hi <= recs[k].start + recs[k].length)
-                hosts |= 1ull << groups[k];
+                hosts |= 1ull << recs[k].group;
         if (!hosts) continue;
         ckpt__piece_t *last = r->npieces > first ? &r->pieces[r->npieces - 1] : NULL;
         if (last && last->hosts == hosts && last->start + last->length == lo) {
@@ -209,52 +213,21 @@ int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs,
     }
     free(host), free(flags);
     /* Slices (every rank decides alike: `sliced` and `cut` are the same everywhere). */
-    int *groups = NULL;
     size_t nrec = 0;
-    slice_rec_t *recs = cut && sliced ? gather_slices(e, needs, count, coll_ms, &groups, &nrec)
-                                      : NULL;
-    if (recs) {
-        /* Records grouped by tensor, their groups alongside: a counting sort (stable);
-         * inside a tensor they are sorted by start below (a few per tensor). */
-        slice_rec_t *sorted = malloc(nrec * sizeof(*sorted));
-        int *sgroups = malloc(nrec * sizeof(*sgroups));
-        if (!sorted || !sgroups) ckpt__engine_fatal(e, "routing: no memory for slices");
-        size_t *start = calloc(count + 1, sizeof(*start));
-        if (!start) ckpt__engine_fatal(e, "routing: no memory for slices");
-        for (size_t k = 0; k < nrec; k++) start[recs[k].tensor + 1]++;
-        for (size_t i = 0; i < count; i++) start[i + 1] += start[i];
-        for (size_t k = 0; k < nrec; k++) {
-            size_t at = start[recs[k].tensor]++;
-            sorted[at] = recs[k];
-            sgroups[at] = groups[k];
-        }
-        free(start);
-        free(recs), free(groups);
-        recs = sorted;
-        groups = sgroups;
-    }
+    slice_rec_t *recs = cut && sliced ? gather_slices(e, needs, count, coll_ms, &nrec) : NULL;
     size_t k = 0;
     for (size_t i = 0; i < count; i++) {
         size_t k0 = k;
         while (k < nrec && recs[k].tensor == i) k++;
         int rc = 1;
-        if (k > k0 && whole[i] == 0) { /* no host needs it whole: cut it by its slices */
-            /* insertion sort by start (few records per tensor), groups alongside */
-            for (size_t a = k0 + 1; a < k; a++)
-                for (size_t b = a; b > k0 && recs[b - 1].start > recs[b].start; b--) {
-                    slice_rec_t tr = recs[b];
-                    recs[b] = recs[b - 1], recs[b - 1] = tr;
-                    int tg = groups[b];
-                    groups[b] = groups[b - 1], groups[b - 1] = tg;
-                }
-            rc = cut_tensor(r, &cap, &all[i], i, &recs[k0], &groups[k0], k - k0, cut);
-        }
+        if (k > k0 && whole[i] == 0) /* no host needs it whole: cut it by its slices */
+            rc = cut_tensor(r, &cap, &all[i], i, &recs[k0], k - k0, cut);
         if (rc < 0 || (rc == 1 && grow_pieces(r, &cap) < 0))
             ckpt__engine_fatal(e, "routing: no memory for the pieces of the update");
         if (rc == 1)
             r->pieces[r->npieces++] = (ckpt__piece_t){(uint32_t)i, -1, 0, 0, 0, hosts_of[i]};
     }
-    free(recs), free(groups), free(hosts_of), free(whole);
+    free(recs), free(hosts_of), free(whole);
     r->sets = malloc(r->npieces * sizeof(uint64_t));
     if (!r->sets) ckpt__engine_fatal(e, "routing: no memory for the host sets");
     for (size_t p = 0; p < r->npieces; p++) r->sets[p] = r->pieces[p].hosts;

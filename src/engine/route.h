@@ -50,7 +50,7 @@ typedef struct ckpt__route {
  * slices: a tensor that no host needs whole, whose declared slices (all along one
  * dimension) differ between hosts or leave some of it unneeded, is cut at the slices'
  * bounds so each host gets only the parts it needs (the workers' slice records are
- * allgathered: 24 bytes each). P2P (p2p) cuts rows only and routes on one host too (the
+ * allgathered: 32 bytes each). P2P (p2p) cuts rows only and routes on one host too (the
  * joiners then pull only the byte ranges their workers need). Inactive (and nothing
  * allocated) when no worker declared, on one host (but for P2P), above 64 hosts. */
 int ckpt__route_init(ckpt_engine_t *e, const ckpt__needs_t *needs,
@@ -71,6 +71,11 @@ int ckpt__route_decode(ckpt__route_t *r, ckpt_bucket_plan_t *plan);
  * its owner's group; every group when routing is inactive. */
 uint64_t ckpt__route_groups(const ckpt_engine_t *e, const ckpt__route_t *r, size_t b,
                             int owner);
+/* 1 when bucket b is read in place by its owner's host (nothing staged or sent). */
+static inline int ckpt__route_local(const ckpt__route_t *r, size_t b)
+{
+    return r->bucket_local != NULL && r->bucket_local[b];
+}
 /* Every host group, as a mask (a full broadcast). */
 uint64_t ckpt__route_everyone(const ckpt_engine_t *e);
 /* Moves bucket bytes from the owner's group leader to the leaders of `groups` (a binomial

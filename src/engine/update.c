@@ -276,10 +276,9 @@ static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *
         if (rc == CKPT_OK)
             rc = ckpt__route_input(&u->route, all, places, count, owners, e->group_of_rank,
                                    &input, &at, &ninput, &owners);
-        if (rc == CKPT_OK && u->route.active && (rc = ckpt__plan_check_names(all, count)) == CKPT_OK)
-            rc = ckpt__plan_parts(input, at, ninput, owners, bucket_size, &u->plan);
-        else if (rc == CKPT_OK)
-            rc = ckpt__plan_buckets(all, places, count, owners, bucket_size, &u->plan);
+        /* Names are unique per tensor; the route's parts of one tensor share its name. */
+        if (rc == CKPT_OK) rc = ckpt__plan_check_names(all, count);
+        if (rc == CKPT_OK) rc = ckpt__plan_parts(input, at, ninput, owners, bucket_size, &u->plan);
         if (input != all) free(input);
         if (at != places) free(at);
         if (rc == CKPT_OK) rc = ckpt__route_decode(&u->route, &u->plan);
@@ -315,8 +314,8 @@ static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *
             }
             if (in > u->res->host_bytes_max) u->res->host_bytes_max = in;
         }
-        for (size_t b = 0; u->route.bucket_local && b < u->plan.nbuckets; b++)
-            if (u->route.bucket_local[b]) u->res->in_place_bytes += u->plan.buckets[b].bytes;
+        for (size_t b = 0; b < u->plan.nbuckets; b++)
+            if (ckpt__route_local(&u->route, b)) u->res->in_place_bytes += u->plan.buckets[b].bytes;
     }
     u->res->direct = u->direct;
     u->res->bucket_size = bucket_size;
@@ -400,7 +399,7 @@ static int prepare_bucket(ckpt__update_t *u, size_t b)
     ckpt_engine_t *e = u->e;
     const ckpt_bucket_t *bk = &u->plan.buckets[b];
     /* Only the owner's host needs it and reads it in its pool: nothing to fill or move. */
-    if (u->route.bucket_local && u->route.bucket_local[b]) return CKPT_OK;
+    if (ckpt__route_local(&u->route, b)) return CKPT_OK;
     char *buf = e->buffers.ptr[b % (size_t)e->buffers.nbuffers];
     double t0 = ckpt__now_s();
     int fill_rc = CKPT_OK;
@@ -446,7 +445,7 @@ static int send_bucket(ckpt__update_t *u, size_t b)
     int buffer = u->direct ? bk->source : (int)(b % (size_t)e->buffers.nbuffers);
     const ckpt_tensor_meta_t *records = &u->plan.tensors[bk->first];
     size_t count = bk->count;
-    int local = u->route.bucket_local && u->route.bucket_local[b];
+    int local = ckpt__route_local(&u->route, b);
     if (local && e->group_of_rank[bk->owner] != e->group_of_rank[e->rank]) {
         count = 0; /* another host's own bucket: none of it is needed here */
         buffer = 0;
@@ -486,7 +485,6 @@ static int send_bucket(ckpt__update_t *u, size_t b)
     }
     for (size_t i = 0, k = 0; i < bk->count && k < count; i++) {
         if (u->wanted && !u->wanted[bk->first + i]) continue;
-        if (local && e->group_of_rank[bk->owner] != e->group_of_rank[e->rank]) break;
         const ckpt__piece_t *pc = ckpt__planned_piece(u, bk->first + i);
         u->parts[k++] = pc->dim < 0 ? (ckpt__ipc_part_t){-1, 0, 0}
                                     : (ckpt__ipc_part_t){pc->dim, pc->start, pc->full};

@@ -217,6 +217,12 @@ int wk_model_apply(wk_model_t *m, const ckpt_tensor_view_t *v, size_t n, int ver
                      got);
             return CKPT_EINVAL;
         }
+        /* This worker holds rows (TP): a part must be cut along them too. */
+        if (v[i].part_dim > 0 && t->local.nbytes != t->full.nbytes) {
+            snprintf(why, why_cap, "tensor '%s': a part along dimension %d, this worker holds "
+                     "rows", g->name, v[i].part_dim);
+            return CKPT_EINVAL;
+        }
     }
     /* Pass 2: copy this worker's slice of each tensor, verifying checksums in the same pass
      * (a mismatch means corruption in transit: the update is reported incomplete). */
