@@ -44,9 +44,14 @@ typedef struct ckpt_engine_options {
      * joiners on this host read them with one copy and no work by this rank (see
      * docs/DESIGN-NOTES.md); 0: the store's own memfds (P2P gets are then emulated). */
     int ucx_pools;
+    /* Where buckets go: "auto" (NULL): each rank's GPU when every rank sees one (and the CUDA
+     * runtime and NCCL load), else host memory; "cpu": host memory; "cuda": the GPU, or
+     * creation fails naming why; "sim": the GPU path in host memory (tests). On a GPU,
+     * memory_limit bounds the device buffers. */
+    const char *device;
 } ckpt_engine_options_t;
 
-#define CKPT_ENGINE_OPTIONS_INIT {0, NULL, 256ull << 20, 30000, 0, CKPT_SHARE_NODE, 0, -1, -1}
+#define CKPT_ENGINE_OPTIONS_INIT {0, NULL, 256ull << 20, 30000, 0, CKPT_SHARE_NODE, 0, -1, -1, NULL}
 
 /* A worker cut out of an update run with ckpt_update_options_t.isolate. */
 typedef struct ckpt_isolated_worker {
@@ -101,6 +106,12 @@ typedef struct ckpt_update_result {
     /* Bytes that only their owner's host needed and that host's workers read in its pools
      * in place, not staged (routed updates across hosts; all hosts together). */
     uint64_t in_place_bytes;
+    /* The device the buckets went through: 0 host memory, 1 CUDA (each rank's GPU, NCCL),
+     * 2 sim (the GPU path in host memory). On a device: time the owners' host-to-device
+     * copies took (GPU time, summed over ranks) and the bytes they copied. */
+    int device;
+    double stage_s;
+    uint64_t stage_bytes;
 } ckpt_update_result_t;
 
 typedef struct ckpt_update_options {

@@ -135,12 +135,26 @@ CKPT_API int ckpt_receiver_wait_update(ckpt_receiver_t *r, int timeout_ms,
  * ckpt_receiver_copy_slice. */
 typedef struct {
     ckpt_tensor_meta_t meta;
-    const void *data;
+    const void *data;    /* in the memory `memory` says */
     int32_t part_dim;    /* -1: the whole tensor */
-    int32_t part_pad;
+    int32_t memory;      /* CKPT_MEMORY_*: where data lies */
     uint64_t part_start; /* first index along part_dim */
     int64_t part_full;   /* the whole tensor's extent along part_dim */
 } ckpt_tensor_view_t;
+
+/* Where a view's data lies (ckpt_tensor_view_t.memory), as the engine rank handed its
+ * buffers at BEGIN:
+ *   HOST  host memory shared with the engine rank (the CPU path).
+ *   CUDA  device memory of the engine rank's GPU, opened through CUDA IPC: data is a device
+ *         pointer valid in this process on the device current at BEGIN (one engine rank
+ *         per GPU; the worker runs on the same GPU). Copy it with cudaMemcpy / a framework's
+ *         device copy; ckpt_receiver_copy, copy_slice and verify accept it too (through the
+ *         CUDA runtime, synchronously; verify copies the tensor to the host to hash it).
+ *   SIM   the GPU path run on a CPU (the engine's --device sim, for tests): a rank's own
+ *         buffer stands in for device memory; data is host memory. */
+#define CKPT_MEMORY_HOST 0
+#define CKPT_MEMORY_CUDA 1
+#define CKPT_MEMORY_SIM 2
 
 /* Events of ckpt_receiver_next. */
 #define CKPT_RECV_BUCKET 1 /* answer with ckpt_receiver_ack or ckpt_receiver_fail */

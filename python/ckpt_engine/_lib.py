@@ -79,7 +79,7 @@ class ParallelLayout(ctypes.Structure):
 
 class TensorView(ctypes.Structure):
     _fields_ = [("meta", TensorMeta), ("data", ctypes.c_void_p), ("part_dim", ctypes.c_int32),
-                ("part_pad", ctypes.c_int32), ("part_start", ctypes.c_uint64),
+                ("memory", ctypes.c_int32), ("part_start", ctypes.c_uint64),
                 ("part_full", ctypes.c_int64)]
 
 

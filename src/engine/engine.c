@@ -6,6 +6,7 @@
 #include <time.h>
 
 #include "engine/engine_internal.h"
+#include "engine/sink.h"
 #include "plan/bucket.h"
 
 static int make_groups(ckpt_engine_t *e)
@@ -73,10 +74,12 @@ int ckpt_engine_create(const ckpt_engine_options_t *opts, ckpt_engine_t **engine
         rc = ckpt_ipc_server_open(path, &e->ipc);
         if (rc == CKPT_OK) rc = ckpt__publish_open(e);
     }
+    if (rc == CKPT_OK) rc = ckpt__sink_open(e, e->opts.device, e->opts.timeout_ms);
     /* IPC buffers are made once, at start, sized by the bucket maximum and free memory, so
      * that updates do not pay for allocating and faulting them in. An update whose largest
-     * tensor needs bigger buckets re-makes them. */
-    if (rc == CKPT_OK) {
+     * tensor needs bigger buckets re-makes them. On a device they are made by the first
+     * update that needs them (P2P pulls land in them before going to the device). */
+    if (rc == CKPT_OK && !e->sink) {
         uint64_t budget = 0, size = 0;
         int nbuffers = 0;
         rc = ckpt__buffer_budget(e, e->opts.timeout_ms, &budget);
@@ -103,6 +106,7 @@ void ckpt_engine_destroy(ckpt_engine_t *e)
     if (!e) return;
     ckpt__p2p_unexport_all(e);
     ckpt__buffers_release(e);
+    ckpt__sink_close(e);
     if (e->ipc) ckpt_ipc_server_close(e->ipc);
     ckpt__publish_close(e); /* answers trainers still waiting */
     if (e->store) ckpt_store_destroy(e->store); /* frees the pools UCX allocated */

@@ -97,6 +97,9 @@ struct ckpt_engine {
     /* The serving side of P2P: UCX, the guard page, whether pools come from UCX. Owned by
      * p2p.c (its definition is there); made by ckpt__p2p_init. */
     struct ckpt__serving *serving;
+    /* The device buckets go through (sink.h): NULL for the host path (no GPU, --device
+     * cpu); made by ckpt__sink_open at start. */
+    struct ckpt__sink *sink;
     /* DIR/publish-<rank>.sock: trainers hand sealed memfds to this rank (publish.c); NULL
      * without a socket dir. Its thread only queues parts; registration is a command. */
     struct ckpt__pub_server *pub;

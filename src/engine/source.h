@@ -22,6 +22,10 @@ typedef struct ckpt__source_ops {
     const char *name;
     int in_place;
     int may_fail;
+    /* fill writes host memory only (UCX gets): on a device the pipeline has it fill the host
+     * bucket buffer and puts the bucket onto the device in one copy. Otherwise fill puts
+     * each tensor with ckpt__update_put, straight into the device buffer. */
+    int host_only;
     /* Bucket b's bytes into buf (the owner's; NULL when in_place). < 0 with the error set. */
     int (*fill)(ckpt__update_t *u, size_t b, char *buf);
 } ckpt__source_ops_t;

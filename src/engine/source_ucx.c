@@ -10,4 +10,4 @@ static int fill(ckpt__update_t *u, size_t b, char *buf)
                           &u->plan.src[bk->first], bk->count, buf, u->cmd->timeout_ms);
 }
 
-const ckpt__source_ops_t ckpt__source_ucx = {"ucx", 0, 1, fill};
+const ckpt__source_ops_t ckpt__source_ucx = {"ucx", 0, 1, 1, fill};

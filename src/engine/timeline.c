@@ -33,6 +33,16 @@ void ckpt__timeline_add(ckpt__timeline_t *tl, int bucket, int kind, double t0)
     ev->t1 = ckpt__now_s() - tl->origin;
 }
 
+void ckpt__timeline_span(ckpt__timeline_t *tl, int bucket, int kind, double t0, double t1)
+{
+    if (tl->count == tl->cap) return;
+    ckpt__event_t *ev = &tl->events[tl->count++];
+    ev->bucket = bucket;
+    ev->kind = kind;
+    ev->t0 = t0 - tl->origin;
+    ev->t1 = t1 - tl->origin;
+}
+
 int ckpt__timeline_write(ckpt_engine_t *e, ckpt__timeline_t *tl, const char *path,
                          const char *label, int timeout_ms)
 {

@@ -6,8 +6,10 @@
 #include "engine/engine_internal.h"
 
 typedef enum {
-    CKPT__EV_STAGE = 0, /* owner copies the bucket from its pool into the IPC buffer */
-    CKPT__EV_BCAST,     /* host leaders broadcast the buffer between groups */
+    CKPT__EV_STAGE = 0, /* owner copies the bucket from its pool into the IPC buffer (on a
+                           GPU: the H2D copies, timed by device events) */
+    CKPT__EV_BCAST,     /* host leaders broadcast the buffer between groups (on a device:
+                           the broadcast to every rank, NCCL's on a GPU) */
     CKPT__EV_READY,     /* group barrier: the buffer is complete for every local rank */
     CKPT__EV_RELOAD,    /* the worker copies what it needs (bucket sent -> ack) */
     CKPT__EV_AGREE,     /* every rank learns whether every worker succeeded */
@@ -30,6 +32,8 @@ int ckpt__timeline_init(ckpt__timeline_t *tl, size_t cap);
 void ckpt__timeline_free(ckpt__timeline_t *tl);
 /* Records [t0, now]; no allocation (capacity fixed when the update is planned). */
 void ckpt__timeline_add(ckpt__timeline_t *tl, int bucket, int kind, double t0);
+/* Records [t0, t1] (times the caller measured or derived, e.g. from device events). */
+void ckpt__timeline_span(ckpt__timeline_t *tl, int bucket, int kind, double t0, double t1);
 /* Collective: gathers every rank's events to rank 0, which writes the JSON to path. */
 int ckpt__timeline_write(ckpt_engine_t *e, ckpt__timeline_t *tl, const char *path,
                          const char *label, int timeout_ms);

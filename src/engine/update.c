@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/sink.h"
 #include "engine/source.h"
 #include "engine/update.h"
 #include "ipc/wire.h"
@@ -233,9 +234,11 @@ static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *
     /* Every rank must plan from the same numbers: take the smallest free memory. The
      * group's current buffers count as available: they are reused. */
     uint64_t min_avail = 0;
-    int rc = ckpt__buffer_budget(e, u->coll_ms, &min_avail);
+    int rc = u->sink ? ckpt__sink_budget(e, u->coll_ms, &min_avail)
+                     : ckpt__buffer_budget(e, u->coll_ms, &min_avail);
     if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
-    if (e->opts.memory_limit == 0) min_avail += e->buffers.size * (uint64_t)e->buffers.nbuffers;
+    if (e->opts.memory_limit == 0 && !u->sink)
+        min_avail += e->buffers.size * (uint64_t)e->buffers.nbuffers;
     uint64_t bucket_size = 0;
     int nbuffers = 0;
     u->src = u->direct ? &ckpt__source_window : u->p2p ? &ckpt__source_ucx : &ckpt__source_pool;
@@ -285,10 +288,19 @@ static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *
         /* The plan is a pure function of agreed input: it fails the same way on every rank. */
         if (rc < 0) return fail_result(u, rc, -1, ckpt_last_error());
         if (u->p2p && (rc = assign_receivers(u)) < 0) return rc;
-        rc = ckpt__buffers_ensure(e, bucket_size, nbuffers, u->coll_ms);
-        if (rc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());
-        rc = agree(u, rc, "IPC buffers");
-        if (rc < 0) return rc;
+        if (u->sink) {
+            rc = ckpt__sink_ensure(e, bucket_size, nbuffers, u->coll_ms);
+            if (rc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());
+            if (rc < 0) return fail_result(u, rc, -1, ckpt_last_error()); /* agreed inside */
+        }
+        /* Host buffers: the host path's, or on a device where a host-only source (UCX
+         * pulls) lands before its bucket is put on the device. */
+        if (!u->sink || u->src->host_only) {
+            rc = ckpt__buffers_ensure(e, bucket_size, nbuffers, u->coll_ms);
+            if (rc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());
+            rc = agree(u, rc, "IPC buffers");
+            if (rc < 0) return rc;
+        }
     }
     /* Declared needs: which planned tensors this worker gets, looked up once per update
      * rather than by name for every record of every bucket. */
@@ -304,7 +316,7 @@ static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *
     }
     /* Bytes the busiest host receives from other hosts: every bucket another host owns
      * (the leaders' broadcast); 0 on one host. */
-    if (!u->direct && e->ngroups > 1) {
+    if (!u->direct && !u->sink && e->ngroups > 1) {
         for (int g = 0; g < e->ngroups; g++) {
             uint64_t in = 0;
             for (size_t b = 0; b < u->plan.nbuckets; b++) {
@@ -318,6 +330,7 @@ static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *
             if (ckpt__route_local(&u->route, b)) u->res->in_place_bytes += u->plan.buckets[b].bytes;
     }
     u->res->direct = u->direct;
+    u->res->device = u->sink ? (int)u->sink->ops->buffer_kind : 0;
     u->res->bucket_size = bucket_size;
     u->res->nbuffers = nbuffers;
     u->res->nbuckets = (uint32_t)u->plan.nbuckets;
@@ -369,6 +382,15 @@ static int begin_workers(ckpt__update_t *u)
                 for (size_t i = 0; i < u->sources.count; i++) {
                     begin.buffer_fds[i] = u->sources.fds[i];
                     begin.buffer_sizes[i] = ckpt__sources_size(&u->sources, i);
+                }
+            } else if (u->sink) {
+                /* Device buffers: handles in place of fds (wire.h, buffer kinds). */
+                begin.nbuffers = u->sink->nbuffers;
+                for (int i = 0; i < u->sink->nbuffers; i++) {
+                    begin.buffer_fds[i] = -1;
+                    begin.buffer_sizes[i] = u->sink->size;
+                    begin.buffer_kinds[i] = u->sink->ops->buffer_kind;
+                    memcpy(begin.buffer_handles[i], u->sink->handle[i], CKPT_IPC_HANDLE_BYTES);
                 }
             } else {
                 begin.nbuffers = e->buffers.nbuffers;
@@ -436,13 +458,29 @@ static int prepare_bucket(ckpt__update_t *u, size_t b)
     return rc;
 }
 
+/* Bucket buffers of the update: the device's or the host's. */
+static int nbuffers(const ckpt__update_t *u)
+{
+    return u->sink ? u->sink->nbuffers : u->e->buffers.nbuffers;
+}
+
+int ckpt__update_put(ckpt__update_t *u, char *dst, const void *src, size_t len)
+{
+    if (!u->sink) {
+        ckpt__copy_bulk(dst, src, len);
+        return CKPT_OK;
+    }
+    u->stage_bytes += len;
+    return u->sink->ops->put(u->sink, dst, src, len);
+}
+
 static int send_bucket(ckpt__update_t *u, size_t b)
 {
     ckpt_engine_t *e = u->e;
     const ckpt_bucket_t *bk = &u->plan.buckets[b];
     u->sent_at = ckpt__now_s();
     if (!worker_active(u)) return CKPT_OK;
-    int buffer = u->direct ? bk->source : (int)(b % (size_t)e->buffers.nbuffers);
+    int buffer = u->direct ? bk->source : (int)(b % (size_t)nbuffers(u));
     const ckpt_tensor_meta_t *records = &u->plan.tensors[bk->first];
     size_t count = bk->count;
     int local = ckpt__route_local(&u->route, b);
@@ -529,9 +567,83 @@ static int complete_bucket(ckpt__update_t *u, size_t b, int send_rc)
     return agree_bucket(u, b, bucket_ack(u, b, send_rc));
 }
 
+/* Device path, first half of bucket b: its owner fills the device buffer (puts queued on
+ * the device) and every rank queues the broadcast; returns the fill's status (agreed later,
+ * in device_ready, when the source may fail). */
+static int device_enqueue(ckpt__update_t *u, size_t b)
+{
+    ckpt_engine_t *e = u->e;
+    ckpt__sink_t *s = u->sink;
+    const ckpt_bucket_t *bk = &u->plan.buckets[b];
+    int slot = (int)(b % (size_t)s->nbuffers);
+    int fill_rc = CKPT_OK;
+    double t0 = ckpt__now_s();
+    if (bk->owner == e->rank) {
+        if (u->src->host_only) { /* pulled into host memory, then one put */
+            char *host = e->buffers.ptr[slot];
+            fill_rc = u->src->fill(u, b, host);
+            if (fill_rc == CKPT_OK) fill_rc = ckpt__update_put(u, s->ptr[slot], host, bk->bytes);
+        } else {
+            fill_rc = u->src->fill(u, b, s->ptr[slot]);
+        }
+        u->enqueued[slot][0] = t0;
+        u->enqueued[slot][1] = ckpt__now_s();
+    }
+    /* Every rank queues the broadcast, also after a failed fill: the collective must match
+     * on every rank; the agreement keeps the bucket from any worker. */
+    int rc = s->ops->move(s, slot, bk->bytes, bk->owner);
+    if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
+    return fill_rc;
+}
+
+/* Device path, second half: bucket b is in this rank's buffer, and (a source that can fail)
+ * every rank's fill succeeded. */
+static int device_ready(ckpt__update_t *u, size_t b, int fill_rc)
+{
+    ckpt__sink_t *s = u->sink;
+    double t0 = ckpt__now_s(), put_s = 0, move_s = 0;
+    int rc = s->ops->wait(s, (int)(b % (size_t)s->nbuffers), u->coll_ms, &put_s, &move_s);
+    if (rc < 0) ckpt__engine_fatal(u->e, ckpt_last_error());
+    u->stage_s += put_s;
+    /* The trace shows the device's own times, ending when the broadcast was seen done. */
+    double t1 = ckpt__now_s();
+    int slot = (int)(b % (size_t)s->nbuffers);
+    if (put_s > 0) /* else the device could not time it: the host's copy time */
+        ckpt__timeline_span(&u->tl, (int)b, CKPT__EV_STAGE, t1 - move_s - put_s, t1 - move_s);
+    else if (u->plan.buckets[b].owner == u->e->rank)
+        ckpt__timeline_span(&u->tl, (int)b, CKPT__EV_STAGE, u->enqueued[slot][0],
+                            u->enqueued[slot][1]);
+    ckpt__timeline_span(&u->tl, (int)b, CKPT__EV_BCAST, move_s > 0 ? t1 - move_s : t0, t1);
+    if (!u->src->may_fail) return CKPT_OK;
+    char what[64];
+    snprintf(what, sizeof(what), "pull of bucket %zu", b);
+    return agree(u, fill_rc, what);
+}
+
+/* The pipeline on a device (sink.h). With two buffers, while the worker reloads bucket b the
+ * device already copies and broadcasts bucket b+1 (its buffer was freed by the agreement on
+ * b-1); the host waits only for the broadcast's event before handing b+1 to the worker. */
+static int run_device_pipeline(ckpt__update_t *u)
+{
+    size_t nb = u->plan.nbuckets;
+    int two = u->sink->nbuffers == 2;
+    int send_rc = CKPT_OK, rc = CKPT_OK;
+    if (nb == 0) return CKPT_OK;
+    int fill_rc = device_enqueue(u, 0);
+    for (size_t b = 0; b < nb; b++) {
+        if (b > 0 && two && (rc = complete_bucket(u, b - 1, send_rc)) < 0) return rc;
+        if ((rc = device_ready(u, b, fill_rc)) < 0) return rc;
+        send_rc = send_bucket(u, b);
+        if (!two && (rc = complete_bucket(u, b, send_rc)) < 0) return rc;
+        if (b + 1 < nb) fill_rc = device_enqueue(u, b + 1);
+    }
+    return two ? complete_bucket(u, nb - 1, send_rc) : CKPT_OK;
+}
+
 static int run_pipeline(ckpt__update_t *u)
 {
     size_t nb = u->plan.nbuckets;
+    if (u->sink) return run_device_pipeline(u);
     int two = u->e->buffers.nbuffers == 2;
     int send_rc = CKPT_OK, rc = CKPT_OK;
     if (u->src->in_place) {
@@ -685,7 +797,8 @@ static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trac
     atomic_store(&e->progress.start_ns, ckpt__now_ns());
     atomic_store(&e->progress.running, 1);
     /* Direct reads need every rank on one host (one group) sharing memory. */
-    u.direct = cmd->direct && !p2p && e->ngroups == 1 && e->group_size == e->size &&
+    u.sink = e->sink;
+    u.direct = cmd->direct && !p2p && !u.sink && e->ngroups == 1 && e->group_size == e->size &&
                e->opts.share_mode == CKPT_SHARE_NODE;
 
     /* A common start so that every rank's timeline shares one origin. */
@@ -700,7 +813,9 @@ static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trac
         if (rc == CKPT_OK &&
             (rc = ckpt__needs_union(e, all, &count, cmd->ignore_unneeded, u.coll_ms, &u.needs)) < 0)
             fail_result(&u, rc, -1, ckpt_last_error()); /* the same text on every rank */
-        if (rc == CKPT_OK &&
+        /* On a device every rank has its own buffer and NCCL broadcasts to all: no route
+         * by host (declared needs still choose what each worker is sent). */
+        if (rc == CKPT_OK && !u.sink &&
             (rc = ckpt__route_init(e, &u.needs, all, count, p2p != NULL,
                                    cmd->verify ? CKPT__CUT_NONE : CKPT__CUT_ALL, u.coll_ms,
                                    &u.route)) < 0)
@@ -724,6 +839,15 @@ static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trac
     t = ckpt__now_s();
     rc = run_pipeline(&u);
     res->pipeline_s = ckpt__now_s() - t;
+    if (u.sink) { /* the owners' H2D time and bytes, summed over ranks */
+        double mine[2] = {u.stage_s, (double)u.stage_bytes}, sum[2] = {0, 0};
+        MPI_Request req;
+        MPI_Iallreduce(mine, sum, 2, MPI_DOUBLE, MPI_SUM, e->world, &req);
+        if (ckpt__mpi_wait(e, &req, u.coll_ms, 200, "device statistics") < 0)
+            ckpt__engine_fatal(e, ckpt_last_error());
+        res->stage_s = sum[0];
+        res->stage_bytes = (uint64_t)sum[1];
+    }
 
 finish:
     t = ckpt__now_s();

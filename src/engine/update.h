@@ -25,6 +25,10 @@ typedef struct ckpt__update {
     double sent_at;
     int direct;              /* workers read the owners' pools: no stage, no broadcast */
     const struct ckpt__source_ops *src; /* where the buckets' bytes come from (source.h) */
+    struct ckpt__sink *sink; /* where they go on a device (sink.h); NULL: host buffers */
+    double stage_s;          /* device: GPU time of this rank's puts (H2D) */
+    uint64_t stage_bytes;
+    double enqueued[2][2];   /* device: per slot, when the owner's fill began and ended */
     int coll_ms;             /* waits for other ranks: ckpt__peer_timeout_ms(timeout) */
     ckpt__sources_t sources; /* direct: every pool region of this host, opened */
     ckpt__p2p_t *p2p;        /* P2P: the serving deployment buckets are pulled from */
@@ -43,6 +47,10 @@ typedef struct ckpt__update {
     int isolated_status;
     char isolated_reason[CKPT__REASON_MAX];
 } ckpt__update_t;
+
+/* Copies len bytes of host memory into the bucket buffer at dst: a device put on a device
+ * (asynchronous), else a plain copy. */
+int ckpt__update_put(ckpt__update_t *u, char *dst, const void *src, size_t len);
 
 /* The route's piece planned tensor k is (routed staged updates), else NULL. */
 static inline const ckpt__piece_t *ckpt__planned_piece(const ckpt__update_t *u, size_t k)

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "ckpt/receiver.h"
+#include "device/cuda_rt.h"
 #include "ipc/conn.h"
 
 typedef enum {
@@ -35,6 +36,8 @@ typedef struct {
     dev_t dev;
     ino_t ino;
     int refilled; /* a memfd the engine refills at the step after next (pulled publish) */
+    uint32_t kind; /* CKPT_IPC_BUFFER_*: CUDA mappings are device pointers (IPC handles) */
+    uint8_t handle[CKPT_IPC_HANDLE_BYTES]; /* CUDA: the handle it was opened from */
 } mapping_t;
 
 struct ckpt_receiver {
@@ -75,8 +78,46 @@ struct ckpt_receiver {
 
 static void unmap_one(mapping_t *mp)
 {
-    if (mp->base) munmap((void *)mp->base, mp->size);
+    const ckpt__cudart_t *rt;
+    if (mp->base && mp->kind == CKPT_IPC_BUFFER_CUDA) {
+        if (ckpt__cudart(&rt) == CKPT_OK) rt->IpcCloseMemHandle((void *)mp->base);
+    } else if (mp->base) {
+        munmap((void *)mp->base, mp->size);
+    }
     mp->base = NULL;
+}
+
+/* A simulated device buffer (engine/sink_sim.c): the handle names the rank's pid and fd. */
+static int open_sim_handle(const uint8_t *handle, uint32_t i)
+{
+    uint32_t pid, fd;
+    memcpy(&pid, handle, 4);
+    memcpy(&fd, handle + 4, 4);
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%u/fd/%u", pid, fd);
+    int f = open(path, O_RDONLY | O_CLOEXEC);
+    if (f < 0) return ckpt__error(CKPT_EIO, "BEGIN: buffer %u: opening the simulated device "
+                                  "buffer %s: %s", i, path, strerror(errno));
+    return f;
+}
+
+/* A CUDA buffer: the engine rank's device memory, opened from its IPC handle. */
+static int open_cuda_handle(mapping_t *mp, uint32_t i)
+{
+    const ckpt__cudart_t *rt;
+    int rc = ckpt__cudart(&rt);
+    if (rc < 0) return ckpt__error_prefix(rc, "BEGIN: buffer %u is device memory: ", i);
+    ckpt__cuda_ipc_t h;
+    memcpy(h.bytes, mp->handle, sizeof(h.bytes));
+    void *p = NULL;
+    int e = rt->IpcOpenMemHandle(&p, h, CKPT__CUDA_IPC_LAZY_PEER);
+    if (e != 0) {
+        char what[96];
+        snprintf(what, sizeof(what), "BEGIN: buffer %u: cudaIpcOpenMemHandle", i);
+        return ckpt__cuda_fail(rt, e, what);
+    }
+    mp->base = p;
+    return CKPT_OK;
 }
 
 static void unmap_buffers(ckpt_receiver_t *r)
@@ -256,15 +297,48 @@ static int map_buffers(ckpt_receiver_t *r, const ckpt__ipc_begin_msg_t *m)
     mapping_t next[CKPT_IPC_MAX_BUFFERS];
     uint32_t i, n = m->nbuffers;
     int rc = CKPT_OK;
+    int fds[CKPT_IPC_MAX_BUFFERS], opened[CKPT_IPC_MAX_BUFFERS];
+    int nhost = 0;
     memset(next, 0, sizeof(next));
-    if ((uint32_t)c->rx_nfds != n) {
-        rc = ckpt__error(CKPT_EPROTO, "BEGIN of update %llu: %u buffers announced, %d fds came",
-                         (unsigned long long)m->update_id, n, c->rx_nfds);
+    for (i = 0; i < n; i++) {
+        fds[i] = -1;
+        opened[i] = 0;
+        next[i].kind = m->buffer_kinds[i];
+        nhost += next[i].kind == CKPT_IPC_BUFFER_HOST;
+    }
+    if (c->rx_nfds != nhost) {
+        rc = ckpt__error(CKPT_EPROTO, "BEGIN of update %llu: %d host buffers announced, %d fds "
+                         "came", (unsigned long long)m->update_id, nhost, c->rx_nfds);
         goto out;
+    }
+    for (i = 0, nhost = 0; i < n; i++) {
+        if (next[i].kind == CKPT_IPC_BUFFER_HOST) fds[i] = c->rx_fds[nhost++];
+        if (next[i].kind == CKPT_IPC_BUFFER_SIM) {
+            if ((fds[i] = open_sim_handle(m->buffer_handles[i], i)) < 0) {
+                rc = fds[i];
+                goto out;
+            }
+            opened[i] = 1;
+        }
     }
     for (i = 0; i < n; i++) {
         struct stat st;
-        if (fstat(c->rx_fds[i], &st) != 0) {
+        if (next[i].kind == CKPT_IPC_BUFFER_CUDA) {
+            /* The same handle again (the engine keeps its buffers): the same mapping. */
+            next[i].size = (size_t)m->buffer_sizes[i];
+            memcpy(next[i].handle, m->buffer_handles[i], CKPT_IPC_HANDLE_BYTES);
+            for (int j = 0; j < CKPT_IPC_MAX_BUFFERS; j++) {
+                mapping_t *old = &r->map[j];
+                if (old->base && old->kind == CKPT_IPC_BUFFER_CUDA &&
+                    memcmp(old->handle, next[i].handle, CKPT_IPC_HANDLE_BYTES) == 0) {
+                    next[i].base = old->base;
+                    old->base = NULL;
+                    break;
+                }
+            }
+            continue;
+        }
+        if (fstat(fds[i], &st) != 0) {
             rc = ckpt__error(CKPT_EIO, "BEGIN: buffer %u: fstat: %s", i, strerror(errno));
             goto out;
         }
@@ -276,11 +350,12 @@ static int map_buffers(ckpt_receiver_t *r, const ckpt__ipc_begin_msg_t *m)
         next[i].size = (size_t)m->buffer_sizes[i];
         next[i].dev = st.st_dev;
         next[i].ino = st.st_ino;
-        next[i].refilled = is_refilled(c->rx_fds[i]);
+        next[i].refilled = is_refilled(fds[i]);
         for (int j = 0; j < 2 * CKPT_IPC_MAX_BUFFERS; j++) {
             mapping_t *old = j < CKPT_IPC_MAX_BUFFERS ? &r->map[j]
                                                       : &r->retired[j - CKPT_IPC_MAX_BUFFERS];
-            if (old->base && old->dev == st.st_dev && old->ino == st.st_ino &&
+            if (old->base && old->kind != CKPT_IPC_BUFFER_CUDA && old->dev == st.st_dev &&
+                old->ino == st.st_ino &&
                 old->size == next[i].size) {
                 next[i].base = old->base; /* a file mapped before: already mapped */
                 old->base = NULL;
@@ -312,10 +387,13 @@ static int map_buffers(ckpt_receiver_t *r, const ckpt__ipc_begin_msg_t *m)
     r->nbuffers = 0;
     for (i = 0; i < n; i++) {
         if (next[i].base) continue;
+        if (next[i].kind == CKPT_IPC_BUFFER_CUDA) {
+            if ((rc = open_cuda_handle(&next[i], i)) < 0) goto out;
+            continue;
+        }
         /* MAP_POPULATE maps every page now, in one call, instead of one page fault per
          * 4 KiB during the first reload (which dominated reload time). */
-        void *p = mmap(NULL, next[i].size, PROT_READ, MAP_SHARED | MAP_POPULATE,
-                       c->rx_fds[i], 0);
+        void *p = mmap(NULL, next[i].size, PROT_READ, MAP_SHARED | MAP_POPULATE, fds[i], 0);
         if (p == MAP_FAILED) {
             rc = ckpt__error(CKPT_EIO, "BEGIN: mapping buffer %u (%zu bytes): %s", i,
                              next[i].size, strerror(errno));
@@ -327,6 +405,8 @@ static int map_buffers(ckpt_receiver_t *r, const ckpt__ipc_begin_msg_t *m)
     r->nbuffers = (int)n;
 out:
     ckpt__ipc_conn_drop_fds(c);
+    for (i = 0; i < n; i++)
+        if (opened[i]) close(fds[i]);
     if (rc) {
         for (i = 0; i < n; i++) unmap_one(&next[i]);
         unmap_buffers(r);
@@ -640,7 +720,7 @@ static int take_bucket(ckpt_receiver_t *r, size_t len)
         rc = ckpt__ipc_tensor_decode(&rd, r->map[h.buffer].size, &v->meta, &part);
         if (rc == CKPT_OK) v->data = r->map[h.buffer].base + v->meta.offset;
         v->part_dim = part.dim;
-        v->part_pad = 0;
+        v->memory = (int32_t)r->map[h.buffer].kind; /* CKPT_MEMORY_* = the buffer's kind */
         v->part_start = part.start;
         v->part_full = part.full;
     }
@@ -710,11 +790,34 @@ int ckpt_receiver_next(ckpt_receiver_t *r, int timeout_ms, int *event_out, uint3
     return CKPT_OK;
 }
 
+/* A device view's bytes on the host (malloc'ed; the caller frees), for hashing. */
+static int device_bytes(const ckpt_tensor_view_t *view, uint8_t **out)
+{
+    *out = malloc(view->meta.nbytes ? (size_t)view->meta.nbytes : 1);
+    if (!*out) return ckpt__error(CKPT_ENOMEM, "tensor '%s': %llu bytes to verify on the host",
+                                  view->meta.name, (unsigned long long)view->meta.nbytes);
+    int rc = ckpt__cuda_copy(*out, view->data, (size_t)view->meta.nbytes);
+    if (rc < 0) {
+        free(*out);
+        return ckpt__error_prefix(rc, "tensor '%s': ", view->meta.name);
+    }
+    return CKPT_OK;
+}
+
 int ckpt_receiver_verify(const ckpt_tensor_view_t *view)
 {
     if (view == NULL) return ckpt__error(CKPT_EINVAL, "receiver verify: NULL view");
     if (view->meta.checksum == 0) return CKPT_OK;
-    uint64_t got = ckpt_checksum(view->data, (size_t)view->meta.nbytes);
+    uint64_t got;
+    if (view->memory == CKPT_MEMORY_CUDA) {
+        uint8_t *host;
+        int rc = device_bytes(view, &host);
+        if (rc < 0) return rc;
+        got = ckpt_checksum(host, (size_t)view->meta.nbytes);
+        free(host);
+    } else {
+        got = ckpt_checksum(view->data, (size_t)view->meta.nbytes);
+    }
     if (got != view->meta.checksum)
         return ckpt__error(CKPT_ECHECKSUM,
                            "tensor '%s': checksum %016llx, expected %016llx (%llu bytes)",
@@ -762,8 +865,14 @@ int64_t ckpt_receiver_copy_slice(const ckpt_tensor_view_t *view, int dim, uint64
     const uint8_t *src = (const uint8_t *)view->data + (lo - first) * inner;
     uint8_t *out = (uint8_t *)dst + (lo - start) * inner;
     size_t n = (size_t)((hi - lo) * inner);
-    for (uint64_t o = 0; o < outer; o++)
-        ckpt__copy_bulk(out + o * length * inner, src + o * have * inner, n);
+    for (uint64_t o = 0; o < outer; o++) {
+        if (view->memory != CKPT_MEMORY_CUDA) {
+            ckpt__copy_bulk(out + o * length * inner, src + o * have * inner, n);
+            continue;
+        }
+        int rc = ckpt__cuda_copy(out + o * length * inner, src + o * have * inner, n);
+        if (rc < 0) return ckpt__error_prefix(rc, "tensor '%s': ", m->name);
+    }
     return (int64_t)(hi - lo);
 }
 
@@ -875,6 +984,16 @@ int ckpt_receiver_copy(const ckpt_tensor_view_t *view, uint64_t offset, void *ds
                            "bytes", m->name, (unsigned long long)offset,
                            (unsigned long long)len, (unsigned long long)m->nbytes);
     const uint8_t *src = view->data;
+    if (view->memory == CKPT_MEMORY_CUDA) {
+        /* Device memory: one copy by the runtime (to the host or another device); verify
+         * hashes the whole tensor brought to the host first. */
+        if (verify && m->checksum != 0) {
+            int vrc = ckpt_receiver_verify(view);
+            if (vrc < 0) return vrc;
+        }
+        int crc = ckpt__cuda_copy(dst, src + offset, (size_t)len);
+        return crc < 0 ? ckpt__error_prefix(crc, "tensor '%s': ", m->name) : CKPT_OK;
+    }
     if (!verify || m->checksum == 0) {
         /* Nothing to hash: streamed past the cache when large (core/copy.c). */
         ckpt__copy_bulk(dst, src + offset, (size_t)len);

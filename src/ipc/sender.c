@@ -417,8 +417,15 @@ static int begin_common(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, i
     if (begin->nbuffers < 1 || begin->nbuffers > CKPT_IPC_MAX_BUFFERS)
         return ckpt__error(CKPT_EINVAL, "ipc begin: %d buffers, want 1..%d", begin->nbuffers,
                            CKPT_IPC_MAX_BUFFERS);
+    int fds[CKPT_IPC_MAX_BUFFERS], nfds = 0;
+    for (int i = 0; i < begin->nbuffers; i++) {
+        if (begin->buffer_kinds[i] != CKPT_IPC_BUFFER_HOST) continue;
+        fds[nfds++] = begin->buffer_fds[i];
+    }
     for (int i = 0; i < begin->nbuffers; i++)
-        if (begin->buffer_fds[i] < 0 || begin->buffer_sizes[i] == 0)
+        if (begin->buffer_kinds[i] > CKPT_IPC_BUFFER_SIM ||
+            (begin->buffer_kinds[i] == CKPT_IPC_BUFFER_HOST && begin->buffer_fds[i] < 0) ||
+            begin->buffer_sizes[i] == 0)
             return ckpt__error(CKPT_EINVAL, "ipc begin: buffer %d has fd %d and size %llu", i,
                                begin->buffer_fds[i],
                                (unsigned long long)begin->buffer_sizes[i]);
@@ -460,7 +467,11 @@ static int begin_common(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, i
     }
     m.nbuffers = (uint32_t)begin->nbuffers;
     m.max_tensors = begin->max_tensors;
-    for (int i = 0; i < begin->nbuffers; i++) m.buffer_sizes[i] = begin->buffer_sizes[i];
+    for (int i = 0; i < begin->nbuffers; i++) {
+        m.buffer_sizes[i] = begin->buffer_sizes[i];
+        m.buffer_kinds[i] = begin->buffer_kinds[i];
+        memcpy(m.buffer_handles[i], begin->buffer_handles[i], CKPT_IPC_HANDLE_BYTES);
+    }
     /* Size the BUCKET buffer once now, so send_bucket does not allocate on the data path. */
     if (begin->max_tensors > 0) {
         size_t want = 12 + (size_t)begin->max_tensors * MAX_RECORD;
@@ -478,7 +489,7 @@ static int begin_common(ckpt_ipc_server_t *srv, const ckpt_ipc_begin_t *begin, i
     /* A PREPARE fits at once in the socket buffer of a worker that reads it; when it does
      * not, the worker is not reading and registration does not wait for it. */
     rc = ckpt__ipc_conn_send(&srv->conn, CKPT_IPC_MSG_BEGIN, ckpt__ipc_begin_size(&m),
-                             begin->buffer_fds, begin->nbuffers,
+                             fds, nfds,
                              prepare ? PREPARE_SEND_MS : ckpt__ipc_ms_left(deadline));
     if (rc) return fail_drop(srv, rc);
     if (prepare) { /* its READY/ERR is read later: drain_prepares */

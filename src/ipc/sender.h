@@ -72,6 +72,10 @@ typedef struct {
                                              the caller keeps them open */
     uint64_t buffer_sizes[CKPT_IPC_MAX_BUFFERS]; /* bytes the worker may read of each (> 0,
                                                     any value; the file may be larger) */
+    /* CKPT_IPC_BUFFER_* (0, host memory, when left zeroed): a buffer of another kind has no
+     * fd (buffer_fds[i] is ignored) but a handle the worker opens (wire.h). */
+    uint32_t buffer_kinds[CKPT_IPC_MAX_BUFFERS];
+    uint8_t buffer_handles[CKPT_IPC_MAX_BUFFERS][CKPT_IPC_HANDLE_BYTES];
     uint32_t max_tensors;   /* optional: most tensors in one bucket (0 = unknown); lets
                                both sides size their per-bucket arrays once */
     int stable;             /* the buffers keep their bytes until FINISH/ABORT (pools) */

@@ -105,7 +105,8 @@ int ckpt__ipc_hdr_decode(const uint8_t *in, const char *peer, ckpt__ipc_hdr_t *o
 }
 
 /* ---- BEGIN: u64 update_id, u64 version, u32 nbuckets, u32 flags, u32 nbuffers,
- *             u32 max_tensors, {u64 size, u32 kind}[nbuffers] (kind: version 4), name,
+ *             u32 max_tensors, {u64 size, u32 kind, [64-byte handle unless kind is
+ *             HOST]}[nbuffers] (kind, handle: version 4), name,
  *             u32 manifest_count, manifest records (version 3) ---- */
 
 #define BEGIN_FIXED (8 + 8 + 4 * 4)
@@ -114,6 +115,8 @@ size_t ckpt__ipc_begin_size(const ckpt__ipc_begin_msg_t *m)
 {
     uint32_t n = CKPT_MIN(m->nbuffers, (uint32_t)CKPT_IPC_MAX_BUFFERS);
     size_t size = BEGIN_FIXED + 12 * (size_t)n + 2 + strlen(m->name) + 4;
+    for (uint32_t i = 0; i < n; i++)
+        if (m->buffer_kinds[i] != CKPT_IPC_BUFFER_HOST) size += CKPT_IPC_HANDLE_BYTES;
     for (uint32_t i = 0; m->manifest && i < m->manifest_count; i++)
         size += ckpt__ipc_manifest_size(&m->manifest[i]);
     return size;
@@ -132,7 +135,10 @@ void ckpt__ipc_begin_encode(const ckpt__ipc_begin_msg_t *m, uint8_t *out)
     out += BEGIN_FIXED;
     for (uint32_t i = 0; i < n; i++, out += 12) {
         put_u64(out, m->buffer_sizes[i]);
-        put_u32(out + 8, CKPT_IPC_BUFFER_HOST);
+        put_u32(out + 8, m->buffer_kinds[i]);
+        if (m->buffer_kinds[i] == CKPT_IPC_BUFFER_HOST) continue;
+        memcpy(out + 12, m->buffer_handles[i], CKPT_IPC_HANDLE_BYTES);
+        out += CKPT_IPC_HANDLE_BYTES;
     }
     out += put_name(out, m->name);
     put_u32(out, count);
@@ -157,9 +163,17 @@ int ckpt__ipc_begin_decode(const uint8_t *p, size_t len, ckpt__ipc_begin_msg_t *
         if (rd_u64(&rd, &m.buffer_sizes[i]) || rd_u32(&rd, &kind))
             return ckpt__error(CKPT_EPROTO, "BEGIN: truncated payload (%zu bytes, %u buffers)",
                                len, m.nbuffers);
-        if (kind != CKPT_IPC_BUFFER_HOST)
-            return ckpt__error(CKPT_EPROTO, "BEGIN: buffer %u is of kind %u (device memory?): "
-                               "this receiver maps host-memory buffers only", i, kind);
+        if (kind > CKPT_IPC_BUFFER_SIM)
+            return ckpt__error(CKPT_EPROTO, "BEGIN: buffer %u is of kind %u: this receiver "
+                               "knows host (0), CUDA (1) and simulated device (2) buffers",
+                               i, kind);
+        m.buffer_kinds[i] = kind;
+        if (kind != CKPT_IPC_BUFFER_HOST) {
+            if (len - rd.pos < CKPT_IPC_HANDLE_BYTES)
+                return ckpt__error(CKPT_EPROTO, "BEGIN: buffer %u: truncated handle", i);
+            memcpy(m.buffer_handles[i], rd.p + rd.pos, CKPT_IPC_HANDLE_BYTES);
+            rd.pos += CKPT_IPC_HANDLE_BYTES;
+        }
         if (m.buffer_sizes[i] == 0 || m.buffer_sizes[i] > (uint64_t)SIZE_MAX / 2)
             return ckpt__error(CKPT_EPROTO, "BEGIN: buffer %u has size %llu", i,
                                (unsigned long long)m.buffer_sizes[i]);

@@ -61,9 +61,17 @@ typedef enum {
 /* BEGIN with PARTIAL: the update carries a subset of the model on purpose; the worker only
  * checks that the manifest's tensors exist in its model with the same dtype and shape. */
 #define CKPT_IPC_BEGIN_PARTIAL 8u
-/* Kinds of BEGIN buffers (version 4): host memory, its fd attached. Device memory (a CUDA
- * IPC handle in place of the fd) is the kind the GPU path will add. */
+/* Kinds of BEGIN buffers (version 4). HOST: host memory, its fd attached to the message
+ * (in the order of the host buffers). The others attach no fd; a 64-byte handle follows
+ * the buffer's kind instead. CUDA: device memory of the engine rank's GPU, the handle a
+ * cudaIpcMemHandle_t (the worker opens it with cudaIpcOpenMemHandle). SIM: the GPU path
+ * run on a CPU (engine/sink_sim.c), a rank's own buffer standing in for device memory;
+ * the handle holds the rank's pid and fd (u32, u32), opened at /proc/PID/fd/FD. The
+ * numbers are the receiver's CKPT_MEMORY_* of the views into them. */
 #define CKPT_IPC_BUFFER_HOST 0u
+#define CKPT_IPC_BUFFER_CUDA 1u
+#define CKPT_IPC_BUFFER_SIM 2u
+#define CKPT_IPC_HANDLE_BYTES 64
 /* Shortest NEED record: 1-byte name, dim, start, length. */
 #define CKPT_IPC_NEED_MIN (2 + 1 + 4 + 8 + 8)
 /* Shortest manifest record: 1-byte name, 0 dims (name 2+1, dtype, ndim, nbytes, checksum). */
@@ -79,9 +87,11 @@ typedef struct {
     uint64_t version;
     uint32_t nbuckets;
     uint32_t flags;
-    uint32_t nbuffers;    /* 1 .. CKPT_IPC_MAX_BUFFERS, = the fds attached */
+    uint32_t nbuffers;    /* 1 .. CKPT_IPC_MAX_BUFFERS; the host ones' fds are attached */
     uint32_t max_tensors; /* most tensors in one bucket; 0 = unknown (receiver grows) */
     uint64_t buffer_sizes[CKPT_IPC_MAX_BUFFERS]; /* the first nbuffers are on the wire */
+    uint32_t buffer_kinds[CKPT_IPC_MAX_BUFFERS];  /* CKPT_IPC_BUFFER_* */
+    uint8_t buffer_handles[CKPT_IPC_MAX_BUFFERS][CKPT_IPC_HANDLE_BYTES]; /* kinds != HOST */
     char name[CKPT_NAME_MAX];
     /* Manifest: every tensor of the update (name, dtype, shape, nbytes, checksum). Encode:
      * `manifest` points at manifest_count metas (offset, owner ignored). Decode: every

@@ -19,6 +19,10 @@ void ckpt__update_result_json(cJSON *o, const ckpt_update_result_t *r)
     cJSON_AddNumberToObject(o, "unneeded", r->unneeded);
     cJSON_AddNumberToObject(o, "host_bytes_max", (double)r->host_bytes_max);
     cJSON_AddNumberToObject(o, "in_place_bytes", (double)r->in_place_bytes);
+    static const char *const devices[] = {"host", "cuda", "sim"};
+    cJSON_AddStringToObject(o, "device", r->device >= 0 && r->device <= 2 ? devices[r->device] : "?");
+    cJSON_AddNumberToObject(o, "stage_s", r->stage_s);
+    cJSON_AddNumberToObject(o, "stage_bytes", (double)r->stage_bytes);
     cJSON_AddNumberToObject(o, "gather_s", r->gather_s);
     cJSON_AddNumberToObject(o, "plan_s", r->plan_s);
     cJSON_AddNumberToObject(o, "begin_s", r->begin_s);

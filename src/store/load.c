@@ -395,7 +395,7 @@ int ckpt__store_load(ckpt_store_t *store, const char *name, char *const *paths, 
         rg[k].pub.fd = L.fd[f];
         L.fd[f] = -1;
         if (store->opts.pin_cuda)
-            rg[k].pub.pinned = ckpt__cuda_pin(&store->cuda, rg[k].pub.base, rg[k].pub.size, 1);
+            rg[k].pub.pinned = ckpt__cuda_pin(rg[k].pub.base, rg[k].pub.size, 1);
     }
 
     ckpt__io_job_t job = {.chunks = L.chunks, .nchunks = L.nchunks, .runs = L.runs,

@@ -161,7 +161,7 @@ int ckpt_store_register_fds(ckpt_store_t *store, const char *name, int rank,
         rg[k].pub.offset = p->offset;
         rg[k].keep_fd = 1; /* until registration succeeds the fd stays the caller's */
         if (store->opts.pin_cuda)
-            rg[k].pub.pinned = ckpt__cuda_pin(&store->cuda, rg[k].pub.base, p->size, 1);
+            rg[k].pub.pinned = ckpt__cuda_pin(rg[k].pub.base, p->size, 1);
         for (size_t i = 0; i < p->count; i++) {
             const uint8_t *d = rg[k].pub.base ? (const uint8_t *)rg[k].pub.base + pm[i].offset : NULL;
             ptrs[at + i] = d ? d : (const void *)&rg[k]; /* any non-NULL address marks "local" */

@@ -60,10 +60,9 @@ void ckpt_store_destroy(ckpt_store_t *store)
     for (size_t i = 0; i < store->count; i++) ckpt_free(store, store->ckpts[i]);
     ckpt__free(store->ckpts);
     if (store->has_spare) {
-        if (store->spare.pub.pinned) ckpt__cuda_unpin(&store->cuda, store->spare.pub.base);
+        if (store->spare.pub.pinned) ckpt__cuda_unpin(store->spare.pub.base);
         ckpt__region_release(&store->spare);
     }
-    ckpt__cuda_close(&store->cuda);
     ckpt__free(store);
 }
 
@@ -82,13 +81,13 @@ int ckpt__store_pool_alloc(ckpt_store_t *store, uint64_t size, const char *label
                        (unsigned long long)out->pub.size);
             return CKPT_OK;
         }
-        if (store->spare.pub.pinned) ckpt__cuda_unpin(&store->cuda, store->spare.pub.base);
+        if (store->spare.pub.pinned) ckpt__cuda_unpin(store->spare.pub.base);
         ckpt__region_release(&store->spare);
         store->has_spare = 0;
     }
     int rc = ckpt__region_alloc(want, label, &store->opts.pool_allocator, out);
     if (rc) return rc;
-    if (store->opts.pin_cuda) out->pub.pinned = ckpt__cuda_pin(&store->cuda, out->pub.base, out->pub.size, 0);
+    if (store->opts.pin_cuda) out->pub.pinned = ckpt__cuda_pin(out->pub.base, out->pub.size, 0);
     return CKPT_OK;
 }
 
@@ -99,7 +98,7 @@ void ckpt__store_pool_release(ckpt_store_t *store, ckpt__region_t *r)
         store->spare = *r;
         store->has_spare = 1;
     } else {
-        if (r->pub.pinned) ckpt__cuda_unpin(&store->cuda, r->pub.base);
+        if (r->pub.pinned) ckpt__cuda_unpin(r->pub.base);
         ckpt__region_release(r);
     }
     r->pub.base = NULL;

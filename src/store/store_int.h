@@ -6,21 +6,7 @@
 
 #include "core/internal.h"
 #include "ckpt/store.h"
-
-/* ---- pinning for the GPU (pin_cuda.c): libcudart opened with dlopen, never linked ---- */
-
-typedef struct ckpt__cuda {
-    int tried;   /* dlopen attempted (once per store, on the first region) */
-    void *lib;   /* NULL when libcudart is absent: pinning is then skipped */
-    int (*host_register)(void *ptr, size_t size, unsigned flags);
-    int (*host_unregister)(void *ptr);
-} ckpt__cuda_t;
-
-/* Pins [base, base+size) for the GPU; returns 1 when pinned, 0 when skipped (no CUDA,
- * no device, or the driver refused: logged at debug level, never an error). */
-int ckpt__cuda_pin(ckpt__cuda_t *cuda, void *base, uint64_t size, int read_only);
-void ckpt__cuda_unpin(ckpt__cuda_t *cuda, void *base);
-void ckpt__cuda_close(ckpt__cuda_t *cuda);
+#include "device/cuda_rt.h"
 
 /* ---- regions (pool.c) ---- */
 
@@ -68,7 +54,6 @@ struct ckpt_store {
     int has_spare;
     ckpt_store_stats_t stats;
     int has_stats;
-    ckpt__cuda_t cuda;
 };
 
 /* Pool memory for a checkpoint: the spare region when reuse_pool is on and it fits,

@@ -97,7 +97,7 @@ int main(void)
     FIELD(ckpt_tensor_view_t, meta);
     FIELD(ckpt_tensor_view_t, data);
     FIELD(ckpt_tensor_view_t, part_dim);
-    FIELD(ckpt_tensor_view_t, part_pad);
+    FIELD(ckpt_tensor_view_t, memory);
     FIELD(ckpt_tensor_view_t, part_start);
     FIELD(ckpt_tensor_view_t, part_full);
     END_STRUCT();

@@ -128,11 +128,50 @@ static void test_prepare_begin(void)
     /* A version-2 BEGIN is this one without its manifest count: refused, by name. */
     CHECK_RC(ckpt__ipc_begin_decode(buf, len - 4, &d), CKPT_EPROTO);
     CHECK_ERR_HAS("no manifest count");
-    /* A buffer of another kind (device memory) is refused, naming the buffer and kind. */
+    /* A kind this receiver does not know is refused, naming the buffer and kind. */
     ckpt__ipc_begin_encode(&m, buf);
-    put32(buf + 32 + 8, 1);
+    put32(buf + 32 + 8, 3);
     CHECK_RC(ckpt__ipc_begin_decode(buf, len, &d), CKPT_EPROTO);
-    CHECK_ERR_HAS("buffer 0 is of kind 1");
+    CHECK_ERR_HAS("buffer 0 is of kind 3");
+    /* A device kind announces a 64-byte handle: without it the payload is short. */
+    ckpt__ipc_begin_encode(&m, buf);
+    put32(buf + 32 + 8, CKPT_IPC_BUFFER_CUDA);
+    CHECK_RC(ckpt__ipc_begin_decode(buf, len, &d), CKPT_EPROTO);
+}
+
+/* Device buffers (the GPU path): kinds and handles round trip; host buffers carry none. */
+static void test_device_buffers(void)
+{
+    ckpt__ipc_begin_msg_t m, d;
+    memset(&m, 0, sizeof(m));
+    m.nbuffers = 3;
+    m.buffer_sizes[0] = m.buffer_sizes[1] = 1 << 20;
+    m.buffer_sizes[2] = 4096;
+    m.buffer_kinds[0] = CKPT_IPC_BUFFER_CUDA;
+    m.buffer_kinds[1] = CKPT_IPC_BUFFER_SIM;
+    m.buffer_kinds[2] = CKPT_IPC_BUFFER_HOST;
+    for (int i = 0; i < CKPT_IPC_HANDLE_BYTES; i++) {
+        m.buffer_handles[0][i] = (uint8_t)(i + 1);
+        m.buffer_handles[1][i] = (uint8_t)(200 - i);
+        m.buffer_handles[2][i] = 0x55; /* not sent: a host buffer's fd travels instead */
+    }
+    snprintf(m.name, sizeof(m.name), "dev");
+    uint8_t buf[512];
+    size_t len = ckpt__ipc_begin_size(&m);
+    CHECK(len == 32 + 3 * 12 + 2 * CKPT_IPC_HANDLE_BYTES + 2 + 3 + 4);
+    ckpt__ipc_begin_encode(&m, buf);
+    CHECK_OK(ckpt__ipc_begin_decode(buf, len, &d));
+    CHECK(d.nbuffers == 3);
+    for (int i = 0; i < 3; i++) {
+        CHECK(d.buffer_kinds[i] == m.buffer_kinds[i]);
+        CHECK(d.buffer_sizes[i] == m.buffer_sizes[i]);
+    }
+    CHECK(memcmp(d.buffer_handles[0], m.buffer_handles[0], CKPT_IPC_HANDLE_BYTES) == 0);
+    CHECK(memcmp(d.buffer_handles[1], m.buffer_handles[1], CKPT_IPC_HANDLE_BYTES) == 0);
+    CHECK(d.buffer_handles[2][0] == 0);
+    /* Cut anywhere inside the handles: refused, never read past the payload. */
+    for (size_t cut = 32 + 12; cut < 32 + 2 * 12 + 2 * CKPT_IPC_HANDLE_BYTES; cut += 7)
+        CHECK_RC(ckpt__ipc_begin_decode(buf, cut, &d), CKPT_EPROTO);
 }
 
 /* NEED: round trip; every refusal names the record. */
@@ -462,6 +501,7 @@ int main(void)
 {
     RUN_TEST(test_begin_round_trip);
     RUN_TEST(test_prepare_begin);
+    RUN_TEST(test_device_buffers);
     RUN_TEST(test_need);
     RUN_TEST(test_begin_truncated);
     RUN_TEST(test_begin_manifest_counts);

@@ -52,7 +52,14 @@ static void serve_usage(FILE *out)
         "                       refused at once; 512 in all)\n"
         "  --bucket-max SIZE    largest bucket, e.g. 256MiB (default 256MiB; never below the\n"
         "                       largest tensor; lowered to fit free memory)\n"
-        "  --memory-limit SIZE  memory the IPC buffers may use (default: half of free memory)\n"
+        "  --memory-limit SIZE  memory the IPC buffers may use (default: half of free memory;\n"
+        "                       on a GPU, half of its free memory)\n"
+        "  --device auto|cpu|cuda|sim\n"
+        "                       where buckets go: auto (default) takes each rank's GPU (its\n"
+        "                       local rank's, one rank per GPU) when every rank sees one and\n"
+        "                       the CUDA runtime and NCCL load ($CKPT_CUDART, $CKPT_NCCL name\n"
+        "                       them), else host memory; cuda insists (fails naming why);\n"
+        "                       cpu: host memory; sim: the GPU path in host memory (tests)\n"
         "  --timeout-ms N       bound of every wait during a command (default 30000)\n"
         "  --verify             workers verify every tensor's XXH3-64 checksum\n"
         "  --share node|rank    node: ranks of a host share one pair of IPC buffers and only\n"
@@ -159,8 +166,9 @@ void serve_print_update(const serve_state_t *st, const ckpt_update_result_t *r)
         printf("  %-28s %u x <= %s, read in place from the owners' pools\n", "buckets",
                r->nbuckets, ckpt_format_size(r->bucket_size, bsize, sizeof(bsize)));
     else
-        printf("  %-28s %u x <= %s, %d buffer%s\n", "buckets", r->nbuckets,
+        printf("  %-28s %u x <= %s, %d %sbuffer%s\n", "buckets", r->nbuckets,
                ckpt_format_size(r->bucket_size, bsize, sizeof(bsize)), r->nbuffers,
+               r->device == 1 ? "GPU " : r->device == 2 ? "simulated device " : "",
                r->nbuffers == 1 ? " (memory short: no overlap)" : "s (pipelined)");
     printf("  %-28s %8.3f s\n", "gather metas", r->gather_s);
     printf("  %-28s %8.3f s\n", "plan + buffers", r->plan_s);
@@ -169,6 +177,9 @@ void serve_print_update(const serve_state_t *st, const ckpt_update_result_t *r)
     printf("  %-28s %8.3f s\n", "finish (post-hooks)", r->finish_s);
     printf("  %-28s %8.3f s\n", "update time", r->total_s);
     printf("  %-28s %8.2f GB/s\n", "delivered per worker", per_worker);
+    if (r->device == 1 && r->stage_s > 0)
+        printf("  %-28s %8.2f GB/s   (%.3f s of GPU time for %llu bytes)\n", "H2D staging",
+               gbps(r->stage_bytes, r->stage_s), r->stage_s, (unsigned long long)r->stage_bytes);
     if (r->p2p)
         printf("  %-28s %8.2f GB/s   (%.3f s pulling %llu bytes)\n", "P2P pull phase",
                gbps(r->pull_bytes, r->pull_s), r->pull_s, (unsigned long long)r->pull_bytes);
@@ -471,7 +482,7 @@ int cmd_serve(int argc, char **argv)
     const char *commands = NULL, *http = NULL, *token_file = NULL;
     serve_state_t st;
     memset(&st, 0, sizeof(st));
-    enum { O_HTTP = 256, O_TOKEN, O_UCX_POOLS, O_INSECURE, O_REQ_TIMEOUT, O_PER_IP };
+    enum { O_HTTP = 256, O_TOKEN, O_UCX_POOLS, O_INSECURE, O_REQ_TIMEOUT, O_PER_IP, O_DEVICE };
     int insecure_no_token = 0;
     ckpt_http_options_t http_limits = CKPT_HTTP_OPTIONS_INIT;
     static const struct option longopts[] = {
@@ -484,6 +495,7 @@ int cmd_serve(int argc, char **argv)
         {"insecure-no-token", no_argument, NULL, O_INSECURE},
         {"http-request-timeout", required_argument, NULL, O_REQ_TIMEOUT},
         {"http-per-ip", required_argument, NULL, O_PER_IP},
+        {"device", required_argument, NULL, O_DEVICE},
         {"help", no_argument, NULL, 'h'},             {NULL, 0, NULL, 0}};
     int c;
     optind = 1;
@@ -525,6 +537,15 @@ int cmd_serve(int argc, char **argv)
                         optarg);
                 return 2;
             }
+            break;
+        case O_DEVICE:
+            if (strcmp(optarg, "auto") && strcmp(optarg, "cpu") && strcmp(optarg, "cuda") &&
+                strcmp(optarg, "sim")) {
+                fprintf(stderr, "ckpt-engine serve: --device takes auto, cpu, cuda or sim, not "
+                        "'%s'\n", optarg);
+                return 2;
+            }
+            opts.device = optarg;
             break;
         case O_HTTP: http = optarg; break;
         case O_TOKEN: token_file = optarg; break;
