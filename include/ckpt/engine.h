@@ -159,6 +159,9 @@ CKPT_API int ckpt_engine_create(const ckpt_engine_options_t *opts, ckpt_engine_t
 CKPT_API void ckpt_engine_destroy(ckpt_engine_t *engine);
 CKPT_API int ckpt_engine_rank(const ckpt_engine_t *engine);
 CKPT_API int ckpt_engine_size(const ckpt_engine_t *engine);
+/* Where this rank's buckets go, in words: "cuda: GPU 0 of 8, NCCL 22703, ..." or "host
+ * memory (auto: no GPU is visible ...)" (options.device); valid while the engine lives. */
+CKPT_API const char *ckpt_engine_device(const ckpt_engine_t *engine);
 
 /* Followers (rank != 0): execute commands until rank 0 calls shutdown. Returns 0 then, or
  * a negative status if the deployment broke (a rank stopped answering). */

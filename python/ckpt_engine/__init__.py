@@ -10,7 +10,10 @@ A worker that should outlive engine restarts iterates `follow(socket_path, param
 UpdateResult per update, reconnecting (waiting forever by default) whenever the engine goes.
 
 Tensor views are zero-copy numpy arrays over the engine's shared buffers, valid until the
-bucket is answered. Dtypes numpy lacks (BF16, F8_*) come as raw unsigned integers of the
+bucket is answered. From an engine rank on a GPU (serve --device cuda) the views are in
+that GPU's memory, opened by CUDA IPC handle: `view.torch()` is a zero-copy torch tensor on
+the device, and apply_update fills torch tensors on the GPU device to device (torch is
+imported only then). Dtypes numpy lacks (BF16, F8_*) come as raw unsigned integers of the
 same width; copy them bytewise (what an inference engine does with its own tensors).
 
 A worker holding part of the model (a TP/PP/EP shard) says what it needs:

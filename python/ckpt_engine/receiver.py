@@ -1,5 +1,6 @@
 """The receiver API (include/ckpt/receiver.h) as Python objects."""
 import ctypes
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,39 @@ _NUMPY = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I1
           "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I32": np.int32,
           "F32": np.float32, "U64": np.uint64, "I64": np.int64, "F64": np.float64,
           "F8_E4M3": np.uint8, "F8_E5M2": np.uint8, "F8_E8M0": np.uint8, "C64": np.complex64}
+
+
+# Where a view's bytes lie (CKPT_MEMORY_* in include/ckpt/receiver.h).
+MEMORY_NAMES = {0: "host", 1: "cuda", 2: "sim"}
+
+# torch dtypes of safetensors names (torch is imported only by the methods that use it).
+_TORCH = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+          "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "I32": "int32",
+          "F32": "float32", "U64": "uint64", "I64": "int64", "F64": "float64",
+          "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+          "C64": "complex64"}
+
+
+def torch_dtype(torch, st_dtype):
+    """The torch dtype of a safetensors dtype name; raw bytes of its width if torch lacks it."""
+    dt = getattr(torch, _TORCH.get(st_dtype, ""), None)
+    if dt is None:
+        dt = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[
+            _lib.DTYPES[st_dtype][1]]
+    return dt
+
+
+class _CudaBytes:
+    """Device bytes as __cuda_array_interface__ (version 3), for torch.as_tensor: a zero-copy
+    tensor over memory that another process's engine rank handed by CUDA IPC handle."""
+
+    def __init__(self, ptr, nbytes):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
+                                         "data": (ptr, True), "version": 3, "strides": None}
+
+
+def _is_torch(t):
+    return type(t).__module__.startswith("torch")
 
 
 def lib():
@@ -57,9 +91,30 @@ class TensorView:
         # part_full; shape and nbytes are the part's. None for a whole tensor.
         v = view_ptr.contents
         self.part = (v.part_dim, v.part_start, v.part_full) if v.part_dim >= 0 else None
+        # "host", "cuda" (a device pointer on the GPU current at BEGIN: use torch()) or
+        # "sim" (the engine's --device sim: host memory standing in for a GPU's).
+        self.memory = MEMORY_NAMES.get(v.memory, "host")
+
+    def torch(self):
+        """A zero-copy torch tensor over the bytes, with the tensor's dtype and shape: on the
+        GPU for CUDA memory (through __cuda_array_interface__), else on the CPU. Read-only
+        by contract and valid until the bucket's answer. Imports torch."""
+        import torch
+        data, n = self._ptr.contents.data, self.nbytes
+        if n == 0:
+            raw = torch.empty(0, dtype=torch.uint8,
+                              device="cuda" if self.memory == "cuda" else "cpu")
+        elif self.memory == "cuda":
+            raw = torch.as_tensor(_CudaBytes(data, n), device="cuda")
+        else:  # a writable ctypes type over read-only pages: torch never writes it
+            raw = torch.frombuffer((ctypes.c_char * n).from_address(data), dtype=torch.uint8)
+        return raw.view(torch_dtype(torch, self.dtype)).reshape(self.shape)
 
     def numpy(self):
-        """A read-only numpy array over the shared bytes (valid until the bucket's answer)."""
+        """A read-only numpy array over the shared bytes (valid until the bucket's answer);
+        host memory only (a CUDA view: torch(), or copy_to a host array)."""
+        if self.memory == "cuda":
+            raise ValueError("%s: the bytes are in GPU memory: use torch() or copy_to" % self.name)
         data = self._ptr.contents.data
         buf = (ctypes.c_char * self.nbytes).from_address(data) if self.nbytes else b""
         arr = np.frombuffer(buf, dtype=_NUMPY[self.dtype]).reshape(self.shape)
@@ -68,7 +123,19 @@ class TensorView:
 
     def copy_to(self, dst, offset=0, verify=False):
         """Copies bytes [offset, offset + dst.nbytes) of the tensor into the contiguous
-        numpy array dst; with verify, checks the whole tensor's XXH3-64 in the same pass."""
+        numpy array or torch tensor dst; with verify, checks the whole tensor's XXH3-64 (in
+        the same pass on the host; a CUDA view is hashed on a host copy, which costs a
+        device-to-host copy of the tensor). A torch copy out of GPU memory is queued on the
+        current stream: synchronize before answering the bucket (apply_update does)."""
+        if _is_torch(dst):
+            if verify and self.checksum:
+                _check(lib().ckpt_receiver_verify(self._ptr), "verify of '%s'" % self.name)
+            if not dst.is_contiguous():
+                raise ValueError("%s: destination must be a contiguous tensor" % self.name)
+            import torch
+            src = self.torch().reshape(-1).view(torch.uint8)[offset:offset + _nbytes(dst)]
+            dst.view(-1).view(torch.uint8).copy_(src, non_blocking=True)
+            return
         if not dst.flags.c_contiguous or not dst.flags.writeable:
             raise ValueError("%s: destination must be a writable C-contiguous array" % self.name)
         _check(lib().ckpt_receiver_copy(self._ptr, offset, dst.ctypes.data, dst.nbytes,
@@ -88,6 +155,34 @@ class TensorView:
         n = lib().ckpt_receiver_copy_slice(self._ptr, dim, start, dst.shape[dim],
                                            dst.ctypes.data)
         return _check(n, "copy of a slice of '%s'" % self.name)
+
+    def copy_into_part(self, dst):
+        """A part (self.part) into its place in dst, the whole tensor (a contiguous torch
+        tensor or numpy array of the tensor's bytes)."""
+        dim, start, full = self.part
+        shape = list(self.shape)
+        shape[dim] = full
+        whole = self.nbytes // max(self.shape[dim], 1) * full
+        if _nbytes(dst) != whole:
+            raise ValueError("tensor '%s': model has %d bytes, update has %d" % (
+                self.name, _nbytes(dst), whole))
+        if _is_torch(dst):
+            import torch
+            if not dst.is_contiguous():
+                raise ValueError("%s: destination must be a contiguous tensor" % self.name)
+            tdt = torch_dtype(torch, self.dtype)
+            place = dst.view(-1).view(torch.uint8).view(tdt).reshape(shape)
+            place.narrow(dim, start, self.shape[dim]).copy_(self.torch(), non_blocking=True)
+            return
+        if not dst.flags.c_contiguous or not dst.flags.writeable:
+            raise ValueError("%s: destination must be a writable C-contiguous array" % self.name)
+        self.copy_slice(dst.reshape(-1).view(np.uint8).view(_NUMPY[self.dtype]).reshape(shape),
+                        dim, 0)
+
+
+def _nbytes(t):
+    """Bytes of a numpy array or a torch tensor."""
+    return t.numel() * t.element_size() if _is_torch(t) else t.nbytes
 
 
 def layout_needs(model, tp=1, pp=1, ep=1, rank=0, num_layers=0, num_experts=0, kv_heads=0):
@@ -120,6 +215,7 @@ class UpdateResult:
     completed: bool
     reason: str
     tensors: int
+    seconds: float = 0.0  # from BEGIN (buffers mapped) to the engine's decision
 
 
 class Receiver:
@@ -194,8 +290,8 @@ class Receiver:
             if len(raw) >= _lib.CKPT_NAME_MAX:
                 raise ValueError("tensor name too long: %r" % name)
             m.name = raw
-            if isinstance(spec, np.ndarray):
-                m.dtype, m.ndim, m.nbytes = 0, -1, spec.nbytes
+            if isinstance(spec, np.ndarray) or _is_torch(spec):
+                m.dtype, m.ndim, m.nbytes = 0, -1, _nbytes(spec)
             else:
                 dtype, shape = spec
                 if dtype not in _lib.DTYPES:
@@ -238,8 +334,10 @@ class Receiver:
 
     def apply_update(self, params, verify=None, post_hook=None, timeout_ms=-1,
                      check_model=True):
-        """Runs one whole update into `params` ({name: writable numpy array holding the
-        tensor's bytes}). With check_model (the default) params are the model (set_model):
+        """Runs one whole update into `params` ({name: writable numpy array, or contiguous
+        torch tensor on the CPU or a GPU, holding the tensor's bytes}). From a GPU engine
+        rank (CUDA views) torch tensors on that GPU are filled device to device, and the
+        copies are waited for before each bucket is answered. With check_model (the default) params are the model (set_model):
         an update that does not cover every one of them, or names others, is refused
         before a byte lands, unless it is partial, so params never end up half old and
         half new. Unknown names or size mismatches in a bucket fail it. Returns an
@@ -256,35 +354,30 @@ class Receiver:
             return UpdateResult(0, "", 0, False, str(e), 0)
         check = bool(info.verify) if verify is None else verify
         count = 0
+        began = time.monotonic()
         while True:
             kind, bucket, views = self.next()
             if kind == "bucket":
                 try:
+                    on_gpu = False
                     for v in views:
                         dst = params.get(v.name)
                         if dst is None:
                             raise KeyError("unknown tensor '%s'" % v.name)
+                        on_gpu = on_gpu or (v.memory == "cuda" and _is_torch(dst))
                         if v.part is not None:  # a part of the tensor: into its place
-                            if not dst.flags.c_contiguous or not dst.flags.writeable:
-                                raise ValueError("%s: destination must be a writable "
-                                                 "C-contiguous array" % v.name)
-                            dim, _, full = v.part
-                            shape = list(v.shape)
-                            shape[dim] = full
-                            whole = v.nbytes // max(v.shape[dim], 1) * full
-                            if dst.nbytes != whole:
-                                raise ValueError("tensor '%s': model has %d bytes, update has "
-                                                 "%d" % (v.name, dst.nbytes, whole))
-                            v.copy_slice(dst.reshape(-1).view(np.uint8).view(
-                                _NUMPY[v.dtype]).reshape(shape), dim, 0)
+                            v.copy_into_part(dst)
                             count += 1
                             continue
-                        if dst.nbytes != v.nbytes:
+                        if _nbytes(dst) != v.nbytes:
                             raise ValueError("tensor '%s': model has %d bytes, update has %d"
-                                             % (v.name, dst.nbytes, v.nbytes))
+                                             % (v.name, _nbytes(dst), v.nbytes))
                         v.copy_to(dst, verify=check)
                         count += 1
-                except (KeyError, ValueError, CkptError) as e:
+                    if on_gpu:  # the engine refills the buffer once the bucket is answered
+                        import torch
+                        torch.cuda.current_stream().synchronize()
+                except (KeyError, ValueError, CkptError, RuntimeError) as e:
                     self.fail(str(e).strip('"'))
                     continue
                 self.ack()
@@ -302,11 +395,12 @@ class Receiver:
                     reason = lib().ckpt_receiver_reason(self._h) or b""
                     msg = msg or reason.decode(errors="replace") or str(e)
                 return UpdateResult(info.update_id, info.name.decode(), info.version, ok,
-                                    msg or "", count)
+                                    msg or "", count, time.monotonic() - began)
             else:
                 reason = lib().ckpt_receiver_reason(self._h) or b""
                 return UpdateResult(info.update_id, info.name.decode(), info.version, False,
-                                    reason.decode(errors="replace"), count)
+                                    reason.decode(errors="replace"), count,
+                                    time.monotonic() - began)
 
 
 def follow(socket_path, params, verify=None, post_hook=None, engine_wait_ms=-1,

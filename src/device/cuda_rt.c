@@ -93,6 +93,9 @@ int ckpt__cuda_devices(void)
     int rc = ckpt__cudart(&rt);
     if (rc < 0) return rc;
     int n = 0, e = rt->GetDeviceCount(&n);
+    if (e == 35 || e == 100) /* insufficient driver, no device: what a machine without one says */
+        return ckpt__error(CKPT_EUNSUPPORTED, "no GPU is visible: cudaGetDeviceCount: CUDA error "
+                           "%d %s (%s)", e, rt->GetErrorName(e), rt->GetErrorString(e));
     if (e != 0) return ckpt__cuda_fail(rt, e, "cudaGetDeviceCount");
     if (n == 0) return ckpt__error(CKPT_EUNSUPPORTED, "no GPU is visible (cudaGetDeviceCount: 0)");
     return n;

@@ -123,6 +123,7 @@ void ckpt_engine_destroy(ckpt_engine_t *e)
 
 int ckpt_engine_rank(const ckpt_engine_t *e) { return e->rank; }
 int ckpt_engine_size(const ckpt_engine_t *e) { return e->size; }
+const char *ckpt_engine_device(const ckpt_engine_t *e) { return e->device_text; }
 
 int ckpt_engine_follow(ckpt_engine_t *e)
 {

@@ -100,6 +100,7 @@ struct ckpt_engine {
     /* The device buckets go through (sink.h): NULL for the host path (no GPU, --device
      * cpu); made by ckpt__sink_open at start. */
     struct ckpt__sink *sink;
+    char device_text[CKPT__REASON_MAX]; /* ckpt_engine_device */
     /* DIR/publish-<rank>.sock: trainers hand sealed memfds to this rank (publish.c); NULL
      * without a socket dir. Its thread only queues parts; registration is a command. */
     struct ckpt__pub_server *pub;

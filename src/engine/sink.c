@@ -39,13 +39,13 @@ int ckpt__sink_open(ckpt_engine_t *e, const char *device, int timeout_ms)
         int all = all_ranks(e, n > 0, timeout_ms);
         if (all < 0) return CKPT_EPEER;
         if (!all) {
-            if (e->rank == 0)
-                ckpt_info("device auto: the host path (%s)",
-                          n > 0 ? "another rank sees no GPU" : why);
+            snprintf(e->device_text, sizeof(e->device_text), "host memory (device auto: %.400s)",
+                     n > 0 ? "another rank sees no GPU" : why);
             return CKPT_OK;
         }
         ops = &ckpt__sink_cuda;
     } else if (!strcmp(device, "cpu")) {
+        snprintf(e->device_text, sizeof(e->device_text), "host memory (device cpu)");
         return CKPT_OK;
     } else if (!strcmp(device, "cuda")) {
         ops = &ckpt__sink_cuda;
@@ -73,7 +73,7 @@ int ckpt__sink_open(ckpt_engine_t *e, const char *device, int timeout_ms)
         return rc;
     }
     e->sink = s;
-    ckpt_info("rank %d: device %s (%s, index %d)", e->rank, ops->name, s->device, s->ordinal);
+    snprintf(e->device_text, sizeof(e->device_text), "%s: %s", ops->name, s->device);
     return CKPT_OK;
 }
 
