@@ -152,3 +152,30 @@ def test_sim_device_memory_short_is_refused(tmp_path):
     upd = update_of(res)
     assert not upd["ok"], upd
     assert re.search(r"largest tensor|memory", upd["reason"]), upd
+
+
+def test_sim_device_trace_shows_the_next_stage_during_the_reload(tmp_path):
+    """Two device buffers: the owner puts bucket b+1 while the worker reloads bucket b (in
+    the trace, the stage of b+1 begins before the reload of b ends)."""
+    import json
+    model = gen(tmp_path, size="8MiB", layers=2, shards=1)
+    trace = os.path.join(str(tmp_path), "trace.json")
+    dep = Deployment(tmp_path, 1, serve_args=["--device", "sim"])
+    dep.start_worker(0, ["--layout", model, "--verify"], updates=1)
+    try:
+        p, res = dep.serve(["register m %s" % model, "update m bucket=1MiB trace=%s" % trace],
+                           check=True)
+        dep.wait_workers()
+    finally:
+        dep.stop()
+    assert update_of(res)["buckets"] >= 4
+    with open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    spans = {}
+    for ev in events:
+        if ev.get("ph") == "X":
+            spans.setdefault((ev["cat"], ev["args"]["bucket"]), (ev["ts"], ev["ts"] + ev["dur"]))
+    overlaps = [b for (cat, b) in spans if cat == "reload" and ("stage", b + 1) in spans and
+                spans[("stage", b + 1)][0] < spans[("reload", b)][1]]
+    assert len(overlaps) >= 2, sorted(spans.items())
+    assert_worker_equals(dep, 0, model)
