@@ -111,6 +111,7 @@ class _BucketStream:
         self.on_bucket = None  # called with the bucket index after each acknowledgement
         self.wait_s = 0.0      # time spent waiting for the engine's next bucket
         self.seen = {}         # name -> (dtype, shape) of every tensor streamed
+        self.on_gpu = False    # views in GPU memory: copies queued there, waited for at ack
 
     def _views(self, views):
         """Zero-copy torch tensors over the shared buffer, each with a weak reference to
@@ -118,6 +119,11 @@ class _BucketStream:
         torch = self.torch
         out = []
         for v in views:
+            if v.memory == "cuda":  # the engine rank's GPU buffer, opened by IPC handle
+                t = v.torch()
+                self.on_gpu = True
+                out.append((v.name, t, weakref.ref(t), weakref.ref(t), v.nbytes))
+                continue
             arr = v.numpy()
             with warnings.catch_warnings():
                 # read-only on purpose: vLLM's loaders copy out of it, never write it
@@ -196,6 +202,8 @@ class _BucketStream:
                     pass
                 return
             self.buckets += 1
+            if self.on_gpu:  # vLLM's copies out of the device buffer are queued: wait for
+                self.torch.cuda.synchronize()  # them before the engine may refill it
             try:
                 self.rx.ack()
             except CkptError as e:
