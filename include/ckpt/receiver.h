@@ -147,7 +147,8 @@ typedef struct {
  *   HOST  host memory shared with the engine rank (the CPU path).
  *   CUDA  device memory of the engine rank's GPU, opened through CUDA IPC: data is a device
  *         pointer valid in this process on the device current at BEGIN (one engine rank
- *         per GPU; the worker runs on the same GPU). Copy it with cudaMemcpy / a framework's
+ *         per GPU; the worker runs on the same GPU; $CKPT_CUDA_DEVICE, when set, is made
+ *         current before the handle is opened). Copy it with cudaMemcpy / a framework's
  *         device copy; ckpt_receiver_copy, copy_slice and verify accept it too (through the
  *         CUDA runtime, synchronously; verify copies the tensor to the host to hash it).
  *   SIM   the GPU path run on a CPU (the engine's --device sim, for tests): a rank's own

@@ -1,5 +1,7 @@
 """The receiver API (include/ckpt/receiver.h) as Python objects."""
 import ctypes
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -247,6 +249,10 @@ class Receiver:
         self.close()
 
     def wait_update(self, timeout_ms=-1):
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            # GPU buffers open on torch's current device, whichever CUDA runtime libckpt loaded
+            os.environ["CKPT_CUDA_DEVICE"] = str(torch.cuda.current_device())
         info = _lib.UpdateInfo()
         _check(lib().ckpt_receiver_wait_update(self._h, timeout_ms, ctypes.byref(info)),
                "waiting for an update")

@@ -107,6 +107,14 @@ static int open_cuda_handle(mapping_t *mp, uint32_t i)
     const ckpt__cudart_t *rt;
     int rc = ckpt__cudart(&rt);
     if (rc < 0) return ckpt__error_prefix(rc, "BEGIN: buffer %u is device memory: ", i);
+    /* The handle opens on this thread's current device: $CKPT_CUDA_DEVICE names it when
+     * the worker's runtime is not the one that chose it (the Python binding sets it from
+     * torch's current device). */
+    const char *dev = getenv("CKPT_CUDA_DEVICE");
+    if (dev && *dev) {
+        int e = rt->SetDevice(atoi(dev));
+        if (e != 0) return ckpt__cuda_fail(rt, e, "BEGIN: cudaSetDevice($CKPT_CUDA_DEVICE)");
+    }
     ckpt__cuda_ipc_t h;
     memcpy(h.bytes, mp->handle, sizeof(h.bytes));
     void *p = NULL;
