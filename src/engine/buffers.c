@@ -12,7 +12,8 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
-#include "engine/engine_internal.h"
+#include "engine/buffers.h"
+#include "engine/coll.h"
 
 uint64_t ckpt__host_available_bytes(void)
 {

@@ -9,7 +9,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "engine/engine_internal.h"
+#include "engine/coll.h"
+#include "engine/peers.h"
 
 int ckpt__mpi_wait(ckpt_engine_t *e, MPI_Request *req, int timeout_ms, int max_sleep_us,
                    const char *what)

@@ -4,7 +4,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/engine_internal.h"
+#include "engine/coll.h"
+#include "engine/command.h"
+#include "engine/floors.h"
+#include "engine/p2p.h"
+#include "engine/publish.h"
+#include "engine/update.h"
 
 static int cmd_send(ckpt_engine_t *e, ckpt__cmd_t *cmd)
 {

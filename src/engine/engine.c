@@ -5,7 +5,11 @@
 #include <sys/stat.h>
 #include <time.h>
 
-#include "engine/engine_internal.h"
+#include "engine/buffers.h"
+#include "engine/command.h"
+#include "engine/p2p.h"
+#include "engine/peers.h"
+#include "engine/publish.h"
 #include "engine/sink.h"
 #include "plan/bucket.h"
 

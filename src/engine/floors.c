@@ -6,7 +6,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "engine/engine_internal.h"
+#include "engine/coll.h"
+#include "engine/floors.h"
 
 #define FLOOR_BYTES (256ull << 20)
 #define FLOOR_REPS 5

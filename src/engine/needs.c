@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/coll.h"
 #include "engine/needs.h"
 #include "ipc/sender.h"
 

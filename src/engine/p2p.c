@@ -16,6 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "engine/coll.h"
 #include "engine/p2p.h"
 
 /* ---------------------------------------------------------------- serving side ---- */

@@ -1,4 +1,6 @@
-/* P2P update: the pulling side's view of a serving deployment (p2p.c). */
+/* P2P (p2p.c): the serving side (e->serving, whose definition is in p2p.c: UCX, the guard
+ * page, pools from UCX; checkpoints exported at a guard slot) and the pulling side's view of
+ * a serving deployment (ckpt__p2p_t). */
 #ifndef CKPT_ENGINE_P2P_H
 #define CKPT_ENGINE_P2P_H
 
@@ -44,5 +46,19 @@ int ckpt__p2p_register_buffers(ckpt_engine_t *e, ckpt__p2p_t *p);
  * unregistered during the transfer is never delivered. */
 int ckpt__p2p_pull(ckpt_engine_t *e, ckpt__p2p_t *p, int owner, const ckpt_tensor_meta_t *t,
                    const ckpt__place_t *src, size_t count, void *buf, int timeout_ms);
+
+/* Collective: exports checkpoint `name`; rank 0 gets the metas bytes (ckpt__free them). */
+int ckpt__p2p_export(ckpt_engine_t *e, const ckpt__cmd_t *cmd, char **bytes_out,
+                     size_t *len_out);
+/* Drops the export of a checkpoint before it is unregistered (guard first). */
+void ckpt__p2p_unexport(ckpt_engine_t *e, ckpt__checkpoint_entry_t *c);
+/* Drops every export; then the store can go, then ckpt__p2p_shutdown (pools made by UCX
+ * must be freed before its context). */
+void ckpt__p2p_unexport_all(ckpt_engine_t *e);
+void ckpt__p2p_shutdown(ckpt_engine_t *e);
+/* The serving state (e->serving), at create: pools from UCX unless opts.ucx_pools is 0. */
+int ckpt__p2p_init(ckpt_engine_t *e);
+/* The store's pool allocator: UCX shared memory (ckpt_engine_options_t.ucx_pools). */
+ckpt_pool_allocator_t ckpt__p2p_pool_allocator(ckpt_engine_t *e);
 
 #endif

@@ -7,7 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "engine/engine_internal.h"
+#include "engine/peers.h"
 
 int ckpt__peers_init(ckpt_engine_t *e)
 {

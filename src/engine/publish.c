@@ -20,7 +20,11 @@
 #include <fcntl.h>
 #include <string.h>
 
-#include "engine/engine_internal.h"
+#include "engine/coll.h"
+#include "engine/command.h"
+#include "engine/p2p.h"
+#include "engine/publish.h"
+#include "engine/update.h"
 #include "publish/publish_int.h"
 
 /* Store name of a new version until every rank has it. A publisher's name cannot start

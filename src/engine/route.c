@@ -2,6 +2,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/coll.h"
 #include "engine/route.h"
 
 #define ROUTE_TAG 11 /* point-to-point bucket transfers on the leaders' communicator */

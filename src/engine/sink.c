@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "device/cuda_rt.h"
+#include "engine/coll.h"
 #include "engine/sink.h"
 
 int ckpt__local_rank(ckpt_engine_t *e)

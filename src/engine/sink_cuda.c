@@ -15,6 +15,7 @@
 #include <time.h>
 
 #include "device/cuda_rt.h"
+#include "engine/coll.h"
 #include "engine/sink.h"
 
 #ifdef CKPT_HAVE_CUDA_HEADERS

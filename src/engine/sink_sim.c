@@ -8,6 +8,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "engine/buffers.h"
+#include "engine/coll.h"
 #include "engine/sink.h"
 
 typedef struct {

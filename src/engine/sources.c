@@ -10,6 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "engine/coll.h"
 #include "engine/sources.h"
 
 typedef struct {

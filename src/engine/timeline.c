@@ -2,6 +2,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "engine/coll.h"
 #include "engine/timeline.h"
 
 static const char *kind_names[CKPT__EV_KINDS] = {"stage", "broadcast", "ready", "reload",

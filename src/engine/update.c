@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/buffers.h"
+#include "engine/coll.h"
 #include "engine/sink.h"
 #include "engine/source.h"
 #include "engine/update.h"

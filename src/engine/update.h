@@ -1,5 +1,7 @@
 /* The state of one update (update.c) and of the sources that fill its buckets
- * (source.h): a file that adds a source reads what it needs from here. */
+ * (source.h): a file that adds a source reads what it needs from here. Also the update's
+ * entry points, which the command stream (command.c) and publishing (publish.c) call: the
+ * broadcast update, the P2P update and the workers' preparation after a registration. */
 #ifndef CKPT_ENGINE_UPDATE_H
 #define CKPT_ENGINE_UPDATE_H
 
@@ -58,5 +60,17 @@ static inline const ckpt__piece_t *ckpt__planned_piece(const ckpt__update_t *u, 
     if (!u->route.active || u->direct || !u->plan.origin) return NULL;
     return &u->route.pieces[u->plan.origin[k]];
 }
+
+/* The broadcast update (update.c). */
+int ckpt__update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trace_path,
+                     ckpt_update_result_t *result);
+
+/* A P2P update: the broadcast pipeline with pulls as its stage step (update.c). */
+int ckpt__update_run_p2p(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const void *metas,
+                         size_t metas_len, const char *trace_path, ckpt_update_result_t *res);
+
+/* Collective, after a registration: on one host (direct updates), hands every worker the
+ * pools now so that its first update does not pay for mapping them. Best effort. */
+void ckpt__prepare_workers(ckpt_engine_t *e, const ckpt__cmd_t *cmd);
 
 #endif
