@@ -613,12 +613,12 @@ static void test_buffer_count_mismatch(void)
     size_t n;
     raw_begin(cfd, 3, 2);
     CHECK_RC(ckpt_receiver_wait_update(r, 1000, &info), CKPT_EPROTO);
-    CHECK_ERR_HAS("3 buffers announced, 2 fds came");
+    CHECK_ERR_HAS("3 host buffers announced, 2 fds came");
     CHECK(raw_recv(cfd) == CKPT_IPC_MSG_ERR);
     CHECK(count_fds() == before);
     raw_begin(cfd, 3, 4);
     CHECK_RC(ckpt_receiver_wait_update(r, 1000, &info), CKPT_EPROTO);
-    CHECK_ERR_HAS("3 buffers announced, 4 fds came");
+    CHECK_ERR_HAS("3 host buffers announced, 4 fds came");
     CHECK(raw_recv(cfd) == CKPT_IPC_MSG_ERR);
     CHECK(count_fds() == before);
 
