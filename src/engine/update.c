@@ -913,7 +913,7 @@ out:
 
 void ckpt__prepare_workers(ckpt_engine_t *e, const ckpt__cmd_t *cmd)
 {
-    if (!(cmd->direct && e->ngroups == 1 && e->group_size == e->size &&
+    if (!(cmd->direct && !e->sink && e->ngroups == 1 && e->group_size == e->size &&
           e->opts.share_mode == CKPT_SHARE_NODE))
         return;
     int coll_ms = ckpt__peer_timeout_ms(cmd->timeout_ms);
