@@ -40,6 +40,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.join(ROOT, "python"))  # ckpt_engine (publish), run from anywhere
 from h2d_floor import measure as measure_floor, parse_size  # noqa: E402
 
 CHILDREN = []
