@@ -179,3 +179,39 @@ def test_sim_device_trace_shows_the_next_stage_during_the_reload(tmp_path):
                 spans[("stage", b + 1)][0] < spans[("reload", b)][1]]
     assert len(overlaps) >= 2, sorted(spans.items())
     assert_worker_equals(dep, 0, model)
+
+
+def fake_cuda_env():
+    """CKPT_CUDART / CKPT_NCCL pointing at the CPU stand-ins (tests/fakecuda), built beside
+    the tests wherever the CUDA sink is built (the toolkit's headers present, as in CI)."""
+    tests = os.path.join(mpijob.BUILD, "tests")
+    libs = [os.path.join(tests, "libfake_cudart.so"), os.path.join(tests, "libfake_nccl.so")]
+    for lib in libs:
+        assert os.path.exists(lib), "%s not built (configure with the CUDA toolkit)" % lib
+    return {"CKPT_CUDART": libs[0], "CKPT_NCCL": libs[1]}
+
+
+def test_cuda_sink_through_a_cpu_stand_in_runtime(tmp_path, monkeypatch):
+    """The CUDA sink's own code (device buffers by cudaMalloc, IPC handles, H2D puts on a
+    stream, the broadcast after an event, event timing) and the receiver's CUDA path
+    (cudaIpcOpenMemHandle, copies and verify through the runtime), run against a CPU
+    stand-in of the CUDA runtime and NCCL with one rank: the worker holds the checkpoint
+    exactly, and the result reports the device and the H2D bytes and time."""
+    env = fake_cuda_env()
+    monkeypatch.setattr(mpijob, "MPI_ENV", dict(mpijob.MPI_ENV, **env))
+    for k, v in env.items():  # the worker's receiver opens the handles through them too
+        monkeypatch.setenv(k, v)
+    model = gen(tmp_path, size="6MiB", layers=2, shards=2)
+    dep = Deployment(tmp_path, 1, serve_args=["--device", "cuda"])
+    dep.start_worker(0, ["--layout", model, "--verify"], updates=2)
+    try:
+        p, res = dep.serve(["register m %s" % model, "update m bucket=1MiB",
+                            "update m bucket=1MiB verify=0"], check=True)
+        dep.wait_workers()
+    finally:
+        dep.stop()
+    assert re.search(r"device: cuda: GPU 0 of 1, NCCL 99999", p.stdout), p.stdout
+    for upd in [r for r in res if r["command"] == "update"]:
+        assert upd["ok"] and upd["device"] == "cuda", upd
+        assert upd["stage_bytes"] == checkpoint_bytes(model) and upd["stage_s"] > 0, upd
+    assert_worker_equals(dep, 0, model)
