@@ -46,8 +46,10 @@ class _CudaBytes:
     tensor over memory that another process's engine rank handed by CUDA IPC handle."""
 
     def __init__(self, ptr, nbytes):
+        # Read-only by contract (TensorView.torch); flagged writable so that no consumer
+        # refuses or copies it: torch has no read-only CUDA tensors either way.
         self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
-                                         "data": (ptr, True), "version": 3, "strides": None}
+                                         "data": (ptr, False), "version": 3, "strides": None}
 
 
 def _is_torch(t):
