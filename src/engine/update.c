@@ -591,7 +591,11 @@ static int device_enqueue(ckpt__update_t *u, size_t b)
         u->enqueued[slot][0] = t0;
         u->enqueued[slot][1] = ckpt__now_s();
     }
-    /* Every rank queues the broadcast, also after a failed fill: the collective must match
+    /* A put that failed on a source that cannot fail is the device's failure (a CUDA error
+     * leaves its state unknown, and no agreement covers it): the rank stops; the workers
+     * learn the update is incomplete. */
+    if (fill_rc < 0 && !u->src->may_fail) ckpt__engine_fatal(e, ckpt_last_error());
+    /* Every rank queues the broadcast, also after a failed pull: the collective must match
      * on every rank; the agreement keeps the bucket from any worker. */
     int rc = s->ops->move(s, slot, bk->bytes, bk->owner);
     if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
