@@ -612,6 +612,8 @@ int cmd_serve(int argc, char **argv)
          * stop signals still blocked. */
         if (http && serve_http_start(&st, http_addr, http_port, token_file, &http_limits) < 0)
             failures++;
+        /* After the 'http: listening' line, which scripts read first. */
+        printf("device: %s\n", ckpt_engine_device(engine));
         block_stop_signals(SIG_UNBLOCK);
         int quit = 0;
         if (!failures && commands) failures += run_commands(engine, &st, commands, &quit);

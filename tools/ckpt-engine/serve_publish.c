@@ -17,11 +17,7 @@
 
 void serve_publish_announce(const serve_state_t *st, ckpt_engine_t *engine)
 {
-    printf("device: %s\n", ckpt_engine_device(engine));
-    if (!st->socket_dir) {
-        fflush(stdout);
-        return;
-    }
+    if (!st->socket_dir) return;
     int n = ckpt_engine_size(engine);
     printf("sockets: workers connect to %s/rank-<r>.sock, trainers publish to "
            "%s/publish-<r>.sock (r = 0..%d)\n", st->socket_dir, st->socket_dir, n - 1);
