@@ -12,6 +12,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include "device/cuda_rt.h"
 #include "engine/buffers.h"
 #include "engine/coll.h"
 
@@ -38,6 +39,8 @@ void ckpt__buffers_release(ckpt_engine_t *e)
 {
     ckpt__buffers_t *b = &e->buffers;
     for (int i = 0; i < 2; i++) {
+        if (b->pinned[i]) ckpt__cuda_unpin(b->ptr[i]);
+        b->pinned[i] = 0;
         if (b->ptr[i]) munmap(b->ptr[i], b->size);
         if (b->fds[i] >= 0) close(b->fds[i]);
         b->ptr[i] = NULL;

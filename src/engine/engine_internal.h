@@ -55,6 +55,7 @@ typedef struct ckpt__buffers {
     uint64_t size;
     int fds[2];
     void *ptr[2];
+    int pinned[2]; /* registered with CUDA (a device path's P2P pulls land here) */
 } ckpt__buffers_t;
 
 typedef struct ckpt__checkpoint_entry {

@@ -18,6 +18,7 @@
 
 #include "engine/buffers.h"
 #include "engine/coll.h"
+#include "device/cuda_rt.h"
 #include "engine/sink.h"
 #include "engine/source.h"
 #include "engine/update.h"
@@ -302,6 +303,12 @@ static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *
             if (rc < 0 && e->broken) ckpt__engine_fatal(e, ckpt_last_error());
             rc = agree(u, rc, "IPC buffers");
             if (rc < 0) return rc;
+            /* On a GPU, pulls land in pinned memory so that their puts run at the bus's
+             * speed (best effort: unpinned they work, slower). */
+            for (int i = 0; u->sink && u->sink->ops == &ckpt__sink_cuda &&
+                            i < e->buffers.nbuffers; i++)
+                if (!e->buffers.pinned[i])
+                    e->buffers.pinned[i] = ckpt__cuda_pin(e->buffers.ptr[i], e->buffers.size, 0);
         }
     }
     /* Declared needs: which planned tensors this worker gets, looked up once per update

@@ -215,3 +215,35 @@ def test_cuda_sink_through_a_cpu_stand_in_runtime(tmp_path, monkeypatch):
         assert upd["ok"] and upd["device"] == "cuda", upd
         assert upd["stage_bytes"] == checkpoint_bytes(model) and upd["stage_s"] > 0, upd
     assert_worker_equals(dep, 0, model)
+
+
+def test_cuda_sink_p2p_joiner_through_a_cpu_stand_in_runtime(tmp_path, monkeypatch):
+    """P2P on the CUDA sink (stand-in runtime, one joining rank): pulls land in host
+    buffers, each bucket goes onto the device in one put (into device memory: the stand-in
+    refuses a host-to-device copy anywhere else) and out through the IPC handle."""
+    env = fake_cuda_env()
+    monkeypatch.setattr(mpijob, "MPI_ENV", dict(mpijob.MPI_ENV, UCX_TLS="shm,self", **env))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    model = gen(tmp_path, size="4MiB", layers=2, shards=1)
+    sdir, jdir = tmp_path / "serving", tmp_path / "joining"
+    sdir.mkdir()
+    jdir.mkdir()
+    sdep = Deployment(sdir, 1)
+    srv = InteractiveServe(sdep, ["--device", "cpu"])
+    jdep = Deployment(jdir, 1, serve_args=["--device", "cuda"])
+    try:
+        assert srv.command("register m %s" % model)["ok"]
+        metas = str(tmp_path / "metas.json")
+        assert srv.command("export m %s" % metas)["ok"]
+        jdep.start_worker(0, ["--layout", model, "--verify"], updates=1)
+        p, res = jdep.serve(["p2p-update %s bucket=1MiB verify=1" % metas], check=True)
+        jdep.wait_workers()
+    finally:
+        srv.close()
+        sdep.stop()
+        jdep.stop()
+    upd = update_of(res)
+    assert upd["ok"] and upd["p2p"] == 1 and upd["device"] == "cuda", upd
+    assert upd["pull_bytes"] == checkpoint_bytes(model) <= upd["stage_bytes"], upd
+    assert_worker_equals(jdep, 0, model)
