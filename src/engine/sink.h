@@ -22,6 +22,14 @@
 
 typedef struct ckpt__sink ckpt__sink_t;
 
+/* What the device timed of one slot's bucket, in seconds before the move was seen done
+ * (the host's clock when wait returned): the puts ran over [put_end + put_s, put_end] before
+ * it, the move over [move_s, 0]. With two buffers the move of b+1 queues behind the move of
+ * b while its puts overlap it, so put_end can exceed move_s. All 0: not timed. */
+typedef struct {
+    double put_s, put_end, move_s;
+} ckpt__sink_times_t;
+
 typedef struct ckpt__sink_ops {
     const char *name;
     uint32_t buffer_kind; /* CKPT_IPC_BUFFER_* of its buffers in BEGIN */
@@ -42,9 +50,9 @@ typedef struct ckpt__sink_ops {
      * the same order. */
     int (*move)(ckpt__sink_t *s, int slot, uint64_t len, int root);
     /* Until slot's move is done on this rank (its bytes readable by the worker), at most
-     * timeout_ms; *put_s and *move_s: how long the puts and the move took, where the device
-     * can tell (else 0). A failure leaves the collective state unknown: the caller stops. */
-    int (*wait)(ckpt__sink_t *s, int slot, int timeout_ms, double *put_s, double *move_s);
+     * timeout_ms; *t: when the puts and the move ran, where the device can tell (else 0).
+     * A failure leaves the collective state unknown: the caller stops. */
+    int (*wait)(ckpt__sink_t *s, int slot, int timeout_ms, ckpt__sink_times_t *t);
 } ckpt__sink_ops_t;
 
 struct ckpt__sink {

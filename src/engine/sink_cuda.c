@@ -39,7 +39,9 @@ typedef struct {
     nccl_t nccl;
     ncclComm_t comm;
     void *copy_stream, *comm_stream;
-    void *start[2], *staged[2], *done[2]; /* per slot: puts begun, puts done, move done */
+    /* Per slot: puts begun, puts done, move begun (after the move before it on its
+     * stream), move done. */
+    void *start[2], *staged[2], *moving[2], *done[2];
     int started[2];                       /* this rank recorded start[slot] (it put bytes) */
 } cuda_t;
 
@@ -135,6 +137,7 @@ static void cuda_close(ckpt__sink_t *s)
     for (int i = 0; i < 2; i++) {
         if (c->start[i]) c->rt->EventDestroy(c->start[i]);
         if (c->staged[i]) c->rt->EventDestroy(c->staged[i]);
+        if (c->moving[i]) c->rt->EventDestroy(c->moving[i]);
         if (c->done[i]) c->rt->EventDestroy(c->done[i]);
     }
     if (c->copy_stream) c->rt->StreamDestroy(c->copy_stream);
@@ -171,6 +174,7 @@ static int cuda_open(ckpt__sink_t *s, int timeout_ms)
     for (int i = 0; rc == CKPT_OK && i < 2; i++) {
         rc = cu(c, c->rt->EventCreateWithFlags(&c->start[i], 0), "cudaEventCreate");
         if (rc == CKPT_OK) rc = cu(c, c->rt->EventCreateWithFlags(&c->staged[i], 0), "cudaEventCreate");
+        if (rc == CKPT_OK) rc = cu(c, c->rt->EventCreateWithFlags(&c->moving[i], 0), "cudaEventCreate");
         if (rc == CKPT_OK) rc = cu(c, c->rt->EventCreateWithFlags(&c->done[i], 0), "cudaEventCreate");
     }
     rc = init_comm(s, c, rc, timeout_ms);
@@ -249,6 +253,8 @@ static int cuda_move(ckpt__sink_t *s, int slot, uint64_t len, int root)
             rc = cu(c, c->rt->StreamWaitEvent(c->comm_stream, c->staged[slot], 0),
                     "cudaStreamWaitEvent");
     }
+    if (rc == CKPT_OK)
+        rc = cu(c, c->rt->EventRecord(c->moving[slot], c->comm_stream), "cudaEventRecord");
     if (rc < 0) return rc;
     ncclResult_t r = c->nccl.Broadcast(s->ptr[slot], s->ptr[slot], (size_t)len, ncclUint8, root,
                                        c->comm, c->comm_stream);
@@ -256,10 +262,10 @@ static int cuda_move(ckpt__sink_t *s, int slot, uint64_t len, int root)
     return cu(c, c->rt->EventRecord(c->done[slot], c->comm_stream), "cudaEventRecord");
 }
 
-static int cuda_wait(ckpt__sink_t *s, int slot, int timeout_ms, double *put_s, double *move_s)
+static int cuda_wait(ckpt__sink_t *s, int slot, int timeout_ms, ckpt__sink_times_t *t)
 {
     cuda_t *c = s->impl;
-    *put_s = *move_s = 0;
+    *t = (ckpt__sink_times_t){0, 0, 0};
     double deadline = ckpt__now_s() + timeout_ms / 1000.0;
     long nap = 20;
     for (;;) {
@@ -286,9 +292,10 @@ static int cuda_wait(ckpt__sink_t *s, int slot, int timeout_ms, double *put_s, d
         if (nap < 500) nap *= 2;
     }
     float ms = 0;
+    if (c->rt->EventElapsedTime(&ms, c->moving[slot], c->done[slot]) == 0) t->move_s = ms / 1e3;
     if (c->started[slot]) {
-        if (c->rt->EventElapsedTime(&ms, c->start[slot], c->staged[slot]) == 0) *put_s = ms / 1e3;
-        if (c->rt->EventElapsedTime(&ms, c->staged[slot], c->done[slot]) == 0) *move_s = ms / 1e3;
+        if (c->rt->EventElapsedTime(&ms, c->start[slot], c->staged[slot]) == 0) t->put_s = ms / 1e3;
+        if (c->rt->EventElapsedTime(&ms, c->staged[slot], c->done[slot]) == 0) t->put_end = ms / 1e3;
         c->started[slot] = 0;
     }
     return CKPT_OK;
@@ -309,7 +316,7 @@ static int cuda_alloc(ckpt__sink_t *s, int i, uint64_t n) { (void)s, (void)i, (v
 static void cuda_release(ckpt__sink_t *s, int i) { (void)s, (void)i; }
 static int cuda_put(ckpt__sink_t *s, char *d, const void *p, uint64_t n) { (void)s, (void)d, (void)p, (void)n; return CKPT_EUNSUPPORTED; }
 static int cuda_move(ckpt__sink_t *s, int i, uint64_t n, int r) { (void)s, (void)i, (void)n, (void)r; return CKPT_EUNSUPPORTED; }
-static int cuda_wait(ckpt__sink_t *s, int i, int t, double *a, double *b) { (void)s, (void)i, (void)t, *a = *b = 0; return CKPT_EUNSUPPORTED; }
+static int cuda_wait(ckpt__sink_t *s, int i, int t, ckpt__sink_times_t *x) { (void)s, (void)i, (void)t, (void)x; return CKPT_EUNSUPPORTED; }
 
 #endif
 

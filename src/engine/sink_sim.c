@@ -14,9 +14,11 @@
 
 typedef struct {
     int fd[2];
-    int pending_slot;   /* the move waiting to run (MPI has no stream to queue it on) */
-    uint64_t pending_len;
-    int pending_root;
+    /* Per slot, the move waiting to run (MPI has no stream to queue it on): both slots'
+     * moves can be queued, and each runs when its slot is waited for. */
+    int pending[2];
+    uint64_t pending_len[2];
+    int pending_root[2];
 } sim_t;
 
 static int sim_open(ckpt__sink_t *s, int timeout_ms)
@@ -25,7 +27,6 @@ static int sim_open(ckpt__sink_t *s, int timeout_ms)
     sim_t *m = ckpt__calloc(1, sizeof(*m));
     if (!m) return ckpt__error(CKPT_ENOMEM, "sim device");
     m->fd[0] = m->fd[1] = -1;
-    m->pending_slot = -1;
     s->impl = m;
     s->ordinal = 0;
     snprintf(s->device, sizeof(s->device), "host memory standing in for a GPU");
@@ -90,23 +91,23 @@ static int sim_put(ckpt__sink_t *s, char *dst, const void *src, uint64_t len)
 static int sim_move(ckpt__sink_t *s, int slot, uint64_t len, int root)
 {
     sim_t *m = s->impl;
-    m->pending_slot = slot;
-    m->pending_len = len;
-    m->pending_root = root;
+    m->pending[slot] = 1;
+    m->pending_len[slot] = len;
+    m->pending_root[slot] = root;
     return CKPT_OK;
 }
 
-static int sim_wait(ckpt__sink_t *s, int slot, int timeout_ms, double *put_s, double *move_s)
+static int sim_wait(ckpt__sink_t *s, int slot, int timeout_ms, ckpt__sink_times_t *t)
 {
     sim_t *m = s->impl;
-    *put_s = *move_s = 0;
-    if (m->pending_slot != slot)
+    *t = (ckpt__sink_times_t){0, 0, 0};
+    if (!m->pending[slot])
         return ckpt__error(CKPT_ESTATE, "sim device: no move of buffer %d to wait for", slot);
-    m->pending_slot = -1;
+    m->pending[slot] = 0;
     double t0 = ckpt__now_s();
-    int rc = ckpt__bcast_bytes(s->e, s->ptr[slot], m->pending_len, m->pending_root,
+    int rc = ckpt__bcast_bytes(s->e, s->ptr[slot], m->pending_len[slot], m->pending_root[slot],
                                s->e->world, timeout_ms, "device broadcast");
-    *move_s = ckpt__now_s() - t0;
+    t->move_s = ckpt__now_s() - t0;
     return rc;
 }
 

@@ -614,41 +614,65 @@ static int device_enqueue(ckpt__update_t *u, size_t b)
 static int device_ready(ckpt__update_t *u, size_t b, int fill_rc)
 {
     ckpt__sink_t *s = u->sink;
-    double t0 = ckpt__now_s(), put_s = 0, move_s = 0;
-    int rc = s->ops->wait(s, (int)(b % (size_t)s->nbuffers), u->coll_ms, &put_s, &move_s);
-    if (rc < 0) ckpt__engine_fatal(u->e, ckpt_last_error());
-    u->stage_s += put_s;
-    /* The trace shows the device's own times, ending when the broadcast was seen done. */
-    double t1 = ckpt__now_s();
     int slot = (int)(b % (size_t)s->nbuffers);
-    if (put_s > 0) /* else the device could not time it: the host's copy time */
-        ckpt__timeline_span(&u->tl, (int)b, CKPT__EV_STAGE, t1 - move_s - put_s, t1 - move_s);
+    double t0 = ckpt__now_s();
+    ckpt__sink_times_t dt;
+    int rc = s->ops->wait(s, slot, u->coll_ms, &dt);
+    if (rc < 0) ckpt__engine_fatal(u->e, ckpt_last_error());
+    u->stage_s += dt.put_s;
+    /* The trace shows the device's own times, counted back from when the broadcast was
+     * seen done; where the device could not time the puts, the host's enqueue time. */
+    double t1 = ckpt__now_s();
+    if (dt.put_s > 0)
+        ckpt__timeline_span(&u->tl, (int)b, CKPT__EV_STAGE, t1 - dt.put_end - dt.put_s,
+                            t1 - dt.put_end);
     else if (u->plan.buckets[b].owner == u->e->rank)
         ckpt__timeline_span(&u->tl, (int)b, CKPT__EV_STAGE, u->enqueued[slot][0],
                             u->enqueued[slot][1]);
-    ckpt__timeline_span(&u->tl, (int)b, CKPT__EV_BCAST, move_s > 0 ? t1 - move_s : t0, t1);
+    ckpt__timeline_span(&u->tl, (int)b, CKPT__EV_BCAST, dt.move_s > 0 ? t1 - dt.move_s : t0, t1);
     if (!u->src->may_fail) return CKPT_OK;
     char what[64];
     snprintf(what, sizeof(what), "pull of bucket %zu", b);
     return agree(u, fill_rc, what);
 }
 
-/* The pipeline on a device (sink.h). With two buffers, while the worker reloads bucket b the
- * device already copies and broadcasts bucket b+1 (its buffer was freed by the agreement on
- * b-1); the host waits only for the broadcast's event before handing b+1 to the worker. */
+/* An update that stops with bucket b queued on the device waits for it (every rank stops at
+ * the same agreed bucket, so the collective matches): the next update's puts must not land
+ * in a buffer a broadcast still writes. */
+static void device_drain(ckpt__update_t *u, size_t b)
+{
+    ckpt__sink_times_t dt;
+    if (b < u->plan.nbuckets)
+        (void)u->sink->ops->wait(u->sink, (int)(b % (size_t)u->sink->nbuffers), u->coll_ms, &dt);
+}
+
+/* The pipeline on a device (sink.h). With two buffers the device works on bucket b+1 while
+ * bucket b is broadcast and reloaded: a source whose fill only queues puts on the device
+ * queues b+1 as soon as its buffer is free (the worker acknowledged b-1), before the host
+ * waits for b's broadcast, so the H2D copy of b+1 runs during it (events order the streams;
+ * no host sync in between). A source that fills host memory first (a P2P pull) spends the
+ * host's time instead: it pulls b+1 while the worker reloads b. */
 static int run_device_pipeline(ckpt__update_t *u)
 {
     size_t nb = u->plan.nbuckets;
-    int two = u->sink->nbuffers == 2;
-    int send_rc = CKPT_OK, rc = CKPT_OK;
+    int nbuf = u->sink->nbuffers, two = nbuf == 2;
+    int early = two && !u->src->host_only;
+    int send_rc = CKPT_OK, rc = CKPT_OK, fill_rc[2] = {CKPT_OK, CKPT_OK};
     if (nb == 0) return CKPT_OK;
-    int fill_rc = device_enqueue(u, 0);
+    fill_rc[0] = device_enqueue(u, 0);
     for (size_t b = 0; b < nb; b++) {
-        if (b > 0 && two && (rc = complete_bucket(u, b - 1, send_rc)) < 0) return rc;
-        if ((rc = device_ready(u, b, fill_rc)) < 0) return rc;
+        if (b > 0 && two && (rc = complete_bucket(u, b - 1, send_rc)) < 0) {
+            device_drain(u, b);
+            return rc;
+        }
+        if (early && b + 1 < nb) fill_rc[(b + 1) % 2] = device_enqueue(u, b + 1);
+        if ((rc = device_ready(u, b, fill_rc[b % (size_t)nbuf])) < 0) {
+            if (early) device_drain(u, b + 1);
+            return rc;
+        }
         send_rc = send_bucket(u, b);
         if (!two && (rc = complete_bucket(u, b, send_rc)) < 0) return rc;
-        if (b + 1 < nb) fill_rc = device_enqueue(u, b + 1);
+        if (!early && b + 1 < nb) fill_rc[(b + 1) % (size_t)nbuf] = device_enqueue(u, b + 1);
     }
     return two ? complete_bucket(u, nb - 1, send_rc) : CKPT_OK;
 }
