@@ -125,6 +125,13 @@ def table(rows, size):
                         res.get("host_bytes_max", 0) / 2**20,
                         pred["way"]["host_in_max"] / 2**20, floors["stream_gbps"],
                         floors["stream_concurrent_gbps"], bcast))
+        lines[-1] += ("; phases (ms): gather %.1f, plan %.1f, begin %.1f, pipeline %.1f, "
+                      "finish %.1f; predicted fixed %.1f, stage %.1f, broadcast %.1f, reload "
+                      "%.1f, cores %.1f"
+                      % tuple([res.get(k, 0) * 1e3 for k in
+                               ("gather_s", "plan_s", "begin_s", "pipeline_s", "finish_s")] +
+                              [pred["way"].get(k, 0) * 1e3 for k in
+                               ("overhead_s", "stage_s", "bcast_s", "reload_s", "cpu_s")]))
         if label.startswith("2 hosts") and full and full[0]:
             lines[-1] += "; %.2fx of the full broadcast's time" % (med / full[0])
     return "\n".join(lines)

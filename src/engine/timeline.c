@@ -6,7 +6,7 @@
 #include "engine/timeline.h"
 
 static const char *kind_names[CKPT__EV_KINDS] = {"stage", "broadcast", "ready", "reload",
-                                                  "agree"};
+                                                  "agree", "reload in place"};
 
 int ckpt__timeline_init(ckpt__timeline_t *tl, size_t cap)
 {

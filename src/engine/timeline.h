@@ -13,6 +13,8 @@ typedef enum {
     CKPT__EV_READY,     /* group barrier: the buffer is complete for every local rank */
     CKPT__EV_RELOAD,    /* the worker copies what it needs (bucket sent -> ack) */
     CKPT__EV_AGREE,     /* every rank learns whether every worker succeeded */
+    CKPT__EV_RELOAD_IN_PLACE, /* the worker copies what it needs of a bucket its host reads
+                                 in the owner's pool (routed across hosts) */
     CKPT__EV_KINDS
 } ckpt__event_kind_t;
 

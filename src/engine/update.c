@@ -422,16 +422,16 @@ static int begin_workers(ckpt__update_t *u)
     return agree(u, rc, "worker");
 }
 
-/* Bucket b into buffer b % nbuffers: the source fills it on its owner, the bytes go to
- * the hosts that need them, and the ranks learn the bucket is ready (they agree on it
- * when the source can fail: before any worker is handed it). */
-static int prepare_bucket(ckpt__update_t *u, size_t b)
+/* Bucket b into buffer `slot`: the source fills it on its owner, the bytes go to the hosts
+ * that need them, and the ranks learn the bucket is ready (they agree on it when the source
+ * can fail: before any worker is handed it). */
+static int prepare_bucket(ckpt__update_t *u, size_t b, int slot)
 {
     ckpt_engine_t *e = u->e;
     const ckpt_bucket_t *bk = &u->plan.buckets[b];
     /* Only the owner's host needs it and reads it in its pool: nothing to fill or move. */
     if (ckpt__route_local(&u->route, b)) return CKPT_OK;
-    char *buf = e->buffers.ptr[b % (size_t)e->buffers.nbuffers];
+    char *buf = e->buffers.ptr[slot];
     double t0 = ckpt__now_s();
     int fill_rc = CKPT_OK;
     if (bk->owner == e->rank) {
@@ -467,12 +467,6 @@ static int prepare_bucket(ckpt__update_t *u, size_t b)
     return rc;
 }
 
-/* Bucket buffers of the update: the device's or the host's. */
-static int nbuffers(const ckpt__update_t *u)
-{
-    return u->sink ? u->sink->nbuffers : u->e->buffers.nbuffers;
-}
-
 int ckpt__update_put(ckpt__update_t *u, char *dst, const void *src, size_t len)
 {
     if (!u->sink) {
@@ -483,13 +477,12 @@ int ckpt__update_put(ckpt__update_t *u, char *dst, const void *src, size_t len)
     return u->sink->ops->put(u->sink, dst, src, len);
 }
 
-static int send_bucket(ckpt__update_t *u, size_t b)
+static int send_records(ckpt__update_t *u, size_t b, int slot)
 {
     ckpt_engine_t *e = u->e;
     const ckpt_bucket_t *bk = &u->plan.buckets[b];
-    u->sent_at = ckpt__now_s();
-    if (!worker_active(u)) return CKPT_OK;
-    int buffer = u->direct ? bk->source : (int)(b % (size_t)nbuffers(u));
+    int buffer = u->direct ? bk->source : slot;
+    u->sent_in_place = 0;
     const ckpt_tensor_meta_t *records = &u->plan.tensors[bk->first];
     size_t count = bk->count;
     int local = ckpt__route_local(&u->route, b);
@@ -518,6 +511,7 @@ static int send_bucket(ckpt__update_t *u, size_t b)
             if (rc < 0) return rc;
             r->offset = at.offset;
             buffer = e->buffers.nbuffers + at.source;
+            u->sent_in_place = 1;
         }
         records = u->records;
         count = kept;
@@ -539,6 +533,37 @@ static int send_bucket(ckpt__update_t *u, size_t b)
     return ckpt_ipc_send_bucket_parts(e->ipc, (uint32_t)b, buffer, records, u->parts, count);
 }
 
+/* Whether this rank's worker needs any of bucket b. */
+static int worker_needs(const ckpt__update_t *u, size_t b)
+{
+    const ckpt_bucket_t *bk = &u->plan.buckets[b];
+    if (ckpt__route_local(&u->route, b) &&
+        u->e->group_of_rank[bk->owner] != u->e->group_of_rank[u->e->rank])
+        return 0;
+    if (!u->wanted) return bk->count > 0;
+    for (uint32_t i = 0; i < bk->count; i++)
+        if (u->wanted[bk->first + i]) return 1;
+    return 0;
+}
+
+/* Hands the worker bucket b (in buffer `slot`). Where it needs none of b and a bucket its
+ * host reads in place is still to come, it gets that one instead (its host's own reads run
+ * while the leaders move b between the other hosts); b is then owed, sent empty at the end
+ * (run_pipeline's drain), so every worker still answers every bucket once. */
+static int send_bucket(ckpt__update_t *u, size_t b, int slot)
+{
+    u->sent_at = ckpt__now_s();
+    u->sent_id = b;
+    u->sent_in_place = 0;
+    if (!worker_active(u)) return CKPT_OK;
+    if (u->steps.own_next < u->steps.nown && !worker_needs(u, b)) {
+        u->steps.owed[u->steps.nowed++] = b;
+        b = u->steps.own[u->steps.own_next++];
+        u->sent_id = b;
+    }
+    return send_records(u, b, slot);
+}
+
 static void progress_bucket_done(ckpt__update_t *u, size_t b)
 {
     atomic_fetch_add(&u->e->progress.buckets_done, 1);
@@ -557,23 +582,24 @@ static int agree_bucket(ckpt__update_t *u, size_t b, int local_rc)
     return rc;
 }
 
-/* The worker's answer to bucket b (send_rc: how sending it went); with isolate a failure
- * cuts the worker out and reads as OK. */
-static int bucket_ack(ckpt__update_t *u, size_t b, int send_rc)
+/* The worker's answer to the bucket it was last handed (u->sent_id; send_rc: how sending it
+ * went); with isolate a failure cuts the worker out and reads as OK. */
+static int bucket_ack(ckpt__update_t *u, int send_rc)
 {
     int rc = send_rc;
     if (rc == CKPT_OK && worker_active(u)) rc = ckpt_ipc_wait_ack(u->e->ipc, u->cmd->timeout_ms);
-    ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_RELOAD, u->sent_at);
+    ckpt__timeline_add(&u->tl, (int)u->sent_id,
+                       u->sent_in_place ? CKPT__EV_RELOAD_IN_PLACE : CKPT__EV_RELOAD, u->sent_at);
     if (rc == CKPT_OK) return rc;
     char what[32];
-    snprintf(what, sizeof(what), "bucket %zu", b);
+    snprintf(what, sizeof(what), "bucket %zu", u->sent_id);
     return isolate_worker(u, rc, what);
 }
 
 /* Waits for the worker's ack of bucket b and agrees on it across ranks. */
 static int complete_bucket(ckpt__update_t *u, size_t b, int send_rc)
 {
-    return agree_bucket(u, b, bucket_ack(u, b, send_rc));
+    return agree_bucket(u, b, bucket_ack(u, send_rc));
 }
 
 /* Device path, first half of bucket b: its owner fills the device buffer (puts queued on
@@ -670,11 +696,71 @@ static int run_device_pipeline(ckpt__update_t *u)
             if (early) device_drain(u, b + 1);
             return rc;
         }
-        send_rc = send_bucket(u, b);
+        send_rc = send_bucket(u, b, (int)(b % (size_t)nbuf));
         if (!two && (rc = complete_bucket(u, b, send_rc)) < 0) return rc;
         if (!early && b + 1 < nb) fill_rc[(b + 1) % (size_t)nbuf] = device_enqueue(u, b + 1);
     }
     return two ? complete_bucket(u, nb - 1, send_rc) : CKPT_OK;
+}
+
+/* The pipeline's steps (update.h, `steps`): the buckets that move through the buffers, in
+ * plan order, and the ones this rank's host reads in place. Every rank decides alike. */
+static int plan_steps(ckpt__update_t *u)
+{
+    size_t nb = u->plan.nbuckets;
+    int me = u->e->group_of_rank[u->e->rank];
+    u->steps.order = malloc((nb + 1) * sizeof(size_t));
+    u->steps.own = malloc((nb + 1) * sizeof(size_t));
+    u->steps.owed = malloc((nb + 1) * sizeof(size_t));
+    if (!u->steps.order || !u->steps.own || !u->steps.owed)
+        return ckpt__error(CKPT_ENOMEM, "update: steps of %zu buckets", nb);
+    for (size_t b = 0; b < nb; b++) {
+        if (!ckpt__route_local(&u->route, b)) {
+            u->steps.order[u->steps.n++] = b;
+            continue;
+        }
+        u->steps.nlocal++;
+        if (u->e->group_of_rank[u->plan.buckets[b].owner] == me) u->steps.own[u->steps.nown++] = b;
+    }
+    return CKPT_OK;
+}
+
+/* After the last step: the worker is handed what is left, one bucket at a time with no
+ * agreement in between (so each host reads its own buckets at once): its host's own
+ * buckets not yet read, then the owed steps and the other hosts' own buckets (empty, so
+ * it answers every bucket once); then the ranks agree on all of them. */
+static int drain_local(ckpt__update_t *u)
+{
+    if (u->steps.nlocal == 0) return CKPT_OK;
+    int rc = CKPT_OK, me = u->e->group_of_rank[u->e->rank];
+    size_t nb = u->plan.nbuckets;
+    for (size_t i = 0; rc == CKPT_OK && i < nb + u->steps.nowed; i++) {
+        size_t b;
+        if (i < nb) { /* own buckets left, and other hosts' own buckets (empty here) */
+            b = i;
+            if (!ckpt__route_local(&u->route, b)) continue;
+            int own = u->e->group_of_rank[u->plan.buckets[b].owner] == me;
+            /* own buckets are handed in order: the first own_next were read during steps */
+            if (own && u->steps.own_next > 0 && b <= u->steps.own[u->steps.own_next - 1])
+                continue;
+        } else {
+            b = u->steps.owed[i - nb];
+        }
+        u->sent_at = ckpt__now_s();
+        u->sent_id = b;
+        u->sent_in_place = 0;
+        if (!worker_active(u)) continue;
+        int send_rc = i < nb ? send_records(u, b, 0)
+                             : ckpt_ipc_send_bucket(u->e->ipc, (uint32_t)b, 0, NULL, 0);
+        rc = bucket_ack(u, send_rc);
+    }
+    double t0 = ckpt__now_s();
+    rc = agree(u, rc, "worker, buckets read in place");
+    ckpt__timeline_add(&u->tl, -1, CKPT__EV_AGREE, t0);
+    if (rc < 0) return rc;
+    for (size_t b = 0; b < nb; b++)
+        if (ckpt__route_local(&u->route, b)) progress_bucket_done(u, b);
+    return CKPT_OK;
 }
 
 static int run_pipeline(ckpt__update_t *u)
@@ -689,23 +775,27 @@ static int run_pipeline(ckpt__update_t *u)
          * agree on b while it copies: the agreement's latency is hidden. A failure agreed
          * for b aborts the update with b+1 outstanding, which the ABORT collects. */
         if (nb == 0) return CKPT_OK;
-        send_rc = send_bucket(u, 0);
+        send_rc = send_bucket(u, 0, 0);
         for (size_t b = 0; b < nb; b++) {
-            int ack = bucket_ack(u, b, send_rc);
-            if (ack == CKPT_OK && b + 1 < nb) send_rc = send_bucket(u, b + 1);
+            int ack = bucket_ack(u, send_rc);
+            if (ack == CKPT_OK && b + 1 < nb) send_rc = send_bucket(u, b + 1, 0);
             if ((rc = agree_bucket(u, b, ack)) < 0) return rc;
         }
         return CKPT_OK;
     }
-    for (size_t b = 0; b < nb; b++) {
-        if (!two && b > 0 && (rc = complete_bucket(u, b - 1, send_rc)) < 0) return rc;
-        int prc = prepare_bucket(u, b);
-        if (two && b > 0 && (rc = complete_bucket(u, b - 1, send_rc)) < 0) return rc;
+    if ((rc = plan_steps(u)) < 0) return rc;
+    const size_t *order = u->steps.order;
+    size_t n = u->steps.n;
+    for (size_t k = 0; k < n; k++) {
+        int slot = (int)(k % (size_t)u->e->buffers.nbuffers);
+        if (!two && k > 0 && (rc = complete_bucket(u, order[k - 1], send_rc)) < 0) return rc;
+        int prc = prepare_bucket(u, order[k], slot);
+        if (two && k > 0 && (rc = complete_bucket(u, order[k - 1], send_rc)) < 0) return rc;
         if (prc < 0) return prc; /* agreed by every rank; bucket b never reached a worker */
-        send_rc = send_bucket(u, b);
+        send_rc = send_bucket(u, order[k], slot);
     }
-    if (nb > 0) rc = complete_bucket(u, nb - 1, send_rc);
-    return rc;
+    if (n > 0 && (rc = complete_bucket(u, order[n - 1], send_rc)) < 0) return rc;
+    return drain_local(u);
 }
 
 /* One isolated worker as rank 0 gathers it. */
@@ -937,6 +1027,9 @@ out:
     ckpt__route_free(&u.route);
     free(u.records);
     free(u.parts);
+    free(u.steps.order);
+    free(u.steps.own);
+    free(u.steps.owed);
     free(u.wanted);
     ckpt__sources_close(&u.sources);
     ckpt__plan_free(&u.plan);

@@ -25,6 +25,19 @@ typedef struct ckpt__update {
     const void **local_data; /* per store index: address of a local tensor's bytes */
     int worker_begun;
     double sent_at;
+    size_t sent_id;          /* the bucket the worker was last handed (send_bucket) */
+    int sent_in_place;       /* ... and it reads that one in the owner's pool */
+    /* Routed across hosts with buckets read in place by their owner's host: the pipeline's
+     * steps are the buckets that move (`order`); a worker that needs none of a step's
+     * bucket reads one of its host's own (`own`) meanwhile, and the step's bucket is
+     * `owed`, sent empty at the end with the other hosts' own buckets. Without such
+     * buckets `order` is every bucket and the rest is empty. */
+    struct {
+        size_t *order, n;
+        size_t *own, nown, own_next;
+        size_t *owed, nowed;
+        size_t nlocal;       /* buckets read in place, by any host */
+    } steps;
     int direct;              /* workers read the owners' pools: no stage, no broadcast */
     const struct ckpt__source_ops *src; /* where the buckets' bytes come from (source.h) */
     struct ckpt__sink *sink; /* where they go on a device (sink.h); NULL: host buffers */

@@ -2,6 +2,7 @@
 a bridge (hosts.py), MPI and UCX over TCP between them. Every worker is verified byte for
 byte against the checkpoint; the bytes are shown to have crossed the links (the hosts'
 receive counters)."""
+import json
 import os
 import subprocess
 import sys
@@ -97,7 +98,9 @@ def test_tensor_parallel_across_two_hosts(make_hosts, tmp_path):
     other host owns. The same run's verify=1 update sends whole tensors (the checksums
     cover whole tensors) as the full broadcast to compare with: the cut update moves about
     half its bytes over the bridge (the hosts' receive counters and the result's
-    host_bytes_max), and both workers hold exactly their rows."""
+    host_bytes_max), and both workers hold exactly their rows. What a host owns and only it
+    needs, its worker reads in place while buckets move between the hosts (the trace: on
+    each host a read in place begins before the last broadcast there ends)."""
     from deploy import read_checkpoint
     H = make_hosts(2)
     model = gen(tmp_path / "model", SIZE, shards=2, layers=2)
@@ -110,9 +113,11 @@ def test_tensor_parallel_across_two_hosts(make_hosts, tmp_path):
     for r in range(2):
         dep.wait_worker_log(r, r"declared the need of \d+ tensors")
     moved, in_place = {}, {}
+    trace = os.path.join(str(tmp_path), "trace.json")
     for mode in ("verify=1", "verify=0"):
         rx0 = [H.rx_bytes(i) for i in range(2)]
-        upd = dep.command("update m bucket=4MiB timeout=30000 " + mode, timeout=120)
+        opts = mode if mode == "verify=1" else mode + " trace=" + trace
+        upd = dep.command("update m bucket=4MiB timeout=30000 " + opts, timeout=120)
         assert upd["ok"], (upd["reason"], dep.stderr())
         moved[mode] = (sum(H.rx_bytes(i) - rx0[i] for i in range(2)), upd["host_bytes_max"])
         in_place[mode] = upd["in_place_bytes"]
@@ -126,6 +131,13 @@ def test_tensor_parallel_across_two_hosts(make_hosts, tmp_path):
     # The rows a host owns and only it needs are read in its pool, not staged: about a
     # quarter of the checkpoint per host (half of each sharded tensor of its half).
     assert in_place["verify=1"] == 0 and in_place["verify=0"] > 0.35 * total, in_place
+    with open(trace) as f:
+        spans = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    for pid in (0, 1):
+        local = [e["ts"] for e in spans if e["pid"] == pid and e["cat"] == "reload in place"]
+        moved_end = [e["ts"] + e["dur"] for e in spans if e["pid"] == pid and
+                     e["cat"] == "broadcast" and e["dur"] > 0]
+        assert local and moved_end and min(local) < max(moved_end), (pid, spans)
     assert dep.close() == 0, dep.stderr()
     assert dep.wait_workers() == {r: 0 for r in range(2)}
     for r in range(2):
