@@ -23,6 +23,7 @@ its pid, and without touching any process it did not start.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def _start_time(pid):
 
 # Names carry the creator's pid and start time: a run recognises its own leftovers from a
 # killed run (creator gone) and never the namespaces of a run still going on.
-_NAME = re.compile(r"^%s\.(\d+)\.(\d+)\.\d+\.(h\d+|br|probe)$" % PREFIX)
+_NAME = re.compile(r"^%s\.(\d+)\.(\d+)\.\d+\.(h\d+|br|probe|t\d+)$" % PREFIX)
 
 
 def _ns_pids(ns):
@@ -124,6 +125,10 @@ def clean_stale():
         _kill_ns_processes(stale)
         for name in stale:
             _run(["ip", "netns", "del", name], check=False, timeout=10)
+    for name in os.listdir("/tmp"):  # the hosts' temporary directories (Hosts.tmp)
+        m = _NAME.match(name)
+        if m and _start_time(int(m.group(1))) != int(m.group(2)):
+            shutil.rmtree(os.path.join("/tmp", name), ignore_errors=True)
     return stale
 
 
@@ -162,6 +167,12 @@ class Hosts:
         # would do; one derived from the pid keeps two runs apart even in a trace.
         self.net = "10.231.%d" % (64 + os.getpid() % 160)
         self.rsh = os.path.join(self.workdir, "rsh-agent")
+        # Each host's own temporary directory (its orted's TMPDIR): Open MPI puts its
+        # session directory at TMPDIR/ompi.HOSTNAME.UID, and the namespaces share the
+        # machine's hostname and /tmp, so two orteds creating the same job's directory at
+        # once failed with "mkdir ... File exists" (orte_session_dir, seen in CI). Short
+        # paths: PMIx's sockets live there (108-byte limit).
+        self.tmp = ["/tmp/%s.t%d" % (self.run, i) for i in range(n)]
         self.procs = []
         self.killed = {}
 
@@ -183,6 +194,8 @@ class Hosts:
                 _run(["ip", "-n", ns, "addr", "add", self.addr(i) + "/24", "dev", DEV])
                 _run(["ip", "-n", ns, "link", "set", "lo", "up"])
                 _run(["ip", "-n", ns, "link", "set", DEV, "up"])
+            for t in self.tmp:
+                os.makedirs(t, exist_ok=True)
             self._write_agent()
         except BaseException:
             self.down()
@@ -204,6 +217,8 @@ class Hosts:
                 pass
         for ns in names:
             _run(["ip", "netns", "del", ns], check=False, timeout=10)
+        for t in self.tmp:
+            shutil.rmtree(t, ignore_errors=True)
         return killed
 
     def __enter__(self):
@@ -215,7 +230,8 @@ class Hosts:
     def _write_agent(self):
         # mpirun calls it as `AGENT [ssh options] HOST COMMAND...`; the command is one
         # shell line (orted and its arguments, with the environment set inline).
-        cases = "".join("  %s) ns=%s;;\n" % (self.addr(i), ns) for i, ns in enumerate(self.ns))
+        cases = "".join("  %s) ns=%s; tmp=%s;;\n" % (self.addr(i), ns, self.tmp[i])
+                        for i, ns in enumerate(self.ns))
         with open(self.rsh, "w") as f:
             f.write("#!/usr/bin/env bash\n"
                     "# rsh agent for mpirun: HOST is one of the namespaces' addresses.\n"
@@ -225,7 +241,8 @@ class Hosts:
                     "  *) echo \"rsh agent: unknown host $host (not one of this run's "
                     "namespaces)\" >&2; exit 1;;\n"
                     "esac\n"
-                    "exec ip netns exec \"$ns\" bash -c \"$*\"\n" % cases)
+                    "exec ip netns exec \"$ns\" env TMPDIR=\"$tmp\" bash -c \"$*\"\n"
+                    % cases)
         os.chmod(self.rsh, 0o755)
 
     # --- addressing and processes ----------------------------------------------------------
