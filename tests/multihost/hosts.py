@@ -23,7 +23,6 @@ its pid, and without touching any process it did not start.
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -68,7 +67,7 @@ def _start_time(pid):
 
 # Names carry the creator's pid and start time: a run recognises its own leftovers from a
 # killed run (creator gone) and never the namespaces of a run still going on.
-_NAME = re.compile(r"^%s\.(\d+)\.(\d+)\.\d+\.(h\d+|br|probe|t\d+)$" % PREFIX)
+_NAME = re.compile(r"^%s\.(\d+)\.(\d+)\.\d+\.(h\d+|br|probe)$" % PREFIX)
 
 
 def _ns_pids(ns):
@@ -125,10 +124,6 @@ def clean_stale():
         _kill_ns_processes(stale)
         for name in stale:
             _run(["ip", "netns", "del", name], check=False, timeout=10)
-    for name in os.listdir("/tmp"):  # the hosts' temporary directories (Hosts.tmp)
-        m = _NAME.match(name)
-        if m and _start_time(int(m.group(1))) != int(m.group(2)):
-            shutil.rmtree(os.path.join("/tmp", name), ignore_errors=True)
     return stale
 
 
@@ -167,12 +162,6 @@ class Hosts:
         # would do; one derived from the pid keeps two runs apart even in a trace.
         self.net = "10.231.%d" % (64 + os.getpid() % 160)
         self.rsh = os.path.join(self.workdir, "rsh-agent")
-        # Each host's own temporary directory (its orted's TMPDIR): Open MPI puts its
-        # session directory at TMPDIR/ompi.HOSTNAME.UID, and the namespaces share the
-        # machine's hostname and /tmp, so two orteds creating the same job's directory at
-        # once failed with "mkdir ... File exists" (orte_session_dir, seen in CI). Short
-        # paths: PMIx's sockets live there (108-byte limit).
-        self.tmp = ["/tmp/%s.t%d" % (self.run, i) for i in range(n)]
         self.procs = []
         self.killed = {}
 
@@ -194,8 +183,6 @@ class Hosts:
                 _run(["ip", "-n", ns, "addr", "add", self.addr(i) + "/24", "dev", DEV])
                 _run(["ip", "-n", ns, "link", "set", "lo", "up"])
                 _run(["ip", "-n", ns, "link", "set", DEV, "up"])
-            for t in self.tmp:
-                os.makedirs(t, exist_ok=True)
             self._write_agent()
         except BaseException:
             self.down()
@@ -217,8 +204,6 @@ class Hosts:
                 pass
         for ns in names:
             _run(["ip", "netns", "del", ns], check=False, timeout=10)
-        for t in self.tmp:
-            shutil.rmtree(t, ignore_errors=True)
         return killed
 
     def __enter__(self):
@@ -230,7 +215,7 @@ class Hosts:
     def _write_agent(self):
         # mpirun calls it as `AGENT [ssh options] HOST COMMAND...`; the command is one
         # shell line (orted and its arguments, with the environment set inline).
-        cases = "".join("  %s) ns=%s; tmp=%s;;\n" % (self.addr(i), ns, self.tmp[i])
+        cases = "".join("  %s) ns=%s; name=%s;;\n" % (self.addr(i), ns, self.hostname(i))
                         for i, ns in enumerate(self.ns))
         with open(self.rsh, "w") as f:
             f.write("#!/usr/bin/env bash\n"
@@ -241,7 +226,7 @@ class Hosts:
                     "  *) echo \"rsh agent: unknown host $host (not one of this run's "
                     "namespaces)\" >&2; exit 1;;\n"
                     "esac\n"
-                    "exec ip netns exec \"$ns\" env TMPDIR=\"$tmp\" bash -c \"$*\"\n"
+                    "exec ip netns exec \"$ns\" unshare --uts bash -c \"hostname $name && $*\"\n"
                     % cases)
         os.chmod(self.rsh, 0o755)
 
@@ -249,6 +234,14 @@ class Hosts:
 
     def addr(self, i):
         return "%s.%d" % (self.net, i + 1)
+
+    def hostname(self, i):
+        """Host i's own hostname (a UTS namespace for mpirun and each orted). Open MPI tells
+        nodes apart by hostname; with the machine's one name for every host it took ranks
+        of different hosts for local peers (vader between them crashed at start with 2
+        ranks per host), and the orteds of one job raced to create the same session
+        directory, /tmp/ompi.HOSTNAME.UID/jf.N ("mkdir ... File exists", seen in CI)."""
+        return "%s-h%d" % (PREFIX, i)
 
     def subnet(self):
         return self.net + ".0/24"
@@ -271,6 +264,9 @@ class Hosts:
         """mpirun inside hosts[0], `slots` ranks on each of `hosts` in order (rank r on
         hosts[r // slots]); MPI and its out-of-band channel over TCP on our subnet only."""
         return self.exec_argv(hosts[0], [
+            # its own hostname (UTS namespace), as the other hosts' orteds (the agent)
+            "unshare", "--uts", "bash", "-c", 'hostname %s && exec "$@"' % self.hostname(hosts[0]),
+            "bash",
             "mpirun", "--mca", "plm_rsh_agent", self.rsh,
             "--mca", "pml", "ob1", "--mca", "btl", "tcp,vader,self",
             "--mca", "btl_tcp_if_include", self.subnet(),
