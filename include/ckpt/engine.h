@@ -63,6 +63,8 @@ typedef struct ckpt_isolated_worker {
 } ckpt_isolated_worker_t;
 
 #define CKPT_ISOLATED_MAX 16
+#define CKPT_HOSTS_MAX 64   /* hosts counted one by one in a result */
+#define CKPT_WORKERS_MAX 64 /* workers (ranks) counted one by one in a result */
 
 /* Result of an update, filled on rank 0 (status on every rank). */
 typedef struct ckpt_update_result {
@@ -112,6 +114,15 @@ typedef struct ckpt_update_result {
     int device;
     double stage_s;
     uint64_t stage_bytes;
+    /* Per host (host group, the first CKPT_HOSTS_MAX; nhosts of them; 0 on a device, where
+     * NCCL picks the paths): bytes received from the other hosts, and bytes of the buckets
+     * the host owns that went to other hosts (each byte once, whatever the leaders' tree
+     * relays). Per worker (by rank, the first CKPT_WORKERS_MAX; nworkers of them): bytes of
+     * the records it was handed (what it copied, parts counted as parts). */
+    uint32_t nhosts, nworkers;
+    uint64_t host_bytes_in[CKPT_HOSTS_MAX];
+    uint64_t host_bytes_out[CKPT_HOSTS_MAX];
+    uint64_t worker_bytes[CKPT_WORKERS_MAX];
 } ckpt_update_result_t;
 
 typedef struct ckpt_update_options {

@@ -44,6 +44,11 @@ void ckpt__timeline_span(ckpt__timeline_t *tl, int bucket, int kind, double t0, 
     ev->t1 = t1 - tl->origin;
 }
 
+void ckpt__timeline_bytes(ckpt__timeline_t *tl, uint64_t bytes)
+{
+    if (tl->count > 0) tl->events[tl->count - 1].bytes = bytes;
+}
+
 int ckpt__timeline_write(ckpt_engine_t *e, ckpt__timeline_t *tl, const char *path,
                          const char *label, int timeout_ms)
 {
@@ -96,9 +101,10 @@ int ckpt__timeline_write(ckpt_engine_t *e, ckpt__timeline_t *tl, const char *pat
         for (int j = 0; j < cnt; j++, i++) {
             const ckpt__event_t *ev = &all[i];
             fprintf(f, ",{\"name\":\"%s b%d\",\"cat\":\"%s\",\"ph\":\"X\",\"pid\":%d,\"tid\":%d,"
-                       "\"ts\":%.3f,\"dur\":%.3f,\"args\":{\"bucket\":%d}}",
+                       "\"ts\":%.3f,\"dur\":%.3f,\"args\":{\"bucket\":%d,\"bytes\":%llu}}",
                     kind_names[ev->kind], ev->bucket, kind_names[ev->kind], r, ev->kind,
-                    ev->t0 * 1e6, (ev->t1 - ev->t0) * 1e6, ev->bucket);
+                    ev->t0 * 1e6, (ev->t1 - ev->t0) * 1e6, ev->bucket,
+                    (unsigned long long)ev->bytes);
         }
     }
     fprintf(f, "]}\n");

@@ -21,7 +21,8 @@ typedef enum {
 typedef struct ckpt__event {
     int32_t bucket;
     int32_t kind;
-    double t0, t1; /* seconds since the update's common start */
+    double t0, t1;  /* seconds since the update's common start */
+    uint64_t bytes; /* what the span moved, where counted (trace args: "bytes") */
 } ckpt__event_t;
 
 typedef struct ckpt__timeline {
@@ -36,6 +37,8 @@ void ckpt__timeline_free(ckpt__timeline_t *tl);
 void ckpt__timeline_add(ckpt__timeline_t *tl, int bucket, int kind, double t0);
 /* Records [t0, t1] (times the caller measured or derived, e.g. from device events). */
 void ckpt__timeline_span(ckpt__timeline_t *tl, int bucket, int kind, double t0, double t1);
+/* The bytes the last event added moved. */
+void ckpt__timeline_bytes(ckpt__timeline_t *tl, uint64_t bytes);
 /* Collective: gathers every rank's events to rank 0, which writes the JSON to path. */
 int ckpt__timeline_write(ckpt_engine_t *e, ckpt__timeline_t *tl, const char *path,
                          const char *label, int timeout_ms);

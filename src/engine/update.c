@@ -325,6 +325,7 @@ static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *
     }
     /* Bytes the busiest host receives from other hosts: every bucket another host owns
      * (the leaders' broadcast); 0 on one host. */
+    if (!u->sink) u->res->nhosts = (uint32_t)CKPT_MIN(e->ngroups, CKPT_HOSTS_MAX);
     if (!u->direct && !u->sink && e->ngroups > 1) {
         for (int g = 0; g < e->ngroups; g++) {
             uint64_t in = 0;
@@ -333,7 +334,15 @@ static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *
                 uint64_t to = ckpt__route_groups(e, &u->route, b, bk->owner);
                 if (e->group_of_rank[bk->owner] != g && (g >= 64 || (to >> g) & 1)) in += bk->bytes;
             }
+            if (g < CKPT_HOSTS_MAX) u->res->host_bytes_in[g] = in;
             if (in > u->res->host_bytes_max) u->res->host_bytes_max = in;
+        }
+        for (size_t b = 0; b < u->plan.nbuckets; b++) { /* what leaves the owner's host */
+            const ckpt_bucket_t *bk = &u->plan.buckets[b];
+            int from = e->group_of_rank[bk->owner];
+            uint64_t to = ckpt__route_groups(e, &u->route, b, bk->owner);
+            if (from < CKPT_HOSTS_MAX && (to & ~(1ull << (from & 63))) != 0)
+                u->res->host_bytes_out[from] += bk->bytes;
         }
         for (size_t b = 0; b < u->plan.nbuckets; b++)
             if (ckpt__route_local(&u->route, b)) u->res->in_place_bytes += u->plan.buckets[b].bytes;
@@ -437,6 +446,7 @@ static int prepare_bucket(ckpt__update_t *u, size_t b, int slot)
     if (bk->owner == e->rank) {
         fill_rc = u->src->fill(u, b, buf);
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_STAGE, t0);
+        ckpt__timeline_bytes(&u->tl, bk->bytes);
     }
     int rc = CKPT_OK;
     if (e->ngroups > 1 && e->leaders != MPI_COMM_NULL) {
@@ -450,6 +460,8 @@ static int prepare_bucket(ckpt__update_t *u, size_t b, int slot)
                                    u->coll_ms, "bucket broadcast");
         if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_BCAST, t0);
+        /* what this host's leader sent or received of it (none: not among its hosts) */
+        ckpt__timeline_bytes(&u->tl, to >> (e->group_of_rank[e->rank] & 63) & 1 ? bk->bytes : 0);
     }
     if (u->src->may_fail) {
         t0 = ckpt__now_s();
@@ -516,6 +528,9 @@ static int send_records(ckpt__update_t *u, size_t b, int slot)
         records = u->records;
         count = kept;
     }
+    u->sent_bytes = 0;
+    for (size_t i = 0; i < count; i++) u->sent_bytes += records[i].nbytes;
+    u->worker_bytes += u->sent_bytes;
     if (!u->route.ncut) return ckpt_ipc_send_bucket(e->ipc, (uint32_t)b, buffer, records, count);
     /* Parts cut by the route: each record says which part of its tensor it holds. */
     if (u->parts_cap < count) {
@@ -555,6 +570,7 @@ static int send_bucket(ckpt__update_t *u, size_t b, int slot)
     u->sent_at = ckpt__now_s();
     u->sent_id = b;
     u->sent_in_place = 0;
+    u->sent_bytes = 0;
     if (!worker_active(u)) return CKPT_OK;
     if (u->steps.own_next < u->steps.nown && !worker_needs(u, b)) {
         u->steps.owed[u->steps.nowed++] = b;
@@ -590,6 +606,7 @@ static int bucket_ack(ckpt__update_t *u, int send_rc)
     if (rc == CKPT_OK && worker_active(u)) rc = ckpt_ipc_wait_ack(u->e->ipc, u->cmd->timeout_ms);
     ckpt__timeline_add(&u->tl, (int)u->sent_id,
                        u->sent_in_place ? CKPT__EV_RELOAD_IN_PLACE : CKPT__EV_RELOAD, u->sent_at);
+    ckpt__timeline_bytes(&u->tl, u->sent_bytes);
     if (rc == CKPT_OK) return rc;
     char what[32];
     snprintf(what, sizeof(what), "bucket %zu", u->sent_id);
@@ -649,13 +666,16 @@ static int device_ready(ckpt__update_t *u, size_t b, int fill_rc)
     /* The trace shows the device's own times, counted back from when the broadcast was
      * seen done; where the device could not time the puts, the host's enqueue time. */
     double t1 = ckpt__now_s();
+    uint64_t bytes = u->plan.buckets[b].bytes;
     if (dt.put_s > 0)
         ckpt__timeline_span(&u->tl, (int)b, CKPT__EV_STAGE, t1 - dt.put_end - dt.put_s,
                             t1 - dt.put_end);
     else if (u->plan.buckets[b].owner == u->e->rank)
         ckpt__timeline_span(&u->tl, (int)b, CKPT__EV_STAGE, u->enqueued[slot][0],
                             u->enqueued[slot][1]);
+    if (dt.put_s > 0 || u->plan.buckets[b].owner == u->e->rank) ckpt__timeline_bytes(&u->tl, bytes);
     ckpt__timeline_span(&u->tl, (int)b, CKPT__EV_BCAST, dt.move_s > 0 ? t1 - dt.move_s : t0, t1);
+    ckpt__timeline_bytes(&u->tl, bytes);
     if (!u->src->may_fail) return CKPT_OK;
     char what[64];
     snprintf(what, sizeof(what), "pull of bucket %zu", b);
@@ -749,6 +769,7 @@ static int drain_local(ckpt__update_t *u)
         u->sent_at = ckpt__now_s();
         u->sent_id = b;
         u->sent_in_place = 0;
+        u->sent_bytes = 0;
         if (!worker_active(u)) continue;
         int send_rc = i < nb ? send_records(u, b, 0)
                              : ckpt_ipc_send_bucket(u->e->ipc, (uint32_t)b, 0, NULL, 0);
@@ -796,6 +817,24 @@ static int run_pipeline(ckpt__update_t *u)
     }
     if (n > 0 && (rc = complete_bucket(u, order[n - 1], send_rc)) < 0) return rc;
     return drain_local(u);
+}
+
+/* Rank 0 learns the bytes each worker was handed (result: worker_bytes). Every rank
+ * calls it after the pipeline, whatever its outcome (agreed). */
+static void gather_worker_bytes(ckpt__update_t *u)
+{
+    ckpt_engine_t *e = u->e;
+    uint64_t *all = NULL;
+    if (e->rank == 0 && !(all = ckpt__calloc((size_t)e->size, sizeof(*all))))
+        ckpt__engine_fatal(e, "no memory to gather the workers' bytes");
+    MPI_Request req;
+    MPI_Igather(&u->worker_bytes, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, 0, e->world, &req);
+    if (ckpt__mpi_wait(e, &req, u->coll_ms, 200, "workers' bytes") < 0)
+        ckpt__engine_fatal(e, ckpt_last_error());
+    if (!all) return;
+    u->res->nworkers = (uint32_t)CKPT_MIN(e->size, CKPT_WORKERS_MAX);
+    for (uint32_t r = 0; r < u->res->nworkers; r++) u->res->worker_bytes[r] = all[r];
+    ckpt__free(all);
 }
 
 /* One isolated worker as rank 0 gathers it. */
@@ -966,6 +1005,7 @@ static int update_run(ckpt_engine_t *e, const ckpt__cmd_t *cmd, const char *trac
     t = ckpt__now_s();
     rc = run_pipeline(&u);
     res->pipeline_s = ckpt__now_s() - t;
+    gather_worker_bytes(&u);
     if (u.sink) { /* the owners' H2D time and bytes, summed over ranks */
         double mine[2] = {u.stage_s, (double)u.stage_bytes}, sum[2] = {0, 0};
         MPI_Request req;

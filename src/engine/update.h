@@ -27,6 +27,8 @@ typedef struct ckpt__update {
     double sent_at;
     size_t sent_id;          /* the bucket the worker was last handed (send_bucket) */
     int sent_in_place;       /* ... and it reads that one in the owner's pool */
+    uint64_t worker_bytes;   /* bytes of the records this rank's worker was handed */
+    uint64_t sent_bytes;     /* ... in the last bucket it was handed */
     /* Routed across hosts with buckets read in place by their owner's host: the pipeline's
      * steps are the buckets that move (`order`); a worker that needs none of a step's
      * bucket reads one of its host's own (`own`) meanwhile, and the step's bucket is

@@ -45,6 +45,15 @@ static void head(text_t *t, const char *name, const char *type, const char *help
     put(t, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
+/* A counter with one sample per index (label="0", "1", ...). */
+static void labeled(text_t *t, const char *name, const char *label, uint32_t n,
+                    const uint64_t *values, const char *help)
+{
+    head(t, name, "counter", help);
+    for (uint32_t i = 0; i < n; i++)
+        put(t, "%s{%s=\"%u\"} %llu\n", name, label, i, (unsigned long long)values[i]);
+}
+
 char *srv_render_metrics(ckpt_http_server_t *srv)
 {
     text_t t = {ckpt__malloc(4096), 0, 4096, 0};
@@ -62,6 +71,15 @@ char *srv_render_metrics(ckpt_http_server_t *srv)
          "declared nothing), summed over workers and successful updates.");
     put(&t, "ckpt_update_worker_need_bytes_total %llu\n",
         (unsigned long long)srv->update_need_bytes);
+    labeled(&t, "ckpt_update_worker_received_bytes_total", "rank", srv->nworkers, srv->worker,
+            "Bytes each worker was handed (its records: parts counted as parts), by rank, "
+            "summed over successful updates.");
+    labeled(&t, "ckpt_update_host_received_bytes_total", "host", srv->nhosts, srv->host_in,
+            "Bytes each host received from the other hosts (host groups of ranks), summed "
+            "over successful updates.");
+    labeled(&t, "ckpt_update_host_sent_bytes_total", "host", srv->nhosts, srv->host_out,
+            "Bytes of the buckets each host owns that went to other hosts (each byte once), "
+            "summed over successful updates.");
 
     head(&t, "ckpt_update_duration_seconds", "histogram", "Wall time of finished updates.");
     uint64_t cum = 0;

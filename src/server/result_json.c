@@ -19,6 +19,16 @@ void ckpt__update_result_json(cJSON *o, const ckpt_update_result_t *r)
     cJSON_AddNumberToObject(o, "unneeded", r->unneeded);
     cJSON_AddNumberToObject(o, "host_bytes_max", (double)r->host_bytes_max);
     cJSON_AddNumberToObject(o, "in_place_bytes", (double)r->in_place_bytes);
+    /* per host (index: host group) and per worker (index: rank) */
+    cJSON *hin = cJSON_AddArrayToObject(o, "host_bytes_in");
+    cJSON *hout = cJSON_AddArrayToObject(o, "host_bytes_out");
+    for (uint32_t h = 0; h < r->nhosts && h < CKPT_HOSTS_MAX; h++) {
+        cJSON_AddItemToArray(hin, cJSON_CreateNumber((double)r->host_bytes_in[h]));
+        cJSON_AddItemToArray(hout, cJSON_CreateNumber((double)r->host_bytes_out[h]));
+    }
+    cJSON *wb = cJSON_AddArrayToObject(o, "worker_bytes");
+    for (uint32_t w = 0; w < r->nworkers && w < CKPT_WORKERS_MAX; w++)
+        cJSON_AddItemToArray(wb, cJSON_CreateNumber((double)r->worker_bytes[w]));
     static const char *const devices[] = {"host", "cuda", "sim"};
     cJSON_AddStringToObject(o, "device", r->device >= 0 && r->device <= 2 ? devices[r->device] : "?");
     cJSON_AddNumberToObject(o, "stage_s", r->stage_s);

@@ -97,6 +97,10 @@ struct ckpt_http_server {
     /* metrics */
     uint64_t updates_ok, updates_failed, update_bytes;
     uint64_t update_need_bytes; /* sum over successful updates of every worker's need */
+    /* per host (group) and per worker (rank), summed over successful updates: bytes
+     * received from other hosts, sent to them, handed to the worker */
+    uint32_t nhosts, nworkers;
+    uint64_t host_in[CKPT_HOSTS_MAX], host_out[CKPT_HOSTS_MAX], worker[CKPT_WORKERS_MAX];
     uint64_t duration_counts[SRV_DURATION_BUCKETS + 1]; /* last: +Inf */
     double duration_sum;
     uint64_t requests[600];  /* by HTTP status code */

@@ -235,6 +235,15 @@ static void finish_update(ckpt_http_server_t *srv, const ckpt_http_job_t *job,
         srv->updates_ok++;
         srv->update_bytes += r->update.bytes;
         srv->update_need_bytes += r->update.need_bytes_total;
+        const ckpt_update_result_t *x = &r->update;
+        for (uint32_t h = 0; h < x->nhosts && h < CKPT_HOSTS_MAX; h++) {
+            srv->host_in[h] += x->host_bytes_in[h];
+            srv->host_out[h] += x->host_bytes_out[h];
+        }
+        for (uint32_t w = 0; w < x->nworkers && w < CKPT_WORKERS_MAX; w++)
+            srv->worker[w] += x->worker_bytes[w];
+        if (x->nhosts > srv->nhosts) srv->nhosts = CKPT_MIN(x->nhosts, CKPT_HOSTS_MAX);
+        if (x->nworkers > srv->nworkers) srv->nworkers = CKPT_MIN(x->nworkers, CKPT_WORKERS_MAX);
         srv_ckpt_t *c = find_ckpt(srv, job->name);
         if (c && r->update.version) c->info.version = r->update.version;
     } else {

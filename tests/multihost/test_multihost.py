@@ -120,6 +120,14 @@ def test_tensor_parallel_across_two_hosts(make_hosts, tmp_path):
         upd = dep.command("update m bucket=4MiB timeout=30000 " + opts, timeout=120)
         assert upd["ok"], (upd["reason"], dep.stderr())
         moved[mode] = (sum(H.rx_bytes(i) - rx0[i] for i in range(2)), upd["host_bytes_max"])
+        # Per host: what one host received the other sent; per worker: its records.
+        assert max(upd["host_bytes_in"]) == upd["host_bytes_max"], upd
+        assert sum(upd["host_bytes_in"]) == sum(upd["host_bytes_out"]) > 0, upd
+        assert len(upd["worker_bytes"]) == 2 and min(upd["worker_bytes"]) > 0, upd
+        if mode == "verify=0":  # cut: each worker was handed exactly its rows
+            assert sum(upd["worker_bytes"]) == upd["need_bytes_total"], upd
+            assert max(upd["worker_bytes"]) == upd["need_bytes_max"], upd
+            handed = upd["worker_bytes"]
         in_place[mode] = upd["in_place_bytes"]
         for r in range(2):
             dep.wait_worker_log(r, r"update %d of 'm' version \d+: complete" % upd["update_id"])
@@ -138,6 +146,9 @@ def test_tensor_parallel_across_two_hosts(make_hosts, tmp_path):
         moved_end = [e["ts"] + e["dur"] for e in spans if e["pid"] == pid and
                      e["cat"] == "broadcast" and e["dur"] > 0]
         assert local and moved_end and min(local) < max(moved_end), (pid, spans)
+        # the trace counts what each worker was handed, bucket by bucket
+        assert sum(e["args"]["bytes"] for e in spans if e["pid"] == pid and
+                   e["cat"].startswith("reload")) == handed[pid]
     assert dep.close() == 0, dep.stderr()
     assert dep.wait_workers() == {r: 0 for r in range(2)}
     for r in range(2):

@@ -140,8 +140,16 @@ def test_register_update_status_unregister(tmp_path, model):
         assert p.returncode == 0 and u["state"] == "succeeded" and u["status"] == 0, p.stdout
         assert u["ranks"] == 2 and u["buckets"] >= 2 and u["tensors"] == len(want)
         assert u["bytes"] == c["bytes"] and u["failed_rank"] == -1 and "trace_url" in u
+        # Bytes counted per worker (every worker needs everything here) and per host (one
+        # host: nothing crosses), in the result, the trace and /metrics.
+        assert u["worker_bytes"] == [c["bytes"]] * 2, u
+        assert u["host_bytes_in"] == [0] and u["host_bytes_out"] == [0], u
         trace = srv.request("GET", u["trace_url"])
         assert trace[0] == 200 and trace[1]["traceEvents"]
+        for r in range(2):
+            got = sum(e["args"]["bytes"] for e in trace[1]["traceEvents"]
+                      if e.get("ph") == "X" and e["pid"] == r and e["cat"].startswith("reload"))
+            assert got == c["bytes"], (r, got)
         assert [r for r in srv.results() if r["command"] == "update"][0]["ok"]
 
         metrics = srv.request("GET", "/metrics")[1]
@@ -153,6 +161,10 @@ def test_register_update_status_unregister(tmp_path, model):
         assert samples['ckpt_updates_total{result="ok"}'] == 1
         assert samples['ckpt_updates_total{result="failed"}'] == 0
         assert samples["ckpt_update_bytes_total"] == c["bytes"]
+        for r in range(2):
+            assert samples['ckpt_update_worker_received_bytes_total{rank="%d"}' % r] == c["bytes"]
+        assert samples['ckpt_update_host_received_bytes_total{host="0"}'] == 0
+        assert samples['ckpt_update_host_sent_bytes_total{host="0"}'] == 0
         assert samples["ckpt_registered_checkpoints"] == 1
 
         # Registered checkpoints are exported for P2P joiners (docs/METAS.md).
