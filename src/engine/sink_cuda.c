@@ -43,6 +43,7 @@ typedef struct {
      * stream), move done. */
     void *start[2], *staged[2], *moving[2], *done[2];
     int started[2];                       /* this rank recorded start[slot] (it put bytes) */
+    int timeout_ms;                       /* bounds waits on NCCL outside wait() */
 } cuda_t;
 
 static int load_nccl(nccl_t *n)
@@ -152,6 +153,7 @@ static int cuda_open(ckpt__sink_t *s, int timeout_ms)
     cuda_t *c = ckpt__calloc(1, sizeof(*c));
     if (!c) return ckpt__error(CKPT_ENOMEM, "cuda sink");
     s->impl = c;
+    c->timeout_ms = timeout_ms;
     int n = ckpt__cuda_devices();
     int rc = n < 0 ? n : ckpt__cudart(&c->rt);
     if (rc == CKPT_OK) rc = load_nccl(&c->nccl);
@@ -258,7 +260,21 @@ static int cuda_move(ckpt__sink_t *s, int slot, uint64_t len, int root)
     if (rc < 0) return rc;
     ncclResult_t r = c->nccl.Broadcast(s->ptr[slot], s->ptr[slot], (size_t)len, ncclUint8, root,
                                        c->comm, c->comm_stream);
-    if (r != ncclSuccess && r != ncclInProgress) return nccl_fail(&c->nccl, r, "ncclBroadcast");
+    /* A non-blocking communicator may return before the broadcast is on the stream: wait
+     * until it is, or the event below would be recorded ahead of it (and the worker handed
+     * a buffer the broadcast has not written yet). */
+    double deadline = ckpt__now_s() + c->timeout_ms / 1000.0;
+    while (r == ncclInProgress) {
+        if (ckpt__now_s() > deadline) {
+            c->nccl.CommAbort(c->comm);
+            c->comm = NULL;
+            return ckpt__error(CKPT_ETIMEDOUT, "ncclBroadcast of buffer %d not enqueued within "
+                               "%d ms", slot, c->timeout_ms);
+        }
+        sleep_us(20);
+        c->nccl.CommGetAsyncError(c->comm, &r);
+    }
+    if (r != ncclSuccess) return nccl_fail(&c->nccl, r, "ncclBroadcast");
     return cu(c, c->rt->EventRecord(c->done[slot], c->comm_stream), "cudaEventRecord");
 }
 

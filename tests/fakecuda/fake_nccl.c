@@ -1,7 +1,9 @@
 /* A CPU stand-in for NCCL, for tests only (see fake_cudart.c): one rank, so a broadcast
- * leaves its buffer as it is. The communicator's non-blocking init reports "in progress"
- * once, as NCCL's does, so the engine's polling path runs. More than one rank is refused
- * (ncclInvalidUsage): multi-rank device tests use the sim sink. Never shipped. */
+ * leaves its buffer as it is. As a non-blocking communicator may, the init and every other
+ * broadcast report "in progress" until the next ncclCommGetAsyncError, and a call made
+ * while one is in progress is refused (ncclInvalidUsage): an engine that records its event
+ * or goes on without polling fails here. More than one rank is refused too: multi-rank
+ * device tests use the sim sink. Never shipped. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,6 +15,8 @@ typedef struct {
 
 typedef struct {
     int polls;
+    int pending;    /* an operation reported in progress, not yet polled */
+    int broadcasts;
 } comm_t;
 
 EXPORT int ncclGetUniqueId(unique_id_t *id) { memset(id, 0x5a, sizeof(*id)); return 0; }
@@ -23,14 +27,21 @@ EXPORT int ncclCommInitRankConfig(comm_t **comm, int nranks, unique_id_t id, int
     *comm = calloc(1, sizeof(comm_t));
     return 7; /* ncclInProgress: completed at the next poll */
 }
-EXPORT int ncclCommGetAsyncError(comm_t *c, int *r) { *r = c->polls++ ? 0 : 7; return 0; }
+EXPORT int ncclCommGetAsyncError(comm_t *c, int *r)
+{
+    *r = c->polls++ ? 0 : 7;
+    if (*r == 0) c->pending = 0;
+    return 0;
+}
 EXPORT int ncclCommAbort(comm_t *c) { free(c); return 0; }
 EXPORT int ncclCommDestroy(comm_t *c) { free(c); return 0; }
 EXPORT int ncclBroadcast(const void *s, void *r, size_t n, int dt, int root, comm_t *c, void *st)
 {
-    (void)dt, (void)root, (void)c, (void)st;
+    (void)dt, (void)root, (void)st;
+    if (c->pending) return 5; /* ncclInvalidUsage: the last call is still in progress */
     if (s != r) memcpy(r, s, n);
-    return 0;
+    c->pending = c->broadcasts++ % 2;
+    return c->pending ? 7 : 0;
 }
 EXPORT const char *ncclGetErrorString(int r) { return r ? "fake NCCL error" : "no error"; }
 EXPORT int ncclGetVersion(int *v) { *v = 99999; return 0; }
