@@ -725,15 +725,15 @@ static int run_device_pipeline(ckpt__update_t *u)
 
 /* The pipeline's steps (update.h, `steps`): the buckets that move through the buffers, in
  * plan order, and the ones this rank's host reads in place. Every rank decides alike. */
-static int plan_steps(ckpt__update_t *u)
+static void plan_steps(ckpt__update_t *u)
 {
     size_t nb = u->plan.nbuckets;
     int me = u->e->group_of_rank[u->e->rank];
     u->steps.order = malloc((nb + 1) * sizeof(size_t));
     u->steps.own = malloc((nb + 1) * sizeof(size_t));
     u->steps.owed = malloc((nb + 1) * sizeof(size_t));
-    if (!u->steps.order || !u->steps.own || !u->steps.owed)
-        return ckpt__error(CKPT_ENOMEM, "update: steps of %zu buckets", nb);
+    if (!u->steps.order || !u->steps.own || !u->steps.owed) /* the others go on: no agreement */
+        ckpt__engine_fatal(u->e, "no memory for the pipeline's steps");
     for (size_t b = 0; b < nb; b++) {
         if (!ckpt__route_local(&u->route, b)) {
             u->steps.order[u->steps.n++] = b;
@@ -742,7 +742,6 @@ static int plan_steps(ckpt__update_t *u)
         u->steps.nlocal++;
         if (u->e->group_of_rank[u->plan.buckets[b].owner] == me) u->steps.own[u->steps.nown++] = b;
     }
-    return CKPT_OK;
 }
 
 /* After the last step: the worker is handed what is left, one bucket at a time with no
@@ -804,7 +803,7 @@ static int run_pipeline(ckpt__update_t *u)
         }
         return CKPT_OK;
     }
-    if ((rc = plan_steps(u)) < 0) return rc;
+    plan_steps(u);
     const size_t *order = u->steps.order;
     size_t n = u->steps.n;
     for (size_t k = 0; k < n; k++) {
