@@ -2,7 +2,12 @@
 TCP between them; tests/multihost/hosts.py), same checkpoint, same number of workers: the
 figures a cost model of multi-host updates is checked against. Needs root.
 
-  python3 bench/multihost.py [--size 64MiB] [--repeat 3]
+  python3 bench/multihost.py [--size 64MiB] [--repeat 3] [--rate RATE]
+
+--rate (a tc rate, e.g. 1gbit) shapes each host's link, so that the link and not the
+cores bounds what crosses between hosts, as on a cluster: the model then gets the shaped
+MPI_Bcast floor as --inter and the unshaped one (measured first, in the same deployment)
+as --tcp-core, the core time TCP costs.
 
 Rows (median of --repeat updates after one warm-up; each row a fresh deployment):
   1 host x 2 ranks, direct   the default on one host: workers read the owners' pools
@@ -57,7 +62,7 @@ def worker_args(model, r, pp, tp):
     return ["--layout", model]
 
 
-def measure(workdir, size="64MiB", repeat=3, timeout=120):
+def measure(workdir, size="64MiB", repeat=3, timeout=120, rate=None):
     """[(label, median update s, [each update s], result of the last update, floors)]:
     one fresh deployment per row on one set of 2 namespace hosts."""
     workdir = str(workdir)
@@ -69,7 +74,15 @@ def measure(workdir, size="64MiB", repeat=3, timeout=120):
             dep.start_workers(lambda r: worker_args(model, r, pp, tp), updates=repeat + 1)
             dep.start()
             try:
+                for h in hosts:
+                    H.unlimit_rate(h)
                 floors = dep.command("floors", timeout=timeout)
+                if rate and len(hosts) > 1:
+                    for h in hosts:
+                        H.limit_rate(h, rate)
+                    shaped = dep.command("floors", timeout=timeout)
+                    floors = dict(floors, tcp_core_gbps=floors["bcast_gbps"],
+                                  bcast_gbps=shaped["bcast_gbps"])
                 assert dep.command("register m %s" % model, timeout=timeout)["ok"]
                 for r in range(len(hosts) * slots if pp > 1 or tp > 1 else 0):
                     dep.wait_worker_log(r, r"declared the need")
@@ -102,6 +115,8 @@ def predict(model, nhosts, slots, direct, floors, pp=1, tp=1, bucket_us=1000):
             "--cores", str(os.cpu_count()), "--one-machine"]
     if nhosts > 1:
         args += ["--inter", "%.3f" % floors["bcast_gbps"]]
+    if nhosts > 1 and "tcp_core_gbps" in floors:
+        args += ["--tcp-core", "%.3f" % floors["tcp_core_gbps"]]
     out = subprocess.run(args, check=True, capture_output=True, text=True, timeout=60).stdout
     pred = json.loads(out)
     pred["way"] = pred["routed" if pp > 1 or tp > 1 else "full"]
@@ -141,10 +156,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="64MiB")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rate", help="shape each host's link to this tc rate (e.g. 1gbit)")
     a = ap.parse_args()
     try:
         with tempfile.TemporaryDirectory(prefix="ckpt-multihost-") as d:
-            print(table(measure(d, a.size, a.repeat), a.size))
+            print(table(measure(d, a.size, a.repeat, rate=a.rate), a.size))
     except hostsmod.HostsUnavailable as e:
         sys.exit("bench/multihost.py: %s" % e)
 

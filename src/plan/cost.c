@@ -144,8 +144,9 @@ static void cpu_bound(const model_t *m, ckpt_cost_way_t *w, const uint64_t *copy
     if (d->gpu || d->cores <= 0) return;
     double busiest = 0, machine = 0;
     for (int h = 0; h < d->hosts; h++) {
+        double tcp = m->L->tcp_core_gbps > 0 ? m->L->tcp_core_gbps : m->L->inter_gbps;
         double core_s = secs(copy_bytes[h], m->L->copy_gbps) +
-                        (d->hosts > 1 ? secs(link_bytes[h], m->L->inter_gbps) : 0);
+                        (d->hosts > 1 ? secs(link_bytes[h], tcp) : 0);
         busiest = fmax(busiest, core_s);
         machine += core_s;
     }

@@ -21,6 +21,10 @@ typedef struct ckpt_cost_links {
     double host_copy_gbps;   /* all copy streams of one host together */
     double inter_gbps;       /* per host, between hosts (the MPI_Bcast / NCCL floor) */
     double inter_latency_us; /* per hop between hosts */
+    double tcp_core_gbps;    /* what one core carries over TCP (--cores): 0 = inter_gbps,
+                              * right where the link is as fast as TCP on a core; a slower
+                              * link (shaped, or a NIC slower than a core) costs less core
+                              * time per byte than 1/inter_gbps */
     double h2d_gbps;         /* gpu: per GPU, pinned host memory to device */
     double intra_gbps;       /* gpu: per GPU, between the GPUs of a host (NVLink) */
     double d2d_gbps;         /* gpu: per GPU, a worker's copy inside device memory */
@@ -37,9 +41,9 @@ typedef struct ckpt_cost_deploy {
     uint64_t bucket_max;
     int cores;                 /* host memory: cores per host that copy and move bytes over
                                 * TCP (0: not a limit). A core copies at copy_gbps; a byte
-                                * sent or received between hosts costs a core 1/inter_gbps
-                                * (TCP: the kernel copies it; the broadcast floor keeps one
-                                * core busy on each side) */
+                                * sent or received between hosts costs a core
+                                * 1/tcp_core_gbps (TCP: the kernel copies it; the unshaped
+                                * broadcast floor keeps one core busy on each side) */
     int one_machine;           /* every host is a namespace of one machine: they share its
                                 * `cores` (the multi-host tests) */
 } ckpt_cost_deploy_t;

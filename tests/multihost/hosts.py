@@ -305,6 +305,10 @@ class Hosts:
         _run(["tc", "-n", self.br, "qdisc", "replace", "dev", "p%d" % i, "root", "tbf",
               "rate", rate, "burst", "64kb", "latency", "2s"])
 
+    def unlimit_rate(self, i):
+        """Takes limit_rate's shaping off host i's link."""
+        _run(["tc", "-n", self.br, "qdisc", "del", "dev", "p%d" % i, "root"], check=False)
+
     def rx_bytes(self, i):
         """Bytes host i received on its link so far (the positive signal that an update's
         data is flowing into it)."""

@@ -57,6 +57,22 @@ def test_a_real_checkpoint_and_the_text_table(run_tool, tmp_path):
         assert fragment in text
 
 
+def test_tcp_core_separates_the_link_from_the_cores(run_tool, tmp_path):
+    """--cores bounds a host-memory update by core time; a byte crossing hosts costs a core
+    1/--tcp-core (default: 1/--inter). On a shaped link (slow --inter, TCP's core cost that
+    of the unshaped link) the link bounds the update, not the cores."""
+    model = tmp_path / "model"
+    run_tool("gen", "--out", model, "--size", "16MiB", "--shards", 2, "--layers", 2)
+    base = [model, "--hosts", 2, "--inter", "0.25", "--cores", 1, "--one-machine"]
+    same = plan(run_tool, *base)["full"]
+    fast = plan(run_tool, *base, "--tcp-core", "2")["full"]
+    assert same["bound"] == "cores" and fast["bound"] == "broadcast", (same, fast)
+    assert fast["cpu_s"] < same["cpu_s"] / 4 and fast["total_s"] < same["total_s"]
+    assert fast["bcast_s"] == same["bcast_s"]  # the link itself is as slow
+    proc = run_tool("plan", *base, "--tcp-core", "-1", check=False)
+    assert proc.returncode != 0 and "--tcp-core" in proc.stderr
+
+
 @pytest.mark.parametrize("args, rc, fragment", [
     (["/nonexistent/model"], 1, "/nonexistent/model"),
     (["{models}/kimi-k2.json", "--hosts", "3", "--tp", "2"], 1, "whole instances of tp*pp = 2"),

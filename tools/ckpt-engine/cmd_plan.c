@@ -49,6 +49,8 @@ static void usage(FILE *out)
 "                       update by the core time its copies and transfers need (default 0:\n"
 "                       no bound)\n"
 "  --one-machine        the hosts are namespaces of one machine and share its --cores\n"
+"  --tcp-core GBPS      with --cores: what one core carries over TCP (default --inter; give\n"
+"                       it where the link is slower than a core, e.g. a shaped link)\n"
 "\n"
 "  --json               print the prediction as one JSON object\n"
 "\n"
@@ -167,7 +169,7 @@ int cmd_plan(int argc, char **argv)
 {
     enum { O_HOSTS = 256, O_RPH, O_TP, O_PP, O_EP, O_GPU, O_DIRECT, O_BUCKET, O_DISK, O_COPY,
            O_HOSTCOPY, O_INTER, O_LAT, O_H2D, O_INTRA, O_D2D, O_BUS, O_UPD, O_CORES, O_ONE,
-           O_JSON, O_HELP };
+           O_TCP, O_JSON, O_HELP };
     static const struct option opts[] = {
         {"hosts", 1, 0, O_HOSTS}, {"ranks-per-host", 1, 0, O_RPH}, {"tp", 1, 0, O_TP},
         {"pp", 1, 0, O_PP}, {"ep", 1, 0, O_EP}, {"gpu", 0, 0, O_GPU}, {"direct", 1, 0, O_DIRECT},
@@ -175,7 +177,8 @@ int cmd_plan(int argc, char **argv)
         {"host-copy", 1, 0, O_HOSTCOPY}, {"inter", 1, 0, O_INTER}, {"latency-us", 1, 0, O_LAT},
         {"h2d", 1, 0, O_H2D}, {"intra", 1, 0, O_INTRA}, {"d2d", 1, 0, O_D2D},
         {"bucket-us", 1, 0, O_BUS}, {"update-ms", 1, 0, O_UPD}, {"cores", 1, 0, O_CORES},
-        {"one-machine", 0, 0, O_ONE}, {"json", 0, 0, O_JSON}, {"help", 0, 0, O_HELP}, {0, 0, 0, 0}};
+        {"one-machine", 0, 0, O_ONE}, {"tcp-core", 1, 0, O_TCP}, {"json", 0, 0, O_JSON},
+        {"help", 0, 0, O_HELP}, {0, 0, 0, 0}};
     ckpt_cost_deploy_t d = {.hosts = 1, .ranks_per_host = 1,
                             .layout = {.tp = 1, .pp = 1, .ep = 1}, .bucket_max = 256ull << 20};
     ckpt_cost_links_t L = {.disk_gbps = 2, .copy_gbps = 10, .inter_gbps = 12.5,
@@ -217,6 +220,7 @@ int cmd_plan(int argc, char **argv)
         case O_UPD: bad = parse_double("--update-ms", optarg, &L.update_ms); break;
         case O_CORES: bad = parse_int("--cores", optarg, &d.cores); break;
         case O_ONE: d.one_machine = 1; break;
+        case O_TCP: bad = parse_double("--tcp-core", optarg, &L.tcp_core_gbps); break;
         case O_JSON: json = 1; break;
         case 'h': case O_HELP: usage(stdout); return 0;
         default: usage(stderr); return 2;
