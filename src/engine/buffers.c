@@ -38,7 +38,7 @@ uint64_t ckpt__host_available_bytes(void)
 void ckpt__buffers_release(ckpt_engine_t *e)
 {
     ckpt__buffers_t *b = &e->buffers;
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < CKPT__HOST_BUFFERS_MAX; i++) {
         if (b->pinned[i]) ckpt__cuda_unpin(b->ptr[i]);
         b->pinned[i] = 0;
         if (b->ptr[i]) munmap(b->ptr[i], b->size);

@@ -49,7 +49,7 @@ int ckpt_engine_create(const ckpt_engine_options_t *opts, ckpt_engine_t **engine
     e->opts = opts ? *opts : defaults;
     if (e->opts.bucket_max == 0) e->opts.bucket_max = defaults.bucket_max;
     if (e->opts.timeout_ms <= 0) e->opts.timeout_ms = defaults.timeout_ms;
-    e->buffers.fds[0] = e->buffers.fds[1] = -1;
+    for (int i = 0; i < CKPT__HOST_BUFFERS_MAX; i++) e->buffers.fds[i] = -1;
     e->leaders = MPI_COMM_NULL;
     e->agree_comm = MPI_COMM_NULL;
     e->group = MPI_COMM_NULL;

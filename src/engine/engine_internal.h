@@ -49,13 +49,15 @@ typedef struct ckpt__cmd {
     char path[CKPT__PATH_MAX];
 } ckpt__cmd_t;
 
-/* IPC buffers of this rank's group (the ranks sharing them: a host, or the rank alone). */
+/* IPC buffers of this rank's group (the ranks sharing them: a host, or the rank alone):
+ * two, or three across hosts (two buckets in flight between hosts while a third is read). */
+#define CKPT__HOST_BUFFERS_MAX 3
 typedef struct ckpt__buffers {
     int nbuffers;
     uint64_t size;
-    int fds[2];
-    void *ptr[2];
-    int pinned[2]; /* registered with CUDA (a device path's P2P pulls land here) */
+    int fds[CKPT__HOST_BUFFERS_MAX];
+    void *ptr[CKPT__HOST_BUFFERS_MAX];
+    int pinned[CKPT__HOST_BUFFERS_MAX]; /* registered with CUDA (a device path's P2P pulls) */
 } ckpt__buffers_t;
 
 typedef struct ckpt__checkpoint_entry {

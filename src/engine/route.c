@@ -364,6 +364,33 @@ int ckpt__route_send(ckpt_engine_t *e, void *buf, uint64_t bytes, int owner_grou
     return CKPT_OK;
 }
 
+int ckpt__route_post(ckpt_engine_t *e, void *buf, uint64_t bytes, int owner_group,
+                     uint64_t groups, MPI_Request *reqs, int max)
+{
+    const uint64_t chunk = 1ull << 30; /* MPI counts are int */
+    if (e->leaders == MPI_COMM_NULL) return 0;
+    if (bytes > chunk * (uint64_t)max) return -1;
+    int me = e->group_of_rank[e->rank], n = 0;
+    if (groups == ckpt__route_everyone(e)) {
+        for (uint64_t off = 0; off < bytes; off += chunk)
+            MPI_Ibcast((char *)buf + off, (int)CKPT_MIN(chunk, bytes - off), MPI_BYTE,
+                       owner_group, e->leaders, &reqs[n++]);
+        return n;
+    }
+    groups |= 1ull << owner_group;
+    if (__builtin_popcountll(groups) != 2) return -1; /* a tree of several hops */
+    if (!(groups & (1ull << me))) return 0;
+    int peer = __builtin_ctzll(groups & ~(1ull << me));
+    for (uint64_t off = 0; off < bytes; off += chunk) {
+        int len = (int)CKPT_MIN(chunk, bytes - off);
+        if (me == owner_group)
+            MPI_Isend((char *)buf + off, len, MPI_BYTE, peer, ROUTE_TAG, e->leaders, &reqs[n++]);
+        else
+            MPI_Irecv((char *)buf + off, len, MPI_BYTE, peer, ROUTE_TAG, e->leaders, &reqs[n++]);
+    }
+    return n;
+}
+
 void ckpt__route_free(ckpt__route_t *r)
 {
     free(r->pieces);

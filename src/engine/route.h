@@ -78,6 +78,14 @@ static inline int ckpt__route_local(const ckpt__route_t *r, size_t b)
 }
 /* Every host group, as a mask (a full broadcast). */
 uint64_t ckpt__route_everyone(const ckpt_engine_t *e);
+/* Starts moving bucket bytes from the owner's group leader to the leaders of `groups`
+ * without waiting for it: the leaders' broadcast (every group), or one send or receive
+ * (one group besides the owner's). Returns how many requests it put in reqs (0: nothing
+ * for this rank), or -1 when it cannot start the transfer at once (a tree of several hops,
+ * or more than `max` chunks of 1 GiB): the caller moves it with ckpt__route_send or the
+ * leaders' broadcast. Every leader decides alike (it depends on groups and bytes only). */
+int ckpt__route_post(ckpt_engine_t *e, void *buf, uint64_t bytes, int owner_group,
+                     uint64_t groups, MPI_Request *reqs, int max);
 /* Moves bucket bytes from the owner's group leader to the leaders of `groups` (a binomial
  * tree of point-to-point transfers); leaders outside `groups` and other ranks return at
  * once. A transfer not done within timeout_ms is fatal for the rank, as a collective's. */

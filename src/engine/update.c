@@ -1,11 +1,11 @@
 /* The broadcast update: gather metas, plan buckets, then per bucket stage -> broadcast ->
  * reload -> agree, pipelined over two IPC buffers so that the broadcast of bucket b+1
- * runs while the workers reload bucket b.
+ * runs while the workers reload bucket b (three across hosts: two buckets in flight).
  *
- * Invariant that makes the overlap safe: bucket b is written into buffer b % nbuffers only
- * after every rank agreed on bucket b - nbuffers, i.e. after every worker acknowledged
- * that it finished reading that buffer. With one buffer (memory short) the loop
- * degenerates to stage, reload, agree in sequence.
+ * Invariant that makes the overlap safe: the bucket of step k is written into buffer
+ * k % nbuffers only after every rank agreed on step k - nbuffers, i.e. after every worker
+ * acknowledged that it finished reading that buffer. With one buffer (memory short) the
+ * loop degenerates to stage, reload, agree in sequence.
  *
  * With cmd->isolate a worker's failure (an error answer, a stall past the timeout, a lost
  * connection, a refused BEGIN or post-hook) is not this rank's: the rank tells the worker
@@ -272,6 +272,12 @@ static int plan_from(ckpt__update_t *u, ckpt_tensor_meta_t *all, ckpt__place_t *
         rc = ckpt__plan_bucket_size(largest,
                                     ckpt__plan_pipeline_limit(total, u->cmd->bucket_max),
                                     min_avail, &bucket_size, &nbuffers);
+        /* Across hosts (host memory, not P2P) a third buffer when it fits: two buckets
+         * move between hosts at once (from different owners: both ways of a link busy)
+         * while the workers read a third (run_in_flight). */
+        if (rc == CKPT_OK && !u->sink && !u->p2p && e->ngroups > 1 && nbuffers == 2 &&
+            min_avail / 3 >= bucket_size)
+            nbuffers = 3;
         int owners = u->p2p ? (int)u->p2p->metas.nranks : e->size;
         if (rc == CKPT_OK && u->route.active && !u->p2p) open_in_place(u);
         /* Routed: the planner plans the route's pieces (parts of tensors cut for the hosts
@@ -431,13 +437,14 @@ static int begin_workers(ckpt__update_t *u)
     return agree(u, rc, "worker");
 }
 
-/* Bucket b into buffer `slot`: the source fills it on its owner, the bytes go to the hosts
- * that need them, and the ranks learn the bucket is ready (they agree on it when the source
- * can fail: before any worker is handed it). */
-static int prepare_bucket(ckpt__update_t *u, size_t b, int slot)
+/* Bucket b into buffer `slot`, first half: the source fills it on its owner and the host
+ * leaders start moving it to the hosts that need it (every host, or routed by need). A
+ * transfer that cannot be started at once (a tree of several hops) is done here. */
+static int post_bucket(ckpt__update_t *u, size_t b, int slot)
 {
     ckpt_engine_t *e = u->e;
     const ckpt_bucket_t *bk = &u->plan.buckets[b];
+    u->moving[slot].nreq = 0;
     /* Only the owner's host needs it and reads it in its pool: nothing to fill or move. */
     if (ckpt__route_local(&u->route, b)) return CKPT_OK;
     char *buf = e->buffers.ptr[slot];
@@ -448,35 +455,65 @@ static int prepare_bucket(ckpt__update_t *u, size_t b, int slot)
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_STAGE, t0);
         ckpt__timeline_bytes(&u->tl, bk->bytes);
     }
-    int rc = CKPT_OK;
+    u->moving[slot].t0 = ckpt__now_s();
     if (e->ngroups > 1 && e->leaders != MPI_COMM_NULL) {
-        t0 = ckpt__now_s();
         /* Every host, or (routed by need) only the hosts whose workers need the bucket. */
         uint64_t to = ckpt__route_groups(e, &u->route, b, bk->owner);
-        if (to != ckpt__route_everyone(e))
-            rc = ckpt__route_send(e, buf, bk->bytes, e->group_of_rank[bk->owner], to, u->coll_ms);
-        else
-            rc = ckpt__bcast_bytes(e, buf, bk->bytes, e->group_of_rank[bk->owner], e->leaders,
-                                   u->coll_ms, "bucket broadcast");
+        int owner_group = e->group_of_rank[bk->owner], rc = CKPT_OK;
+        int n = ckpt__route_post(e, buf, bk->bytes, owner_group, to, u->moving[slot].req,
+                                 (int)CKPT_ARRAY_SIZE(u->moving[slot].req));
+        if (n < 0 && to != ckpt__route_everyone(e))
+            rc = ckpt__route_send(e, buf, bk->bytes, owner_group, to, u->coll_ms);
+        else if (n < 0)
+            rc = ckpt__bcast_bytes(e, buf, bk->bytes, owner_group, e->leaders, u->coll_ms,
+                                   "bucket broadcast");
         if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
-        ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_BCAST, t0);
+        u->moving[slot].nreq = n > 0 ? n : 0;
+    }
+    return fill_rc;
+}
+
+/* Second half: the transfer done, the ranks learn the bucket is ready (they agree on it
+ * when the source can fail: before any worker is handed it). fill_rc: post_bucket's. */
+static int finish_bucket(ckpt__update_t *u, size_t b, int slot, int fill_rc)
+{
+    ckpt_engine_t *e = u->e;
+    const ckpt_bucket_t *bk = &u->plan.buckets[b];
+    if (ckpt__route_local(&u->route, b)) return CKPT_OK;
+    int rc = CKPT_OK;
+    for (int i = 0; i < u->moving[slot].nreq; i++)
+        if (ckpt__mpi_wait(e, &u->moving[slot].req[i], u->coll_ms, 200,
+                           ckpt__route_groups(e, &u->route, b, bk->owner) ==
+                                   ckpt__route_everyone(e)
+                               ? "bucket broadcast"
+                               : "routed bucket transfer") < 0)
+            ckpt__engine_fatal(e, ckpt_last_error());
+    u->moving[slot].nreq = 0;
+    if (e->ngroups > 1 && e->leaders != MPI_COMM_NULL) {
+        ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_BCAST, u->moving[slot].t0);
         /* what this host's leader sent or received of it (none: not among its hosts) */
+        uint64_t to = ckpt__route_groups(e, &u->route, b, bk->owner);
         ckpt__timeline_bytes(&u->tl, to >> (e->group_of_rank[e->rank] & 63) & 1 ? bk->bytes : 0);
     }
+    double t0 = ckpt__now_s();
     if (u->src->may_fail) {
-        t0 = ckpt__now_s();
         char what[64];
         snprintf(what, sizeof(what), "%s of bucket %zu", u->src == &ckpt__source_ucx ? "pull"
                                                                                     : "fill", b);
         rc = agree(u, fill_rc, what);
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_READY, t0);
     } else if (e->group_size > 1) {
-        t0 = ckpt__now_s();
         rc = ckpt__barrier(e, e->group, u->coll_ms, "bucket ready");
         if (rc < 0) ckpt__engine_fatal(e, ckpt_last_error());
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_READY, t0);
     }
     return rc;
+}
+
+/* Both halves at once (the pipeline with two buffers). */
+static int prepare_bucket(ckpt__update_t *u, size_t b, int slot)
+{
+    return finish_bucket(u, b, slot, post_bucket(u, b, slot));
 }
 
 int ckpt__update_put(ckpt__update_t *u, char *dst, const void *src, size_t len)
@@ -742,6 +779,25 @@ static void plan_steps(ckpt__update_t *u)
         u->steps.nlocal++;
         if (u->e->group_of_rank[u->plan.buckets[b].owner] == me) u->steps.own[u->steps.nown++] = b;
     }
+    if (u->e->buffers.nbuffers < 3 || u->e->ngroups < 2) return;
+    /* Two buckets in flight: take the owners' hosts in turn, so that the two come from
+     * different hosts (each host's link busy both ways) wherever the plan allows. */
+    size_t *turn = malloc((u->steps.n + 1) * sizeof(size_t));
+    uint8_t *taken = calloc(u->steps.n + 1, 1);
+    if (!turn || !taken) ckpt__engine_fatal(u->e, "no memory for the pipeline's steps");
+    size_t k = 0;
+    while (k < u->steps.n)
+        for (int g = 0; g < u->e->ngroups && k < u->steps.n; g++)
+            for (size_t i = 0; i < u->steps.n; i++) {
+                size_t b = u->steps.order[i];
+                if (taken[i] || u->e->group_of_rank[u->plan.buckets[b].owner] != g) continue;
+                taken[i] = 1;
+                turn[k++] = b;
+                break;
+            }
+    free(u->steps.order);
+    free(taken);
+    u->steps.order = turn;
 }
 
 /* After the last step: the worker is handed what is left, one bucket at a time with no
@@ -783,6 +839,41 @@ static int drain_local(ckpt__update_t *u)
     return CKPT_OK;
 }
 
+/* Waits for the transfer still in flight into `slot` (an update that stops with it
+ * posted: every rank stops at the same agreed step, so every leader waits for it). */
+static void drain_moving(ckpt__update_t *u, int slot)
+{
+    for (int i = 0; i < u->moving[slot].nreq; i++)
+        (void)ckpt__mpi_wait(u->e, &u->moving[slot].req[i], u->coll_ms, 200, "bucket transfer");
+    u->moving[slot].nreq = 0;
+}
+
+/* The host pipeline with three buffers across hosts: buckets k+1 and k+2 move between hosts
+ * (their transfers started, progressed by MPI while this rank waits for k+1) while the
+ * worker reads bucket k; bucket k+3 goes into k's buffer once every worker acknowledged k. */
+static int run_in_flight(ckpt__update_t *u)
+{
+    const size_t *order = u->steps.order;
+    size_t n = u->steps.n;
+    int fill[3] = {CKPT_OK, CKPT_OK, CKPT_OK}, send_rc = CKPT_OK, rc;
+    for (size_t k = 0; k < 2 && k < n; k++) fill[k] = post_bucket(u, order[k], (int)k);
+    for (size_t k = 0; k < n; k++) {
+        int slot = (int)(k % 3), next = (int)((k + 1) % 3);
+        if ((rc = finish_bucket(u, order[k], slot, fill[slot])) < 0) {
+            drain_moving(u, next);
+            return rc;
+        }
+        if (k > 0 && (rc = complete_bucket(u, order[k - 1], send_rc)) < 0) {
+            drain_moving(u, next);
+            return rc;
+        }
+        send_rc = send_bucket(u, order[k], slot);
+        if (k + 2 < n) fill[(k + 2) % 3] = post_bucket(u, order[k + 2], (int)((k + 2) % 3));
+    }
+    if (n > 0 && (rc = complete_bucket(u, order[n - 1], send_rc)) < 0) return rc;
+    return drain_local(u);
+}
+
 static int run_pipeline(ckpt__update_t *u)
 {
     size_t nb = u->plan.nbuckets;
@@ -804,6 +895,7 @@ static int run_pipeline(ckpt__update_t *u)
         return CKPT_OK;
     }
     plan_steps(u);
+    if (u->e->buffers.nbuffers == 3) return run_in_flight(u);
     const size_t *order = u->steps.order;
     size_t n = u->steps.n;
     for (size_t k = 0; k < n; k++) {

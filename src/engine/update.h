@@ -47,6 +47,11 @@ typedef struct ckpt__update {
     uint64_t stage_bytes;
     double enqueued[2][2];   /* device: per slot, when the owner's fill began and ended */
     int coll_ms;             /* waits for other ranks: ckpt__peer_timeout_ms(timeout) */
+    struct {                 /* host path, per buffer: its bucket's transfer between hosts */
+        MPI_Request req[4];  /* started by post_bucket, waited for by finish_bucket */
+        int nreq;
+        double t0;
+    } moving[CKPT__HOST_BUFFERS_MAX];
     ckpt__sources_t sources; /* direct: every pool region of this host, opened */
     ckpt__p2p_t *p2p;        /* P2P: the serving deployment buckets are pulled from */
     int32_t *src_owner;      /* P2P: per bucket, the serving rank that holds it */

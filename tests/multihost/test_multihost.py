@@ -100,7 +100,8 @@ def test_tensor_parallel_across_two_hosts(make_hosts, tmp_path):
     half its bytes over the bridge (the hosts' receive counters and the result's
     host_bytes_max), and both workers hold exactly their rows. What a host owns and only it
     needs, its worker reads in place while buckets move between the hosts (the trace: on
-    each host a read in place begins before the last broadcast there ends)."""
+    each host a read in place begins before the last broadcast there ends), and buckets of
+    both hosts move at once (three buffers: their broadcast spans overlap)."""
     from deploy import read_checkpoint
     H = make_hosts(2)
     model = gen(tmp_path / "model", SIZE, shards=2, layers=2)
@@ -139,6 +140,7 @@ def test_tensor_parallel_across_two_hosts(make_hosts, tmp_path):
     # The rows a host owns and only it needs are read in its pool, not staged: about a
     # quarter of the checkpoint per host (half of each sharded tensor of its half).
     assert in_place["verify=1"] == 0 and in_place["verify=0"] > 0.35 * total, in_place
+    assert upd["buffers"] == 3, upd
     with open(trace) as f:
         spans = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
     for pid in (0, 1):
@@ -146,6 +148,14 @@ def test_tensor_parallel_across_two_hosts(make_hosts, tmp_path):
         moved_end = [e["ts"] + e["dur"] for e in spans if e["pid"] == pid and
                      e["cat"] == "broadcast" and e["dur"] > 0]
         assert local and moved_end and min(local) < max(moved_end), (pid, spans)
+        # two buckets from different owners moved at once (three buffers across hosts):
+        # their broadcast spans overlap on this host
+        owner = {e["args"]["bucket"]: e["pid"] for e in spans if e["cat"] == "stage"}
+        moving = [(e["ts"], e["ts"] + e["dur"], owner[e["args"]["bucket"]]) for e in spans
+                  if e["pid"] == pid and e["cat"] == "broadcast" and e["dur"] > 0 and
+                  e["args"]["bucket"] in owner]
+        assert any(a0 < b1 and b0 < a1 and ao != bo for a0, a1, ao in moving
+                   for b0, b1, bo in moving), (pid, moving)
         # the trace counts what each worker was handed, bucket by bucket
         assert sum(e["args"]["bytes"] for e in spans if e["pid"] == pid and
                    e["cat"].startswith("reload")) == handed[pid]
