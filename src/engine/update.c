@@ -437,6 +437,14 @@ static int begin_workers(ckpt__update_t *u)
     return agree(u, rc, "worker");
 }
 
+/* Whether `rank` leads its host group (the group's lowest rank: groups split by rank). */
+static int leads_group(const ckpt_engine_t *e, int rank)
+{
+    for (int r = 0; r < rank; r++)
+        if (e->group_of_rank[r] == e->group_of_rank[rank]) return 0;
+    return 1;
+}
+
 /* Bucket b into buffer `slot`, first half: the source fills it on its owner and the host
  * leaders start moving it to the hosts that need it (every host, or routed by need). A
  * transfer that cannot be started at once (a tree of several hops) is done here. */
@@ -455,11 +463,19 @@ static int post_bucket(ckpt__update_t *u, size_t b, int slot)
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_STAGE, t0);
         ckpt__timeline_bytes(&u->tl, bk->bytes);
     }
+    /* The host's leader moves what the owner staged: when another rank of the owner's
+     * host staged it, that host's ranks wait for the fill first (the leader would send a
+     * buffer still being written). */
+    int owner_group = e->group_of_rank[bk->owner];
+    if (e->ngroups > 1 && e->group_size > 1 && owner_group == e->group_of_rank[e->rank] &&
+        !leads_group(e, bk->owner) &&
+        ckpt__barrier(e, e->group, u->coll_ms, "bucket staged") < 0)
+        ckpt__engine_fatal(e, ckpt_last_error());
     u->moving[slot].t0 = ckpt__now_s();
     if (e->ngroups > 1 && e->leaders != MPI_COMM_NULL) {
         /* Every host, or (routed by need) only the hosts whose workers need the bucket. */
         uint64_t to = ckpt__route_groups(e, &u->route, b, bk->owner);
-        int owner_group = e->group_of_rank[bk->owner], rc = CKPT_OK;
+        int rc = CKPT_OK;
         int n = ckpt__route_post(e, buf, bk->bytes, owner_group, to, u->moving[slot].req,
                                  (int)CKPT_ARRAY_SIZE(u->moving[slot].req));
         if (n < 0 && to != ckpt__route_everyone(e))

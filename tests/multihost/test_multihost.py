@@ -20,32 +20,38 @@ def total_bytes(model):
     return sum(len(d) for _, _, d in read_checkpoint(model).values())
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_broadcast_across_hosts(make_hosts, tmp_path, n):
+@pytest.mark.parametrize("n, slots", [(2, 1), (4, 1), (2, 2)])
+def test_broadcast_across_hosts(make_hosts, tmp_path, n, slots):
+    """Every bucket reaches every host, verified by every worker. With 2 ranks per host a
+    bucket's owner may not be its host's leader (the rank that sends it): the leader must
+    not send before the owner staged it."""
     H = make_hosts(n)
-    model = gen(tmp_path / "model", SIZE, shards=n)
-    dep = Deployment(H, range(n), tmp_path, serve_args=["--timeout-ms", "30000"])
-    dep.start_workers(["--layout", model, "--verify"])
+    nranks = n * slots
+    model = gen(tmp_path / "model", SIZE, shards=nranks)
+    dep = Deployment(H, range(n), tmp_path, slots=slots, serve_args=["--timeout-ms", "30000"])
+    updates = 2 if slots > 1 else 1
+    dep.start_workers(["--layout", model, "--verify"], updates=updates)
     dep.start()
     assert dep.command("register m %s" % model, timeout=90)["ok"]
     dep.assert_placement()
     rx0 = [H.rx_bytes(i) for i in range(n)]
-    upd = dep.command("update m bucket=4MiB verify=1 timeout=30000", timeout=120)
-    assert upd["ok"], upd
-    assert upd["ranks"] == n and upd["direct"] == 0, upd
+    for _ in range(updates):
+        upd = dep.command("update m bucket=4MiB verify=1 timeout=30000", timeout=120)
+        assert upd["ok"], upd
+    assert upd["ranks"] == nranks and upd["direct"] == 0, upd
     total = total_bytes(model)
     assert upd["bytes"] == total, upd
     # Every bucket reached each of the n-1 hosts that do not own it over the bridge.
     rx = sum(H.rx_bytes(i) - rx0[i] for i in range(n))
-    assert rx >= (n - 1) * total, (rx, total)
-    # The result counts it too: the busiest host received every byte but its own rank's
-    # share (bucket bytes include the 256-byte alignment of each tensor).
+    assert rx >= updates * (n - 1) * total, (rx, total)
+    # The result counts it too: the busiest host received every byte but its own ranks'
+    # shares (bucket bytes include the 256-byte alignment of each tensor).
     assert total * (n - 1) / n <= upd["host_bytes_max"] <= total + 4096 * upd["tensors"], upd
-    assert upd["need_bytes_max"] == total and upd["need_bytes_total"] == n * total, upd
+    assert upd["need_bytes_max"] == total and upd["need_bytes_total"] == nranks * total, upd
     assert dep.close() == 0, dep.stderr()
-    assert dep.wait_workers() == {r: 0 for r in range(n)}
-    for r in range(n):
-        assert_dump_equals(dep.dump_dir(r), model, "worker %d (host %d)" % (r, r))
+    assert dep.wait_workers() == {r: 0 for r in range(nranks)}
+    for r in range(nranks):
+        assert_dump_equals(dep.dump_dir(r), model, "worker %d (host %d)" % (r, r // slots))
 
 
 # Hosts of 2 ranks (the last case) need each namespace host to have its own hostname
