@@ -497,18 +497,15 @@ static int finish_bucket(ckpt__update_t *u, size_t b, int slot, int fill_rc)
     const ckpt_bucket_t *bk = &u->plan.buckets[b];
     if (ckpt__route_local(&u->route, b)) return CKPT_OK;
     int rc = CKPT_OK;
+    uint64_t to = ckpt__route_groups(e, &u->route, b, bk->owner);
+    const char *what = to == ckpt__route_everyone(e) ? "bucket broadcast" : "routed bucket transfer";
     for (int i = 0; i < u->moving[slot].nreq; i++)
-        if (ckpt__mpi_wait(e, &u->moving[slot].req[i], u->coll_ms, 200,
-                           ckpt__route_groups(e, &u->route, b, bk->owner) ==
-                                   ckpt__route_everyone(e)
-                               ? "bucket broadcast"
-                               : "routed bucket transfer") < 0)
+        if (ckpt__mpi_wait(e, &u->moving[slot].req[i], u->coll_ms, 200, what) < 0)
             ckpt__engine_fatal(e, ckpt_last_error());
     u->moving[slot].nreq = 0;
     if (e->ngroups > 1 && e->leaders != MPI_COMM_NULL) {
         ckpt__timeline_add(&u->tl, (int)b, CKPT__EV_BCAST, u->moving[slot].t0);
         /* what this host's leader sent or received of it (none: not among its hosts) */
-        uint64_t to = ckpt__route_groups(e, &u->route, b, bk->owner);
         ckpt__timeline_bytes(&u->tl, to >> (e->group_of_rank[e->rank] & 63) & 1 ? bk->bytes : 0);
     }
     double t0 = ckpt__now_s();
@@ -797,23 +794,24 @@ static void plan_steps(ckpt__update_t *u)
     }
     if (u->e->buffers.nbuffers < 3 || u->e->ngroups < 2) return;
     /* Two buckets in flight: take the owners' hosts in turn, so that the two come from
-     * different hosts (each host's link busy both ways) wherever the plan allows. */
-    size_t *turn = malloc((u->steps.n + 1) * sizeof(size_t));
-    uint8_t *taken = calloc(u->steps.n + 1, 1);
-    if (!turn || !taken) ckpt__engine_fatal(u->e, "no memory for the pipeline's steps");
-    size_t k = 0;
-    while (k < u->steps.n)
-        for (int g = 0; g < u->e->ngroups && k < u->steps.n; g++)
-            for (size_t i = 0; i < u->steps.n; i++) {
-                size_t b = u->steps.order[i];
-                if (taken[i] || u->e->group_of_rank[u->plan.buckets[b].owner] != g) continue;
-                taken[i] = 1;
-                turn[k++] = b;
-                break;
-            }
-    free(u->steps.order);
-    free(taken);
-    u->steps.order = turn;
+     * different hosts (each host's link busy both ways) wherever the plan allows. The
+     * steps of each host keep their order (a counting sort by host, then round robin). */
+    int G = u->e->ngroups;
+    size_t *at = calloc((size_t)G + 1, sizeof(size_t)), *end = calloc((size_t)G, sizeof(size_t));
+    size_t *byhost = malloc((u->steps.n + 1) * sizeof(size_t));
+    if (!at || !end || !byhost) ckpt__engine_fatal(u->e, "no memory for the pipeline's steps");
+    for (size_t i = 0; i < u->steps.n; i++)
+        at[u->e->group_of_rank[u->plan.buckets[u->steps.order[i]].owner] + 1]++;
+    for (int g = 0; g < G; g++) at[g + 1] += at[g];
+    for (int g = 0; g < G; g++) end[g] = at[g];
+    for (size_t i = 0; i < u->steps.n; i++) {
+        size_t b = u->steps.order[i];
+        byhost[end[u->e->group_of_rank[u->plan.buckets[b].owner]]++] = b;
+    }
+    for (size_t k = 0; k < u->steps.n;)
+        for (int g = 0; g < G; g++)
+            if (at[g] < end[g]) u->steps.order[k++] = byhost[at[g]++];
+    free(at), free(end), free(byhost);
 }
 
 /* After the last step: the worker is handed what is left, one bucket at a time with no

@@ -69,9 +69,10 @@ class Deployment:
         with open(self.worker_log_path(r), "rb") as f:
             return f.read().decode(errors="replace")
 
-    def start_workers(self, args=(), updates=1, timeout_ms=60000):
-        """args: the same for every worker, or a function of the rank."""
-        for r in range(self.n):
+    def start_workers(self, args=(), updates=1, timeout_ms=60000, ranks=None):
+        """args: the same for every worker, or a function of the rank; ranks: these only
+        (default: every rank)."""
+        for r in (range(self.n) if ranks is None else ranks):
             argv = [WORKER, "--socket", os.path.join(self.sock, "rank-%d.sock" % r),
                     "--dump", self.dump_dir(r), "--timeout-ms", str(timeout_ms),
                     "--engine-wait-ms", "120000", "--updates", str(updates)]

@@ -54,6 +54,32 @@ def test_broadcast_across_hosts(make_hosts, tmp_path, n, slots):
         assert_dump_equals(dep.dump_dir(r), model, "worker %d (host %d)" % (r, r // slots))
 
 
+def test_worker_error_mid_flight_then_next_update_works(make_hosts, tmp_path):
+    """Across hosts two buckets are in flight while a worker reads a third: when a worker
+    fails a bucket, the update fails naming it, the transfer still in flight is waited for
+    on every rank (MPI stays in step), and the next update succeeds, verified."""
+    H = make_hosts(2)
+    model = gen(tmp_path / "model", SIZE, shards=2, layers=2)
+    dep = Deployment(H, range(2), tmp_path, serve_args=["--timeout-ms", "30000"])
+    dep.start_workers(lambda r: ["--layout", model, "--verify"] +
+                      (["--fail-on-bucket", "1"] if r == 1 else []), updates=2)
+    dep.start()
+    assert dep.command("register m %s" % model, timeout=90)["ok"]
+    upd = dep.command("update m bucket=1MiB timeout=30000", timeout=120)
+    assert not upd["ok"] and upd["failed_rank"] == 1, upd
+    assert "injected failure" in upd["reason"] and upd["buffers"] == 3, upd
+    dep.workers[1].kill()
+    dep.workers[1].wait()
+    dep.start_workers(["--layout", model, "--verify"], ranks=[1])
+    upd = dep.command("update m bucket=1MiB timeout=30000", timeout=120)
+    assert upd["ok"] and upd["buffers"] == 3 and upd["buckets"] >= 4, upd
+    dep.wait_worker_log(0, r"update %d of 'm' version \d+: complete" % upd["update_id"])
+    assert dep.close() == 1, dep.stderr()  # one command failed
+    dep.wait_workers(timeout=60)
+    for r in range(2):
+        assert_dump_equals(dep.dump_dir(r), model, "worker %d" % r)
+
+
 # Hosts of 2 ranks (the last case) need each namespace host to have its own hostname
 # (hosts.py, Hosts.hostname): with one name for all, Open MPI took ranks of different hosts for
 # local peers and crashed at start.
